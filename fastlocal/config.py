@@ -1,0 +1,330 @@
+"""Run configuration: dataclasses grouped by section, TOML files, ``--section.key=value`` overrides.
+
+Every field has a default, so an empty config is the quick start. Validation raises
+:class:`ConfigError` (a :class:`UserError`) whose message says what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, data, paths): reported without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid configuration value or key."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "bundled"
+    """Dataset: bundled (a CIFAR-10 subset shipped in the package), cifar10, svhn, stl10, imagefolder."""
+    root: str = ""
+    """Where the dataset lives: the torchvision folder for cifar10/svhn/stl10, or for imagefolder a
+    folder or .tar/.tar.gz archive holding train/<class>/* and test/<class>/*."""
+    download: bool = True
+    """Download cifar10/svhn/stl10 into `root` when missing (needs internet)."""
+    max_train: int = 0
+    """Use only the first N training images, class-balanced (0 = all)."""
+    max_test: int = 0
+    """Use only the first N test images, class-balanced (0 = all)."""
+    image_size: int = 0
+    """imagefolder only: resize every image to this square size (0 = keep; all must then match)."""
+    normalize: str = "auto"
+    """auto (per source, SPEC section 5), cifar10, half (mean=std=0.5), imagenet, dataset (train stats)."""
+    pad: int = -1
+    """Random-crop padding in pixels (-1 = per source: CIFAR 4, SVHN 2, STL-10 4, imagefolder size/8)."""
+    pad_mode: str = "auto"
+    """Padding for the random crop: auto (per source), reflect, constant (zeros)."""
+    flip: str = "auto"
+    """Random horizontal flip: auto (per source; off for SVHN), on, off."""
+    on_bad_image: str = "error"
+    """An unreadable image in an imagefolder: error (stop and name it) or skip (warn and leave it out)."""
+    cache_dir: str = ""
+    """Where decoded uint8 caches go ('' = $FASTLOCAL_CACHE or ~/.cache/fastlocal)."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet20"
+    """resnet20/32/44/56/110 (32x32 inputs) or resnet18/34/50/101/152 (ImageNet-style)."""
+    zero_init_residual: bool = False
+    """Zero-initialise the last BN of every residual branch (ImageNet ResNets)."""
+
+
+@dataclass
+class MethodConfig:
+    name: str = "bp"
+    """Training method: bp, dgl."""
+    num_modules: int = 1
+    """K, the number of gradient-isolated local modules (bp needs 1)."""
+    split: str = "uniform"
+    """How blocks are grouped: uniform (contiguous, the reference's rule) or balanced (by saved
+    activation bytes)."""
+    stem_separate: bool = False
+    """Make the stem a module of its own (the paper's DGL/InfoPro 'K=16' for ResNet-32)."""
+    head: str = "1c2f"
+    """DGL auxiliary head: 0c1f, 0c2f, 1c1f, 1c2f, 1c3f, 2c2f (SPEC 3.2)."""
+    head_hidden: int = 128
+    """Hidden width d of the auxiliary heads' Linear layers."""
+    head_widen: int = 1
+    """Widen factor w of the auxiliary heads' convolutions."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    """Peak learning rate."""
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    """Weight decay on all parameters, as in the reference."""
+    schedule: str = "cosine"
+    """cosine (per-iteration linear warmup then cosine) or ref (the reference's per-epoch rule)."""
+    warmup_epochs: float = 1.0
+    """Linear warmup length for the cosine schedule, in epochs (may be fractional)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 4
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    drop_last: bool = False
+    """Drop the last partial training batch of each epoch."""
+
+
+@dataclass
+class SystemConfig:
+    device: str = "auto"
+    """auto (cuda when available), cpu, cuda."""
+    seed: int = 0
+    num_threads: int = 0
+    """CPU threads for torch (0 = torch's default)."""
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True
+    """Show progress bars."""
+    measure_memory: bool = True
+    """Record the peak memory of a training step (CPU: saved-tensor accounting of the first step)."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+CIFAR_ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+# Fields whose value must be one of a fixed set; methods may extend "method.name" when registered.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("bundled", "cifar10", "svhn", "stl10", "imagefolder"),
+    "data.normalize": ("auto", "cifar10", "half", "imagenet", "dataset"),
+    "data.pad_mode": ("auto", "reflect", "constant"),
+    "data.flip": ("auto", "on", "off"),
+    "data.on_bad_image": ("error", "skip"),
+    "model.arch": CIFAR_ARCHS + IMAGENET_ARCHS,
+    "method.split": ("uniform", "balanced"),
+    "method.head": ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"),
+    "optim.schedule": ("cosine", "ref"),
+    "system.device": ("auto", "cpu", "cuda"),
+}
+
+# name -> (minimum, inclusive?) for numeric fields.
+MINIMUMS: dict[str, float] = {
+    "data.max_train": 0,
+    "data.max_test": 0,
+    "data.image_size": 0,
+    "method.num_modules": 1,
+    "method.head_hidden": 1,
+    "method.head_widen": 1,
+    "optim.momentum": 0,
+    "optim.weight_decay": 0,
+    "optim.warmup_epochs": 0,
+    "train.epochs": 1,
+    "train.batch_size": 1,
+    "train.eval_batch_size": 1,
+    "system.num_threads": 0,
+}
+
+
+def section_names(cfg: Config) -> list[str]:
+    return [f.name for f in dataclasses.fields(cfg)]
+
+
+def _field_types(section_obj) -> dict[str, type]:
+    hints = typing.get_type_hints(type(section_obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_obj)}
+
+
+def _convert(key: str, value, expected: type):
+    """Turn a TOML value or command-line string into `expected`, or raise ConfigError."""
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if expected is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if expected is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    origin = typing.get_origin(expected)
+    if origin is tuple:
+        item_type = typing.get_args(expected)[0]
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_convert(key, v.strip() if isinstance(v, str) else v, item_type) for v in value)
+    raise AssertionError(f"unsupported config field type {expected} for {key}")
+
+
+def set_value(cfg: Config, dotted_key: str, value) -> None:
+    """Set `section.key` on `cfg` from a TOML value or a command-line string."""
+    section, _, key = dotted_key.partition(".")
+    if section not in section_names(cfg) or not key:
+        raise ConfigError(
+            f"unknown config key {dotted_key!r}: keys look like section.key, with section one of "
+            f"{', '.join(section_names(cfg))}"
+        )
+    section_obj = getattr(cfg, section)
+    types = _field_types(section_obj)
+    if key not in types:
+        raise ConfigError(
+            f"unknown config key {dotted_key!r}; valid keys in [{section}]: {', '.join(sorted(types))}"
+        )
+    setattr(section_obj, key, _convert(dotted_key, value, types[key]))
+
+
+def load_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; pass an existing .toml file to --config")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+
+
+def apply_mapping(cfg: Config, mapping: dict, origin: str) -> None:
+    """Apply a nested {section: {key: value}} mapping (a TOML document) to `cfg`."""
+    for section, values in mapping.items():
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"{origin}: top-level key {section!r} must be a [section] table; sections are "
+                f"{', '.join(section_names(cfg))}"
+            )
+        for key, value in values.items():
+            set_value(cfg, f"{section}.{key}", value)
+
+
+def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> Config:
+    """Check every field; raise ConfigError naming the field and what is valid."""
+    choices = dict(CHOICES)
+    if method_names is not None:
+        choices["method.name"] = tuple(sorted(method_names))
+    for section in section_names(cfg):
+        section_obj = getattr(cfg, section)
+        for f in dataclasses.fields(section_obj):
+            key = f"{section}.{f.name}"
+            value = getattr(section_obj, f.name)
+            if key in choices and value not in choices[key]:
+                raise ConfigError(f"{key} = {value!r} is not valid; choose one of: {', '.join(choices[key])}")
+            if key in MINIMUMS and value < MINIMUMS[key]:
+                raise ConfigError(f"{key} = {value!r} is too small; it must be at least {MINIMUMS[key]:g}")
+    if not cfg.optim.lr > 0:
+        raise ConfigError(f"optim.lr = {cfg.optim.lr} is not valid; it must be a positive number")
+    if cfg.data.source == "imagefolder" and not cfg.data.root:
+        raise ConfigError(
+            "data.source = imagefolder needs data.root: a folder or .tar/.tar.gz archive holding "
+            "train/<class>/* and test/<class>/*"
+        )
+    if cfg.data.pad < -1:
+        raise ConfigError(f"data.pad = {cfg.data.pad} is not valid; use -1 (per source) or a padding >= 0")
+    return cfg
+
+
+def build_config(
+    config_file: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    method_names: typing.Iterable[str] | None = None,
+) -> Config:
+    """Defaults, then the TOML file, then `section.key=value` overrides, then validation."""
+    cfg = Config()
+    if config_file is not None:
+        apply_mapping(cfg, load_toml(config_file), str(config_file))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like --section.key=value")
+        set_value(cfg, key.strip().removeprefix("--"), value.strip())
+    return validate(cfg, method_names)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(mapping: dict, method_names: typing.Iterable[str] | None = None) -> Config:
+    cfg = Config()
+    apply_mapping(cfg, mapping, "saved config")
+    return validate(cfg, method_names)
+
+
+def to_toml(cfg: Config) -> str:
+    """Write `cfg` as TOML (only the scalar and list types the schema uses)."""
+
+    def fmt(value) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(value, (list, tuple)):
+            return "[" + ", ".join(fmt(v) for v in value) + "]"
+        return repr(value)
+
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {fmt(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)

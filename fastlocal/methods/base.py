@@ -1,0 +1,92 @@
+"""The method contract and registry.
+
+The engine runs one forward per module. After module i's forward it hands the method two detached
+copies of the output a_i, both leaves that require grad:
+
+- `own`:     terms computed from it train module i alone (and the heads they pass through);
+- `cascade`: terms computed from it train module i and, for a method with `window` W > 1, the W-1
+             modules below it (MLAAN's cascade; SPEC 3.4-3.5).
+
+`module_loss(i, own, cascade, batch)` returns the scalar loss of module i (None when module i has no
+loss). The last module's loss is the final head's; its value is what the engine logs as train_loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastlocal.config import Config, ConfigError
+from fastlocal.models import Backbone
+from fastlocal.split import LocalModule
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor
+    """Normalised images (B, 3, H, W)."""
+    y: torch.Tensor
+    """Labels (B,)."""
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def images01(self) -> torch.Tensor:
+        """The input de-normalised to [0, 1] (InfoPro's reconstruction target)."""
+        mean = torch.tensor(self.mean, dtype=self.x.dtype, device=self.x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=self.x.dtype, device=self.x.device).view(1, 3, 1, 1)
+        return (self.x * std + mean).clamp_(0, 1)
+
+
+class LocalMethod(nn.Module):
+    """Base class: holds the backbone (not as a submodule: the engine owns it) and the split."""
+
+    window: int = 1
+    """How many modules a cascaded loss reaches (1: DGL-style full isolation)."""
+
+    def __init__(self, cfg: Config, backbone: Backbone, modules: list[LocalModule]):
+        super().__init__()
+        self.cfg = cfg
+        self.num_modules = len(modules)
+        self.kernels = "reference"
+        # Plain attributes, so the method's state_dict holds its own parameters only.
+        object.__setattr__(self, "backbone", backbone)
+        object.__setattr__(self, "local_modules", modules)
+
+    def module_out_info(self, i: int):
+        """PartInfo of module i's output (its last part)."""
+        return self.backbone.part_info[self.local_modules[i].part_ids[-1]]
+
+    def module_loss(self, i: int, own: torch.Tensor, cascade: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Called once per step after all gradients are in, before optimizer.step() (EMA goes here)."""
+
+    def extra_state_summary(self) -> dict:
+        return {}
+
+
+METHODS: dict[str, type[LocalMethod]] = {}
+
+
+def register_method(name: str) -> Callable[[type[LocalMethod]], type[LocalMethod]]:
+    def decorator(cls: type[LocalMethod]) -> type[LocalMethod]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        METHODS[name] = cls
+        cls.method_name = name
+        return cls
+
+    return decorator
+
+
+def build_method(cfg: Config, backbone: Backbone, modules: list[LocalModule]) -> LocalMethod:
+    try:
+        cls = METHODS[cfg.method.name]
+    except KeyError:
+        raise ConfigError(f"method.name = {cfg.method.name!r} is not valid; choose one of: {', '.join(METHODS)}") from None
+    return cls(cfg, backbone, modules)

@@ -1,0 +1,66 @@
+"""CIFAR ResNets (He et al. 2016, 6n+2 layers), SPEC section 2."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from fastlocal.heads import GapLinear
+from fastlocal.models.backbone import Backbone
+
+DEPTH_BLOCKS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
+STAGE_WIDTHS = (16, 32, 64)
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, out_channels, stride)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+def init_cifar_weights(module: nn.Module) -> None:
+    """Conv N(0, 2/(k*k*C_out)), BN gamma 1 beta 0; Linear keeps PyTorch's default."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def cifar_resnet(arch: str, num_classes: int, input_size: int = 32) -> Backbone:
+    n = DEPTH_BLOCKS[arch]
+    stem = nn.Sequential(conv3x3(3, STAGE_WIDTHS[0]), nn.BatchNorm2d(STAGE_WIDTHS[0]), nn.ReLU(inplace=True))
+    blocks, block_ids = [], []
+    in_channels = STAGE_WIDTHS[0]
+    for stage, width in enumerate(STAGE_WIDTHS):
+        for index in range(n):
+            stride = 2 if stage > 0 and index == 0 else 1
+            blocks.append(BasicBlock(in_channels, width, stride))
+            block_ids.append((stage, index))
+            in_channels = width
+    head = GapLinear(in_channels, num_classes)
+    init_cifar_weights(stem)
+    for block in blocks:
+        init_cifar_weights(block)
+    return Backbone(stem, blocks, block_ids, head, input_size, num_classes)
