@@ -61,7 +61,7 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = "bp"
-    """Training method: bp, dgl."""
+    """Training method: bp, dgl, infopro, mlaan."""
     num_modules: int = 1
     """K, the number of gradient-isolated local modules (bp needs 1)."""
     split: str = "uniform"
@@ -69,12 +69,55 @@ class MethodConfig:
     activation bytes)."""
     stem_separate: bool = False
     """Make the stem a module of its own (the paper's DGL/InfoPro 'K=16' for ResNet-32)."""
-    head: str = "1c2f"
-    """DGL auxiliary head: 0c1f, 0c2f, 1c1f, 1c2f, 1c3f, 2c2f (SPEC 3.2)."""
+    head: str = "auto"
+    """Auxiliary classifier head: 0c1f, 0c2f, 1c1f, 1c2f, 1c3f, 2c2f (SPEC 3.2); auto = 1c2f for dgl and
+    infopro, 0c1f (GAP + Linear, the paper's "MLAAN" row) for mlaan."""
     head_hidden: int = 128
     """Hidden width d of the auxiliary heads' Linear layers."""
     head_widen: int = 1
     """Widen factor w of the auxiliary heads' convolutions."""
+
+
+@dataclass
+class InfoProConfig:
+    """InfoPro's local loss (SPEC 3.3), also the base of InfoPro + MLAAN."""
+
+    weights: tuple[float, ...] = (5.0, 0.5, 0.0, 1.0)
+    """(ixx_1, ixy_1, ixx_2, ixy_2): reconstruction and label weights at the first and last local module,
+    interpolated by module index. The MLAAN paper's runs used (5, 0.5, 0, 0), which leaves module K-2
+    untrained (a warning says so); this default trains every module."""
+    label_loss: str = "ce"
+    """ce (a 1c2f classifier) or supcon (supervised contrastive, temperature 0.07)."""
+    decoder_widen: int = 1
+    """Width factor w of the decoder (12w hidden channels)."""
+
+
+@dataclass
+class MLAANConfig:
+    """MLAAN = MLM cascade + LAM leap heads, on top of a base local method (SPEC 3.4)."""
+
+    base: str = "dgl"
+    """The base local method whose objective MLAAN augments: dgl or infopro."""
+    window: int = 2
+    """Cascade window W: the cascaded loss of module i reaches modules i-W+1..i (1 = no cascade)."""
+    wx: float = 0.001
+    """Weight of the independent term (module i only)."""
+    wy: float = 0.999
+    """Weight of the cascaded term (through the LAM when lam is on)."""
+    lam: bool = True
+    """Leap augmented modules on the cascaded term (off = 'MLM only' ablation)."""
+    leaps: str = "auto"
+    """Leap lists: auto (the reference table when one exists for this arch and K, else generated),
+    reference (error when none exists), generated."""
+    lam_mode: str = "copies"
+    """copies (the reference: a trainable copy plus a frozen EMA copy of the first leap block) or
+    literal (EXPERIMENTAL: the paper's eq. 6-7, one trainable copy per leap block pulled by EMA)."""
+    ema_momentum: float = 0.995
+    ema_scope: str = "all"
+    """all (the paper) or last (only the last LAM's EMA moves: reproduces the CIFAR reference's bug)."""
+    final_weights: tuple[float, ...] = (1.0, 1.0)
+    """(c_own, c_prop): the final loss's weight on the last module and on the modules below it;
+    (1, 1) in the CIFAR reference, (wx + wy, wy) in the ImageNet reference."""
 
 
 @dataclass
@@ -122,6 +165,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    infopro: InfoProConfig = field(default_factory=InfoProConfig)
+    mlaan: MLAANConfig = field(default_factory=MLAANConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
@@ -140,7 +185,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_image": ("error", "skip"),
     "model.arch": CIFAR_ARCHS + IMAGENET_ARCHS,
     "method.split": ("uniform", "balanced"),
-    "method.head": ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"),
+    "method.head": ("auto", "0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"),
+    "infopro.label_loss": ("ce", "supcon"),
+    "mlaan.base": ("dgl", "infopro"),
+    "mlaan.leaps": ("auto", "reference", "generated"),
+    "mlaan.lam_mode": ("copies", "literal"),
+    "mlaan.ema_scope": ("all", "last"),
     "optim.schedule": ("cosine", "ref"),
     "system.device": ("auto", "cpu", "cuda"),
 }
@@ -153,6 +203,10 @@ MINIMUMS: dict[str, float] = {
     "method.num_modules": 1,
     "method.head_hidden": 1,
     "method.head_widen": 1,
+    "infopro.decoder_widen": 1,
+    "mlaan.window": 1,
+    "mlaan.wx": 0,
+    "mlaan.wy": 0,
     "optim.momentum": 0,
     "optim.weight_decay": 0,
     "optim.warmup_epochs": 0,
@@ -278,6 +332,13 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
             "data.source = imagefolder needs data.root: a folder or .tar/.tar.gz archive holding "
             "train/<class>/* and test/<class>/*"
         )
+    if len(cfg.infopro.weights) != 4 or min(cfg.infopro.weights) < 0:
+        raise ConfigError(f"infopro.weights = {list(cfg.infopro.weights)} is not valid; give four weights >= 0: "
+                          "[ixx_1, ixy_1, ixx_2, ixy_2]")
+    if len(cfg.mlaan.final_weights) != 2:
+        raise ConfigError(f"mlaan.final_weights = {list(cfg.mlaan.final_weights)} is not valid; give [c_own, c_prop]")
+    if not 0 <= cfg.mlaan.ema_momentum <= 1:
+        raise ConfigError(f"mlaan.ema_momentum = {cfg.mlaan.ema_momentum} is not valid; it must be in [0, 1]")
     if cfg.data.pad < -1:
         raise ConfigError(f"data.pad = {cfg.data.pad} is not valid; use -1 (per source) or a padding >= 0")
     return cfg

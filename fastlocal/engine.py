@@ -47,9 +47,9 @@ def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Bat
     def flush(j: int) -> None:
         # Module j has received all its cotangents: one VJP w.r.t. its parameters only, then free it.
         _, output = graphs[j]
-        assert cotangents[j] is not None, f"module {j} received no training signal"
-        params = [p for p in modules[j].parameters() if p.requires_grad]
-        torch.autograd.backward(output, cotangents[j], inputs=params)
+        if cotangents[j] is not None:  # None only for a module whose loss weights are all 0 (warned at build)
+            params = [p for p in modules[j].parameters() if p.requires_grad]
+            torch.autograd.backward(output, cotangents[j], inputs=params)
         graphs[j] = None
         cotangents[j] = None
 

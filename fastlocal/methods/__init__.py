@@ -4,6 +4,6 @@ the engine owns the backward schedule (fastlocal/engine.py)."""
 from fastlocal.methods.base import METHODS, Batch, LocalMethod, build_method, register_method
 
 # Importing the modules registers the methods.
-from fastlocal.methods import bp, dgl  # noqa: E402,F401  isort: skip
+from fastlocal.methods import bp, dgl, mlaan  # noqa: E402,F401  isort: skip
 
 __all__ = ["METHODS", "Batch", "LocalMethod", "build_method", "register_method"]

@@ -1,25 +1,48 @@
-"""DGL, greedy supervised local learning (SPEC 3.2): every module but the last trains on the
-cross-entropy of its own auxiliary head; its input is detached, so nothing else reaches it."""
+"""DGL (SPEC 3.2) and InfoPro (SPEC 3.3): every module but the last trains on its own local objective;
+its input is detached, so nothing else reaches it. They differ only in the objective."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from fastlocal.heads import build_head, classification_loss
 from fastlocal.methods.base import LocalMethod, register_method
+from fastlocal.methods.objectives import build_objective, warn_untrained
+from fastlocal.heads import classification_loss
 
 
-@register_method("dgl")
-class DGL(LocalMethod):
+class GreedyLocal(LocalMethod):
+    base = "dgl"
+
     def __init__(self, cfg, backbone, modules):
         super().__init__(cfg, backbone, modules)
         final_channels = backbone.part_info[-1].out_channels
-        self.heads = nn.ModuleList(
-            build_head(cfg.method.head, self.module_out_info(i).out_channels, backbone.num_classes,
-                       final_channels, cfg.method.head_hidden, cfg.method.head_widen)
+        objectives = [
+            build_objective(cfg, self.base, self.module_out_info(i).out_channels, i, self.num_modules,
+                            backbone.num_classes, final_channels, backbone.input_size)
             for i in range(self.num_modules - 1)
-        )
+        ]
+        warn_untrained([i for i, o in enumerate(objectives) if o is None], f"infopro.weights = {cfg.infopro.weights}")
+        # nn.ModuleList cannot hold None: keep an index map to the built objectives.
+        self.objective_index = []
+        built = []
+        for o in objectives:
+            self.objective_index.append(None if o is None else len(built))
+            if o is not None:
+                built.append(o)
+        self.objectives = nn.ModuleList(built)
 
     def module_loss(self, i, own, cascade, batch):
-        head = self.backbone.head if i == self.num_modules - 1 else self.heads[i]
-        return classification_loss(head, own, batch.y, self.kernels)
+        if i == self.num_modules - 1:
+            return classification_loss(self.backbone.head, own, batch.y, self.kernels)
+        k = self.objective_index[i]
+        return None if k is None else self.objectives[k](own, batch, self.kernels)
+
+
+@register_method("dgl")
+class DGL(GreedyLocal):
+    base = "dgl"
+
+
+@register_method("infopro")
+class InfoPro(GreedyLocal):
+    base = "infopro"

@@ -1,0 +1,131 @@
+"""MLAAN = MLM (the cascade window W) + LAM (leap augmented heads with EMA), on a DGL or InfoPro base.
+
+SPEC 3.4. For a module i with a head (W-1 <= i <= K-2):
+
+    L_i = wx * Gx_i(a_i)  +  wy * Gy_i(LAM_i(a_i))
+
+The engine passes a_i twice: `own` (the independent term: module i only) and `cascade` (the cascaded
+term: it travels down to module i-W+1). LAM_i(z) = Aug_i[1:](Aug_i[0](z) + EMA_i[0](z)), with Aug_i
+trainable copies of the leap blocks and EMA_i[0] a frozen copy of the first one that follows the live
+block by an exponential moving average, once per step, before the optimizer step.
+
+Only what the math uses is built: modules 0..W-2 have no head, and EMA_i[1:] does not exist.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from fastlocal.heads import classification_loss
+from fastlocal.methods.base import LocalMethod, register_method
+from fastlocal.methods.leaps import leap_lists
+from fastlocal.methods.objectives import build_objective, warn_untrained
+
+
+class LeapAugmentedModule(nn.Module):
+    """LAM_i: trainable copies of the leap blocks, plus a frozen EMA copy of the first, summed after it.
+
+    `literal` (experimental, the paper's eq. 6-7): one trainable copy per leap block and no separate EMA
+    copy; the EMA pulls the trainable copies themselves toward the live blocks."""
+
+    def __init__(self, live_blocks: list[nn.Module], literal: bool = False):
+        super().__init__()
+        self.literal = literal
+        self.aug = nn.ModuleList(copy.deepcopy(b) for b in live_blocks)
+        self.ema_first = None
+        if not literal:
+            self.ema_first = copy.deepcopy(live_blocks[0]).requires_grad_(False)
+        # The live blocks are the backbone's; keep them out of this module's parameters and state.
+        object.__setattr__(self, "live_blocks", live_blocks)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = self.aug[0](z) if self.ema_first is None else self.aug[0](z) + self.ema_first(z)
+        for block in self.aug[1:]:
+            z = block(z)
+        return z
+
+    def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(EMA tensors, the live tensors they follow): parameters only."""
+        if self.literal:
+            targets = [p for block in self.aug for p in block.parameters()]
+            live = [p for block in self.live_blocks for p in block.parameters()]
+        else:
+            targets = list(self.ema_first.parameters())
+            live = list(self.live_blocks[0].parameters())
+        return targets, live
+
+
+@register_method("mlaan")
+class MLAAN(LocalMethod):
+    def __init__(self, cfg, backbone, modules):
+        super().__init__(cfg, backbone, modules)
+        opts = cfg.mlaan
+        self.window = opts.window
+        self.wx, self.wy = opts.wx, opts.wy
+        self.c_own, self.c_prop = opts.final_weights
+        num_modules = self.num_modules
+        final_channels = backbone.part_info[-1].out_channels
+        self.head_modules = list(range(opts.window - 1, num_modules - 1))
+        module_parts = [m.part_ids for m in modules]
+        leaps = {}
+        if opts.lam and self.head_modules:
+            leaps = leap_lists(backbone, cfg.model.arch, module_parts, self.head_modules, opts.leaps,
+                               cfg.method.stem_separate)
+        self.leap_parts = leaps
+
+        def objective(channels: int, i: int):
+            return build_objective(cfg, opts.base, channels, i, num_modules, backbone.num_classes,
+                                   final_channels, backbone.input_size)
+
+        own, lams, cascaded, untrained = {}, {}, {}, []
+        for i in self.head_modules:
+            channels = self.module_out_info(i).out_channels
+            own[str(i)] = objective(channels, i)
+            if opts.lam:
+                lams[str(i)] = LeapAugmentedModule([backbone.parts[p] for p in leaps[i]], opts.lam_mode == "literal")
+                channels = backbone.part_info[leaps[i][-1]].out_channels
+            cascaded[str(i)] = objective(channels, i)
+            if own[str(i)] is None:  # an InfoPro weight pair of 0 zeroes both terms of this module
+                untrained.append(i)
+        warn_untrained(untrained, f"infopro.weights = {cfg.infopro.weights}")
+        self.own_objectives = nn.ModuleDict({k: v for k, v in own.items() if v is not None})
+        self.cascaded_objectives = nn.ModuleDict({k: v for k, v in cascaded.items() if v is not None})
+        self.lams = nn.ModuleDict(lams)
+        # Cached once: .to() and load_state_dict() keep parameter identities, so the lists stay valid.
+        self._ema_targets, self._ema_live = self._ema_tensor_lists(opts.ema_scope)
+        self.ema_momentum = opts.ema_momentum
+
+    def _ema_tensor_lists(self, scope: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        keys = list(self.lams.keys())
+        if scope == "last":  # the CIFAR reference moves only the last LAM's EMA copy
+            keys = keys[-1:]
+        targets, live = [], []
+        for key in keys:
+            t, lv = self.lams[key].ema_pairs()
+            targets += t
+            live += lv
+        return targets, live
+
+    def module_loss(self, i, own, cascade, batch):
+        if i == self.num_modules - 1:
+            head = self.backbone.head
+            loss = self.c_prop * classification_loss(head, cascade, batch.y, self.kernels)
+            if self.c_own != self.c_prop:  # the last module's own share beyond what travels down
+                loss = loss + (self.c_own - self.c_prop) * classification_loss(head, own, batch.y, self.kernels)
+            return loss
+        key = str(i)
+        if key not in self.own_objectives:
+            return None  # modules 0..W-2 learn only through later windows
+        z = self.lams[key](cascade) if key in self.lams else cascade
+        return self.wx * self.own_objectives[key](own, batch, self.kernels) + \
+            self.wy * self.cascaded_objectives[key](z, batch, self.kernels)
+
+    @torch.no_grad()
+    def before_optimizer_step(self):
+        if self._ema_targets:
+            from fastlocal.kernels import ema_update_
+
+            ema_update_(self._ema_targets, self._ema_live, self.ema_momentum, backend=self.kernels)

@@ -1,0 +1,140 @@
+"""Local objectives: what a base method computes from one feature map (SPEC 3.2, 3.3).
+
+`dgl`: a classifier head + cross-entropy. `infopro`: l1 * BCE(decoder(h), x in [0, 1]) + l2 * label
+loss (a 1c2f head with cross-entropy, or supervised contrastive). MLAAN builds two objectives of its
+base per module, one on the module's output and one on the LAM's output.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastlocal.config import Config
+from fastlocal.heads import build_head, classification_loss, conv_bn_relu
+from fastlocal.methods.base import Batch
+
+SUPCON_TEMPERATURE = 0.07
+SUPCON_FEATURES = 128
+
+
+def head_type(cfg: Config) -> str:
+    if cfg.method.head != "auto":
+        return cfg.method.head
+    return "0c1f" if cfg.method.name == "mlaan" and cfg.mlaan.base == "dgl" else "1c2f"
+
+
+class ClassifierObjective(nn.Module):
+    """DGL's local loss: cross-entropy of a classifier head."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor, batch: Batch, kernels: str = "reference") -> torch.Tensor:
+        return classification_loss(self.head, features, batch.y, kernels)
+
+
+class Decoder(nn.Module):
+    """InfoPro's reconstruction decoder: upsample to the input size, conv-BN-ReLU, conv -> 3 logits.
+
+    Returns logits; the loss applies the sigmoid (BCE with logits is the stable form of
+    BCE(sigmoid(z)), equal to it wherever the latter is finite)."""
+
+    def __init__(self, in_channels: int, image_size: int, widen: int = 1):
+        super().__init__()
+        hidden = 12 * widen
+        self.image_size = image_size
+        self.conv1 = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.bn = nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=True)
+        return self.conv2(F.relu(self.bn(self.conv1(x))))
+
+
+def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = SUPCON_TEMPERATURE) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, L_out) on L2-normalised `features` (B, D).
+
+    Positives share the anchor's label, the anchor itself excluded; anchors without a positive are
+    left out of the mean (no host synchronisation: done with masks)."""
+    z = F.normalize(features.float(), dim=1)
+    logits = z @ z.t() / temperature
+    n = logits.shape[0]
+    self_mask = torch.eye(n, dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    num_positives = positives.sum(1)
+    per_anchor = -(log_prob.masked_fill(~positives, 0).sum(1)) / num_positives.clamp(min=1)
+    has_positive = (num_positives > 0).to(per_anchor.dtype)
+    return (per_anchor * has_positive).sum() / has_positive.sum().clamp(min=1)
+
+
+class InfoProObjective(nn.Module):
+    """l1 * BCE(decoder(h), x01) + l2 * label loss; a part whose weight is 0 is not built."""
+
+    def __init__(self, cfg: Config, in_channels: int, image_size: int, num_classes: int, final_channels: int,
+                 recon_weight: float, label_weight: float):
+        super().__init__()
+        self.recon_weight, self.label_weight = recon_weight, label_weight
+        self.label_loss = cfg.infopro.label_loss
+        self.decoder = Decoder(in_channels, image_size, cfg.infopro.decoder_widen) if recon_weight else None
+        self.head = None
+        if label_weight:
+            outputs = SUPCON_FEATURES if self.label_loss == "supcon" else num_classes
+            self.head = build_head(head_type(cfg), in_channels, outputs, final_channels, cfg.method.head_hidden,
+                                   cfg.method.head_widen)
+
+    def forward(self, features: torch.Tensor, batch: Batch, kernels: str = "reference") -> torch.Tensor:
+        loss = features.new_zeros(())
+        if self.decoder is not None:
+            target = batch.images01().to(features.dtype)
+            loss = loss + self.recon_weight * F.binary_cross_entropy_with_logits(self.decoder(features), target)
+        if self.head is not None:
+            if self.label_loss == "supcon":
+                label = supcon_loss(self.head(features), batch.y)
+            else:
+                label = classification_loss(self.head, features, batch.y, kernels)
+            loss = loss + self.label_weight * label
+        return loss
+
+
+def infopro_weights(weights: tuple[float, ...], module_index: int, num_modules: int) -> tuple[float, float]:
+    """(l1, l2) of local module m: linear from (ixx_1, ixy_1) at m = 0 to (ixx_2, ixy_2) at m = K-2."""
+    ixx_1, ixy_1, ixx_2, ixy_2 = weights
+    r = module_index / (num_modules - 2) if num_modules > 2 else 0.0
+    return ixx_1 * (1 - r) + ixx_2 * r, ixy_1 * (1 - r) + ixy_2 * r
+
+
+def build_objective(cfg: Config, base: str, in_channels: int, module_index: int, num_modules: int,
+                    num_classes: int, final_channels: int, image_size: int) -> nn.Module | None:
+    """The base method's local objective on a feature map with `in_channels` channels (None when all
+    its weights are 0)."""
+    if base == "dgl":
+        head = build_head(head_type(cfg), in_channels, num_classes, final_channels, cfg.method.head_hidden,
+                          cfg.method.head_widen)
+        return ClassifierObjective(head)
+    l1, l2 = infopro_weights(cfg.infopro.weights, module_index, num_modules)
+    if l1 == 0 and l2 == 0:
+        return None
+    return InfoProObjective(cfg, in_channels, image_size, num_classes, final_channels, l1, l2)
+
+
+def warn_untrained(untrained: list[int], setting: str) -> None:
+    if untrained:
+        warnings.warn(
+            f"local module(s) {untrained} get a total loss weight of 0 from {setting}, so their blocks are never "
+            "trained (the MLAAN paper's InfoPro preset (5, 0.5, 0, 0) does this to module K-2); choose weights "
+            "that train every module, e.g. infopro.weights=[5, 0.5, 0, 1]",
+            stacklevel=3,
+        )
+
+
+__all__ = ["ClassifierObjective", "InfoProObjective", "build_objective", "conv_bn_relu", "infopro_weights",
+           "supcon_loss", "warn_untrained", "head_type"]
