@@ -60,10 +60,11 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "bp"
+    name: str = "mlaan"
     """Training method: bp, dgl, infopro, mlaan."""
-    num_modules: int = 1
-    """K, the number of gradient-isolated local modules (bp needs 1)."""
+    num_modules: int = 0
+    """K, the number of gradient-isolated local modules (bp needs 1); 0 = the method's default
+    (1 for bp, 4 for the others)."""
     split: str = "uniform"
     """How blocks are grouped: uniform (contiguous, the reference's rule) or balanced (by saved
     activation bytes)."""
@@ -150,6 +151,9 @@ class SystemConfig:
     seed: int = 0
     num_threads: int = 0
     """CPU threads for torch (0 = torch's default)."""
+    kernels: str = "auto"
+    """auto (Triton kernels on CUDA, PyTorch elsewhere), triton (forced; on CPU only under
+    TRITON_INTERPRET=1), reference (PyTorch everywhere)."""
 
 
 @dataclass
@@ -173,6 +177,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+DEFAULT_NUM_MODULES = 4
 CIFAR_ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -193,6 +198,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mlaan.ema_scope": ("all", "last"),
     "optim.schedule": ("cosine", "ref"),
     "system.device": ("auto", "cpu", "cuda"),
+    "system.kernels": ("auto", "triton", "reference"),
 }
 
 # name -> (minimum, inclusive?) for numeric fields.
@@ -200,7 +206,7 @@ MINIMUMS: dict[str, float] = {
     "data.max_train": 0,
     "data.max_test": 0,
     "data.image_size": 0,
-    "method.num_modules": 1,
+    "method.num_modules": 0,
     "method.head_hidden": 1,
     "method.head_widen": 1,
     "infopro.decoder_widen": 1,
@@ -332,6 +338,8 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
             "data.source = imagefolder needs data.root: a folder or .tar/.tar.gz archive holding "
             "train/<class>/* and test/<class>/*"
         )
+    if cfg.method.num_modules == 0:
+        cfg.method.num_modules = 1 if cfg.method.name == "bp" else DEFAULT_NUM_MODULES
     if len(cfg.infopro.weights) != 4 or min(cfg.infopro.weights) < 0:
         raise ConfigError(f"infopro.weights = {list(cfg.infopro.weights)} is not valid; give four weights >= 0: "
                           "[ixx_1, ixy_1, ixx_2, ixy_2]")

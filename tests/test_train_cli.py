@@ -1,0 +1,206 @@
+"""`python -m fastlocal.train`: run directory, exact resume, and one clear message per bad input."""
+
+import gzip
+import io
+import json
+import math
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastlocal.engine as engine
+from fastlocal.train import main
+
+TINY = ["--data.source=bundled", "--data.max_train=100", "--data.max_test=50", "--model.arch=resnet20",
+        "--train.batch_size=25", "--train.eval_batch_size=50", "--log.progress=false", "--system.num_threads=1"]
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_directory_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli([*TINY, "--method.name=dgl", "--method.num_modules=3", "--train.epochs=2",
+                                 "--out", out], capsys)
+    assert code == 0, err
+    assert (out / "config.toml").is_file() and (out / "checkpoint.pt").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert set(r) >= {"epoch", "lr", "train_loss", "test_acc", "epoch_seconds", "images_per_second"}
+        assert math.isfinite(r["train_loss"]) and 0 <= r["test_acc"] <= 100 and r["images_per_second"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("method", "arch", "num_modules", "epochs", "final_test_acc", "best_test_acc", "num_parameters",
+                "train_seconds", "images_per_second", "peak_memory", "device", "torch_version"):
+        assert key in summary
+    assert summary["method"] == "dgl" and summary["num_modules"] == 3 and summary["epochs"] == 2
+    assert summary["final_test_acc"] == rows[-1]["test_acc"]
+    assert summary["peak_memory"]["peak_saved_bytes"] > 0
+    assert "final test accuracy" in stdout
+
+
+def final_weights(run_dir):
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["backbone"]
+
+
+@pytest.mark.parametrize("method", [["--method.name=dgl", "--method.num_modules=3"],
+                                    ["--method.name=mlaan", "--method.num_modules=4"]])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, capsys, monkeypatch, method):
+    args = [*TINY, *method, "--train.epochs=3"]
+    assert run_cli([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
+
+    original = engine.Trainer.train_epoch
+
+    def interrupt_in_third_epoch(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(engine.Trainer, "train_epoch", interrupt_in_third_epoch)
+    code, _, err = run_cli([*args, "--out", tmp_path / "cut"], capsys)
+    assert code == 130 and "--resume" in err
+    monkeypatch.setattr(engine.Trainer, "train_epoch", original)
+    code, stdout, err = run_cli(["--resume", tmp_path / "cut"], capsys)
+    assert code == 0, err
+    assert "resuming" in stdout
+    whole, resumed = final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut")
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def expect_user_error(args, capsys, *fragments):
+    code, _, err = run_cli(args, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err and err.startswith("fastlocal: error:")
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_unknown_key(capsys):
+    expect_user_error(["--method.nmae=3"], capsys, "unknown config key 'method.nmae'", "valid keys in [method]")
+
+
+def test_wrong_type(capsys):
+    expect_user_error(["--train.epochs=many"], capsys, "train.epochs must be an integer")
+
+
+def test_k_out_of_range(capsys, tmp_path):
+    expect_user_error([*TINY, "--method.name=dgl", "--method.num_modules=99", "--out", tmp_path],
+                      capsys, "method.num_modules = 99 is not possible", "between 1 and 9")
+
+
+def test_bp_with_several_modules(capsys, tmp_path):
+    expect_user_error([*TINY, "--method.name=bp", "--method.num_modules=3", "--out", tmp_path],
+                      capsys, "method.num_modules must be 1")
+
+
+def test_bad_override_syntax(capsys):
+    expect_user_error(["stray"], capsys, "unexpected argument 'stray'")
+
+
+def test_missing_data(capsys, tmp_path):
+    expect_user_error(["--data.source=imagefolder", f"--data.root={tmp_path / 'nowhere'}", "--out", tmp_path / "r"],
+                      capsys, "nowhere")
+
+
+def test_cifar10_offline_message_says_how_to_point_at_a_local_copy(capsys, tmp_path):
+    expect_user_error(["--data.source=cifar10", f"--data.root={tmp_path}", "--data.download=false",
+                       "--out", tmp_path / "r"], capsys, "data.root")
+
+
+def write_image_tar(path: Path, corrupt_one=False, layout=("train", "test")):
+    with tarfile.open(path, "w:gz") as tar:
+        for split in layout:
+            for label in ("cat", "dog"):
+                for k in range(3):
+                    buf = io.BytesIO()
+                    Image.fromarray(np.full((8, 8, 3), 40 * k, dtype=np.uint8)).save(buf, format="PNG")
+                    data = buf.getvalue()
+                    if corrupt_one and split == "train" and label == "dog" and k == 1:
+                        data = b"not an image at all"
+                    info = tarfile.TarInfo(f"imgs/{split}/{label}/{k}.png")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def test_truncated_archive(capsys, tmp_path):
+    archive = tmp_path / "data.tar.gz"
+    write_image_tar(archive)
+    raw = archive.read_bytes()
+    archive.write_bytes(raw[: len(raw) // 2])
+    expect_user_error(["--data.source=imagefolder", f"--data.root={archive}", "--out", tmp_path / "r",
+                       f"--data.cache_dir={tmp_path / 'cache'}"], capsys, "data.tar.gz")
+
+
+def test_unreadable_image(capsys, tmp_path):
+    archive = tmp_path / "data.tar.gz"
+    write_image_tar(archive, corrupt_one=True)
+    expect_user_error(["--data.source=imagefolder", f"--data.root={archive}", "--out", tmp_path / "r",
+                       f"--data.cache_dir={tmp_path / 'cache'}"], capsys, "1.png", "data.on_bad_image=skip")
+
+
+def test_wrong_folder_layout(capsys, tmp_path):
+    archive = tmp_path / "data.tar.gz"
+    write_image_tar(archive, layout=("training",))
+    expect_user_error(["--data.source=imagefolder", f"--data.root={archive}", "--out", tmp_path / "r",
+                       f"--data.cache_dir={tmp_path / 'cache'}"], capsys, "train")
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(capsys, tmp_path, monkeypatch):
+    original = engine.local_train_step
+
+    def diverge_in_second_epoch(modules, method, batch):
+        loss = original(modules, method, batch)
+        return loss * math.nan if engine_epoch["now"] == 1 else loss
+
+    engine_epoch = {"now": 0}
+    original_epoch = engine.Trainer.train_epoch
+
+    def tracking(self, epoch):
+        engine_epoch["now"] = epoch
+        return original_epoch(self, epoch)
+
+    monkeypatch.setattr(engine, "local_train_step", diverge_in_second_epoch)
+    monkeypatch.setattr(engine.Trainer, "train_epoch", tracking)
+    out = tmp_path / "run"
+    expect_user_error([*TINY, "--method.name=dgl", "--method.num_modules=2", "--train.epochs=3", "--out", out],
+                      capsys, "became nan in epoch 2", "optim.lr", "checkpoint of epoch 1")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["state"]["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["backbone"].values() if v.is_floating_point())
+
+
+def test_real_divergence_is_reported(capsys, tmp_path):
+    expect_user_error([*TINY, "--method.name=bp", "--optim.lr=1e30", "--train.epochs=1", "--out", tmp_path / "r"],
+                      capsys, "the run diverged")
+
+
+def test_resume_errors(capsys, tmp_path):
+    expect_user_error(["--resume", tmp_path], capsys, "no checkpoint.pt")
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    (tmp_path / "config.toml").write_text('[method]\nname = "dgl"\nnum_modules = 2\n[data]\nmax_train = 100\n'
+                                          'max_test = 50\n[model]\narch = "resnet20"\n[log]\nprogress = false\n')
+    expect_user_error(["--resume", tmp_path], capsys, "cannot read checkpoint", "corrupt")
+
+
+def test_out_directory_with_a_run_is_not_overwritten(capsys, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    expect_user_error(["--out", tmp_path], capsys, "already holds a run", "--resume")
+
+
+def test_module_entry_point_runs_as_a_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastlocal.train", "--method.nmae=1"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown config key" in proc.stderr and "Traceback" not in proc.stderr
