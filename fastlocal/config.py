@@ -130,7 +130,8 @@ class OptimConfig:
     weight_decay: float = 1e-4
     """Weight decay on all parameters, as in the reference."""
     schedule: str = "cosine"
-    """cosine (per-iteration linear warmup then cosine) or ref (the reference's per-epoch rule)."""
+    """cosine (per-iteration linear warmup then cosine), ref (the reference's CIFAR per-epoch rule with its
+    10-epoch warmup), or cosine_epoch (the ImageNet reference: 0.5*lr*(1+cos(pi*epoch/E)), epoch from 0)."""
     warmup_epochs: float = 1.0
     """Linear warmup length for the cosine schedule, in epochs (may be fractional)."""
 
@@ -196,7 +197,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mlaan.leaps": ("auto", "reference", "generated"),
     "mlaan.lam_mode": ("copies", "literal"),
     "mlaan.ema_scope": ("all", "last"),
-    "optim.schedule": ("cosine", "ref"),
+    "optim.schedule": ("cosine", "ref", "cosine_epoch"),
     "system.device": ("auto", "cpu", "cuda"),
     "system.kernels": ("auto", "triton", "reference"),
 }

@@ -95,9 +95,12 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.opti
 
 
 def learning_rate(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
-    """The LR for a step. `ref`: the reference's per-epoch rule (SPEC 5, e = epoch + 1);
+    """The LR for a step. `ref`: the reference's CIFAR per-epoch rule (SPEC 5, e = epoch + 1);
+    `cosine_epoch`: the ImageNet reference's per-epoch cosine (epoch from 0);
     `cosine`: per-iteration linear warmup then cosine decay to 0."""
     lr0, epochs = cfg.optim.lr, cfg.train.epochs
+    if cfg.optim.schedule == "cosine_epoch":
+        return 0.5 * lr0 * (1 + math.cos(math.pi * epoch / epochs))
     if cfg.optim.schedule == "ref":
         e = epoch + 1
         cosine = 0.5 * lr0 * (1 + math.cos(math.pi * e / epochs))

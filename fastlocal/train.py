@@ -59,6 +59,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_kernels(name: str, device: torch.device) -> str:
+    from fastlocal.kernels import resolve_backend
+
+    try:
+        return resolve_backend(name, device)
+    except ValueError as err:
+        raise UserError(f"system.kernels = {name}: {err}") from None
+
+
 def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
     """Build everything from `cfg`, train, and write `out_dir`. Returns the summary."""
     from fastlocal.data import build_data
@@ -80,6 +89,7 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
                               cfg.model.zero_init_residual)
     modules = split_backbone(backbone, cfg.method.num_modules, cfg.method.stem_separate, cfg.method.split)
     method = build_method(cfg, backbone, modules)
+    method.kernels = resolve_kernels(cfg.system.kernels, device)
     backbone.to(device)
     method.to(device)
     trainer = Trainer(cfg, backbone, modules, method, data, device, out_dir)

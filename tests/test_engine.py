@@ -165,6 +165,12 @@ def test_reference_lr_schedule_matches_spec_formula():
     assert learning_rate(cfg, 399, 0, 10) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_imagenet_cosine_epoch_schedule():
+    cfg = build_config(None, ["optim.schedule=cosine_epoch", "optim.lr=0.05", "train.epochs=150"], METHODS)
+    assert learning_rate(cfg, 0, 5, 10) == pytest.approx(0.05)
+    assert learning_rate(cfg, 75, 0, 10) == pytest.approx(0.025)
+
+
 def test_cosine_schedule_warms_up_then_decays_to_zero():
     cfg = build_config(None, ["optim.lr=0.4", "train.epochs=3", "optim.warmup_epochs=1"], METHODS)
     lrs = [learning_rate(cfg, e, s, 10) for e in range(3) for s in range(10)]
