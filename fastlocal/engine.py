@@ -174,7 +174,9 @@ class Trainer:
         try:
             ckpt = torch.load(path, map_location=self.device, weights_only=False)
         except Exception as err:  # a truncated or foreign file: say so, do not crash
-            raise UserError(f"cannot read checkpoint {path}: {err}; it is corrupt or not a fastlocal checkpoint") from None
+            raise UserError(
+                f"cannot read checkpoint {path}: {err}; it is corrupt or not a fastlocal checkpoint"
+            ) from None
         self.backbone.load_state_dict(ckpt["backbone"])
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -221,7 +223,8 @@ class Trainer:
             progress.close()
         train_loss = loss_sum.item() / max(1, steps)
         if not math.isfinite(train_loss):
-            last_good = f"the checkpoint of epoch {epoch} in {self.out_dir} is intact" if epoch else "no checkpoint was written"
+            last_good = (f"the checkpoint of epoch {epoch} in {self.out_dir} is intact" if epoch
+                         else "no checkpoint was written")
             raise NonFiniteLossError(
                 f"the training loss became {train_loss} in epoch {epoch + 1}; the run diverged. Lower "
                 f"optim.lr (now {cfg.optim.lr}) or lengthen optim.warmup_epochs; {last_good}"

@@ -165,9 +165,9 @@ def test_which_modules_each_loss_reaches(window):
     assert sorted(int(key) for key in method.own_objectives) == list(heads)  # modules 0..W-2 have no head
     for i in heads:
         key = str(i)
-        reached = grads_reached_by(method, modules, b, lambda m: [nan_output(m.own_objectives[key])])
+        reached = grads_reached_by(method, modules, b, lambda m, key=key: [nan_output(m.own_objectives[key])])
         assert reached == [i], ("independent term", i)
-        reached = grads_reached_by(method, modules, b, lambda m: [nan_output(m.cascaded_objectives[key])])
+        reached = grads_reached_by(method, modules, b, lambda m, key=key: [nan_output(m.cascaded_objectives[key])])
         assert reached == list(range(max(0, i - window + 1), i + 1)), ("cascaded term", i)
     reached = grads_reached_by(method, modules, b, lambda m: [nan_output(m.backbone.head)])
     assert reached == list(range(max(0, k - window), k)), "final loss"
@@ -279,3 +279,17 @@ def test_supcon_matches_a_direct_formula():
         denom = sum(torch.exp(z[i] @ z[a] / 0.07) for a in range(6) if a != i)
         losses.append(-sum(torch.log(torch.exp(z[i] @ z[p] / 0.07) / denom) for p in pos) / len(pos))
     torch.testing.assert_close(supcon_loss(f, y).double(), torch.stack(losses).mean())
+
+
+def test_paper_literal_lam_trains_its_copies_and_pulls_them_toward_the_live_blocks():
+    _, backbone, modules, method = make(k=8, mlaan__lam_mode="literal")
+    lam = method.lams["3"]
+    assert lam.ema_first is None and all(p.requires_grad for p in lam.aug.parameters())
+    perturb(backbone)
+    before = [p.detach().clone() for p in lam.aug.parameters()]
+    live = [p.detach().clone() for block in lam.live_blocks for p in block.parameters()]
+    local_train_step(modules, method, batch())  # gradients, then the EMA (before any optimizer step)
+    m = method.ema_momentum
+    for p, old, target in zip(lam.aug.parameters(), before, live, strict=True):
+        torch.testing.assert_close(p.detach(), m * old + (1 - m) * target, rtol=1e-12, atol=1e-15)
+        assert p.grad is not None

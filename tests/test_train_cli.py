@@ -1,6 +1,5 @@
 """`python -m fastlocal.train`: run directory, exact resume, and one clear message per bad input."""
 
-import gzip
 import io
 import json
 import math

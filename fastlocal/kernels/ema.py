@@ -58,7 +58,7 @@ _CACHE_SIZE = 8
 
 @torch.no_grad()
 def ema_update_ref(ema_tensors: list[Tensor], live_tensors: list[Tensor], momentum: float | Tensor) -> None:
-    """Reference: ``torch._foreach_lerp_(ema, live, 1 - m)``, in fp32 for fp16/bf16 storage.
+    """Reference: ``torch._foreach_lerp_(ema, live, 1 - m)``, in fp32 for fp16/bf16 storage (fp64 stays fp64).
 
     ``momentum`` is a float or a 0-d tensor on the tensors' device (then the weight ``1 - m`` is a
     device tensor and no host synchronisation happens).
@@ -70,12 +70,14 @@ def ema_update_ref(ema_tensors: list[Tensor], live_tensors: list[Tensor], moment
         group[1].append(live)
     weight = 1.0 - momentum
     for (ema_dtype, live_dtype), (emas, lives) in groups.items():
-        exact = ema_dtype == torch.float32 and live_dtype == torch.float32
-        targets = emas if exact else [t.float() for t in emas]
-        sources = lives if live_dtype == torch.float32 else [t.float() for t in lives]
+        # fp32 arithmetic for fp16/bf16 storage; float64 stays float64 (the float64 tests need it exact).
+        compute = torch.float64 if torch.float64 in (ema_dtype, live_dtype) else torch.float32
+        exact = ema_dtype == compute
+        targets = emas if exact else [t.to(compute) for t in emas]
+        sources = lives if live_dtype == compute else [t.to(compute) for t in lives]
         if isinstance(weight, Tensor):
             # The List overload takes per-tensor weights; the Scalar one would call .item() on a tensor.
-            torch._foreach_lerp_(targets, sources, [weight.float()] * len(targets))
+            torch._foreach_lerp_(targets, sources, [weight.to(compute)] * len(targets))
         else:
             torch._foreach_lerp_(targets, sources, weight)
         if not exact:

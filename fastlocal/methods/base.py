@@ -88,5 +88,7 @@ def build_method(cfg: Config, backbone: Backbone, modules: list[LocalModule]) ->
     try:
         cls = METHODS[cfg.method.name]
     except KeyError:
-        raise ConfigError(f"method.name = {cfg.method.name!r} is not valid; choose one of: {', '.join(METHODS)}") from None
+        raise ConfigError(
+            f"method.name = {cfg.method.name!r} is not valid; choose one of: {', '.join(METHODS)}"
+        ) from None
     return cls(cfg, backbone, modules)

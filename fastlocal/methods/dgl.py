@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from fastlocal.heads import classification_loss
 from fastlocal.methods.base import LocalMethod, register_method
 from fastlocal.methods.objectives import build_objective, warn_untrained
-from fastlocal.heads import classification_loss
 
 
 class GreedyLocal(LocalMethod):

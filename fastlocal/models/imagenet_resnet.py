@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from fastlocal.models.backbone import Backbone
 from fastlocal.heads import GapLinear
+from fastlocal.models.backbone import Backbone
 
 
 def imagenet_resnet(arch: str, num_classes: int, input_size: int = 224, zero_init_residual: bool = False) -> Backbone:
