@@ -152,6 +152,10 @@ class SystemConfig:
     seed: int = 0
     num_threads: int = 0
     """CPU threads for torch (0 = torch's default)."""
+    precision: str = "fp32"
+    """fp32, or bf16 (autocast forwards; fp32 master weights, loss, optimizer and EMA arithmetic)."""
+    channels_last: bool = False
+    """Store activations and convolution weights channels-last (NHWC), faster on tensor-core GPUs."""
     kernels: str = "auto"
     """auto (Triton kernels on CUDA, PyTorch elsewhere), triton (forced; on CPU only under
     TRITON_INTERPRET=1), reference (PyTorch everywhere)."""
@@ -200,6 +204,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("cosine", "ref", "cosine_epoch"),
     "system.device": ("auto", "cpu", "cuda"),
     "system.kernels": ("auto", "triton", "reference"),
+    "system.precision": ("fp32", "bf16"),
 }
 
 # name -> (minimum, inclusive?) for numeric fields.

@@ -9,10 +9,13 @@ freed before the next module runs forward, so activation memory is that of the l
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,9 +39,12 @@ def _accumulate(cotangents: list, index: int, value: torch.Tensor | None) -> Non
     cotangents[index] = value if cotangents[index] is None else cotangents[index] + value
 
 
-def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Batch) -> torch.Tensor:
+def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Batch,
+                     forward_context: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
     """Forward and backward of one batch through the local schedule; fills `.grad` of the backbone
-    and method parameters (no optimizer step). Returns the last module's loss, detached."""
+    and method parameters (no optimizer step). Returns the last module's loss, detached.
+
+    `forward_context` wraps every forward and loss computation, never a backward (autocast for bf16)."""
     num_modules, window = len(modules), method.window
     graphs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_modules  # (input leaf, output)
     cotangents: list[torch.Tensor | None] = [None] * num_modules
@@ -61,11 +67,13 @@ def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Bat
             inputs = previous.detach()
             # An input gradient is needed only when a cascaded loss will travel through this module.
             inputs.requires_grad_(window > 1)
-        output = modules[i](inputs)
+        with forward_context():
+            output = modules[i](inputs)
         graphs[i] = (inputs, output)
         own = output.detach().requires_grad_()
         cascade = output.detach().requires_grad_()
-        loss = method.module_loss(i, own, cascade, batch)
+        with forward_context():
+            loss = method.module_loss(i, own, cascade, batch)
         if loss is not None:
             loss.backward()  # heads, decoders and LAMs get their gradients; the graph above a_i is freed
             _accumulate(cotangents, i, own.grad)
@@ -89,9 +97,20 @@ def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Bat
     return last_loss
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.SGD:
+def forward_context_for(device: torch.device, precision: str) -> Callable[[], AbstractContextManager]:
+    """bf16: autocast the forwards (weights, gradients, optimizer and EMA stay fp32); fp32: nothing."""
+    if precision == "bf16":
+        return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: Config,
+                    device: torch.device | None = None) -> torch.optim.SGD:
+    # One fused kernel for the whole update on CUDA; the multi-tensor (foreach) path elsewhere.
+    fused = device is not None and device.type == "cuda"
     return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
-                           weight_decay=cfg.optim.weight_decay)
+                           weight_decay=cfg.optim.weight_decay, fused=fused or None,
+                           foreach=None if fused else True)
 
 
 def learning_rate(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
@@ -157,7 +176,9 @@ class Trainer:
         self.cfg, self.backbone, self.modules, self.method = cfg, backbone, modules, method
         self.data, self.device, self.out_dir = data, device, Path(out_dir)
         self.params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, cfg)
+        self.optimizer = build_optimizer(self.params, cfg, device)
+        self.forward_context = forward_context_for(device, cfg.system.precision)
+        self.channels_last = cfg.system.channels_last
         self.state = RunState()
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -201,15 +222,17 @@ class Trainer:
             lr = learning_rate(cfg, epoch, step, steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             batch = Batch(x, y, self.data.info.mean, self.data.info.std)
             self.optimizer.zero_grad(set_to_none=True)
             if self.state.peak_memory is None and cfg.log.measure_memory and self.device.type == "cpu":
                 with SavedTensorAccountant(ignore=parameter_storages(self.backbone, self.method)) as acct:
-                    loss = local_train_step(self.modules, self.method, batch)
+                    loss = local_train_step(self.modules, self.method, batch, self.forward_context)
                 self.state.peak_memory = {"kind": "cpu_saved_tensors", "batch_size": int(x.shape[0]),
                                           "peak_saved_bytes": acct.peak_bytes}
             else:
-                loss = local_train_step(self.modules, self.method, batch)
+                loss = local_train_step(self.modules, self.method, batch, self.forward_context)
             self.optimizer.step()
             loss_sum += loss
             if progress is not None:
@@ -244,7 +267,8 @@ class Trainer:
             reset_peak(self.device)
         for epoch in range(self.state.epoch, cfg.train.epochs):
             row = self.train_epoch(epoch)
-            row["test_acc"] = evaluate(self.backbone, self.data.test)
+            with self.forward_context():
+                row["test_acc"] = evaluate(self.backbone, self.data.test)
             self.state.epoch = epoch + 1
             self.state.history.append(row)
             self.state.train_seconds += row["epoch_seconds"]

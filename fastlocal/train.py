@@ -90,8 +90,9 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
     modules = split_backbone(backbone, cfg.method.num_modules, cfg.method.stem_separate, cfg.method.split)
     method = build_method(cfg, backbone, modules)
     method.kernels = resolve_kernels(cfg.system.kernels, device)
-    backbone.to(device)
-    method.to(device)
+    memory_format = torch.channels_last if cfg.system.channels_last else torch.preserve_format
+    backbone.to(device, memory_format=memory_format)
+    method.to(device, memory_format=memory_format)
     trainer = Trainer(cfg, backbone, modules, method, data, device, out_dir)
     if resume:
         trainer.load_checkpoint(out_dir / CHECKPOINT_NAME)
