@@ -5,28 +5,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import build
 
 from fastlocal.config import build_config
 from fastlocal.engine import build_optimizer, learning_rate, local_train_step
 from fastlocal.measure import SavedTensorAccountant, parameter_storages
-from fastlocal.methods import METHODS, Batch, build_method
-from fastlocal.models import build_backbone
-from fastlocal.split import split_backbone
+from fastlocal.methods import METHODS, Batch
 
 CIFAR_MEAN, CIFAR_STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
 
 def make(method="dgl", arch="resnet20", k=4, dtype=torch.float64, seed=0, **method_overrides):
-    overrides = [f"method.name={method}", f"method.num_modules={k}", f"model.arch={arch}"]
-    overrides += [f"method.{key}={value}" for key, value in method_overrides.items()]
-    cfg = build_config(None, overrides, METHODS)
-    torch.manual_seed(seed)
-    backbone = build_backbone(arch, 10, 32)
-    modules = split_backbone(backbone, k, cfg.method.stem_separate)
-    m = build_method(cfg, backbone, modules)
-    backbone.to(dtype)
-    m.to(dtype)
-    return cfg, backbone, modules, m
+    return build(method, arch, k, [f"method.{key}={value}" for key, value in method_overrides.items()], dtype, seed)
 
 
 def batch(n=6, dtype=torch.float64, seed=1):

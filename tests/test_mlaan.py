@@ -6,29 +6,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import build
 
-from fastlocal.config import build_config
 from fastlocal.engine import local_train_step
 from fastlocal.measure import SavedTensorAccountant, parameter_storages
-from fastlocal.methods import METHODS, Batch, build_method
+from fastlocal.methods import Batch
 from fastlocal.methods.leaps import REFERENCE_LEAPS, check_leaps, leap_lists
 from fastlocal.models import build_backbone
-from fastlocal.split import max_modules, split_backbone, split_parts
+from fastlocal.split import max_modules, split_parts
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
 
 def make(arch="resnet32", k=8, dtype=torch.float64, method="mlaan", seed=0, **overrides):
-    items = [f"method.name={method}", f"method.num_modules={k}", f"model.arch={arch}"]
-    items += [f"{key.replace('__', '.')}={value}" for key, value in overrides.items()]
-    cfg = build_config(None, items, METHODS)
-    torch.manual_seed(seed)
-    backbone = build_backbone(arch, 10, 32)
-    modules = split_backbone(backbone, k, cfg.method.stem_separate)
-    m = build_method(cfg, backbone, modules)
-    backbone.to(dtype)
-    m.to(dtype)
-    return cfg, backbone, modules, m
+    """Overrides as keyword arguments, section and key joined by a double underscore."""
+    return build(method, arch, k, [f"{key.replace('__', '.')}={value}" for key, value in overrides.items()],
+                 dtype, seed)
 
 
 def batch(n=4, dtype=torch.float64, seed=1):
