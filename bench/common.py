@@ -1,0 +1,597 @@
+"""Shared pieces of the step and memory benchmarks: size modes, cases, builders, the timed step, memory.
+
+Size modes, chosen by ``FASTLOCAL_BENCH_MODE`` (default ``gpu`` when CUDA is available, else ``cpu``):
+
+- ``gpu``: the paper's sizes: batch 1024 at 32x32 for the CIFAR ResNets, ImageNet ResNet-34 at batch 32
+  and 224x224; several timed rounds after an untimed warm-up (cudnn.benchmark autotuning happens there).
+- ``cpu``: the same cases at a small batch (8 for CIFAR sizes, 2 for ImageNet at 224x224), three timed
+  rounds per case after the untimed memory step (which doubles as the warm-up), one intra-op thread
+  unless ``FASTLOCAL_BENCH_THREADS`` says otherwise; the whole suite runs in minutes.
+- ``smoke``: tiny archs (ResNet-20 at 16x16 for the CIFAR cases, ResNet-18 at 32x32 for the ImageNet
+  ones), batch 2: it checks in seconds that the harness still runs (CI: ``--benchmark-disable``).
+
+A case is one training step as a user runs it: ``optimizer.zero_grad``, ``local_train_step`` (forward and
+backward of the local schedule), ``optimizer.step``, on random inputs already on the device (data
+loading is not measured). The device is synchronised inside the timed function.
+
+Memory, per device convention:
+
+- CUDA: ``max_memory_allocated`` (the headline figure), ``max_memory_reserved`` and the process total
+  from NVML (the convention of the paper's Table 3), for one step after the cache was emptied.
+- CPU: the bytes of tensors saved for backward alive at the peak of one step
+  (``fastlocal.measure.SavedTensorAccountant``; parameters and buffers are not counted). This is the
+  activation memory local learning saves.
+
+Ratios to BP come from one session: the BP case of the same backbone, batch and input size records its
+figures in a module-level cache as it runs; a case whose BP was deselected measures it lazily, once.
+
+Environment overrides: ``FASTLOCAL_BENCH_ROUNDS`` (timed rounds per case), ``FASTLOCAL_BENCH_THREADS``
+(torch intra-op threads; default 1 on CPU, torch's default on CUDA), ``FASTLOCAL_BENCH_KERNELS`` (``auto``,
+``reference`` or ``triton``: the kernel backend of the methods, default ``auto``), ``FASTLOCAL_BENCH_BUDGET_S``
+(a soft time budget: cases that would start after this many seconds of the session are skipped, so a
+run with a hard deadline still ends normally and writes its JSON).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+# `pytest bench/` without an installed fastlocal: pytest puts bench/ on sys.path (to import this file),
+# not the repository root, so add the root here.
+if importlib.util.find_spec("fastlocal") is None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+from fastlocal.config import CIFAR_ARCHS, build_config  # noqa: E402
+from fastlocal.engine import build_optimizer, local_train_step  # noqa: E402
+from fastlocal.measure import SavedTensorAccountant, cuda_peak, parameter_storages, reset_peak  # noqa: E402
+from fastlocal.methods import METHODS, Batch, build_method  # noqa: E402
+from fastlocal.models import build_backbone  # noqa: E402
+from fastlocal.split import split_backbone  # noqa: E402
+
+MODES = ("smoke", "cpu", "gpu")
+SESSION_START = time.monotonic()
+HAS_CUDA = torch.cuda.is_available()
+CIFAR_MEAN_STD = ((0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616))
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+# Residual blocks per backbone (the split's K limit is this, +1 with method.stem_separate).
+NUM_BLOCKS = {"resnet20": 9, "resnet32": 15, "resnet44": 21, "resnet56": 27, "resnet110": 54,
+              "resnet18": 8, "resnet34": 16, "resnet50": 16, "resnet101": 33, "resnet152": 50}
+
+
+def bench_mode() -> str:
+    """The size mode from FASTLOCAL_BENCH_MODE; a bad value stops the session with the valid ones."""
+    mode = os.environ.get("FASTLOCAL_BENCH_MODE", "").strip().lower() or ("gpu" if HAS_CUDA else "cpu")
+    if mode not in MODES:
+        raise pytest.UsageError(f"FASTLOCAL_BENCH_MODE={mode!r} is not valid; choose one of: {', '.join(MODES)}")
+    if mode == "gpu" and not HAS_CUDA:
+        raise pytest.UsageError("FASTLOCAL_BENCH_MODE=gpu needs a CUDA device; use FASTLOCAL_BENCH_MODE=cpu or smoke")
+    return mode
+
+
+@dataclass(frozen=True)
+class Sizes:
+    cifar_batch: int
+    cifar_size: int
+    imagenet_batch: int
+    imagenet_size: int
+    warmup_steps: int
+    """Untimed steps before the memory step (which is itself untimed)."""
+    rounds: int
+    """Timed steps per case; the reported time is their median."""
+    sweep_batches: tuple[int, ...]
+    sweep_rounds: int
+    arch_for: dict
+    """Paper arch -> the arch actually run (smoke mode shrinks them)."""
+
+
+SIZES = {
+    "gpu": Sizes(cifar_batch=1024, cifar_size=32, imagenet_batch=32, imagenet_size=224, warmup_steps=2,
+                 rounds=7, sweep_batches=(128, 256, 512, 1024), sweep_rounds=3, arch_for={}),
+    "cpu": Sizes(cifar_batch=8, cifar_size=32, imagenet_batch=2, imagenet_size=224, warmup_steps=0,
+                 rounds=3, sweep_batches=(2, 4, 8, 16), sweep_rounds=2, arch_for={}),
+    "smoke": Sizes(cifar_batch=2, cifar_size=16, imagenet_batch=2, imagenet_size=32, warmup_steps=0,
+                   rounds=1, sweep_batches=(2,), sweep_rounds=1,
+                   arch_for={"resnet32": "resnet20", "resnet110": "resnet20", "resnet34": "resnet18"}),
+}
+
+
+def sizes(mode: str) -> Sizes:
+    base = SIZES[mode]
+    rounds = os.environ.get("FASTLOCAL_BENCH_ROUNDS", "").strip()
+    if rounds:
+        if not rounds.isdigit() or int(rounds) < 1:
+            raise pytest.UsageError(f"FASTLOCAL_BENCH_ROUNDS={rounds!r} must be a positive integer")
+        base = replace(base, rounds=int(rounds))
+    return base
+
+
+def bench_device(mode: str) -> torch.device:
+    device = torch.device("cuda" if HAS_CUDA else "cpu")
+    threads = os.environ.get("FASTLOCAL_BENCH_THREADS", "").strip()
+    if threads:
+        if not threads.isdigit() or int(threads) < 1:
+            raise pytest.UsageError(f"FASTLOCAL_BENCH_THREADS={threads!r} must be a positive integer")
+        torch.set_num_threads(int(threads))
+    elif device.type == "cpu":
+        # One intra-op thread: at the CPU modes' small batches more threads buy little, and on a shared
+        # machine they cost a lot (2 OpenMP threads on 2 busy cores made steps 10x slower and erratic).
+        torch.set_num_threads(1)
+    if device.type == "cuda":
+        # The conditions of SPEC section 7's reference measurement: fp32 with TF32, cudnn autotuning.
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    return device
+
+
+# ------------------------------------------------------------------------------------------------
+# Cases
+# ------------------------------------------------------------------------------------------------
+
+METHOD_LABELS = ("bp", "bp-checkpoint", "bp-bf16", "dgl", "infopro", "mlaan", "dgl+mlaan")
+
+# (paper arch, [(label, K), ...]): the paper's K ("K=16" of ResNet-32 is DGL/InfoPro K=16 with the stem
+# separate and MLAAN K=15; "K=55" of ResNet-110 is K=54; ImageNet ResNet-34 "K=17" is K=16: SPEC 4.2)
+# and a few others, so memory can be plotted against K.
+STEP_GRID = (
+    ("resnet32", [("bp", 1), ("bp-checkpoint", 1), ("bp-bf16", 1),
+                  ("dgl", 2), ("dgl", 4), ("dgl", 8), ("dgl", 16),
+                  ("infopro", 8), ("infopro", 16),
+                  ("mlaan", 4), ("mlaan", 8), ("mlaan", 15),
+                  ("dgl+mlaan", 8), ("dgl+mlaan", 15)]),
+    ("resnet110", [("bp", 1), ("bp-checkpoint", 1), ("bp-bf16", 1),
+                   ("dgl", 4), ("dgl", 16), ("dgl", 32), ("dgl", 54),
+                   ("infopro", 32), ("infopro", 54),
+                   ("mlaan", 16), ("mlaan", 32), ("mlaan", 54),
+                   ("dgl+mlaan", 32), ("dgl+mlaan", 54)]),
+    ("resnet34", [("bp", 1), ("bp-checkpoint", 1), ("bp-bf16", 1),
+                  ("dgl", 4), ("dgl", 16), ("mlaan", 4), ("mlaan", 16)]),
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    """One of METHOD_LABELS."""
+    arch: str
+    """The arch actually run."""
+    num_modules: int
+    batch: int
+    input_size: int
+    paper_arch: str
+    """The arch of the paper's row this case stands for (differs from `arch` in smoke mode)."""
+
+    @property
+    def id(self) -> str:
+        return f"{self.arch}-{self.label}-K{self.num_modules}-b{self.batch}"
+
+    @property
+    def variant(self) -> str:
+        return {"bp-checkpoint": "checkpoint", "bp-bf16": "bf16"}.get(self.label, "")
+
+    @property
+    def is_bp(self) -> bool:
+        return self.label == "bp"
+
+    @property
+    def imagenet(self) -> bool:
+        return self.arch not in CIFAR_ARCHS
+
+    @property
+    def num_classes(self) -> int:
+        return 1000 if self.imagenet else 10
+
+    @property
+    def stem_separate(self) -> bool:
+        return self.num_modules > NUM_BLOCKS[self.arch]
+
+    @property
+    def dtype(self) -> str:
+        return "bfloat16 autocast" if self.variant == "bf16" else "float32"
+
+    def config_items(self) -> list[str]:
+        name = {"bp-checkpoint": "bp", "bp-bf16": "bp", "dgl+mlaan": "mlaan"}.get(self.label, self.label)
+        items = [f"model.arch={self.arch}", f"method.name={name}", f"method.num_modules={self.num_modules}",
+                 f"train.batch_size={self.batch}"]
+        if self.stem_separate:
+            items.append("method.stem_separate=true")
+        if self.label == "dgl+mlaan":
+            items.append("method.head=1c2f")
+        if name == "mlaan" and self.imagenet:
+            # The ImageNet reference: window 3, final loss weights (wx + wy, wy) (SPEC 3.4, 5).
+            items += ["mlaan.window=3", "mlaan.final_weights=1.0,0.999"]
+        return items
+
+    def bp_case(self) -> Case:
+        return Case("bp", self.arch, 1, self.batch, self.input_size, self.paper_arch)
+
+
+def _shrunk_modules(num_modules: int, paper_arch: str, arch: str) -> int:
+    """K for a smoke-mode arch: the same role (1, all blocks, stem separate) or at most the block count."""
+    paper_blocks, blocks = NUM_BLOCKS[paper_arch], NUM_BLOCKS[arch]
+    if num_modules == 1 or paper_blocks == blocks:
+        return num_modules
+    if num_modules > paper_blocks:
+        return blocks + 1
+    if num_modules == paper_blocks:
+        return blocks
+    return min(num_modules, blocks - 1)
+
+
+def step_cases(mode: str) -> list[Case]:
+    size = sizes(mode)
+    cases, seen = [], set()
+    for paper_arch, grid in STEP_GRID:
+        arch = size.arch_for.get(paper_arch, paper_arch)
+        imagenet = arch not in CIFAR_ARCHS
+        batch = size.imagenet_batch if imagenet else size.cifar_batch
+        input_size = size.imagenet_size if imagenet else size.cifar_size
+        for label, num_modules in grid:
+            case = Case(label, arch, _shrunk_modules(num_modules, paper_arch, arch), batch, input_size, paper_arch)
+            if case.id not in seen:  # smoke mode maps several paper cases onto one
+                seen.add(case.id)
+                cases.append(case)
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------
+# Building and running a case
+# ------------------------------------------------------------------------------------------------
+
+_ACTIVE_ACCOUNTANT: list[SavedTensorAccountant] = []
+
+
+class CheckpointedBlock(nn.Module):
+    """A backbone block run under ``torch.utils.checkpoint`` (non-reentrant: the engine's weight VJPs
+    pass ``inputs=``, which the reentrant variant refuses). The block keeps only its input for backward
+    and recomputes its activations then.
+
+    CPU accounting: checkpoint stores recomputed tensors through its own saved-tensor hooks, so the
+    outer ``SavedTensorAccountant`` never sees them. The wrapper measures the block's own saved bytes
+    once (a probe forward of the block alone) and, when its recomputation starts, raises the
+    accountant's peak by that amount over what is alive at that moment.
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        self.recompute_bytes: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _ACTIVE_ACCOUNTANT and self.recompute_bytes is None and torch.is_grad_enabled():
+            self.recompute_bytes = self._probe(x)
+        return checkpoint(self.block, x, use_reentrant=False, context_fn=self._contexts)
+
+    def _probe(self, x: torch.Tensor) -> int:
+        state = {k: v.clone() for k, v in self.block.state_dict().items()}  # BN statistics stay as they were
+        leaf = x.detach().requires_grad_()
+        with SavedTensorAccountant(ignore=[*parameter_storages(self.block), leaf]) as probe:
+            self.block(leaf)
+        self.block.load_state_dict(state)
+        return probe.peak_bytes
+
+    def _contexts(self):
+        return contextlib.nullcontext(), _CountRecomputation(self)
+
+
+class _CountRecomputation:
+    def __init__(self, block: CheckpointedBlock):
+        self.block = block
+
+    def __enter__(self):
+        if _ACTIVE_ACCOUNTANT and self.block.recompute_bytes:
+            acct = _ACTIVE_ACCOUNTANT[-1]
+            acct.peak_bytes = max(acct.peak_bytes, acct.current_bytes + self.block.recompute_bytes)
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@dataclass
+class Built:
+    case: Case
+    device: torch.device
+    backbone: nn.Module
+    modules: list
+    method: nn.Module
+    optimizer: torch.optim.Optimizer
+    batch: Batch
+    kernels: str
+    num_parameters: int
+
+
+def kernel_backend(device: torch.device, variant: str) -> str:
+    requested = os.environ.get("FASTLOCAL_BENCH_KERNELS", "auto").strip() or "auto"
+    if variant == "bf16":
+        # The fused Triton aux loss is a custom op that autocast does not cast into; BP in bf16 is
+        # measured as users run it today: eager PyTorch under autocast.
+        return "reference"
+    try:
+        from fastlocal.kernels import resolve_backend
+    except ImportError:  # a fastlocal without the kernels package
+        return "reference"
+    try:
+        return resolve_backend(requested, device)
+    except ValueError as err:
+        raise pytest.UsageError(f"FASTLOCAL_BENCH_KERNELS={requested}: {err}") from None
+
+
+def build(case: Case, device: torch.device, seed: int = 0) -> Built:
+    """Backbone, split, method, SGD optimizer and one random batch of `case`, on `device`."""
+    cfg = build_config(None, case.config_items(), METHODS)
+    torch.manual_seed(seed)
+    backbone = build_backbone(case.arch, case.num_classes, case.input_size)
+    if case.variant == "checkpoint":
+        backbone.blocks = nn.ModuleList(CheckpointedBlock(block) for block in backbone.blocks)
+    modules = split_backbone(backbone, case.num_modules, cfg.method.stem_separate, cfg.method.split)
+    method = build_method(cfg, backbone, modules)
+    kernels = kernel_backend(device, case.variant)
+    method.kernels = kernels
+    backbone.to(device)
+    method.to(device)
+    params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
+    optimizer = build_optimizer(params, cfg)
+    generator = torch.Generator(device="cpu").manual_seed(seed + 1)
+    x = torch.randn(case.batch, 3, case.input_size, case.input_size, generator=generator).to(device)
+    y = torch.randint(0, case.num_classes, (case.batch,), generator=generator).to(device)
+    mean, std = IMAGENET_MEAN_STD if case.imagenet else CIFAR_MEAN_STD
+    return Built(case, device, backbone, modules, method, optimizer, Batch(x, y, mean, std), kernels,
+                 sum(p.numel() for p in params))
+
+
+def make_step(built: Built) -> Callable[[], None]:
+    """One training step; synchronises the device before returning so a timer around it is honest."""
+    modules, method, optimizer, batch, device = built.modules, built.method, built.optimizer, built.batch, built.device
+    bf16 = built.case.variant == "bf16"
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        # The local schedule interleaves forwards and backwards, so autocast spans the whole of it.
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            local_train_step(modules, method, batch)
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return step
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Drop what earlier cases left in the caching allocator, so each case's reserved peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def measure_memory(built: Built, step: Callable[[], None]) -> dict:
+    """Peak memory of one step, by the device's convention; `peak_bytes` is the headline figure."""
+    device = built.device
+    if device.type == "cuda":
+        free_device_memory(device)
+        reset_peak(device)
+        step()
+        peak = cuda_peak(device)
+        if peak["process_total_bytes"] is None:
+            # No NVML (pynvml missing): the whole device's used memory, which on a dedicated GPU is
+            # this process plus the driver's share.
+            free, total = torch.cuda.mem_get_info(device)
+            peak["device_used_bytes"] = total - free
+        peak["peak_bytes"] = peak["max_allocated_bytes"]
+        peak["convention"] = "CUDA max_memory_allocated"
+        return peak
+    with SavedTensorAccountant(ignore=parameter_storages(built.backbone, built.method)) as acct:
+        _ACTIVE_ACCOUNTANT.append(acct)
+        try:
+            step()
+        finally:
+            _ACTIVE_ACCOUNTANT.pop()
+    return {"kind": "cpu_saved_tensors", "peak_saved_bytes": acct.peak_bytes, "peak_bytes": acct.peak_bytes,
+            "convention": "CPU bytes saved for backward at the peak (fastlocal.measure)"}
+
+
+def time_steps(step: Callable[[], None], rounds: int) -> float:
+    """Median seconds of `rounds` steps (for a BP reference measured outside pytest-benchmark)."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def benchmark_median(benchmark) -> float | None:
+    """The median seconds pytest-benchmark measured (None under --benchmark-disable)."""
+    stats = getattr(benchmark, "stats", None)
+    return None if stats is None else stats.stats.median
+
+
+# ------------------------------------------------------------------------------------------------
+# BP references and ratios
+# ------------------------------------------------------------------------------------------------
+
+_BP_REFERENCE: dict[tuple, dict] = {}
+
+
+def _bp_key(case: Case, device: torch.device) -> tuple:
+    return (device.type, case.arch, case.batch, case.input_size)
+
+
+def record_bp_reference(case: Case, device: torch.device, median_s: float | None, memory: dict) -> None:
+    assert case.is_bp
+    _BP_REFERENCE[_bp_key(case, device)] = {"median_s": median_s, "memory": memory, "source": case.id}
+
+
+def bp_reference(case: Case, device: torch.device, mode: str, need_time: bool = True) -> dict:
+    """BP's figures at the case's backbone, batch and input size, from this session: the BP case's own
+    when it ran, else measured here once (warm-up, memory step, then the same number of timed rounds)."""
+    key = _bp_key(case, device)
+    cached = _BP_REFERENCE.get(key)
+    if cached is not None and (cached["median_s"] is not None or not need_time):
+        return cached
+    bp = case.bp_case()
+    free_device_memory(device)
+    built = build(bp, device)
+    step = make_step(built)
+    for _ in range(sizes(mode).warmup_steps):
+        step()
+    memory = measure_memory(built, step)
+    median_s = time_steps(step, sizes(mode).rounds) if need_time else None
+    del built, step
+    free_device_memory(device)
+    _BP_REFERENCE[key] = {"median_s": median_s, "memory": memory, "source": f"{bp.id} (measured for the ratios)"}
+    return _BP_REFERENCE[key]
+
+
+def _ratio(value, reference) -> float | None:
+    if value is None or not reference:
+        return None
+    return round(value / reference, 4)
+
+
+def figures(case: Case, median_s: float | None, memory: dict, reference: dict) -> dict:
+    """The numbers of a case for extra_info: time, throughput, memory and the ratios to BP."""
+    ref_memory = reference["memory"]
+    out = {
+        "median_step_ms": None if median_s is None else round(median_s * 1e3, 3),
+        "images_per_second": None if not median_s else round(case.batch / median_s, 2),
+        "memory": memory,
+        "peak_memory_bytes": memory["peak_bytes"],
+        "memory_convention": memory["convention"],
+        "bp_reference": reference["source"],
+        "bp_median_step_ms": None if reference["median_s"] is None else round(reference["median_s"] * 1e3, 3),
+        "bp_peak_memory_bytes": ref_memory["peak_bytes"],
+        "time_ratio_vs_bp": _ratio(median_s, reference["median_s"]),
+        "memory_ratio_vs_bp": _ratio(memory["peak_bytes"], ref_memory["peak_bytes"]),
+    }
+    if memory["kind"] == "cuda":
+        out["reserved_ratio_vs_bp"] = _ratio(memory["max_reserved_bytes"], ref_memory["max_reserved_bytes"])
+        if memory.get("process_total_bytes") and ref_memory.get("process_total_bytes"):
+            out["process_ratio_vs_bp"] = _ratio(memory["process_total_bytes"], ref_memory["process_total_bytes"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Environment for extra_info
+# ------------------------------------------------------------------------------------------------
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    threads = torch.get_num_threads()
+    return f"{cpu_name()}, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def environment(device: torch.device, mode: str) -> dict:
+    """Device and versions: what a reader needs to know which machine a number came from."""
+    info = {
+        "mode": mode,
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": _package_version("triton"),
+        "python": platform.python_version(),
+        "num_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+        info["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+        conv = getattr(torch.backends.cudnn, "conv", None)
+        info["cudnn_conv_fp32_precision"] = getattr(conv, "fp32_precision", None)
+    return info
+
+
+def case_info(case: Case, built: Built, mode: str, suite: str) -> dict:
+    return {
+        "suite": suite,
+        "case": case.id,
+        "method": case.label,
+        "variant": case.variant or "none",
+        "arch": case.arch,
+        "paper_arch": case.paper_arch,
+        "input_size": case.input_size,
+        "num_classes": case.num_classes,
+        "batch": case.batch,
+        "K": case.num_modules,
+        "stem_separate": case.stem_separate,
+        "dtype": case.dtype,
+        "config": case.config_items(),
+        "kernels": built.kernels,
+        "num_parameters": built.num_parameters,
+        **environment(built.device, mode),
+    }
+
+
+def check_budget() -> None:
+    budget = os.environ.get("FASTLOCAL_BENCH_BUDGET_S", "").strip()
+    if not budget:
+        return
+    try:
+        seconds = float(budget)
+    except ValueError:
+        raise pytest.UsageError(f"FASTLOCAL_BENCH_BUDGET_S={budget!r} must be a number of seconds") from None
+    elapsed = time.monotonic() - SESSION_START
+    if elapsed > seconds:
+        pytest.skip(f"FASTLOCAL_BENCH_BUDGET_S={budget} spent ({elapsed:.0f} s since the suite was collected)")
+
+
+def run_case(benchmark, case: Case, device: torch.device, mode: str, rounds: int, group: str,
+             suite: str = "fastlocal-steps") -> dict:
+    """Build, warm up (untimed), measure memory (untimed), time `rounds` steps; fill extra_info
+    (`suite` tells fastlocal.bench.report which table the row belongs to). Returns the figures."""
+    check_budget()
+    free_device_memory(device)
+    built = build(case, device)
+    step = make_step(built)
+    benchmark.group = group
+    benchmark.extra_info.update(case_info(case, built, mode, suite))
+    for _ in range(sizes(mode).warmup_steps):
+        step()
+    memory = measure_memory(built, step)
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=0, iterations=1)
+    median_s = benchmark_median(benchmark)
+    if case.is_bp:
+        record_bp_reference(case, device, median_s, memory)
+    del built, step
+    reference = bp_reference(case, device, mode, need_time=median_s is not None)
+    result = figures(case, median_s, memory, reference)
+    benchmark.extra_info.update(result)
+    return result
