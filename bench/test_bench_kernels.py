@@ -76,59 +76,29 @@ def _record_speed(benchmark, bytes_moved: int) -> None:
 # EMA over the LAM EMA copies
 # ----------------------------------------------------------------------------------------------------
 
-CIFAR_WIDTHS = (16, 32, 64)
-
-# First block of each module's leap list, from SPEC 4.3 (0-based (stage, block)); EMA_i[1:] is never used
-# (SPEC 3.4), so module i's EMA copy holds only this block. The last module has no LAM.
-FIRST_LEAP_BLOCKS = {
-    "resnet32_k15": [(1, 0)] * 5 + [(2, 0)] * 5 + [(2, 1), (2, 2), (2, 3), (2, 4)],
-    "resnet110_k54": [(1, 0)] * 18
-    + [(2, 0)] * 18
-    + [(2, 8)] * 7
-    + [(2, 14)] * 4
-    + [(2, 15)] * 2
-    + [(2, 16)] * 3
-    + [(2, 17)],
-}
-
-
-def _basic_block_shapes(stage: int, index: int, widths: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Parameter shapes of a CIFAR ResNet BasicBlock (SPEC 2): conv3x3, BN, conv3x3, BN, and the 1x1
-    conv + BN shortcut of the first block of stages 1 and 2 (the blocks that change width)."""
-    out_channels = widths[stage]
-    in_channels = widths[stage - 1] if stage > 0 and index == 0 else out_channels
-    shapes = [
-        (out_channels, in_channels, 3, 3),
-        (out_channels,),
-        (out_channels,),
-        (out_channels, out_channels, 3, 3),
-        (out_channels,),
-        (out_channels,),
-    ]
-    if in_channels != out_channels:
-        shapes += [(out_channels, in_channels, 1, 1), (out_channels,), (out_channels,)]
-    return shapes
+# The MLAAN models whose LAM EMA copies are benchmarked (reference leap presets, ema_scope = all).
+EMA_MODELS = {"resnet32_k15": ("resnet32", 15), "resnet110_k54": ("resnet110", 54)}
 
 
 def lam_ema_tensor_shapes(preset: str, width_divisor: int = 1) -> list[tuple[int, ...]]:
-    """Shapes of every LAM EMA tensor of an MLAAN preset, in module order.
+    """Shapes of every LAM EMA tensor of the real MLAAN model, in module order; `width_divisor` shrinks
+    the channel dimensions for the CPU smoke mode."""
+    from fastlocal.config import build_config
+    from fastlocal.methods import METHODS, build_method
+    from fastlocal.models import build_backbone
+    from fastlocal.split import split_backbone
 
-    Written from SPEC 4.3 and 2 because the benchmark predates the MLAAN model; replace it with the real
-    model's EMA tensors (the parameters of each LAM's EMA copy) once fastlocal.methods.mlaan exposes them.
-    """
-    widths = tuple(max(1, width // width_divisor) for width in CIFAR_WIDTHS)
-    shapes: list[tuple[int, ...]] = []
-    for stage, index in FIRST_LEAP_BLOCKS[preset]:
-        shapes += _basic_block_shapes(stage, index, widths)
-    return shapes
+    arch, k = EMA_MODELS[preset]
+    cfg = build_config(None, ["method.name=mlaan", f"method.num_modules={k}", f"model.arch={arch}"], METHODS)
+    backbone = build_backbone(arch, 10, 32)
+    method = build_method(cfg, backbone, split_backbone(backbone, k))
+    targets, _ = method.ema_tensors()
+    return [tuple(max(1, d // width_divisor) if i < 2 else d for i, d in enumerate(t.shape)) for t in targets]
 
 
-def test_lam_ema_tensor_shapes_counts():
-    """The presets give the tensor counts of SPEC 4.3 (9 tensors per downsampling block, else 6)."""
-    assert len(FIRST_LEAP_BLOCKS["resnet32_k15"]) == 14
-    assert len(FIRST_LEAP_BLOCKS["resnet110_k54"]) == 53
-    assert len(lam_ema_tensor_shapes("resnet32_k15")) == 10 * 9 + 4 * 6
-    assert len(lam_ema_tensor_shapes("resnet110_k54")) == 36 * 9 + 17 * 6
+def test_lam_ema_tensor_sets_are_the_models():
+    """W = 2: modules 1..K-2 have a LAM; 9 EMA tensors for a block that changes width, else 6."""
+    assert len(lam_ema_tensor_shapes("resnet32_k15")) == 9 * 9 + 4 * 6
     numel = sum(torch.Size(shape).numel() for shape in lam_ema_tensor_shapes("resnet110_k54"))
     assert 2_000_000 < numel < 3_000_000
 
@@ -142,7 +112,7 @@ EMA_IMPLEMENTATIONS = {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("implementation", list(EMA_IMPLEMENTATIONS))
-@pytest.mark.parametrize("preset", list(FIRST_LEAP_BLOCKS))
+@pytest.mark.parametrize("preset", list(EMA_MODELS))
 def test_bench_ema(benchmark, preset, implementation, dtype):
     if implementation == "triton" and not TRITON_RUNNABLE:
         pytest.skip(TRITON_SKIP_REASON)

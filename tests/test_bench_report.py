@@ -1,6 +1,7 @@
 """fastlocal.bench.report on a small synthetic pytest-benchmark JSON, and on bad files."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +142,13 @@ def test_report_names_the_dev_extra_without_matplotlib(tmp_path, monkeypatch, ca
     results = write_json(tmp_path / "r.json", [bench_entry("bp", 1, 0.2, 64.0)])
     assert report.main([str(results), "--out", str(tmp_path)]) == 2
     assert "`dev` extra" in capsys.readouterr().err
+
+
+def test_report_without_plots_writes_only_the_table(tmp_path):
+    from fastlocal.bench.report import write_report
+
+    source = sorted((Path(__file__).resolve().parents[1] / "docs" / "bench").glob("cpu-summary.json"))
+    if not source:
+        pytest.skip("docs/bench/cpu-summary.json is not in this checkout")
+    written = write_report(source[0], tmp_path, plots=False)
+    assert [p.name for p in written] == ["bench.md"] and "| case |" in written[0].read_text()

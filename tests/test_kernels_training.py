@@ -39,7 +39,7 @@ def train_losses(kernels: str, steps: int = 3):
         optimizer.zero_grad()
         losses.append(local_train_step(modules, method, Batch(x, y, (0.5,) * 3, (0.5,) * 3)).item())
         optimizer.step()
-    ema = [t.detach().cpu().clone() for t in method._ema_targets]
+    ema = [t.detach().cpu().clone() for t in method.ema_tensors()[0]]
     return losses, ema
 
 

@@ -445,14 +445,15 @@ def merge_results(paths: list[Path]) -> dict:
     return merged
 
 
-def write_report(json_paths: Path | list[Path], out_dir: Path) -> list[Path]:
-    """Write bench.md and the plots of the JSON file(s) into `out_dir`; return the paths written."""
+def write_report(json_paths: Path | list[Path], out_dir: Path, plots: bool = True) -> list[Path]:
+    """Write bench.md and (with `plots`) the plots of the JSON file(s) into `out_dir`; return the paths."""
     paths = [json_paths] if isinstance(json_paths, Path) else list(json_paths)
     data = merge_results(paths)
     rows, others = parse_rows(data)
     add_ratios(rows)
     rows.sort(key=_sort_key)
-    if rows:
+    plots = plots and bool(rows)
+    if plots:
         _pyplot()  # fail before writing anything when the plots cannot be made
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -460,7 +461,7 @@ def write_report(json_paths: Path | list[Path], out_dir: Path) -> list[Path]:
         raise ReportError(f"cannot create the output folder {out_dir}: {err.strerror}") from None
     written = [out_dir / "bench.md"]
     written[0].write_text(markdown(data, rows, others, " ".join(path.name for path in paths)))
-    if rows:
+    if plots:
         plot_memory_vs_k(rows, out_dir / "memory_vs_k.png")
         plot_step_time(rows, out_dir / "step_time.png")
         written += [out_dir / "memory_vs_k.png", out_dir / "step_time.png"]
@@ -476,10 +477,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, nargs="+",
                         help="the JSON written by pytest bench/ --benchmark-json=FILE (several are merged)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first JSON's folder)")
+    parser.add_argument("--no-plots", action="store_true", help="write only bench.md (no matplotlib needed)")
     args = parser.parse_args(argv)
     out_dir = args.out if args.out is not None else args.results[0].parent
     try:
-        written = write_report(args.results, out_dir)
+        written = write_report(args.results, out_dir, plots=not args.no_plots)
     except ReportError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2

@@ -109,6 +109,10 @@ class MLAAN(LocalMethod):
             live += lv
         return targets, live
 
+    def ema_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(EMA tensors, the live tensors they follow) that one step's EMA update moves."""
+        return self._ema_targets, self._ema_live
+
     def module_loss(self, i, own, cascade, batch):
         if i == self.num_modules - 1:
             head = self.backbone.head
