@@ -48,6 +48,21 @@ class DataConfig:
     """An unreadable image in an imagefolder: error (stop and name it) or skip (warn and leave it out)."""
     cache_dir: str = ""
     """Where decoded uint8 caches go ('' = $FASTLOCAL_CACHE or ~/.cache/fastlocal)."""
+    loader: str = "auto"
+    """How batches are made: device (the whole dataset as uint8 on the device, augmented there), torch (PIL
+    decoding in DataLoader workers), dali (NVIDIA DALI, JPEG decoding on the GPU; pip install 'fastlocal[dali]'),
+    or auto: device for cifar10/svhn/stl10/bundled and image folders of small images, torch for image folders
+    whose images are >= 128 px (data.image_size, or the first image's shorter side when image_size = 0)."""
+    crop_size: int = 224
+    """torch/dali loaders: the square crop in pixels (RandomResizedCrop for training, center crop for
+    evaluation)."""
+    resize_size: int = 256
+    """torch/dali loaders: evaluation resizes the shorter side to this, then center-crops crop_size."""
+    num_workers: int = 4
+    """torch loader: DataLoader worker processes (0 = decode in the main process); dali: CPU threads."""
+    dali_decoder: str = "auto"
+    """dali loader: where JPEGs are decoded: auto (mixed on CUDA, cpu otherwise), mixed (nvJPEG on the GPU),
+    cpu."""
 
 
 @dataclass
@@ -193,6 +208,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.pad_mode": ("auto", "reflect", "constant"),
     "data.flip": ("auto", "on", "off"),
     "data.on_bad_image": ("error", "skip"),
+    "data.loader": ("auto", "device", "torch", "dali"),
+    "data.dali_decoder": ("auto", "mixed", "cpu"),
     "model.arch": CIFAR_ARCHS + IMAGENET_ARCHS,
     "method.split": ("uniform", "balanced"),
     "method.head": ("auto", "0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"),
@@ -212,6 +229,9 @@ MINIMUMS: dict[str, float] = {
     "data.max_train": 0,
     "data.max_test": 0,
     "data.image_size": 0,
+    "data.crop_size": 1,
+    "data.resize_size": 1,
+    "data.num_workers": 0,
     "method.num_modules": 0,
     "method.head_hidden": 1,
     "method.head_widen": 1,

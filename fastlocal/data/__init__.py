@@ -204,7 +204,12 @@ def build_data(
     drop_last: bool = False,
     progress: bool = True,
 ) -> DataBundle:
-    """Read the configured dataset, move it to `device` once, and return the two loaders."""
+    """Read the configured dataset and return the two loaders (device-resident, or streaming for large images)."""
+    from fastlocal.data.streaming import build_streaming_data, uses_streaming  # DALI is imported only when used
+
+    if uses_streaming(cfg):
+        return build_streaming_data(cfg, batch_size=batch_size, eval_batch_size=eval_batch_size, device=device,
+                                    seed=seed, drop_last=drop_last, progress=progress)
     splits = read_splits(cfg, progress=progress)
     info = resolve_info(cfg, splits)
     device = torch.device(device)
