@@ -21,21 +21,16 @@ class GreedyLocal(LocalMethod):
                             backbone.num_classes, final_channels, backbone.input_size)
             for i in range(self.num_modules - 1)
         ]
-        warn_untrained([i for i, o in enumerate(objectives) if o is None], f"infopro.weights = {cfg.infopro.weights}")
-        # nn.ModuleList cannot hold None: keep an index map to the built objectives.
-        self.objective_index = []
-        built = []
-        for o in objectives:
-            self.objective_index.append(None if o is None else len(built))
-            if o is not None:
-                built.append(o)
-        self.objectives = nn.ModuleList(built)
+        warn_untrained([i for i, o in enumerate(objectives) if o is None],
+                       f"infopro.weights = {cfg.infopro.weights}")
+        # Keyed by module index; a module whose objective has only zero weights has none.
+        self.objectives = nn.ModuleDict({str(i): o for i, o in enumerate(objectives) if o is not None})
 
     def module_loss(self, i, own, cascade, batch):
         if i == self.num_modules - 1:
             return classification_loss(self.backbone.head, own, batch.y, self.kernels)
-        k = self.objective_index[i]
-        return None if k is None else self.objectives[k](own, batch, self.kernels)
+        key = str(i)
+        return self.objectives[key](own, batch, self.kernels) if key in self.objectives else None
 
 
 @register_method("dgl")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlocal.config import Config
-from fastlocal.heads import build_head, classification_loss, conv_bn_relu
+from fastlocal.heads import build_head, classification_loss
 from fastlocal.methods.base import Batch
 
 SUPCON_TEMPERATURE = 0.07
@@ -135,6 +135,3 @@ def warn_untrained(untrained: list[int], setting: str) -> None:
             stacklevel=3,
         )
 
-
-__all__ = ["ClassifierObjective", "InfoProObjective", "build_objective", "conv_bn_relu", "infopro_weights",
-           "supcon_loss", "warn_untrained", "head_type"]
