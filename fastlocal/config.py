@@ -171,6 +171,9 @@ class SystemConfig:
     """fp32, or bf16 (autocast forwards; fp32 master weights, loss, optimizer and EMA arithmetic)."""
     channels_last: bool = False
     """Store activations and convolution weights channels-last (NHWC), faster on tensor-core GPUs."""
+    cuda_graphs: bool = False
+    """Capture the whole training step in a CUDA graph and replay it (CUDA only; a partial last batch runs
+    eagerly; falls back to eager with a warning when capture fails)."""
     kernels: str = "auto"
     """auto (Triton kernels on CUDA, PyTorch elsewhere), triton (forced; on CPU only under
     TRITON_INTERPRET=1), reference (PyTorch everywhere)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fastlocal.config import Config, UserError, to_dict, to_toml
+from fastlocal.graphs import GraphedStep, cuda_graphs_usable, set_learning_rate
 from fastlocal.measure import SavedTensorAccountant, cuda_peak, parameter_storages, reset_peak
 from fastlocal.methods import Batch, LocalMethod
 from fastlocal.split import LocalModule
@@ -97,18 +98,23 @@ def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Bat
     return last_loss
 
 
-def forward_context_for(device: torch.device, precision: str) -> Callable[[], AbstractContextManager]:
+def forward_context_for(device: torch.device, precision: str,
+                        cache_casts: bool = True) -> Callable[[], AbstractContextManager]:
     """bf16: autocast the forwards (weights, gradients, optimizer and EMA stay fp32); fp32: nothing."""
     if precision == "bf16":
-        return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+        return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16,
+                                 cache_enabled=cache_casts)
     return nullcontext
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: Config,
-                    device: torch.device | None = None) -> torch.optim.SGD:
-    # One fused kernel for the whole update on CUDA; the multi-tensor (foreach) path elsewhere.
+def build_optimizer(params: list[torch.nn.Parameter], cfg: Config, device: torch.device | None = None,
+                    lr_on_device: bool = False) -> torch.optim.SGD:
+    """SGD with Nesterov momentum and weight decay on all parameters. One fused kernel for the whole
+    update on CUDA, the multi-tensor (foreach) path elsewhere; `lr_on_device` keeps the LR in a device
+    tensor (a CUDA graph reads it; `fastlocal.graphs.set_learning_rate` fills it)."""
     fused = device is not None and device.type == "cuda"
-    return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+    lr = torch.tensor(cfg.optim.lr, device=device) if lr_on_device else cfg.optim.lr
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
                            weight_decay=cfg.optim.weight_decay, fused=fused or None,
                            foreach=None if fused else True)
 
@@ -176,10 +182,29 @@ class Trainer:
         self.cfg, self.backbone, self.modules, self.method = cfg, backbone, modules, method
         self.data, self.device, self.out_dir = data, device, Path(out_dir)
         self.params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, cfg, device)
-        self.forward_context = forward_context_for(device, cfg.system.precision)
+        use_graphs = cuda_graphs_usable(cfg.system.cuda_graphs, device)
+        self.lr_on_device = use_graphs
+        self.optimizer = build_optimizer(self.params, cfg, device, lr_on_device=use_graphs)
+        # Autocast's weight-cast cache must be off inside a CUDA graph (the casts are part of the replay).
+        self.forward_context = forward_context_for(device, cfg.system.precision, cache_casts=not use_graphs)
         self.channels_last = cfg.system.channels_last
+        self.run_step = GraphedStep(self.step_without_zero_grad, self.zero_grad) if use_graphs else self.eager_step
         self.state = RunState()
+
+    # -- one step ---------------------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step_without_zero_grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Local forward/backward, EMA, optimizer step; what a CUDA graph captures."""
+        loss = local_train_step(self.modules, self.method, Batch(x, y, self.data.info.mean, self.data.info.std),
+                                self.forward_context)
+        self.optimizer.step()
+        return loss
+
+    def eager_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.zero_grad()
+        return self.step_without_zero_grad(x, y)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def checkpoint(self) -> dict:
@@ -201,6 +226,11 @@ class Trainer:
         self.backbone.load_state_dict(ckpt["backbone"])
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in self.optimizer.param_groups:  # the LR's kind (float or device tensor) follows this run
+            if self.lr_on_device and not isinstance(group["lr"], torch.Tensor):
+                group["lr"] = torch.tensor(group["lr"], device=self.device)
+            elif not self.lr_on_device and isinstance(group["lr"], torch.Tensor):
+                group["lr"] = group["lr"].item()
         self.state = RunState(**ckpt["state"])
 
     # -- training ----------------------------------------------------------------------------------
@@ -220,20 +250,16 @@ class Trainer:
         lr = cfg.optim.lr
         for step, (x, y) in enumerate(loader):
             lr = learning_rate(cfg, epoch, step, steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(self.optimizer, lr)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            batch = Batch(x, y, self.data.info.mean, self.data.info.std)
-            self.optimizer.zero_grad(set_to_none=True)
             if self.state.peak_memory is None and cfg.log.measure_memory and self.device.type == "cpu":
                 with SavedTensorAccountant(ignore=parameter_storages(self.backbone, self.method)) as acct:
-                    loss = local_train_step(self.modules, self.method, batch, self.forward_context)
+                    loss = self.eager_step(x, y)
                 self.state.peak_memory = {"kind": "cpu_saved_tensors", "batch_size": int(x.shape[0]),
                                           "peak_saved_bytes": acct.peak_bytes}
             else:
-                loss = local_train_step(self.modules, self.method, batch, self.forward_context)
-            self.optimizer.step()
+                loss = self.run_step(x, y)
             loss_sum += loss
             if progress is not None:
                 progress.update(1)

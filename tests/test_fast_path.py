@@ -70,3 +70,42 @@ def test_fused_optimizer_on_cuda_matches_foreach():
             opt.step()
     for a, b in zip(weights, copies):
         torch.testing.assert_close(a, b)
+
+
+TINY_RUN = ["--data.source=bundled", "--data.max_train=60", "--data.max_test=20", "--model.arch=resnet20",
+            "--method.name=mlaan", "--method.num_modules=3", "--train.batch_size=16", "--train.epochs=2",
+            "--log.progress=false"]
+
+
+def final_state(out):
+    return torch.load(out / "checkpoint.pt", weights_only=False)["backbone"]
+
+
+def test_cuda_graphs_on_cpu_warn_and_train_exactly_as_eager(tmp_path):
+    from fastlocal.train import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU fallback")
+    assert main([*TINY_RUN, "--out", str(tmp_path / "eager")]) == 0
+    with pytest.warns(UserWarning, match="system.cuda_graphs=true needs a CUDA device"):
+        assert main([*TINY_RUN, "--system.cuda_graphs=true", "--out", str(tmp_path / "graphs")]) == 0
+    eager, graphs = final_state(tmp_path / "eager"), final_state(tmp_path / "graphs")
+    assert all(torch.equal(eager[k], graphs[k]) for k in eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("extra", [[], ["--system.precision=bf16", "--system.channels_last=true"]])
+def test_cuda_graph_run_matches_eager_run(tmp_path, extra):
+    from fastlocal.train import main
+
+    torch.backends.cudnn.deterministic = True  # the same convolution algorithms in both runs
+    # 60 images at batch 16: three full batches and a partial one (eager) per epoch; the graph replays.
+    args = [*TINY_RUN, "--system.device=cuda", *extra]
+    assert main([*args, "--out", str(tmp_path / "eager")]) == 0
+    assert main([*args, "--system.cuda_graphs=true", "--out", str(tmp_path / "graphs")]) == 0
+    eager, graphs = final_state(tmp_path / "eager"), final_state(tmp_path / "graphs")
+    for k in eager:
+        if extra:  # bf16: the same math, summation order may differ
+            torch.testing.assert_close(graphs[k].float(), eager[k].float(), rtol=2e-2, atol=2e-3)
+        else:
+            torch.testing.assert_close(graphs[k], eager[k], rtol=1e-5, atol=1e-6)
