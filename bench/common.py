@@ -58,7 +58,7 @@ from torch import nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from fastlocal.config import CIFAR_ARCHS, build_config  # noqa: E402
-from fastlocal.engine import build_optimizer, local_train_step  # noqa: E402
+from fastlocal.engine import build_optimizer, forward_context_for, local_train_step  # noqa: E402
 from fastlocal.measure import SavedTensorAccountant, cuda_peak, parameter_storages, reset_peak  # noqa: E402
 from fastlocal.methods import METHODS, Batch, build_method  # noqa: E402
 from fastlocal.models import build_backbone  # noqa: E402
@@ -347,7 +347,7 @@ def build(case: Case, device: torch.device, seed: int = 0) -> Built:
     backbone.to(device)
     method.to(device)
     params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer(params, cfg, device)
     generator = torch.Generator(device="cpu").manual_seed(seed + 1)
     x = torch.randn(case.batch, 3, case.input_size, case.input_size, generator=generator).to(device)
     y = torch.randint(0, case.num_classes, (case.batch,), generator=generator).to(device)
@@ -359,13 +359,12 @@ def build(case: Case, device: torch.device, seed: int = 0) -> Built:
 def make_step(built: Built) -> Callable[[], None]:
     """One training step; synchronises the device before returning so a timer around it is honest."""
     modules, method, optimizer, batch, device = built.modules, built.method, built.optimizer, built.batch, built.device
-    bf16 = built.case.variant == "bf16"
+    # Autocast wraps the forwards and loss computations only, as the engine does for system.precision=bf16.
+    forward_context = forward_context_for(device, "bf16" if built.case.variant == "bf16" else "fp32")
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        # The local schedule interleaves forwards and backwards, so autocast spans the whole of it.
-        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            local_train_step(modules, method, batch)
+        local_train_step(modules, method, batch, forward_context)
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -1,0 +1,122 @@
+"""The GPU fast path (issue: bf16, channels_last, CUDA graphs) against fastlocal's own fastest BP and the
+authors' fp32 step times (SPEC section 7), in one run.
+
+Variants of one training step (zero_grad, local forward/backward, EMA, optimizer step):
+`fp32` eager, `fp32-graph` (the step replayed from a CUDA graph), `bf16-cl` (bf16 autocast +
+channels_last) and `bf16-cl-graph`. BP runs first in each backbone, so every MLAAN row carries its ratio to
+the fastest BP variant measured before it (`time_ratio_vs_fastest_bp`) and to the authors' step
+(`speedup_vs_authors`). Graph variants need CUDA; on CPU (small batch) only the eager ones run.
+
+    python -m pytest bench/test_bench_fast_path.py --benchmark-only --benchmark-json=fast.json
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from common import (
+    HAS_CUDA,
+    Case,
+    bench_device,
+    bench_mode,
+    build,
+    check_budget,
+    environment,
+    free_device_memory,
+    measure_memory,
+    sizes,
+)
+
+from fastlocal.config import build_config
+from fastlocal.engine import build_optimizer, forward_context_for, local_train_step
+from fastlocal.graphs import GraphedStep
+from fastlocal.methods import METHODS, Batch
+
+# SPEC section 7: the authors' code on one H100, fp32/TF32, batch 1024 (ms per step).
+AUTHORS_STEP_MS = {("resnet32", "bp"): 50.4, ("resnet32", "mlaan"): 202.4,
+                   ("resnet110", "bp"): 169.8, ("resnet110", "mlaan"): 776.1}
+CASES = [("resnet32", "bp", 1), ("resnet32", "mlaan", 15), ("resnet110", "bp", 1), ("resnet110", "mlaan", 54)]
+VARIANTS = {"fp32": ("fp32", False, False), "fp32-graph": ("fp32", False, True),
+            "bf16-cl": ("bf16", True, False), "bf16-cl-graph": ("bf16", True, True)}
+MODE = bench_mode()
+DEVICE = bench_device(MODE)
+FASTEST_BP: dict[str, float] = {}  # paper arch -> fastest BP median seconds in this session
+BP_MEMORY: dict[tuple[str, str], int] = {}  # (paper arch, precision) -> BP peak bytes
+
+
+def fast_step(built, precision: str, channels_last: bool, graph: bool):
+    """One step of `built` in a variant; the device is synchronised before it returns."""
+    device = built.device
+    if channels_last:
+        built.backbone.to(memory_format=torch.channels_last)
+        built.method.to(memory_format=torch.channels_last)
+    x = built.batch.x.contiguous(memory_format=torch.channels_last) if channels_last else built.batch.x
+    y, mean, std = built.batch.y, built.batch.mean, built.batch.std
+    cfg = build_config(None, built.case.config_items(), METHODS)
+    params = [p for p in (*built.backbone.parameters(), *built.method.parameters()) if p.requires_grad]
+    optimizer = build_optimizer(params, cfg, device, lr_on_device=graph)
+    context = forward_context_for(device, precision, cache_casts=not graph)
+
+    def step_without_zero_grad(xs, ys):
+        loss = local_train_step(built.modules, built.method, Batch(xs, ys, mean, std), context)
+        optimizer.step()
+        return loss
+
+    def zero_grad():
+        optimizer.zero_grad(set_to_none=True)
+
+    runner = GraphedStep(step_without_zero_grad, zero_grad) if graph else None
+
+    def step():
+        if runner is not None:
+            runner(x, y)
+        else:
+            zero_grad()
+            step_without_zero_grad(x, y)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return step
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("paper_arch,label,num_modules", CASES, ids=[f"{a}-{m}-K{k}" for a, m, k in CASES])
+def test_bench_fast_path(benchmark, paper_arch, label, num_modules, variant):
+    precision, channels_last, graph = VARIANTS[variant]
+    if graph and not HAS_CUDA:
+        pytest.skip("CUDA graphs need a CUDA device")
+    check_budget()
+    size = sizes(MODE)
+    arch = size.arch_for.get(paper_arch, paper_arch)
+    if arch != paper_arch:
+        num_modules = min(num_modules, 8)
+    case = Case(label, arch, num_modules, size.cifar_batch, size.cifar_size, paper_arch)
+    free_device_memory(DEVICE)
+    built = build(case, DEVICE)
+    step = fast_step(built, precision, channels_last, graph)
+    for _ in range(max(size.warmup_steps, 4 if graph else 0)):  # graph: 3 warm-up steps, then the capture
+        step()
+    memory = None if graph else measure_memory(built, step)  # the graph's pool hides its allocations
+    benchmark.group = f"fast path {paper_arch}"
+    benchmark.pedantic(step, rounds=size.rounds, warmup_rounds=0, iterations=1)
+    stats = getattr(benchmark, "stats", None)
+    median = stats.stats.median if stats is not None else None
+    info = {"suite": "fastlocal-fast-path", "case": f"{arch}-{label}-K{num_modules}-{variant}", "variant": variant,
+            "method": label, "arch": arch, "K": num_modules, "batch": case.batch, "precision": precision,
+            "channels_last": channels_last, "cuda_graph": graph, **environment(DEVICE, MODE)}
+    if median is not None:
+        info["median_step_ms"] = round(median * 1e3, 3)
+        if label == "bp":
+            FASTEST_BP[paper_arch] = min(FASTEST_BP.get(paper_arch, median), median)
+        elif paper_arch in FASTEST_BP:
+            info["time_ratio_vs_fastest_bp"] = round(median / FASTEST_BP[paper_arch], 3)
+        if MODE == "gpu":
+            info["speedup_vs_authors"] = round(AUTHORS_STEP_MS[(paper_arch, label)] / (median * 1e3), 2)
+    if memory is not None:
+        info["peak_memory_bytes"] = memory["peak_bytes"]
+        if label == "bp":
+            BP_MEMORY[(paper_arch, precision)] = memory["peak_bytes"]
+        elif (paper_arch, precision) in BP_MEMORY:
+            bp_bytes = BP_MEMORY[(paper_arch, precision)]
+            info["memory_ratio_vs_bp_same_precision"] = round(memory["peak_bytes"] / bp_bytes, 4)
+    benchmark.extra_info.update(info)
