@@ -68,12 +68,12 @@ def test_cifar10_reader_reads_pixels_and_labels_exactly(tmp_path):
 
 
 def test_svhn_reader_maps_label_10_to_0(tmp_path):
-    import scipy.io
+    scipy_io = pytest.importorskip("scipy.io", reason="SVHN's .mat files need scipy (a dependency of fastlocal)")
 
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (32, 32, 3, 5), dtype=np.uint8)
     y = np.array([[10], [1], [2], [10], [9]], dtype=np.uint8)
-    scipy.io.savemat(tmp_path / "train_32x32.mat", {"X": x, "y": y})
+    scipy_io.savemat(tmp_path / "train_32x32.mat", {"X": x, "y": y})
     data = read_svhn(tmp_path, "train", download=False)
     assert data.images.shape == (5, 3, 32, 32) and data.images.dtype == np.uint8
     assert data.labels.tolist() == [0, 1, 2, 0, 9]
@@ -477,11 +477,11 @@ def test_recipe_defaults_and_overrides(tmp_path):
 
 
 def test_svhn_and_stl10_recipes(tmp_path):
-    import scipy.io
+    scipy_io = pytest.importorskip("scipy.io", reason="SVHN's .mat files need scipy (a dependency of fastlocal)")
 
     x = np.zeros((32, 32, 3, 4), np.uint8)
     for split in ("train", "test"):
-        scipy.io.savemat(tmp_path / f"{split}_32x32.mat", {"X": x, "y": np.array([[10], [1], [2], [3]])})
+        scipy_io.savemat(tmp_path / f"{split}_32x32.mat", {"X": x, "y": np.array([[10], [1], [2], [3]])})
     info = build(DataConfig(source="svhn", root=str(tmp_path), download=False)).info
     assert (info.pad, info.pad_mode, info.flip, info.mean, info.std) == (2, "constant", False, (0.5,) * 3, (0.5,) * 3)
     folder = tmp_path / "stl10_binary"
