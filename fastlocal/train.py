@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
-from fastlocal.config import Config, UserError, build_config
+from fastlocal.config import Config, UserError, build_config, to_toml
 
 USAGE_EXAMPLES = """examples:
   python -m fastlocal.train                                   # the quick start
-  python -m fastlocal.train --config configs/dgl_resnet32_cifar10.toml --out runs/dgl
+  python -m fastlocal.train --config configs/dgl_resnet32_k8_cifar10.toml --out runs/dgl
   python -m fastlocal.train --config FILE --method.num_modules=8 --train.epochs=2 --out runs/k8
   python -m fastlocal.train --resume runs/dgl                 # continue an interrupted run
+  python -m fastlocal.train --config FILE --show-config       # every field, resolved, as TOML
 """
 
 
@@ -33,6 +34,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--config", help="TOML config file (see configs/); defaults give the quick start")
     parser.add_argument("--out", help="run directory (default: runs/<method>_<arch>_<time>)")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print the resolved config (every section and field) as TOML and exit")
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
     while i < len(rest):
@@ -125,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = build_config(out_dir / "config.toml", overrides, METHODS)
         else:
             cfg = build_config(args.config, overrides, METHODS)
+            if args.show_config:
+                print(to_toml(cfg))
+                return 0
             out_dir = Path(args.out or f"runs/{cfg.method.name}_{cfg.model.arch}_{time.strftime('%Y%m%d-%H%M%S')}")
             if (out_dir / "checkpoint.pt").exists():
                 raise UserError(f"--out {out_dir} already holds a run; use --resume {out_dir} to continue it, "

@@ -203,3 +203,11 @@ def test_module_entry_point_runs_as_a_process(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastlocal.train", "--method.nmae=1"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "unknown config key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_show_config_prints_every_section(capsys):
+    code, out, _ = run_cli(["--method.name=dgl", "--show-config"], capsys)
+    assert code == 0
+    for section in ("[data]", "[model]", "[method]", "[infopro]", "[mlaan]", "[optim]", "[train]", "[system]"):
+        assert section in out
+    assert 'name = "dgl"' in out
