@@ -23,9 +23,10 @@ import tarfile
 import tempfile
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 import numpy as np
 
@@ -38,6 +39,8 @@ STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monk
 CACHE_VERSION = 1
 # Decoding fewer images than this shows no progress bar.
 PROGRESS_MIN_IMAGES = 1000
+
+_Candidate = TypeVar("_Candidate", bound=Hashable)
 
 
 class DataError(UserError):
@@ -102,6 +105,43 @@ def balanced_subset(labels: np.ndarray, num_classes: int, max_n: int, split: str
     quotas = balanced_quotas([len(p) for p in per_class], max_n)
     chosen = np.concatenate([p[:q] for p, q in zip(per_class, quotas, strict=True)] + [np.zeros(0, np.int64)])
     return np.sort(chosen)
+
+
+def _choose_readable(
+    per_class: Sequence[Sequence[_Candidate]],
+    max_n: int,
+    check: Callable[[list[_Candidate]], Iterable[_Candidate]],
+    *,
+    split: str,
+    what: str,
+    bad: Collection[_Candidate] = (),
+) -> list[list[_Candidate]]:
+    """Per class, the chosen candidates: all, or the class-balanced first `max_n`, none of them bad.
+
+    `check` is given each chosen candidate once, in class order, and returns those that are bad
+    (or raises); `bad` are known to be bad already.
+    """
+    total = sum(len(candidates) for candidates in per_class)
+    bad = set(bad)
+    checked: set[_Candidate] = set()
+    # Rounds: pick the balanced subset among candidates not known to be bad and check what is new; a bad
+    # one is replaced by the next one of its class in the following round.
+    while True:
+        good = [[c for c in candidates if c not in bad] for candidates in per_class]
+        available = sum(len(g) for g in good)
+        wanted = max_n if max_n > 0 else available
+        if wanted > available:
+            raise DataError(
+                f"data.max_{split} = {max_n} needs {max_n} readable {split} images in {what}, "
+                f"but only {available} of {total} are readable ({len(bad)} skipped); lower data.max_{split}"
+            )
+        quotas = balanced_quotas([len(g) for g in good], wanted)
+        chosen = [g[:q] for g, q in zip(good, quotas, strict=True)]
+        new = [c for candidates in chosen for c in candidates if c not in checked]
+        if not new:
+            return chosen
+        checked.update(new)
+        bad.update(check(new))
 
 
 def subset_split(data: SplitData, max_n: int, split: str, what: str) -> SplitData:
@@ -519,60 +559,50 @@ def _decode_split(
     """Decode one split (class-balanced first max_n when > 0); returns the data and skipped files."""
     listing = source.listing()
     per_class = listing.files[split]
-    total = sum(len(entries) for entries in per_class)
-    _check_max_n(max_n, total, split, str(source.root))
+    _check_max_n(max_n, sum(len(entries) for entries in per_class), split, str(source.root))
     decoded: dict[str, np.ndarray] = {}
     bad: dict[str, str] = {}
     first: tuple[str, tuple[int, ...]] | None = None
     bar = None
-    try:
-        # Rounds: pick the balanced subset among images not known to be bad, decode what is new; a bad
-        # image (on_bad_image=skip) is replaced by the next one of its class in the following round.
-        while True:
-            good = [[e for e in entries if e[0] not in bad] for entries in per_class]
-            available = sum(len(g) for g in good)
-            wanted = max_n if max_n > 0 else available
-            if wanted > available:
-                raise DataError(
-                    f"data.max_{split} = {max_n} needs {max_n} readable {split} images in {source.root}, "
-                    f"but only {available} of {total} are readable ({len(bad)} skipped); lower data.max_{split}"
-                )
-            quotas = balanced_quotas([len(g) for g in good], wanted)
-            chosen = [g[:q] for g, q in zip(good, quotas, strict=True)]
-            todo = sorted(
-                (e for entries in chosen for e in entries if e[0] not in decoded), key=lambda e: _read_order(e[1])
-            )
-            if not todo:
-                break
-            if bar is None and progress and len(todo) >= PROGRESS_MIN_IMAGES:
-                from tqdm.auto import tqdm
 
-                bar = tqdm(total=len(todo), desc=f"decoding {name} {split}", unit="img", leave=False)
-            elif bar is not None:
-                bar.total += len(todo)
-            for (rel, _), data in zip(todo, source.read([handle for _, handle in todo]), strict=True):
-                try:
-                    pixels = _decode(data, image_size)
-                except _BadImage as err:
-                    if on_bad_image != "skip":
-                        raise DataError(
-                            f"cannot read image {rel} in {source.root} ({err}); delete or replace the file, "
-                            f"or set data.on_bad_image=skip to leave unreadable images out"
-                        ) from None
-                    bad[rel] = str(err)
-                    continue
-                finally:
-                    if bar is not None:
-                        bar.update(1)
-                if first is None:
-                    first = (rel, pixels.shape)
-                elif pixels.shape != first[1]:
+    def decode(new: list[tuple[str, object]]) -> list[tuple[str, object]]:
+        nonlocal first, bar
+        todo = sorted(new, key=lambda e: _read_order(e[1]))
+        if bar is None and progress and len(todo) >= PROGRESS_MIN_IMAGES:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc=f"decoding {name} {split}", unit="img", leave=False)
+        elif bar is not None:
+            bar.total += len(todo)
+        unreadable = []
+        for (rel, handle), data in zip(todo, source.read([handle for _, handle in todo]), strict=True):
+            try:
+                pixels = _decode(data, image_size)
+            except _BadImage as err:
+                if on_bad_image != "skip":
                     raise DataError(
-                        f"images in {source.root} differ in size: {first[0]} is {first[1][1]}x{first[1][0]} "
-                        f"but {rel} is {pixels.shape[1]}x{pixels.shape[0]}; set data.image_size=N to resize "
-                        f"every image to NxN"
-                    )
-                decoded[rel] = pixels
+                        f"cannot read image {rel} in {source.root} ({err}); delete or replace the file, "
+                        f"or set data.on_bad_image=skip to leave unreadable images out"
+                    ) from None
+                bad[rel] = str(err)
+                unreadable.append((rel, handle))
+                continue
+            finally:
+                if bar is not None:
+                    bar.update(1)
+            if first is None:
+                first = (rel, pixels.shape)
+            elif pixels.shape != first[1]:
+                raise DataError(
+                    f"images in {source.root} differ in size: {first[0]} is {first[1][1]}x{first[1][0]} "
+                    f"but {rel} is {pixels.shape[1]}x{pixels.shape[0]}; set data.image_size=N to resize "
+                    f"every image to NxN"
+                )
+            decoded[rel] = pixels
+        return unreadable
+
+    try:
+        chosen = _choose_readable(per_class, max_n, decode, split=split, what=str(source.root))
     finally:
         if bar is not None:
             bar.close()

@@ -54,7 +54,7 @@ from fastlocal.data import (
     sources,
 )
 from fastlocal.data.loader import epoch_seed
-from fastlocal.data.sources import DataError, balanced_quotas, cache_dir
+from fastlocal.data.sources import DataError, cache_dir
 
 LOADERS = ("auto", "device", "torch", "dali")
 DALI_DECODERS = ("auto", "mixed", "cpu")
@@ -417,55 +417,49 @@ def select_split(
     status, bad = loaded if loaded is not None else (np.zeros(len(flat), np.int8), {})
     changed = False
     bar = None
-    try:
-        # Rounds, as the in-memory reader: choose the balanced subset among files not known to be bad,
-        # check what is new; a bad file (skip) is replaced by the next one of its class next round.
-        # With error, files known to be bad (from the cache) stay candidates, so they raise below.
-        excluded = _BAD if on_bad_image == "skip" else -1
-        while True:
-            good = [
-                [j for j in range(starts[k], starts[k + 1]) if status[j] != excluded] for k in range(len(per_class))
-            ]
-            available = sum(len(g) for g in good)
-            wanted = max_n if max_n > 0 else available
-            if wanted > available:
-                raise DataError(
-                    f"data.max_{split} = {max_n} needs {max_n} readable {split} images in {what}, but only "
-                    f"{available} of {len(flat)} are readable ({len(bad)} skipped); lower data.max_{split}"
-                )
-            quotas = balanced_quotas([len(g) for g in good], wanted)
-            chosen = [g[:q] for g, q in zip(good, quotas, strict=True)]
-            known_bad = next((j for c in chosen for j in c if status[j] == _BAD), None)
-            if known_bad is not None:
-                raise _bad_image_error(listing, flat[known_bad], bad.get(flat[known_bad], "unreadable"))
-            todo = [j for c in chosen for j in c if status[j] == _UNKNOWN]
-            if not todo:
-                break
-            changed = True
-            if bar is None and progress and len(todo) >= sources.PROGRESS_MIN_IMAGES:
-                from tqdm.auto import tqdm
 
-                bar = tqdm(total=len(todo), desc=f"checking {split} images", unit="img", leave=False)
-            elif bar is not None:
-                bar.total += len(todo)
-            chunks = [todo[i : i + CHECK_CHUNK] for i in range(0, len(todo), CHECK_CHUNK)]
-            # PIL releases the GIL while decoding, so threads check files in parallel.
-            with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-                results = pool.map(lambda c: _check_many(listing.folder, [flat[j] for j in c], formats), chunks)
-                for chunk, errors in zip(chunks, results, strict=True):
-                    for j, error in zip(chunk, errors, strict=True):
-                        if error is None:
-                            status[j] = _GOOD
-                            continue
-                        status[j] = _BAD
-                        bad[flat[j]] = error
-                        if on_bad_image != "skip":
-                            pool.shutdown(wait=False, cancel_futures=True)
-                            if status_file is not None:
-                                _save_status(status_file, key, status, bad)
-                            raise _bad_image_error(listing, flat[j], error)
-                    if bar is not None:
-                        bar.update(len(chunk))
+    def check(new: list[int]) -> list[int]:
+        nonlocal changed, bar
+        # With error, files known to be bad (from the cache) stay candidates, so they raise here.
+        known_bad = next((j for j in new if status[j] == _BAD), None)
+        if known_bad is not None:
+            raise _bad_image_error(listing, flat[known_bad], bad.get(flat[known_bad], "unreadable"))
+        todo = [j for j in new if status[j] == _UNKNOWN]
+        if not todo:
+            return []
+        changed = True
+        if bar is None and progress and len(todo) >= sources.PROGRESS_MIN_IMAGES:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc=f"checking {split} images", unit="img", leave=False)
+        elif bar is not None:
+            bar.total += len(todo)
+        unreadable = []
+        chunks = [todo[i : i + CHECK_CHUNK] for i in range(0, len(todo), CHECK_CHUNK)]
+        # PIL releases the GIL while decoding, so threads check files in parallel.
+        with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+            results = pool.map(lambda c: _check_many(listing.folder, [flat[j] for j in c], formats), chunks)
+            for chunk, errors in zip(chunks, results, strict=True):
+                for j, error in zip(chunk, errors, strict=True):
+                    if error is None:
+                        status[j] = _GOOD
+                        continue
+                    status[j] = _BAD
+                    bad[flat[j]] = error
+                    unreadable.append(j)
+                    if on_bad_image != "skip":
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        if status_file is not None:
+                            _save_status(status_file, key, status, bad)
+                        raise _bad_image_error(listing, flat[j], error)
+                if bar is not None:
+                    bar.update(len(chunk))
+        return unreadable
+
+    candidates = [list(range(starts[k], starts[k + 1])) for k in range(len(per_class))]
+    known_bad = [j for j in range(len(flat)) if status[j] == _BAD] if on_bad_image == "skip" else []
+    try:
+        chosen = sources._choose_readable(candidates, max_n, check, split=split, what=what, bad=known_bad)
     finally:
         if bar is not None:
             bar.close()
