@@ -139,12 +139,14 @@ def learning_rate(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: 
 
 
 @torch.no_grad()
-def evaluate(backbone: torch.nn.Module, loader) -> float:
+def evaluate(backbone: torch.nn.Module, loader, channels_last: bool = False) -> float:
     """Top-1 accuracy (%) of the backbone's final head on `loader`."""
     was_training = backbone.training
     backbone.eval()
     correct = torch.zeros((), dtype=torch.int64, device=next(backbone.parameters()).device)
     for x, y in loader:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         correct += (backbone(x).argmax(1) == y).sum()
     backbone.train(was_training)
     return 100.0 * correct.item() / loader.num_images
@@ -294,7 +296,7 @@ class Trainer:
         for epoch in range(self.state.epoch, cfg.train.epochs):
             row = self.train_epoch(epoch)
             with self.forward_context():
-                row["test_acc"] = evaluate(self.backbone, self.data.test)
+                row["test_acc"] = evaluate(self.backbone, self.data.test, self.channels_last)
             self.state.epoch = epoch + 1
             self.state.history.append(row)
             self.state.train_seconds += row["epoch_seconds"]
