@@ -653,21 +653,15 @@ def _load_cache(path: Path, key: str) -> tuple[SplitData, list[str]] | None:
         return None
 
 
-def _save_cache(path: Path, key: str, data: SplitData, skipped: list[str]) -> None:
-    """Write atomically (temporary file + rename); a cache that cannot be written only warns."""
+def save_npz_atomic(path: Path, what: str, redo: str, **arrays: np.ndarray) -> None:
+    """Write `arrays` to `path` atomically (temporary file + rename); a cache that cannot be written only
+    warns (`what` names it, `redo` says what happens next run)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    key=np.array(key),
-                    images=data.images,
-                    labels=data.labels,
-                    class_names=np.array(data.class_names, dtype=str),
-                    skipped=np.array(skipped, dtype=str),
-                )
+                np.savez(f, **arrays)
             os.chmod(tmp, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
             os.replace(tmp, path)
         except BaseException:
@@ -675,10 +669,16 @@ def _save_cache(path: Path, key: str, data: SplitData, skipped: list[str]) -> No
             raise
     except OSError as err:
         warnings.warn(
-            f"could not write the decoded-image cache {path} ({err}); the images will be decoded again "
-            f"next run. Set data.cache_dir or $FASTLOCAL_CACHE to a writable folder",
-            stacklevel=3,
+            f"could not write the {what} {path} ({err}); {redo} next run. Set data.cache_dir or "
+            f"$FASTLOCAL_CACHE to a writable folder",
+            stacklevel=4,
         )
+
+
+def _save_cache(path: Path, key: str, data: SplitData, skipped: list[str]) -> None:
+    save_npz_atomic(path, "decoded-image cache", "the images will be decoded again", key=np.array(key),
+                    images=data.images, labels=data.labels, class_names=np.array(data.class_names, dtype=str),
+                    skipped=np.array(skipped, dtype=str))
 
 
 def read_imagefolder(

@@ -28,7 +28,6 @@ import math
 import os
 import random
 import shutil
-import stat
 import tarfile
 import tempfile
 import warnings
@@ -54,7 +53,7 @@ from fastlocal.data import (
     sources,
 )
 from fastlocal.data.loader import epoch_seed
-from fastlocal.data.sources import DataError, cache_dir
+from fastlocal.data.sources import DataError, cache_dir, save_npz_atomic
 
 LOADERS = ("auto", "device", "torch", "dali")
 DALI_DECODERS = ("auto", "mixed", "cpu")
@@ -357,29 +356,9 @@ def _load_status(path: Path, key: str, count: int) -> tuple[np.ndarray, dict[str
 
 
 def _save_status(path: Path, key: str, status: np.ndarray, bad: dict[str, str]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    key=np.array(key),
-                    status=status,
-                    bad_paths=np.array(list(bad), dtype=str),
-                    bad_errors=np.array(list(bad.values()), dtype=str),
-                )
-            os.chmod(tmp, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as err:
-        warnings.warn(
-            f"could not write the image-check cache {path} ({err}); the images will be checked again "
-            f"next run. Set data.cache_dir or $FASTLOCAL_CACHE to a writable folder",
-            stacklevel=3,
-        )
+    save_npz_atomic(path, "image-check cache", "the images will be checked again", key=np.array(key),
+                    status=status, bad_paths=np.array(list(bad), dtype=str),
+                    bad_errors=np.array(list(bad.values()), dtype=str))
 
 
 def _bad_image_error(listing: FolderListing, rel: str, error: str) -> DataError:
