@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fastlocal.data.loader import epoch_seed
+from fastlocal.data.loader import batches_per_epoch, epoch_seed
 from fastlocal.data.sources import DataError
 from fastlocal.data.streaming import ImageList, epoch_order, shard_bounds
 
@@ -130,9 +130,7 @@ class DaliLoader:
         self._epoch = int(epoch)
 
     def __len__(self) -> int:
-        if self.train and self.drop_last:
-            return self.num_images // self.batch_size
-        return -(-self.num_images // self.batch_size)
+        return batches_per_epoch(self.num_images, self.batch_size, self.train and self.drop_last)
 
     # -- pipeline ---------------------------------------------------------------------------------------
     def _write_file_list(self, order: Sequence[int]) -> Path:

@@ -31,6 +31,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def batches_per_epoch(num_images: int, batch_size: int, drop_last: bool) -> int:
+    """Batches in an epoch: every image once, the last batch partial unless dropped. Every loader's len()."""
+    return num_images // batch_size if drop_last else -(-num_images // batch_size)
+
+
 def reflect_index(size: int, pad: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Source index of each of the size + 2*pad positions of a reflect-padded axis (edge not repeated)."""
     index = torch.arange(-pad, size + pad, device=device).abs()
@@ -116,9 +121,7 @@ class DeviceLoader:
         self._epoch = int(epoch)
 
     def __len__(self) -> int:
-        if self.train and self.drop_last:
-            return self.num_images // self.batch_size
-        return -(-self.num_images // self.batch_size)
+        return batches_per_epoch(self.num_images, self.batch_size, self.train and self.drop_last)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float32 (images/255 - mean)/std."""

@@ -52,7 +52,7 @@ from fastlocal.data import (
     channel_stats,
     sources,
 )
-from fastlocal.data.loader import epoch_seed
+from fastlocal.data.loader import batches_per_epoch, epoch_seed
 from fastlocal.data.sources import DataError, cache_dir, save_npz_atomic
 
 LOADERS = ("auto", "device", "torch", "dali")
@@ -724,9 +724,7 @@ class TorchImageLoader:
         self._keys.epoch = int(epoch)
 
     def __len__(self) -> int:
-        if self.train and self.drop_last:
-            return self.num_images // self.batch_size
-        return -(-self.num_images // self.batch_size)
+        return batches_per_epoch(self.num_images, self.batch_size, self.train and self.drop_last)
 
     def epoch_keys(self) -> list[tuple[int, int]]:
         """(index, per-image seed) of this epoch's shard, in reading order."""
