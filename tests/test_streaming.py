@@ -543,3 +543,13 @@ def test_short_imagenet_style_run(tmp_path, large_jpegs, loader):
     assert summary["epochs"] == 1 and 0 <= summary["final_test_acc"] <= 100
     assert summary["dataset"] == "imagefolder"
     assert any(not torch.equal(a, b) for a, b in zip(before, backbone.parameters(), strict=True))
+
+
+def test_torch_loader_warns_when_it_would_upscale_small_images(tmp_path):
+    from fastlocal.config import DataConfig
+    from fastlocal.data.streaming import build_streaming_data
+
+    cfg = DataConfig(source="bundled", loader="torch", max_train=20, max_test=10, num_workers=0,
+                     cache_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"images are 32 px, so every crop is upscaled"):
+        build_streaming_data(cfg, batch_size=4, eval_batch_size=4, device="cpu", seed=0, progress=False)

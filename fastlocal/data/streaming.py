@@ -788,9 +788,18 @@ def build_streaming_data(
             "train/<class>/* and test/<class>/*"
         )
     cache = cache_dir(cfg.cache_dir)
-    listing = list_imagefolder(
-        cfg.root if cfg.source == "imagefolder" else bundled_path(), cache=cache, progress=progress
-    )
+    root = Path(cfg.root) if cfg.source == "imagefolder" else bundled_path()
+    listing = list_imagefolder(root, cache=cache, progress=progress)
+    first_size = _first_image_size(root)
+    if first_size is not None and 2 * first_size <= crop:
+        # Upscaling every image 2x or more (e.g. 32 px CIFAR to the default 224) is almost always a mistake: slow,
+        # and not the dataset's recipe.
+        warnings.warn(
+            f"the {kind} loader crops data.crop_size = {crop} pixels, but the images are {first_size} px, so "
+            f"every crop is upscaled; set data.crop_size (and data.resize_size) to at most {first_size}, or use "
+            "data.loader=device, the in-memory loader made for small images",
+            stacklevel=2,
+        )
     formats = DALI_FORMATS if kind == "dali" else None
     choose = dict(on_bad_image=cfg.on_bad_image, formats=formats, cache=cache, num_workers=workers, progress=progress)
     train = select_split(listing, "train", cfg.max_train, **choose)
