@@ -55,8 +55,7 @@ def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Bat
         # Module j has received all its cotangents: one VJP w.r.t. its parameters only, then free it.
         _, output = graphs[j]
         if cotangents[j] is not None:  # None only for a module whose loss weights are all 0 (warned at build)
-            params = [p for p in modules[j].parameters() if p.requires_grad]
-            torch.autograd.backward(output, cotangents[j], inputs=params)
+            torch.autograd.backward(output, cotangents[j], inputs=modules[j].trainable_parameters)
         graphs[j] = None
         cotangents[j] = None
 

@@ -111,6 +111,8 @@ class LocalModule(nn.Sequential):
     def __init__(self, parts: Sequence[nn.Module], part_ids: Sequence[int]):
         super().__init__(*parts)
         self.part_ids = list(part_ids)
+        # The weight VJP's `inputs`, built once instead of on every step (.to() keeps parameter identities).
+        self.trainable_parameters = [p for p in self.parameters() if p.requires_grad]
 
 
 def split_backbone(backbone: Backbone, num_modules: int, stem_separate: bool = False,
