@@ -128,6 +128,10 @@ class MLAANConfig:
     lam_mode: str = "copies"
     """copies (the reference: a trainable copy plus a frozen EMA copy of the first leap block) or
     literal (EXPERIMENTAL: the paper's eq. 6-7, one trainable copy per leap block pulled by EMA)."""
+    fuse_pair: bool = False
+    """Compute Aug_i[0](z) + EMA_i[0](z) as one double-width convolution and a grouped one (exact up to
+    summation order; CUDA speed-up to be measured). CIFAR ResNet blocks only (others keep the unfused
+    path); ignored when lam_mode = literal, which has no EMA copy."""
     ema_momentum: float = 0.995
     ema_scope: str = "all"
     """all (the paper) or last (only the last LAM's EMA moves: reproduces the CIFAR reference's bug)."""
@@ -177,6 +181,9 @@ class SystemConfig:
     kernels: str = "auto"
     """auto (Triton kernels on CUDA, PyTorch elsewhere), triton (forced; on CPU only under
     TRITON_INTERPRET=1), reference (PyTorch everywhere)."""
+    fused_batch_norm: bool = False
+    """Run each residual block's batch norms fused with the ReLU and residual add after them (Triton, with
+    the backend of system.kernels; CIFAR ResNets). Same math, fewer memory passes."""
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -93,6 +94,8 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
     modules = split_backbone(backbone, cfg.method.num_modules, cfg.method.stem_separate, cfg.method.split)
     method = build_method(cfg, backbone, modules)
     method.kernels = resolve_kernels(cfg.system.kernels, device)
+    if cfg.system.fused_batch_norm:
+        enable_fused_batch_norm(backbone, method, method.kernels, cfg.model.arch)
     memory_format = torch.channels_last if cfg.system.channels_last else torch.preserve_format
     backbone.to(device, memory_format=memory_format)
     method.to(device, memory_format=memory_format)
@@ -107,6 +110,18 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
     log(f"final test accuracy {summary['final_test_acc']:.2f}% (best epoch, chosen on test: "
         f"{summary['best_test_acc']:.2f}%) in {summary['train_seconds']:.1f}s; run directory {out_dir}")
     return summary
+
+
+def enable_fused_batch_norm(backbone, method, backend: str, arch: str) -> None:
+    from fastlocal.models.cifar_resnet import use_fused_batch_norm
+
+    if backend != "triton":
+        warnings.warn("system.fused_batch_norm=true needs the Triton kernels (a CUDA device, or TRITON_INTERPRET=1 "
+                      f"for the CPU interpreter), but system.kernels resolved to {backend!r}: the blocks run "
+                      "PyTorch's batch norm", stacklevel=2)
+    if use_fused_batch_norm([backbone, method], backend) == 0:
+        warnings.warn(f"system.fused_batch_norm=true: model.arch={arch!r} has no CIFAR ResNet blocks; "
+                      "it applies to the CIFAR ResNets only, so nothing is fused", stacklevel=2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 KERNEL_BACKENDS = ("auto", "triton", "reference")
 
-__all__ = ["KERNEL_BACKENDS", "ema_update_", "gap_linear_cross_entropy", "resolve_backend"]
+__all__ = ["KERNEL_BACKENDS", "batch_norm_act", "ema_update_", "gap_linear_cross_entropy", "resolve_backend"]
 
 
 def _interpreting() -> bool:
@@ -120,3 +120,33 @@ def gap_linear_cross_entropy(
     from fastlocal.kernels.aux_loss import gap_linear_cross_entropy_ref
 
     return gap_linear_cross_entropy_ref(x, weight, bias, target)
+
+
+def batch_norm_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+    residual: Tensor | None = None,
+    relu: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """``relu(batch_norm(x) + residual)`` with training-mode batch statistics; the residual and the ReLU
+    are optional. Updates ``running_mean``/``running_var`` in place like ``nn.BatchNorm2d`` (when given).
+
+    x: (N, C, H, W), NCHW or channels_last, any float dtype (fp32 arithmetic; the output has x's dtype);
+    weight, bias: (C,). The Triton path fuses the statistics, the normalisation, the add and the ReLU
+    into three kernels forward and three backward (see ``fastlocal.kernels.batch_norm``).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"batch_norm_act: expected a 4-d (N, C, H, W) input, got shape {tuple(x.shape)}")
+    if resolve_backend(backend, x.device) == "triton":
+        from fastlocal.kernels import batch_norm
+
+        return batch_norm.batch_norm_act(x, weight, bias, running_mean, running_var, momentum, eps, residual, relu)
+    from fastlocal.kernels.batch_norm import batch_norm_act_ref
+
+    return batch_norm_act_ref(x, weight, bias, running_mean, running_var, momentum, eps, residual, relu)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from fastlocal.heads import GapLinear
@@ -18,6 +20,11 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
+    fused_batch_norm: str | None = None
+    """None: PyTorch's batch norm, ReLU and add. A kernels backend ("triton", "reference"): in training mode
+    each batch norm runs fused with the ReLU and the residual add after it (`fastlocal.kernels.batch_norm_act`);
+    set with `use_fused_batch_norm`."""
+
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
         self.conv1 = conv3x3(in_channels, out_channels, stride)
@@ -32,9 +39,39 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x):
+        if self.fused_batch_norm is not None and self.training:
+            return self._forward_fused(x, self.fused_batch_norm)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + self.shortcut(x))
+
+    def _forward_fused(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        out = batch_norm_act(self.conv1(x), self.bn1, backend)
+        shortcut = x if len(self.shortcut) == 0 else batch_norm_act(self.shortcut[0](x), self.shortcut[1], backend,
+                                                                    relu=False)
+        return batch_norm_act(self.conv2(out), self.bn2, backend, residual=shortcut)
+
+
+def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, backend: str, residual: torch.Tensor | None = None,
+                   relu: bool = True) -> torch.Tensor:
+    """relu(bn(x) + residual) of a BatchNorm2d in training mode, through `fastlocal.kernels.batch_norm_act`."""
+    from fastlocal import kernels
+
+    if bn.momentum is None or not bn.track_running_stats or not bn.affine:
+        # A cumulative average needs the batch count on the host; keep PyTorch's module for these cases.
+        out = bn(x) if residual is None else bn(x) + residual
+        return torch.relu(out) if relu else out
+    bn.num_batches_tracked.add_(1)
+    return kernels.batch_norm_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps,
+                                  residual, relu, backend=backend)
+
+
+def use_fused_batch_norm(modules: Iterable[nn.Module], backend: str | None) -> int:
+    """Set `fused_batch_norm` on every BasicBlock inside `modules` (None switches it off); returns how many."""
+    blocks = {id(b): b for m in modules for b in m.modules() if isinstance(b, BasicBlock)}
+    for block in blocks.values():
+        block.fused_batch_norm = backend
+    return len(blocks)
 
 
 def init_cifar_weights(module: nn.Module) -> None:
