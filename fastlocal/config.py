@@ -178,6 +178,10 @@ class SystemConfig:
     cuda_graphs: bool = False
     """Capture the whole training step in a CUDA graph and replay it (CUDA only; a partial last batch runs
     eagerly; falls back to eager with a warning when capture fails)."""
+    cuda_streams: bool = False
+    """Run each module's loss (heads, LAM, decoders; forward and backward) on a second CUDA stream while the
+    next module runs forward. Bitwise the same gradients; memory: at most one more module graph and one more
+    loss graph alive (CUDA only; elsewhere a warning, and one stream)."""
     kernels: str = "auto"
     """auto (Triton kernels on CUDA, PyTorch elsewhere), triton (forced; on CPU only under
     TRITON_INTERPRET=1), reference (PyTorch everywhere)."""

@@ -5,6 +5,10 @@ heads and into a cotangent at a_i at once; a cascaded part travels W-1 modules f
 input-only vector-Jacobian products; once a module has every cotangent it will get, one weight VJP
 restricted to its parameters runs and its graph is freed. With W = 1 (BP, DGL) a module's graph is
 freed before the next module runs forward, so activation memory is that of the largest module.
+
+On CUDA, `system.cuda_streams` moves each module's loss (heads, LAM, decoders: forward and backward) to
+a side stream, where it runs while the main stream computes the next module's forward; see
+`local_train_step`. The kernels and their order on each tensor are those of the one-stream schedule.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -41,11 +47,38 @@ def _accumulate(cotangents: list, index: int, value: torch.Tensor | None) -> Non
 
 
 def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Batch,
-                     forward_context: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
+                     forward_context: Callable[[], AbstractContextManager] = nullcontext, *,
+                     side_stream: torch.cuda.Stream | None = None) -> torch.Tensor:
     """Forward and backward of one batch through the local schedule; fills `.grad` of the backbone
     and method parameters (no optimizer step). Returns the last module's loss, detached.
 
-    `forward_context` wraps every forward and loss computation, never a backward (autocast for bf16)."""
+    `forward_context` wraps every forward and loss computation, never a backward (autocast for bf16).
+
+    `side_stream` (CUDA only; `Trainer` makes one when `system.cuda_streams` is on): module i's loss,
+    forward and backward, runs on this stream while the current ("main") stream runs module i+1's
+    forward; the main stream waits for it (an event) before it reads the loss's cotangents at a_i, for
+    the cascade VJPs and the weight VJPs. Same kernels on the same data in the same order per tensor, so
+    the gradients are bitwise those of `side_stream=None`. Everything is joined back to the main stream
+    before `method.before_optimizer_step()` (EMA) and before returning. Works eagerly and inside CUDA
+    graph capture (the side stream first waits on the capturing stream, and is joined back to it).
+
+    Memory bound with a side stream: the main stream waits for module i's loss before it queues module
+    i+2's forward, so at most two losses are in flight (loss i, and loss i+1 queued behind it on the side
+    stream). Their graphs (heads, LAM, decoders) are never both alive: they run in order on one stream,
+    which reuses its own freed memory in stream order; the cotangents at a_i of both are. Module i-W+1's
+    graph is freed after module i+1's forward instead of before it, since its last cotangent comes from
+    loss i. So the peak is the one-stream peak plus at most one module graph, one loss graph and two
+    cotangents the size of a module output (and the side stream's cached blocks are not shared with the
+    main stream's).
+
+    Modules and losses must not write their inputs in place (none do): with a side stream such a write
+    would race with the loss still reading a_i."""
+    if side_stream is not None:
+        if batch.x.device.type != "cuda":
+            raise ValueError(f"side_stream needs the batch on a CUDA device, but it is on {batch.x.device}; "
+                             "pass side_stream=None")
+        streams = _LossStream(side_stream, torch.cuda.current_stream(batch.x.device))
+        return _overlapped_train_step(modules, method, batch, forward_context, streams)
     num_modules, window = len(modules), method.window
     graphs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_modules  # (input leaf, output)
     cotangents: list[torch.Tensor | None] = [None] * num_modules
@@ -93,6 +126,136 @@ def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Bat
         previous = output
     for j in range(max(0, num_modules - window + 1), num_modules):
         flush(j)
+    method.before_optimizer_step()
+    return last_loss
+
+
+def cuda_streams_usable(requested: bool, device: torch.device) -> bool:
+    """Whether to run the losses on a side stream; warns when `requested` cannot be honoured."""
+    if not requested:
+        return False
+    if device.type != "cuda":
+        warnings.warn(f"system.cuda_streams=true needs a CUDA device, but the run is on {device}; training on one "
+                      "stream (set system.cuda_streams=false to silence this)", stacklevel=2)
+        return False
+    return True
+
+
+class _LossStream:
+    """Fork and join of the loss work between the main stream and a side stream, by events only (no host
+    synchronisation, so it is legal inside CUDA graph capture)."""
+
+    def __init__(self, side: torch.cuda.Stream, main: torch.cuda.Stream):
+        self.side, self.main = side, main
+
+    @contextmanager
+    def forked(self) -> Iterator[None]:
+        """Run the body on the side stream, after all the work the main stream has queued so far. Under
+        capture this wait is also what brings the side stream into the capture."""
+        self.side.wait_stream(self.main)
+        with torch.cuda.stream(self.side):
+            yield
+
+    def done(self) -> torch.cuda.Event:
+        """An event on the side stream after the work queued so far (call inside `forked`)."""
+        return self.side.record_event()
+
+    def wait(self, done: torch.cuda.Event) -> None:
+        self.main.wait_event(done)
+
+    def join(self) -> None:
+        self.main.wait_stream(self.side)
+
+
+class _LossInFlight(NamedTuple):
+    index: int
+    own: torch.Tensor
+    cascade: torch.Tensor
+    loss: torch.Tensor | None
+    done: object
+    """What `_LossStream.done` returned after the loss's backward."""
+
+
+def _overlapped_train_step(modules: list[LocalModule], method: LocalMethod, batch: Batch,
+                           forward_context: Callable[[], AbstractContextManager],
+                           streams: _LossStream) -> torch.Tensor:
+    """`local_train_step` with each loss on the side stream of `streams` (see there). The operations are
+    those of the one-stream schedule; only module i+1's forward moves ahead of the processing of loss i
+    (accumulation, cascade VJPs, the flush it allows), which touches neither its inputs nor its outputs.
+
+    Cross-stream memory, without `record_stream` (under capture it would keep every such block out of
+    reuse until the capture ends): a_i (allocated on the main stream, read by loss i through
+    `own`/`cascade`) stays referenced by `graphs[i]` until module i is flushed, which is after the main
+    stream waited for loss i. The cotangents at a_i (allocated on the side stream, read by the main
+    stream) are dropped only by the main-stream code (`finish`, `flush`, the end of the step), and every
+    later side-stream allocation follows a `forked()` wait on the main stream, so the side stream can
+    reuse their memory only after the main stream's reads of them."""
+    num_modules, window = len(modules), method.window
+    graphs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_modules  # (input leaf, output)
+    cotangents: list[torch.Tensor | None] = [None] * num_modules
+    last_loss = None
+
+    def flush(j: int) -> None:
+        # As in local_train_step: module j has all its cotangents; weight VJP, then free its graph.
+        _, output = graphs[j]
+        if cotangents[j] is not None:
+            torch.autograd.backward(output, cotangents[j], inputs=modules[j].trainable_parameters)
+        graphs[j] = None
+        cotangents[j] = None
+
+    def launch(i: int, output: torch.Tensor) -> _LossInFlight:
+        # Queued on the side stream behind module i's forward (and behind the previous loss).
+        with streams.forked():
+            own = output.detach().requires_grad_()
+            cascade = output.detach().requires_grad_()
+            with forward_context():
+                loss = method.module_loss(i, own, cascade, batch)
+            if loss is not None:
+                loss.backward()  # on the side stream: autograd runs each backward op on its forward's stream
+            return _LossInFlight(i, own, cascade, loss, streams.done())
+
+    def finish(pending: _LossInFlight) -> None:
+        # The one-stream schedule's work after loss i's backward, on the main stream, in the same order.
+        nonlocal last_loss
+        i = pending.index
+        if pending.loss is not None:
+            streams.wait(pending.done)  # own.grad and cascade.grad are read from here on
+            _accumulate(cotangents, i, pending.own.grad)
+            _accumulate(cotangents, i, pending.cascade.grad)
+            carried = pending.cascade.grad
+            for j in range(i, i - window + 1, -1):
+                if carried is None or j == 0:
+                    break
+                module_input, module_output = graphs[j]
+                (carried,) = torch.autograd.grad(module_output, module_input, carried, retain_graph=True)
+                _accumulate(cotangents, j - 1, carried)
+            if i == num_modules - 1:
+                last_loss = pending.loss.detach()
+        done = i - window + 1
+        if done >= 0:
+            flush(done)
+
+    pending: _LossInFlight | None = None  # the loss the main stream has not waited for yet: one at most
+    previous = None
+    try:
+        for i in range(num_modules):
+            if i == 0:
+                inputs = batch.x
+            else:
+                inputs = previous.detach()
+                inputs.requires_grad_(window > 1)
+            with forward_context():
+                output = modules[i](inputs)  # overlaps loss i-1 on the side stream
+            graphs[i] = (inputs, output)
+            launched = launch(i, output)  # queued behind loss i-1: at most two losses in flight
+            if pending is not None:
+                finish(pending)  # waits for loss i-1 before module i+1's forward is queued
+            pending, previous = launched, output
+        finish(pending)
+        for j in range(max(0, num_modules - window + 1), num_modules):
+            flush(j)
+    finally:
+        streams.join()  # also on an error, so a capture never ends with the side stream unjoined
     method.before_optimizer_step()
     return last_loss
 
@@ -184,6 +347,8 @@ class Trainer:
         self.data, self.device, self.out_dir = data, device, Path(out_dir)
         self.params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
         use_graphs = cuda_graphs_usable(cfg.system.cuda_graphs, device)
+        # Module i's loss runs on this stream while module i+1 runs forward (local_train_step).
+        self.side_stream = torch.cuda.Stream(device) if cuda_streams_usable(cfg.system.cuda_streams, device) else None
         self.lr_on_device = use_graphs
         self.optimizer = build_optimizer(self.params, cfg, device, lr_on_device=use_graphs)
         # Autocast's weight-cast cache must be off inside a CUDA graph (the casts are part of the replay).
@@ -199,7 +364,7 @@ class Trainer:
     def step_without_zero_grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Local forward/backward, EMA, optimizer step; what a CUDA graph captures."""
         loss = local_train_step(self.modules, self.method, Batch(x, y, self.data.info.mean, self.data.info.std),
-                                self.forward_context)
+                                self.forward_context, side_stream=self.side_stream)
         self.optimizer.step()
         return loss
 

@@ -1,10 +1,15 @@
-"""GPU fast-path options checked on CPU: bf16 autocast, channels_last, the optimizer implementation."""
+"""GPU fast-path options checked on CPU: bf16 autocast, channels_last, the optimizer implementation,
+the side stream for the losses."""
+
+from contextlib import nullcontext
 
 import pytest
 import torch
+from builders import build
 
 from fastlocal.config import ConfigError, build_config
-from fastlocal.engine import build_optimizer, forward_context_for, local_train_step
+from fastlocal.engine import _overlapped_train_step, build_optimizer, forward_context_for, local_train_step
+from fastlocal.graphs import GraphedStep
 from fastlocal.methods import METHODS, Batch, build_method
 from fastlocal.models import build_backbone
 from fastlocal.split import split_backbone
@@ -109,3 +114,131 @@ def test_cuda_graph_run_matches_eager_run(tmp_path, extra):
             torch.testing.assert_close(graphs[k].float(), eager[k].float(), rtol=2e-2, atol=2e-3)
         else:
             torch.testing.assert_close(graphs[k], eager[k], rtol=1e-5, atol=1e-6)
+
+
+# -- system.cuda_streams: each module's loss on a side stream -------------------------------------------
+
+
+def test_cuda_streams_flag_parses_and_validates():
+    assert build_config(None, [], METHODS).system.cuda_streams is False
+    assert build_config(None, ["system.cuda_streams=true"], METHODS).system.cuda_streams is True
+    with pytest.raises(ConfigError, match="system.cuda_streams must be true or false, got 'maybe'"):
+        build_config(None, ["system.cuda_streams=maybe"], METHODS)
+
+
+def test_cuda_streams_on_cpu_warn_and_train_exactly_as_one_stream(tmp_path):
+    from fastlocal.train import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU fallback")
+    assert main([*TINY_RUN, "--out", str(tmp_path / "plain")]) == 0
+    with pytest.warns(UserWarning, match="system.cuda_streams=true needs a CUDA device"):
+        assert main([*TINY_RUN, "--system.cuda_streams=true", "--out", str(tmp_path / "streams")]) == 0
+    plain, streams = final_state(tmp_path / "plain"), final_state(tmp_path / "streams")
+    assert all(torch.equal(plain[k], streams[k]) for k in plain)
+
+
+def test_side_stream_with_a_cpu_batch_is_a_clear_error():
+    _, _, modules, method = build("dgl", "resnet20", 2, dtype=torch.float32)
+    b = Batch(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(ValueError, match="side_stream needs the batch on a CUDA device"):
+        local_train_step(modules, method, b, side_stream=object())
+
+
+class OneStream:
+    """The `_LossStream` interface with no second stream: the side-stream schedule's order, run serially."""
+
+    def forked(self):
+        return nullcontext()
+
+    def done(self):
+        return None
+
+    def wait(self, done):
+        pass
+
+    def join(self):
+        pass
+
+
+def step_results(method, overrides, step):
+    """The loss, every gradient and every state tensor (BN statistics, EMA copies) after one `step`."""
+    _, backbone, modules, m = build(method, "resnet20", 4, overrides, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    b = Batch(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g), (0.5,) * 3, (0.5,) * 3)
+    loss = step(modules, m, b)
+    params = [p for p in (*backbone.parameters(), *m.parameters()) if p.requires_grad]
+    assert all(p.grad is not None for p in params)
+    return [loss, *(p.grad for p in params), *backbone.state_dict().values(), *m.state_dict().values()]
+
+
+@pytest.mark.parametrize("method,overrides", [
+    ("mlaan", []),
+    ("mlaan", ["mlaan.window=3"]),
+    ("mlaan", ["mlaan.lam=false"]),
+    ("mlaan", ["mlaan.base=infopro"]),
+    ("dgl", []),
+])
+def test_side_stream_schedule_computes_bitwise_the_one_stream_step(method, overrides):
+    """What streams cannot change is checked here on CPU: the side-stream schedule's reordering (module
+    i+1's forward before loss i's cascade VJPs and flush) gives the same bits."""
+    one_stream = step_results(method, overrides, local_train_step)
+    reordered = step_results(method, overrides,
+                             lambda modules, m, b: _overlapped_train_step(modules, m, b, nullcontext, OneStream()))
+    assert len(one_stream) == len(reordered)
+    assert all(torch.equal(a, b) for a, b in zip(one_stream, reordered))
+
+
+@pytest.fixture
+def exact_cuda_math():
+    """No TF32 and no autotuning: two runs of the same step pick the same kernels."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    yield
+    (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) = saved
+
+
+def cuda_steps(side_stream, graphed: bool, steps: int = 3):
+    """Loss and gradients (copied to the CPU) after each of `steps` MLAAN resnet20 K=4 fp32 steps on CUDA,
+    eagerly or through GraphedStep (step 1 eager warm-up, step 2 capture then replay, step 3 replay)."""
+    _, backbone, modules, method = build("mlaan", "resnet20", 4, dtype=torch.float32)
+    backbone.cuda()
+    method.cuda()
+    params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
+
+    def zero_grad():
+        for p in params:
+            p.grad = None
+
+    def step(x, y):
+        return local_train_step(modules, method, Batch(x, y, (0.5,) * 3, (0.5,) * 3), side_stream=side_stream)
+
+    graph_runner = GraphedStep(step, zero_grad, warmup_steps=1)
+    g = torch.Generator().manual_seed(1)
+    results = []
+    for _ in range(steps):
+        x = torch.randn(32, 3, 32, 32, generator=g).cuda()
+        y = torch.randint(0, 10, (32,), generator=g).cuda()
+        if graphed:
+            loss = graph_runner(x, y)
+        else:
+            zero_grad()
+            loss = step(x, y)
+        torch.cuda.synchronize()
+        results.append([loss.cpu(), *(p.grad.cpu() for p in params)])
+    if graphed:
+        assert graph_runner.graph is not None and not graph_runner.failed
+    return results
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a CUDA device")
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "cuda_graph"])
+def test_side_stream_gives_bitwise_identical_losses_and_gradients_on_cuda(exact_cuda_math, graphed):
+    one_stream = cuda_steps(None, graphed)
+    two_streams = cuda_steps(torch.cuda.Stream(), graphed)
+    for step, (a, b) in enumerate(zip(one_stream, two_streams)):
+        assert len(a) == len(b)
+        assert all(torch.equal(u, v) for u, v in zip(a, b)), f"step {step + 1}"
