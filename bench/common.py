@@ -333,9 +333,10 @@ def kernel_backend(device: torch.device, variant: str) -> str:
         raise pytest.UsageError(f"FASTLOCAL_BENCH_KERNELS={requested}: {err}") from None
 
 
-def build(case: Case, device: torch.device, seed: int = 0) -> Built:
-    """Backbone, split, method, SGD optimizer and one random batch of `case`, on `device`."""
-    cfg = build_config(None, case.config_items(), METHODS)
+def build(case: Case, device: torch.device, seed: int = 0, extra_items: tuple[str, ...] = ()) -> Built:
+    """Backbone, split, method, SGD optimizer and one random batch of `case`, on `device`; `extra_items`
+    are further 'section.key=value' config overrides."""
+    cfg = build_config(None, [*case.config_items(), *extra_items], METHODS)
     torch.manual_seed(seed)
     backbone = build_backbone(case.arch, case.num_classes, case.input_size)
     if case.variant == "checkpoint":

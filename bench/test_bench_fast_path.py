@@ -1,16 +1,21 @@
-"""The GPU fast path (issue: bf16, channels_last, CUDA graphs) against fastlocal's own fastest BP and the
-authors' fp32 step times (SPEC section 7), in one run.
+"""The GPU fast path (issue: bf16, channels_last, CUDA graphs, fused batch norm, LAM pair fusion, CUDA
+streams) against fastlocal's own fastest BP and the authors' fp32 step times (SPEC section 7), in one run.
 
-Variants of one training step (zero_grad, local forward/backward, EMA, optimizer step):
-`fp32` eager, `fp32-graph` (the step replayed from a CUDA graph), `bf16-cl` (bf16 autocast +
-channels_last) and `bf16-cl-graph`. BP runs first in each backbone, so every MLAAN row carries its ratio to
-the fastest BP variant measured before it (`time_ratio_vs_fastest_bp`) and to the authors' step
-(`speedup_vs_authors`). Graph variants need CUDA; on CPU (small batch) only the eager ones run.
+Variants of one training step (zero_grad, local forward/backward, EMA, optimizer step), named by parts:
+`fp32` / `bf16-cl` (bf16 autocast + channels_last), `graph` (the step replayed from a CUDA graph), `fbn`
+(system.fused_batch_norm: the blocks' batch norms fused with ReLU and add, Triton), `pair` (mlaan.fuse_pair),
+`streams` (system.cuda_streams); `all` is fbn + pair + streams. BP runs first in each backbone, so every
+MLAAN row carries its ratio to the fastest BP variant measured before it (`time_ratio_vs_fastest_bp`) and
+to the authors' step (`speedup_vs_authors`). Graph, fbn and streams variants need CUDA; on CPU (small
+batch) only the eager ones run. Memory is measured on the eager variants (a graph's pool hides its
+allocations).
 
     python -m pytest bench/test_bench_fast_path.py --benchmark-only --benchmark-json=fast.json
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -31,22 +36,55 @@ from fastlocal.config import build_config
 from fastlocal.engine import build_optimizer, forward_context_for, local_train_step
 from fastlocal.graphs import GraphedStep
 from fastlocal.methods import METHODS, Batch
+from fastlocal.models.cifar_resnet import use_fused_batch_norm
 
 # SPEC section 7: the authors' code on one H100, fp32/TF32, batch 1024 (ms per step).
 AUTHORS_STEP_MS = {("resnet32", "bp"): 50.4, ("resnet32", "mlaan"): 202.4,
                    ("resnet110", "bp"): 169.8, ("resnet110", "mlaan"): 776.1}
 CASES = [("resnet32", "bp", 1), ("resnet32", "mlaan", 15), ("resnet110", "bp", 1), ("resnet110", "mlaan", 54)]
-VARIANTS = {"fp32": ("fp32", False, False), "fp32-graph": ("fp32", False, True),
-            "bf16-cl": ("bf16", True, False), "bf16-cl-graph": ("bf16", True, True)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    precision: str
+    channels_last: bool = False
+    graph: bool = False
+    fused_bn: bool = False
+    pair: bool = False
+    streams: bool = False
+    mlaan_only: bool = False
+    """Pair fusion and streams change nothing in BP (one module, no LAM): measured for MLAAN only."""
+
+    @property
+    def needs_cuda(self) -> bool:
+        return self.graph or self.fused_bn or self.streams
+
+
+VARIANTS = {
+    "fp32": Variant("fp32"),
+    "fp32-graph": Variant("fp32", graph=True),
+    "fp32-graph-all": Variant("fp32", graph=True, fused_bn=True, pair=True, streams=True, mlaan_only=True),
+    "bf16-cl": Variant("bf16", True),
+    "bf16-cl-graph": Variant("bf16", True, graph=True),
+    "bf16-cl-graph-fbn": Variant("bf16", True, graph=True, fused_bn=True),
+    "bf16-cl-graph-fbn-pair": Variant("bf16", True, graph=True, fused_bn=True, pair=True, mlaan_only=True),
+    "bf16-cl-graph-fbn-streams": Variant("bf16", True, graph=True, fused_bn=True, streams=True, mlaan_only=True),
+    "bf16-cl-graph-all": Variant("bf16", True, graph=True, fused_bn=True, pair=True, streams=True,
+                                 mlaan_only=True),
+}
 MODE = bench_mode()
 DEVICE = bench_device(MODE)
 FASTEST_BP: dict[str, float] = {}  # paper arch -> fastest BP median seconds in this session
 BP_MEMORY: dict[tuple[str, str], int] = {}  # (paper arch, precision) -> BP peak bytes
 
 
-def fast_step(built, precision: str, channels_last: bool, graph: bool):
+def fast_step(built, variant: Variant):
     """One step of `built` in a variant; the device is synchronised before it returns."""
     device = built.device
+    precision, channels_last, graph = variant.precision, variant.channels_last, variant.graph
+    if variant.fused_bn:
+        assert use_fused_batch_norm([built.backbone, built.method], "triton") > 0
+    side_stream = torch.cuda.Stream(device) if variant.streams else None
     if channels_last:
         built.backbone.to(memory_format=torch.channels_last)
         built.method.to(memory_format=torch.channels_last)
@@ -58,7 +96,8 @@ def fast_step(built, precision: str, channels_last: bool, graph: bool):
     context = forward_context_for(device, precision, cache_casts=not graph)
 
     def step_without_zero_grad(xs, ys):
-        loss = local_train_step(built.modules, built.method, Batch(xs, ys, mean, std), context)
+        loss = local_train_step(built.modules, built.method, Batch(xs, ys, mean, std), context,
+                                side_stream=side_stream)
         optimizer.step()
         return loss
 
@@ -82,9 +121,11 @@ def fast_step(built, precision: str, channels_last: bool, graph: bool):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("paper_arch,label,num_modules", CASES, ids=[f"{a}-{m}-K{k}" for a, m, k in CASES])
 def test_bench_fast_path(benchmark, paper_arch, label, num_modules, variant):
-    precision, channels_last, graph = VARIANTS[variant]
-    if graph and not HAS_CUDA:
-        pytest.skip("CUDA graphs need a CUDA device")
+    spec = VARIANTS[variant]
+    if spec.needs_cuda and not HAS_CUDA:
+        pytest.skip("CUDA graphs, the Triton batch norm and streams are measured on a CUDA device")
+    if spec.mlaan_only and label != "mlaan":
+        pytest.skip("pair fusion and streams change nothing in BP")
     check_budget()
     size = sizes(MODE)
     arch = size.arch_for.get(paper_arch, paper_arch)
@@ -92,8 +133,9 @@ def test_bench_fast_path(benchmark, paper_arch, label, num_modules, variant):
         num_modules = min(num_modules, 8)
     case = Case(label, arch, num_modules, size.cifar_batch, size.cifar_size, paper_arch)
     free_device_memory(DEVICE)
-    built = build(case, DEVICE)
-    step = fast_step(built, precision, channels_last, graph)
+    built = build(case, DEVICE, extra_items=("mlaan.fuse_pair=true",) if spec.pair else ())
+    step = fast_step(built, spec)
+    precision, graph = spec.precision, spec.graph
     for _ in range(max(size.warmup_steps, 4 if graph else 0)):  # graph: 3 warm-up steps, then the capture
         step()
     memory = None if graph else measure_memory(built, step)  # the graph's pool hides its allocations
@@ -103,7 +145,8 @@ def test_bench_fast_path(benchmark, paper_arch, label, num_modules, variant):
     median = stats.stats.median if stats is not None else None
     info = {"suite": "fastlocal-fast-path", "case": f"{arch}-{label}-K{num_modules}-{variant}", "variant": variant,
             "method": label, "arch": arch, "K": num_modules, "batch": case.batch, "precision": precision,
-            "channels_last": channels_last, "cuda_graph": graph, **environment(DEVICE, MODE)}
+            "channels_last": spec.channels_last, "cuda_graph": graph, "fused_batch_norm": spec.fused_bn,
+            "fuse_pair": spec.pair, "cuda_streams": spec.streams, **environment(DEVICE, MODE)}
     if median is not None:
         info["median_step_ms"] = round(median * 1e3, 3)
         if label == "bp":

@@ -1,12 +1,15 @@
 """Where a training step's GPU time goes, on one CUDA device.
 
     PYTHONPATH=$PWD python scripts/profile_step.py [--arch resnet32 --k 15 --batch 1024]
+    PYTHONPATH=$PWD python scripts/profile_step.py --flops      (CPU is enough: FLOPs of one step vs BP)
 
-1. Graphed step time (bf16 + channels_last, the step replayed from a CUDA graph) of BP, DGL, MLAAN
-   without LAM, MLAAN, and MLAAN with the PyTorch (reference) kernels: the deltas say what each part costs.
-2. The eager MLAAN step under torch.profiler: the top CUDA kernels by device time.
-3. Whether concurrency could pay: one module's LAM forward+backward and the next module's forward, captured
-   in one graph, serially and on two streams.
+1. Graphed step time (bf16 + channels_last, the step replayed from a CUDA graph) of a set of variants:
+   `--set ablations`: BP, DGL, MLAAN without LAM, MLAAN, MLAAN with the PyTorch (reference) kernels (the
+   deltas say what each part costs); `--set fast` (default): BP and MLAAN with the fused batch norm, the
+   LAM pair fusion and the side stream, one at a time and together.
+2. Whether concurrency could pay (`--probe`): one module's LAM forward+backward and the next module's
+   forward, captured in one graph, serially and on two streams.
+3. The eager MLAAN step under torch.profiler (`--profile plain|fbn`): the top CUDA kernels by device time.
 """
 
 from __future__ import annotations
@@ -15,18 +18,22 @@ import argparse
 import statistics
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from fastlocal.config import build_config
 from fastlocal.engine import build_optimizer, forward_context_for, local_train_step
 from fastlocal.graphs import GraphedStep
 from fastlocal.methods import METHODS, Batch, build_method
 from fastlocal.models import build_backbone
+from fastlocal.models.cifar_resnet import use_fused_batch_norm
 from fastlocal.split import split_backbone
 
 MEAN_STD = ((0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616))
 
 
-def build(arch: str, method: str, k: int, batch: int, extra=(), kernels: str = "triton", device="cuda"):
+def build(arch: str, method: str, k: int, batch: int, extra=(), kernels: str = "triton", device="cuda",
+          fused_bn: bool = False, streams: bool = False):
     items = [f"model.arch={arch}", f"method.name={method}", f"method.num_modules={k}", *extra]
     cfg = build_config(None, items, METHODS)
     torch.manual_seed(0)
@@ -34,6 +41,9 @@ def build(arch: str, method: str, k: int, batch: int, extra=(), kernels: str = "
     modules = split_backbone(backbone, k, cfg.method.stem_separate)
     m = build_method(cfg, backbone, modules)
     m.kernels = kernels if device == "cuda" else "reference"
+    if fused_bn:
+        use_fused_batch_norm([backbone, m], "triton")
+    side_stream = torch.cuda.Stream() if streams else None
     for net in (backbone, m):
         net.to(device=device, memory_format=torch.channels_last)
     params = [p for p in (*backbone.parameters(), *m.parameters()) if p.requires_grad]
@@ -44,7 +54,7 @@ def build(arch: str, method: str, k: int, batch: int, extra=(), kernels: str = "
     context = forward_context_for(torch.device(device), "bf16", cache_casts=not graph)
 
     def step_without_zero_grad(xs, ys):
-        loss = local_train_step(modules, m, Batch(xs, ys, *MEAN_STD), context)
+        loss = local_train_step(modules, m, Batch(xs, ys, *MEAN_STD), context, side_stream=side_stream)
         optimizer.step()
         return loss
 
@@ -112,34 +122,91 @@ def concurrency_probe(arch: str, k: int, batch: int, module: int) -> tuple[float
     return results[0], results[1]
 
 
+class StepFlops(TorchDispatchMode):
+    """Counts the FLOPs of every op PyTorch's flop counter knows (convolutions and matrix products, forward
+    and backward). FlopCounterMode itself cannot be used: its module hooks break `autograd.grad`."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
+def step_flops(arch: str, method: str, k: int, extra=(), batch: int = 4) -> int:
+    """FLOPs of one local_train_step (forwards and backwards; the optimizer's elementwise work excluded)."""
+    _, modules, m, x, y, _, _ = build(arch, method, k, batch, extra, device="cpu")
+    with StepFlops() as counter:
+        local_train_step(modules, m, Batch(x.contiguous(), y, *MEAN_STD))
+    return counter.total
+
+
+def print_flops(arch: str, k: int) -> None:
+    bp = step_flops(arch, "bp", 1)
+    print(f"== FLOPs of one step relative to BP, {arch} (BP: {bp / 4 / 1e9:.3f} GFLOP per image)")
+    for name, method, extra in (("dgl", "dgl", ()), ("mlaan without LAM", "mlaan", ("mlaan.lam=false",)),
+                                ("mlaan", "mlaan", ())):
+        print(f"{name} K={k}: {step_flops(arch, method, k, extra) / bp:.2f}x BP")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet32")
     parser.add_argument("--k", type=int, default=15)
     parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--flops", action="store_true", help="only count FLOPs (runs on the CPU)")
+    parser.add_argument("--set", choices=("fast", "ablations"), default="fast")
+    parser.add_argument("--probe", action="store_true", help="run the two-stream concurrency probe")
+    parser.add_argument("--profile", choices=("plain", "fbn", "none"), default="fbn")
     args = parser.parse_args()
+    if args.flops:
+        print_flops(args.arch, args.k)
+        return
     torch.backends.cudnn.benchmark = True
     arch, k, batch = args.arch, args.k, args.batch
 
     print(f"== graphed bf16+channels_last step, {arch}, batch {batch}", flush=True)
-    variants = [("bp K=1", "bp", 1, (), "triton"), (f"dgl K={k}", "dgl", k, (), "triton"),
-                (f"mlaan K={k} no LAM", "mlaan", k, ("mlaan.lam=false",), "triton"),
-                (f"mlaan K={k} W=1 (LAM only)", "mlaan", k, ("mlaan.window=1",), "triton"),
-                (f"mlaan K={k}", "mlaan", k, (), "triton"),
-                (f"mlaan K={k} reference kernels", "mlaan", k, (), "reference")]
-    for name, method, kk, extra, kernels in variants:
-        _, _, _, x, y, step, zero = build(arch, method, kk, batch, extra, kernels)
+    if args.set == "ablations":
+        variants = [("bp K=1", "bp", 1, (), {}), (f"dgl K={k}", "dgl", k, (), {}),
+                    (f"mlaan K={k} no LAM", "mlaan", k, ("mlaan.lam=false",), {}),
+                    (f"mlaan K={k} W=1 (LAM only)", "mlaan", k, ("mlaan.window=1",), {}),
+                    (f"mlaan K={k}", "mlaan", k, (), {}),
+                    (f"mlaan K={k} reference kernels", "mlaan", k, (), {"kernels": "reference"})]
+    else:
+        pair = ("mlaan.fuse_pair=true",)
+        variants = [("bp", "bp", 1, (), {}), ("bp fbn", "bp", 1, (), {"fused_bn": True}),
+                    (f"mlaan K={k}", "mlaan", k, (), {}),
+                    (f"mlaan K={k} fbn", "mlaan", k, (), {"fused_bn": True}),
+                    (f"mlaan K={k} pair", "mlaan", k, pair, {}),
+                    (f"mlaan K={k} streams", "mlaan", k, (), {"streams": True}),
+                    (f"mlaan K={k} fbn+pair", "mlaan", k, pair, {"fused_bn": True}),
+                    (f"mlaan K={k} fbn+pair+streams", "mlaan", k, pair, {"fused_bn": True, "streams": True})]
+    for name, method, kk, extra, options in variants:
+        _, _, _, x, y, step, zero = build(arch, method, kk, batch, extra, **options)
         print(f"{name:36s} {graphed_ms(step, zero, x, y):8.2f} ms", flush=True)
         del step, zero
         torch.cuda.empty_cache()
 
-    print("== concurrency probe: LAM_i fwd+bwd with module i+1's forward, one graph", flush=True)
-    for module in (2, 8):
-        serial, parallel = concurrency_probe(arch, k, batch, module)
-        print(f"module {module}: serial {serial:.3f} ms, two streams {parallel:.3f} ms", flush=True)
+    if args.probe:
+        print("== concurrency probe: LAM_i fwd+bwd with module i+1's forward, one graph", flush=True)
+        for module in (2, 8):
+            serial, parallel = concurrency_probe(arch, k, batch, module)
+            print(f"module {module}: serial {serial:.3f} ms, two streams {parallel:.3f} ms", flush=True)
 
-    print(f"== profiler: eager mlaan K={k} step", flush=True)
-    _, _, _, x, y, step, zero = build(arch, "mlaan", k, batch)
+    print_profile(arch, k, batch, args.profile)
+
+
+def print_profile(arch: str, k: int, batch: int, which: str) -> None:
+    if which == "none":
+        return
+    print(f"== profiler: eager mlaan K={k} step ({which})", flush=True)
+    _, _, _, x, y, step, zero = build(arch, "mlaan", k, batch, fused_bn=which == "fbn")
     for _ in range(3):
         zero()
         step(x, y)

@@ -242,3 +242,23 @@ def test_side_stream_gives_bitwise_identical_losses_and_gradients_on_cuda(exact_
     for step, (a, b) in enumerate(zip(one_stream, two_streams)):
         assert len(a) == len(b)
         assert all(torch.equal(u, v) for u, v in zip(a, b)), f"step {step + 1}"
+
+
+def test_fast_path_training_script_runs_every_variant(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "fast_path_training.py"
+    spec = importlib.util.spec_from_file_location("fast_path_training", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    tiny = ["data.max_train=48", "data.max_test=16", "model.arch=resnet20", "method.num_modules=3",
+            "train.batch_size=16"]
+    assert script.main(["--out", str(tmp_path), "--epochs", "1", *tiny]) == 0
+    results = json.loads((tmp_path / "fast_path_training.json").read_text())
+    assert list(results) == ["off", "fp32-fast", "on"]
+    assert all(len(r["train_loss"]) == len(r["test_acc"]) == 1 for r in results.values())
+    if not torch.cuda.is_available():  # the CUDA-only options fell back, and said so
+        assert any("cuda_graphs=true needs a CUDA device" in w for w in results["on"]["warnings"])
+        assert results["fp32-fast"]["train_loss"] == results["off"]["train_loss"]

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU fast path's checks in one run on one CUDA machine, in about 6 minutes at most:
+#   1. its CUDA tests (fused batch norm on CUDA, LAM pair fusion, streams bitwise equal to no streams,
+#      CUDA-graph training equal to eager, the Triton training run), hard stop 80 s;
+#   2. bench/test_bench_fast_path.py: BP and MLAAN (ResNet-32 K=15, ResNet-110 K=54) in every variant,
+#      soft budget 150 s, hard stop 190 s, then its table (OUT_DIR/fast_path.md);
+#   3. bench/fast_path_training.py: MLAAN ResNet-32 K=15, 3 epochs of the bundled CIFAR-10 subset with the
+#      fast path off, fp32-fast and on (acceptance: the same accuracy), hard stop 110 s.
+#
+#   bash bench/gpu_fast_path_check.sh [OUT_DIR]     (OUT_DIR default: $OUT, else bench-results/fast-path)
+# With the device tool:  run(command="bash bench/gpu_fast_path_check.sh /tmp/r; tar czf $OUT/r.tgz -C /tmp r",
+#                            timeout_s=420)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${OUT:-bench-results/fast-path}}"
+mkdir -p "$OUT_DIR"
+PYTHON="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+"$PYTHON" -c "import torch, triton; print('device', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
+
+timeout --signal=INT --kill-after=10 80 "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
+    tests/test_batch_norm_kernel.py tests/test_lam_fusion.py tests/test_streams.py tests/test_kernels_training.py \
+    tests/test_fast_path.py 2>&1 | tee "$OUT_DIR/gpu-tests.log" | tail -25
+tests_rc=${PIPESTATUS[0]}
+
+FASTLOCAL_BENCH_MODE=gpu FASTLOCAL_BENCH_BUDGET_S=150 timeout --signal=INT --kill-after=10 190 "$PYTHON" -m pytest \
+    bench/test_bench_fast_path.py --benchmark-only --benchmark-json="$OUT_DIR/fast_path.json" -q -p no:cacheprovider \
+    2>&1 | tee "$OUT_DIR/fast-path.log" | tail -5
+bench_rc=${PIPESTATUS[0]}
+"$PYTHON" - "$OUT_DIR/fast_path.json" <<'PY' | tee "$OUT_DIR/fast_path.md"
+import json, sys
+rows = [b["extra_info"] for b in json.load(open(sys.argv[1]))["benchmarks"]]
+print("| case | ms | vs fastest BP | speed-up vs authors | memory vs BP (same precision) |")
+print("|---|---|---|---|---|")
+for r in rows:
+    print(f"| {r['case']} | {r.get('median_step_ms')} | {r.get('time_ratio_vs_fastest_bp', '')} | "
+          f"{r.get('speedup_vs_authors', '')} | {r.get('memory_ratio_vs_bp_same_precision', '')} |")
+PY
+
+timeout --signal=INT --kill-after=10 110 "$PYTHON" bench/fast_path_training.py --out "$OUT_DIR/training" \
+    --epochs 3 2>&1 | tee "$OUT_DIR/training.log" | grep -v "^\[" 
+train_rc=${PIPESTATUS[0]}
+echo "gpu_fast_path_check.sh: tests rc $tests_rc, bench rc $bench_rc, training rc $train_rc; results in $OUT_DIR"
+exit $(( tests_rc != 0 || bench_rc != 0 || train_rc != 0 ))
