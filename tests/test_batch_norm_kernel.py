@@ -70,6 +70,8 @@ def test_fp32_matches_float64_batch_norm(shape, channels_last, residual, relu, d
     got = run("triton", x, weight, bias, res, relu)
     assert got[0].dtype == torch.float32
     assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if residual:  # the residual's gradient comes back in the residual's own layout, without a copy
+        assert got[1][3].stride() == res.stride()
     assert_close_all(got, reference_f64(x, weight, bias, res, relu), rtol=1e-5, atol=1e-5)
 
 

@@ -34,8 +34,10 @@ except ImportError:  # the reference below works without triton
     triton = None
     tl = None
 
-# Elements of one tile of the elementwise passes; programs of the partial-sums kernels.
+# Elements of one tile of the elementwise passes, and of one loop step of the partial-sums kernels (smaller:
+# they keep two fp32 accumulator tiles and up to three input tiles live); programs of the partial sums.
 TILE = 4096
+PARTIALS_TILE = 1024
 TARGET_PARTIALS = 512
 
 
@@ -230,14 +232,14 @@ def _channels_last(t: Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
-def _tiles(num_channels: int) -> tuple[int, int]:
+def _tiles(num_channels: int, tile: int = TILE) -> tuple[int, int]:
     block_c = min(triton.next_power_of_2(num_channels), 64)
-    return max(TILE // block_c, 16), block_c
+    return max(tile // block_c, 16), block_c
 
 
 def _partials_grid(rows: int, num_channels: int) -> tuple[int, int, int, int]:
     """(programs along M, along C, rows per program, BLOCK_M) of the partial-sums kernels."""
-    block_m, block_c = _tiles(num_channels)
+    block_m, block_c = _tiles(num_channels, PARTIALS_TILE)
     block_m = min(block_m, max(16, triton.next_power_of_2(rows)))
     tiles = triton.cdiv(rows, block_m)
     rows_per_program = block_m * triton.cdiv(tiles, TARGET_PARTIALS)
@@ -298,7 +300,7 @@ class _BatchNormAct(torch.autograd.Function):
         if ctx.residual_like is not None and ctx.needs_input_grad[3]:
             dtype, channels_last = ctx.residual_like
             fmt = torch.channels_last if channels_last else torch.contiguous_format
-            dres = torch.empty(x.shape, device=x.device, dtype=dtype).contiguous(memory_format=fmt)
+            dres = torch.empty(x.shape, device=x.device, dtype=dtype, memory_format=fmt)
         if dx is not None or dres is not None:
             tile_m, _ = _tiles(c)
             grid = (triton.cdiv(rows, tile_m), programs_c)
