@@ -1,11 +1,11 @@
 """Does the fast path train to the same accuracy? Short runs with it off and on, same data, same seed.
 
-    PYTHONPATH=$PWD python bench/fast_path_training.py --out DIR [--epochs 4] [override ...]
+    PYTHONPATH=$PWD python bench/fast_path_training.py --out DIR [--epochs 4] [--no-plot] [override ...]
 
 Runs `python -m fastlocal.train`'s code path three times (MLAAN ResNet-32 K=15 on the bundled CIFAR-10
 subset by default; any `section.key=value` after the options overrides every run):
 
-- `off`:       fp32, eager, PyTorch batch norm, no streams (the plain path);
+- `off`:       fp32, eager, PyTorch batch norm, one stream (the plain path: every switch false);
 - `fp32-fast`: fp32 with the step replayed from a CUDA graph and the side stream (the same math as `off`;
                bitwise identity under deterministic convolutions is a unit test, tests/test_streams.py);
 - `on`:        bf16 autocast + channels_last + CUDA graph + fused batch norm + LAM pair fusion + streams.
@@ -25,8 +25,8 @@ import warnings
 from pathlib import Path
 
 VARIANTS = {
-    "off": [],
-    "fp32-fast": ["system.cuda_graphs=true", "system.cuda_streams=true"],
+    "off": ["system.cuda_graphs=false", "system.cuda_streams=false", "system.fused_batch_norm=false"],
+    "fp32-fast": ["system.cuda_graphs=true", "system.cuda_streams=true", "system.fused_batch_norm=false"],
     "on": ["system.precision=bf16", "system.channels_last=true", "system.cuda_graphs=true",
            "system.fused_batch_norm=true", "mlaan.fuse_pair=true", "system.cuda_streams=true"],
 }
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--no-plot", action="store_true",
+                        help="skip the PNG (matplotlib's first import on a fresh machine can take a minute)")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every run")
     args = parser.parse_args(argv)
     results = {}
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                          "warnings": sorted({str(w.message) for w in caught})}
     (args.out / "fast_path_training.json").write_text(json.dumps(results, indent=1))
     print_table(results)
-    plot(results, args.out / "fast_path_training.png")
+    if not args.no_plot:
+        plot(results, args.out / "fast_path_training.png")
     return 0
 
 

@@ -175,19 +175,21 @@ class SystemConfig:
     """fp32, or bf16 (autocast forwards; fp32 master weights, loss, optimizer and EMA arithmetic)."""
     channels_last: bool = False
     """Store activations and convolution weights channels-last (NHWC), faster on tensor-core GPUs."""
-    cuda_graphs: bool = False
-    """Capture the whole training step in a CUDA graph and replay it (CUDA only; a partial last batch runs
-    eagerly; falls back to eager with a warning when capture fails)."""
-    cuda_streams: bool = False
+    cuda_graphs: str = "auto"
+    """Capture the whole training step in a CUDA graph and replay it: auto (on with a CUDA device, where it
+    was measured to help: docs/bench/gpu), true, false. A partial last batch runs eagerly; a failed capture
+    warns and trains eagerly; true without CUDA warns."""
+    cuda_streams: str = "auto"
     """Run each module's loss (heads, LAM, decoders; forward and backward) on a second CUDA stream while the
-    next module runs forward. Bitwise the same gradients; memory: at most one more module graph and one more
-    loss graph alive (CUDA only; elsewhere a warning, and one stream)."""
+    next module runs forward: auto (on with a CUDA device), true, false. Bitwise the same gradients;
+    memory: at most one more module graph and one more loss graph alive; true without CUDA warns."""
     kernels: str = "auto"
     """auto (Triton kernels on CUDA, PyTorch elsewhere), triton (forced; on CPU only under
     TRITON_INTERPRET=1), reference (PyTorch everywhere)."""
-    fused_batch_norm: bool = False
-    """Run each residual block's batch norms fused with the ReLU and residual add after them (Triton, with
-    the backend of system.kernels; CIFAR ResNets). Same math, fewer memory passes."""
+    fused_batch_norm: str = "auto"
+    """Run each residual block's batch norms fused with the ReLU and residual add after them (Triton; CIFAR
+    ResNets): auto (on where system.kernels resolves to Triton on a CUDA device), true, false. Same math,
+    fewer memory passes; true without the Triton kernels warns."""
 
 
 @dataclass
@@ -215,6 +217,9 @@ DEFAULT_NUM_MODULES = 4
 CIFAR_ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
+# An option that is on where it has been shown to help ("auto"), or forced on or off.
+SWITCH = ("auto", "true", "false")
+
 # Fields whose value must be one of a fixed set; methods may extend "method.name" when registered.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("bundled", "cifar10", "svhn", "stl10", "imagefolder"),
@@ -236,6 +241,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "system.device": ("auto", "cpu", "cuda"),
     "system.kernels": ("auto", "triton", "reference"),
     "system.precision": ("fp32", "bf16"),
+    "system.cuda_graphs": SWITCH,
+    "system.cuda_streams": SWITCH,
+    "system.fused_batch_norm": SWITCH,
 }
 
 # name -> (minimum, inclusive?) for numeric fields.
@@ -304,7 +312,9 @@ def _convert(key: str, value, expected: type):
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if expected is str:
         if isinstance(value, str):
-            return value
+            return value.lower() if value.lower() in ("true", "false") else value
+        if isinstance(value, bool):  # a TOML boolean for an auto/true/false switch
+            return "true" if value else "false"
         raise ConfigError(f"{key} must be a string, got {value!r}")
     origin = typing.get_origin(expected)
     if origin is tuple:

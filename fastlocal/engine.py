@@ -130,13 +130,15 @@ def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Bat
     return last_loss
 
 
-def cuda_streams_usable(requested: bool, device: torch.device) -> bool:
-    """Whether to run the losses on a side stream; warns when `requested` cannot be honoured."""
-    if not requested:
+def cuda_streams_usable(setting: str, device: torch.device) -> bool:
+    """Whether to run the losses on a side stream, for system.cuda_streams = auto | true | false; warns when
+    true cannot be honoured."""
+    if setting == "false":
         return False
     if device.type != "cuda":
-        warnings.warn(f"system.cuda_streams=true needs a CUDA device, but the run is on {device}; training on one "
-                      "stream (set system.cuda_streams=false to silence this)", stacklevel=2)
+        if setting == "true":
+            warnings.warn(f"system.cuda_streams=true needs a CUDA device, but the run is on {device}; training on "
+                          "one stream (set system.cuda_streams=false or auto to silence this)", stacklevel=2)
         return False
     return True
 

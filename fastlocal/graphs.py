@@ -26,13 +26,14 @@ from collections.abc import Callable
 import torch
 
 
-def cuda_graphs_usable(requested: bool, device: torch.device) -> bool:
-    """Whether to capture; warns when `requested` cannot be honoured."""
-    if not requested:
+def cuda_graphs_usable(setting: str, device: torch.device) -> bool:
+    """Whether to capture, for system.cuda_graphs = auto | true | false; warns when true cannot be honoured."""
+    if setting == "false":
         return False
     if device.type != "cuda":
-        warnings.warn(f"system.cuda_graphs=true needs a CUDA device, but the run is on {device}; training eagerly "
-                      "(set system.cuda_graphs=false to silence this)", stacklevel=2)
+        if setting == "true":
+            warnings.warn(f"system.cuda_graphs=true needs a CUDA device, but the run is on {device}; training "
+                          "eagerly (set system.cuda_graphs=false or auto to silence this)", stacklevel=2)
         return False
     return True
 

@@ -78,6 +78,7 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
     from fastlocal.engine import CHECKPOINT_NAME, Trainer
     from fastlocal.methods import build_method
     from fastlocal.models import build_backbone
+    from fastlocal.models.cifar_resnet import use_fused_batch_norm
     from fastlocal.split import describe_split, split_backbone
 
     device = resolve_device(cfg.system.device)
@@ -94,8 +95,10 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
     modules = split_backbone(backbone, cfg.method.num_modules, cfg.method.stem_separate, cfg.method.split)
     method = build_method(cfg, backbone, modules)
     method.kernels = resolve_kernels(cfg.system.kernels, device)
-    if cfg.system.fused_batch_norm:
+    if cfg.system.fused_batch_norm == "true":
         enable_fused_batch_norm(backbone, method, method.kernels, cfg.model.arch)
+    elif cfg.system.fused_batch_norm == "auto" and device.type == "cuda" and method.kernels == "triton":
+        use_fused_batch_norm([backbone, method], "triton")  # nothing happens for backbones without CIFAR blocks
     memory_format = torch.channels_last if cfg.system.channels_last else torch.preserve_format
     backbone.to(device, memory_format=memory_format)
     method.to(device, memory_format=memory_format)
@@ -113,6 +116,7 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
 
 
 def enable_fused_batch_norm(backbone, method, backend: str, arch: str) -> None:
+    """system.fused_batch_norm=true: fuse, or say why it cannot."""
     from fastlocal.models.cifar_resnet import use_fused_batch_norm
 
     if backend != "triton":

@@ -106,7 +106,7 @@ def test_cuda_graph_run_matches_eager_run(tmp_path, extra):
     torch.backends.cudnn.deterministic = True  # the same convolution algorithms in both runs
     # 60 images at batch 16: three full batches and a partial one (eager) per epoch; the graph replays.
     args = [*TINY_RUN, "--system.device=cuda", *extra]
-    assert main([*args, "--out", str(tmp_path / "eager")]) == 0
+    assert main([*args, "--system.cuda_graphs=false", "--out", str(tmp_path / "eager")]) == 0
     assert main([*args, "--system.cuda_graphs=true", "--out", str(tmp_path / "graphs")]) == 0
     eager, graphs = final_state(tmp_path / "eager"), final_state(tmp_path / "graphs")
     for k in eager:
@@ -120,9 +120,10 @@ def test_cuda_graph_run_matches_eager_run(tmp_path, extra):
 
 
 def test_cuda_streams_flag_parses_and_validates():
-    assert build_config(None, [], METHODS).system.cuda_streams is False
-    assert build_config(None, ["system.cuda_streams=true"], METHODS).system.cuda_streams is True
-    with pytest.raises(ConfigError, match="system.cuda_streams must be true or false, got 'maybe'"):
+    assert build_config(None, [], METHODS).system.cuda_streams == "auto"
+    assert build_config(None, ["system.cuda_streams=true"], METHODS).system.cuda_streams == "true"
+    assert build_config(None, ["system.cuda_streams=False"], METHODS).system.cuda_streams == "false"
+    with pytest.raises(ConfigError, match="system.cuda_streams = 'maybe' is not valid; choose one of: auto, true"):
         build_config(None, ["system.cuda_streams=maybe"], METHODS)
 
 
@@ -262,3 +263,24 @@ def test_fast_path_training_script_runs_every_variant(tmp_path):
     if not torch.cuda.is_available():  # the CUDA-only options fell back, and said so
         assert any("cuda_graphs=true needs a CUDA device" in w for w in results["on"]["warnings"])
         assert results["fp32-fast"]["train_loss"] == results["off"]["train_loss"]
+
+
+def test_auto_switches_stay_silent_and_off_on_cpu(tmp_path):
+    import warnings
+
+    from fastlocal.train import main
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU defaults")
+    cfg = build_config(None, [], METHODS)
+    assert (cfg.system.cuda_graphs, cfg.system.cuda_streams, cfg.system.fused_batch_norm) == ("auto",) * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto: on where it helps (CUDA), silently off elsewhere
+        assert main([*TINY_RUN, "--train.epochs=1", "--out", str(tmp_path)]) == 0
+
+
+def test_switches_take_toml_booleans(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[system]\ncuda_graphs = false\ncuda_streams = true\nfused_batch_norm = \"auto\"\n")
+    cfg = build_config(path, [], METHODS)
+    assert (cfg.system.cuda_graphs, cfg.system.cuda_streams, cfg.system.fused_batch_norm) == ("false", "true", "auto")

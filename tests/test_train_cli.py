@@ -160,8 +160,8 @@ def test_wrong_folder_layout(capsys, tmp_path):
 def test_non_finite_loss_keeps_the_last_good_checkpoint(capsys, tmp_path, monkeypatch):
     original = engine.local_train_step
 
-    def diverge_in_second_epoch(*args):
-        loss = original(*args)
+    def diverge_in_second_epoch(*args, **kwargs):
+        loss = original(*args, **kwargs)
         return loss * math.nan if engine_epoch["now"] == 1 else loss
 
     engine_epoch = {"now": 0}
