@@ -31,15 +31,7 @@ FASTLOCAL_BENCH_MODE=gpu FASTLOCAL_BENCH_BUDGET_S="${BENCH_BUDGET_S:-150}" \
     bench/test_bench_fast_path.py --benchmark-only --benchmark-json="$OUT_DIR/fast_path.json" -q -p no:cacheprovider \
     2>&1 | tee "$OUT_DIR/fast-path.log" | tail -5
 bench_rc=${PIPESTATUS[0]}
-"$PYTHON" - "$OUT_DIR/fast_path.json" <<'PY' | tee "$OUT_DIR/fast_path.md"
-import json, sys
-rows = [b["extra_info"] for b in json.load(open(sys.argv[1]))["benchmarks"]]
-print("| case | ms | vs fastest BP | speed-up vs authors | memory vs BP (same precision) |")
-print("|---|---|---|---|---|")
-for r in rows:
-    print(f"| {r['case']} | {r.get('median_step_ms')} | {r.get('time_ratio_vs_fastest_bp', '')} | "
-          f"{r.get('speedup_vs_authors', '')} | {r.get('memory_ratio_vs_bp_same_precision', '')} |")
-PY
+"$PYTHON" bench/fast_path_table.py "$OUT_DIR/fast_path.json" | tee "$OUT_DIR/fast_path.md"
 
 timeout --signal=INT --kill-after=10 "${TRAIN_S:-110}" "$PYTHON" bench/fast_path_training.py --out "$OUT_DIR/training" \
     --epochs 3 --no-plot 2>&1 | tee "$OUT_DIR/training.log" | grep -v "^\["

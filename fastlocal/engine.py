@@ -18,7 +18,6 @@ import json
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from fastlocal.config import Config, UserError, to_dict, to_toml
-from fastlocal.graphs import GraphedStep, cuda_graphs_usable, set_learning_rate
+from fastlocal.graphs import GraphedStep, cuda_option_on, set_learning_rate
 from fastlocal.measure import SavedTensorAccountant, cuda_peak, parameter_storages, reset_peak
 from fastlocal.methods import Batch, LocalMethod
 from fastlocal.split import LocalModule
@@ -44,6 +43,37 @@ def _accumulate(cotangents: list, index: int, value: torch.Tensor | None) -> Non
     if value is None:
         return
     cotangents[index] = value if cotangents[index] is None else cotangents[index] + value
+
+
+class _Cotangents:
+    """The module graphs kept for vector-Jacobian products, and the cotangents gathered at each module's
+    output (SPEC 3.5); shared by the one-stream and the side-stream schedules."""
+
+    def __init__(self, modules: list[LocalModule], window: int):
+        self.modules, self.window = modules, window
+        self.graphs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(modules)  # (input leaf, output)
+        self.sums: list[torch.Tensor | None] = [None] * len(modules)
+
+    def add_loss_gradients(self, i: int, own_grad: torch.Tensor | None, cascade_grad: torch.Tensor | None) -> None:
+        """Module i's loss gave these gradients at a_i: both train module i; the cascaded one also travels
+        down to modules i-W+1 .. i-1 through input-only VJPs."""
+        _accumulate(self.sums, i, own_grad)
+        _accumulate(self.sums, i, cascade_grad)
+        carried = cascade_grad
+        for j in range(i, i - self.window + 1, -1):
+            if carried is None or j == 0:
+                break
+            module_input, module_output = self.graphs[j]
+            (carried,) = torch.autograd.grad(module_output, module_input, carried, retain_graph=True)
+            _accumulate(self.sums, j - 1, carried)
+
+    def flush(self, j: int) -> None:
+        """Module j has received all its cotangents: one VJP w.r.t. its parameters only, then free it."""
+        _, output = self.graphs[j]
+        if self.sums[j] is not None:  # None only for a module whose loss weights are all 0 (warned at build)
+            torch.autograd.backward(output, self.sums[j], inputs=self.modules[j].trainable_parameters)
+        self.graphs[j] = None
+        self.sums[j] = None
 
 
 def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Batch,
@@ -80,18 +110,8 @@ def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Bat
         streams = _LossStream(side_stream, torch.cuda.current_stream(batch.x.device))
         return _overlapped_train_step(modules, method, batch, forward_context, streams)
     num_modules, window = len(modules), method.window
-    graphs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_modules  # (input leaf, output)
-    cotangents: list[torch.Tensor | None] = [None] * num_modules
+    cotangents = _Cotangents(modules, window)
     last_loss = None
-
-    def flush(j: int) -> None:
-        # Module j has received all its cotangents: one VJP w.r.t. its parameters only, then free it.
-        _, output = graphs[j]
-        if cotangents[j] is not None:  # None only for a module whose loss weights are all 0 (warned at build)
-            torch.autograd.backward(output, cotangents[j], inputs=modules[j].trainable_parameters)
-        graphs[j] = None
-        cotangents[j] = None
-
     previous = None
     for i in range(num_modules):
         if i == 0:
@@ -102,45 +122,24 @@ def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Bat
             inputs.requires_grad_(window > 1)
         with forward_context():
             output = modules[i](inputs)
-        graphs[i] = (inputs, output)
+        cotangents.graphs[i] = (inputs, output)
         own = output.detach().requires_grad_()
         cascade = output.detach().requires_grad_()
         with forward_context():
             loss = method.module_loss(i, own, cascade, batch)
         if loss is not None:
             loss.backward()  # heads, decoders and LAMs get their gradients; the graph above a_i is freed
-            _accumulate(cotangents, i, own.grad)
-            _accumulate(cotangents, i, cascade.grad)
-            carried = cascade.grad
-            for j in range(i, i - window + 1, -1):  # the cascade reaches modules i-W+1 .. i
-                if carried is None or j == 0:
-                    break
-                module_input, module_output = graphs[j]
-                (carried,) = torch.autograd.grad(module_output, module_input, carried, retain_graph=True)
-                _accumulate(cotangents, j - 1, carried)
+            cotangents.add_loss_gradients(i, own.grad, cascade.grad)
             if i == num_modules - 1:
                 last_loss = loss.detach()
         done = i - window + 1
         if done >= 0:
-            flush(done)
+            cotangents.flush(done)
         previous = output
     for j in range(max(0, num_modules - window + 1), num_modules):
-        flush(j)
+        cotangents.flush(j)
     method.before_optimizer_step()
     return last_loss
-
-
-def cuda_streams_usable(setting: str, device: torch.device) -> bool:
-    """Whether to run the losses on a side stream, for system.cuda_streams = auto | true | false; warns when
-    true cannot be honoured."""
-    if setting == "false":
-        return False
-    if device.type != "cuda":
-        if setting == "true":
-            warnings.warn(f"system.cuda_streams=true needs a CUDA device, but the run is on {device}; training on "
-                          "one stream (set system.cuda_streams=false or auto to silence this)", stacklevel=2)
-        return False
-    return True
 
 
 class _LossStream:
@@ -187,23 +186,14 @@ def _overlapped_train_step(modules: list[LocalModule], method: LocalMethod, batc
 
     Cross-stream memory, without `record_stream` (under capture it would keep every such block out of
     reuse until the capture ends): a_i (allocated on the main stream, read by loss i through
-    `own`/`cascade`) stays referenced by `graphs[i]` until module i is flushed, which is after the main
+    `own`/`cascade`) stays referenced by `cotangents.graphs[i]` until module i is flushed, which is after the main
     stream waited for loss i. The cotangents at a_i (allocated on the side stream, read by the main
     stream) are dropped only by the main-stream code (`finish`, `flush`, the end of the step), and every
     later side-stream allocation follows a `forked()` wait on the main stream, so the side stream can
     reuse their memory only after the main stream's reads of them."""
     num_modules, window = len(modules), method.window
-    graphs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_modules  # (input leaf, output)
-    cotangents: list[torch.Tensor | None] = [None] * num_modules
+    cotangents = _Cotangents(modules, window)
     last_loss = None
-
-    def flush(j: int) -> None:
-        # As in local_train_step: module j has all its cotangents; weight VJP, then free its graph.
-        _, output = graphs[j]
-        if cotangents[j] is not None:
-            torch.autograd.backward(output, cotangents[j], inputs=modules[j].trainable_parameters)
-        graphs[j] = None
-        cotangents[j] = None
 
     def launch(i: int, output: torch.Tensor) -> _LossInFlight:
         # Queued on the side stream behind module i's forward (and behind the previous loss).
@@ -222,20 +212,12 @@ def _overlapped_train_step(modules: list[LocalModule], method: LocalMethod, batc
         i = pending.index
         if pending.loss is not None:
             streams.wait(pending.done)  # own.grad and cascade.grad are read from here on
-            _accumulate(cotangents, i, pending.own.grad)
-            _accumulate(cotangents, i, pending.cascade.grad)
-            carried = pending.cascade.grad
-            for j in range(i, i - window + 1, -1):
-                if carried is None or j == 0:
-                    break
-                module_input, module_output = graphs[j]
-                (carried,) = torch.autograd.grad(module_output, module_input, carried, retain_graph=True)
-                _accumulate(cotangents, j - 1, carried)
+            cotangents.add_loss_gradients(i, pending.own.grad, pending.cascade.grad)
             if i == num_modules - 1:
                 last_loss = pending.loss.detach()
         done = i - window + 1
         if done >= 0:
-            flush(done)
+            cotangents.flush(done)
 
     pending: _LossInFlight | None = None  # the loss the main stream has not waited for yet: one at most
     previous = None
@@ -248,14 +230,14 @@ def _overlapped_train_step(modules: list[LocalModule], method: LocalMethod, batc
                 inputs.requires_grad_(window > 1)
             with forward_context():
                 output = modules[i](inputs)  # overlaps loss i-1 on the side stream
-            graphs[i] = (inputs, output)
+            cotangents.graphs[i] = (inputs, output)
             launched = launch(i, output)  # queued behind loss i-1: at most two losses in flight
             if pending is not None:
                 finish(pending)  # waits for loss i-1 before module i+1's forward is queued
             pending, previous = launched, output
         finish(pending)
         for j in range(max(0, num_modules - window + 1), num_modules):
-            flush(j)
+            cotangents.flush(j)
     finally:
         streams.join()  # also on an error, so a capture never ends with the side stream unjoined
     method.before_optimizer_step()
@@ -348,9 +330,10 @@ class Trainer:
         self.cfg, self.backbone, self.modules, self.method = cfg, backbone, modules, method
         self.data, self.device, self.out_dir = data, device, Path(out_dir)
         self.params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
-        use_graphs = cuda_graphs_usable(cfg.system.cuda_graphs, device)
+        use_graphs = cuda_option_on("system.cuda_graphs", cfg.system.cuda_graphs, device, "training eagerly")
         # Module i's loss runs on this stream while module i+1 runs forward (local_train_step).
-        self.side_stream = torch.cuda.Stream(device) if cuda_streams_usable(cfg.system.cuda_streams, device) else None
+        use_streams = cuda_option_on("system.cuda_streams", cfg.system.cuda_streams, device, "training on one stream")
+        self.side_stream = torch.cuda.Stream(device) if use_streams else None
         self.lr_on_device = use_graphs
         self.optimizer = build_optimizer(self.params, cfg, device, lr_on_device=use_graphs)
         # Autocast's weight-cast cache must be off inside a CUDA graph (the casts are part of the replay).

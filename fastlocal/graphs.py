@@ -26,14 +26,15 @@ from collections.abc import Callable
 import torch
 
 
-def cuda_graphs_usable(setting: str, device: torch.device) -> bool:
-    """Whether to capture, for system.cuda_graphs = auto | true | false; warns when true cannot be honoured."""
+def cuda_option_on(option: str, setting: str, device: torch.device, instead: str) -> bool:
+    """Whether a CUDA-only auto | true | false option is on for `device`: auto and true mean on with CUDA;
+    true elsewhere warns, saying what happens `instead`."""
     if setting == "false":
         return False
     if device.type != "cuda":
         if setting == "true":
-            warnings.warn(f"system.cuda_graphs=true needs a CUDA device, but the run is on {device}; training "
-                          "eagerly (set system.cuda_graphs=false or auto to silence this)", stacklevel=2)
+            warnings.warn(f"{option}=true needs a CUDA device, but the run is on {device}; {instead} (set "
+                          f"{option}=false or auto to silence this)", stacklevel=3)
         return False
     return True
 

@@ -190,18 +190,6 @@ def test_side_stream_schedule_computes_bitwise_the_one_stream_step(method, overr
     assert all(torch.equal(a, b) for a, b in zip(one_stream, reordered))
 
 
-@pytest.fixture
-def exact_cuda_math():
-    """No TF32 and no autotuning: two runs of the same step pick the same kernels."""
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-    yield
-    (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) = saved
-
-
 def cuda_steps(side_stream, graphed: bool, steps: int = 3):
     """Loss and gradients (copied to the CPU) after each of `steps` MLAAN resnet20 K=4 fp32 steps on CUDA,
     eagerly or through GraphedStep (step 1 eager warm-up, step 2 capture then replay, step 3 replay)."""

@@ -19,16 +19,8 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True)
-def exact_cuda_convolutions():
-    """Both runs must differ only by the kernels: no TF32 (1e-3 relative per convolution) and no
-    autotuning (two runs could pick different convolution algorithms)."""
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-    yield
-    (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) = saved
+def _exact(exact_cuda_math):
+    """Both runs must differ only by the kernels (see tests/conftest.py)."""
 
 
 def train_losses(kernels: str, steps: int = 3):
