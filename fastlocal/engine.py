@@ -45,6 +45,15 @@ def _accumulate(cotangents: list, index: int, value: torch.Tensor | None) -> Non
     cotangents[index] = value if cotangents[index] is None else cotangents[index] + value
 
 
+def _module_input(batch: Batch, previous: torch.Tensor | None, window: int) -> torch.Tensor:
+    """The batch for the first module; the previous module's output, detached, for the others."""
+    if previous is None:
+        return batch.x
+    inputs = previous.detach()
+    # An input gradient is needed only when a cascaded loss will travel through this module.
+    return inputs.requires_grad_(window > 1)
+
+
 class _Cotangents:
     """The module graphs kept for vector-Jacobian products, and the cotangents gathered at each module's
     output (SPEC 3.5); shared by the one-stream and the side-stream schedules."""
@@ -114,12 +123,7 @@ def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Bat
     last_loss = None
     previous = None
     for i in range(num_modules):
-        if i == 0:
-            inputs = batch.x
-        else:
-            inputs = previous.detach()
-            # An input gradient is needed only when a cascaded loss will travel through this module.
-            inputs.requires_grad_(window > 1)
+        inputs = _module_input(batch, previous, window)
         with forward_context():
             output = modules[i](inputs)
         cotangents.graphs[i] = (inputs, output)
@@ -223,11 +227,7 @@ def _overlapped_train_step(modules: list[LocalModule], method: LocalMethod, batc
     previous = None
     try:
         for i in range(num_modules):
-            if i == 0:
-                inputs = batch.x
-            else:
-                inputs = previous.detach()
-                inputs.requires_grad_(window > 1)
+            inputs = _module_input(batch, previous, window)
             with forward_context():
                 output = modules[i](inputs)  # overlaps loss i-1 on the side stream
             cotangents.graphs[i] = (inputs, output)

@@ -19,3 +19,27 @@ def build(method: str, arch: str, k: int, overrides=(), dtype=torch.float64, see
     backbone.to(dtype)
     built.to(dtype)
     return cfg, backbone, modules, built
+
+
+def short_mlaan_run(device, overrides=(), prepare=None, steps: int = 3):
+    """Losses of `steps` SGD steps of MLAAN resnet20 K=3 (16x16 random batches of 6, fixed seeds) on
+    `device`, and the method; `prepare(backbone, method)` runs after the move to the device."""
+    from fastlocal.engine import build_optimizer, local_train_step
+    from fastlocal.methods import Batch
+
+    cfg, backbone, modules, method = build("mlaan", "resnet20", 3, overrides, dtype=torch.float32, input_size=16)
+    backbone.to(device)
+    method.to(device)
+    if prepare is not None:
+        prepare(backbone, method)
+    params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
+    optimizer = build_optimizer(params, cfg)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(6, 3, 16, 16, generator=g).to(device)
+        y = torch.randint(0, 10, (6,), generator=g).to(device)
+        optimizer.zero_grad()
+        losses.append(local_train_step(modules, method, Batch(x, y, (0.5,) * 3, (0.5,) * 3)).item())
+        optimizer.step()
+    return losses, method

@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import short_mlaan_run
 
 from fastlocal.kernels import batch_norm as bn_kernel
 from fastlocal.kernels import batch_norm_act
@@ -162,33 +163,11 @@ def test_the_flag_switches_blocks_on_and_off():
         blocks[0](torch.randn(2, 4, 3, 3))  # the plain path again
 
 
-def mlaan_losses(fused: bool, device: str, steps: int = 2):
-    from fastlocal.config import build_config
-    from fastlocal.engine import build_optimizer, local_train_step
-    from fastlocal.methods import METHODS, Batch, build_method
-    from fastlocal.models import build_backbone
-    from fastlocal.split import split_backbone
-
-    cfg = build_config(None, ["method.name=mlaan", "method.num_modules=3", "model.arch=resnet20"], METHODS)
-    torch.manual_seed(0)
-    backbone = build_backbone("resnet20", 10, 16)
-    modules = split_backbone(backbone, 3)
-    method = build_method(cfg, backbone, modules)
-    backbone.to(device)
-    method.to(device)
-    if fused:
+def mlaan_losses(fused: bool, device: str):
+    def fuse(backbone, method):
         assert use_fused_batch_norm([backbone, method], "triton") > 9  # the backbone's 9 blocks and the LAMs'
-    params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
-    optimizer = build_optimizer(params, cfg)
-    g = torch.Generator().manual_seed(1)
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(6, 3, 16, 16, generator=g).to(device)
-        y = torch.randint(0, 10, (6,), generator=g).to(device)
-        optimizer.zero_grad()
-        losses.append(local_train_step(modules, method, Batch(x, y, (0.5,) * 3, (0.5,) * 3)).item())
-        optimizer.step()
-    return losses
+
+    return short_mlaan_run(device, prepare=fuse if fused else None, steps=2)[0]
 
 
 @pytest.mark.parametrize("device", DEVICES)
