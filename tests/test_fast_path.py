@@ -233,6 +233,16 @@ def test_side_stream_gives_bitwise_identical_losses_and_gradients_on_cuda(exact_
         assert all(torch.equal(u, v) for u, v in zip(a, b)), f"step {step + 1}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and streams need a CUDA device")
+def test_graph_and_streams_step_is_bitwise_the_eager_step(exact_cuda_math):
+    # Issue 6, acceptance 3: fp32 with the step replayed from a CUDA graph and the side stream computes the
+    # eager one-stream step's losses and gradients bit for bit (deterministic convolutions, no TF32).
+    eager = cuda_steps(None, graphed=False)
+    fast = cuda_steps(torch.cuda.Stream(), graphed=True)
+    for step, (a, b) in enumerate(zip(eager, fast)):
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True)), f"step {step + 1}"
+
+
 def test_fast_path_training_script_runs_every_variant(tmp_path):
     import importlib.util
     import json
