@@ -167,3 +167,16 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert lrs[0] == pytest.approx(0.04) and lrs[9] == pytest.approx(0.4)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert lrs[-1] < 0.01
+
+
+def test_denormalised_images_use_constants_made_once():
+    from fastlocal.methods import base
+
+    x = torch.randn(2, 3, 4, 4)
+    batch = Batch(x, torch.zeros(2, dtype=torch.long), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    expected = (x * torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1) + torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1))
+    torch.testing.assert_close(batch.images01(), expected.clamp(0, 1))
+    # The same constant tensors on every step: no host-to-device copy inside a step (CUDA-graph safe).
+    first = base._channel_constants((0.5, 0.4, 0.3), x.device, x.dtype)
+    batch.images01()
+    assert base._channel_constants((0.5, 0.4, 0.3), x.device, x.dtype) is first

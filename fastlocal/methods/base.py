@@ -13,6 +13,7 @@ loss). The last module's loss is the final head's; its value is what the engine 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,9 +36,16 @@ class Batch:
 
     def images01(self) -> torch.Tensor:
         """The input de-normalised to [0, 1] (InfoPro's reconstruction target)."""
-        mean = torch.tensor(self.mean, dtype=self.x.dtype, device=self.x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=self.x.dtype, device=self.x.device).view(1, 3, 1, 1)
+        mean = _channel_constants(tuple(self.mean), self.x.device, self.x.dtype)
+        std = _channel_constants(tuple(self.std), self.x.device, self.x.dtype)
         return (self.x * std + mean).clamp_(0, 1)
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_constants(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1, C, 1, 1) constants made once per device and dtype: a host-to-device copy on every step would
+    stall the host (and cannot be captured in a CUDA graph)."""
+    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
 
 
 class LocalMethod(nn.Module):
