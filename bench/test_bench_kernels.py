@@ -1,4 +1,5 @@
-"""Kernel benchmarks (pytest-benchmark): multi-tensor EMA and the fused GAP + Linear + cross-entropy.
+"""Kernel benchmarks (pytest-benchmark): multi-tensor EMA, the fused GAP + Linear + cross-entropy, and the
+fused batch norm + residual add + ReLU.
 
 On a GPU:
 
@@ -9,6 +10,11 @@ compares, inside one run and one group per workload, the authors' per-parameter 
 ResNet-110 K=54, and eager PyTorch against the fused aux loss (forward + backward) at the CIFAR head
 (B=1024, C=64, 8x8, N=10) and an ImageNet head (B=256, C=512, 7x7, N=1000). ``extra_info`` holds the
 device, versions, dtype, shapes, the median in microseconds and the bandwidth in GB/s.
+
+The aux loss and the batch norm are also timed `graph` (on CUDA): the forward + backward captured once in a
+CUDA graph and replayed, which is what a graphed training step pays (device time, no Python dispatch);
+`call` times each call from Python as eager code pays it. The batch norm runs at the three stage shapes of
+a CIFAR ResNet at batch 1024 in bf16 channels_last, as `system.precision=bf16 system.channels_last=true`.
 
 Without CUDA the same tests run as a smoke check of the harness on tiny shapes (widths / 8, tiny heads):
 the references always, the Triton paths only with ``TRITON_INTERPRET=1``:
@@ -24,7 +30,7 @@ import os
 import pytest
 import torch
 
-from fastlocal.kernels import ema_update_, gap_linear_cross_entropy
+from fastlocal.kernels import batch_norm_act, ema_update_, gap_linear_cross_entropy
 from fastlocal.kernels.aux_loss import gap_linear_cross_entropy_ref
 from fastlocal.kernels.ema import ema_update_loop_ref, ema_update_ref
 
@@ -58,6 +64,30 @@ def _environment(dtype: torch.dtype) -> dict:
         "triton": triton_version,
         "dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def _timed(step, timing: str):
+    """`step` itself (`call`), or a replay of it captured in a CUDA graph (`graph`: device time only)."""
+    if timing == "call":
+        return step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (Triton compilation, cuDNN plans) outside the capture
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+TIMINGS = ["call", "graph"]
+
+
+def _skip_timing(timing: str) -> None:
+    if timing == "graph" and DEVICE.type != "cuda":
+        pytest.skip("graph timing needs a CUDA device")
 
 
 def _record_speed(benchmark, bytes_moved: int) -> None:
@@ -165,12 +195,14 @@ def _fused_aux_loss(x, weight, bias, target):
 AUX_IMPLEMENTATIONS = {"eager": gap_linear_cross_entropy_ref, "triton": _fused_aux_loss}
 
 
+@pytest.mark.parametrize("timing", TIMINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("implementation", list(AUX_IMPLEMENTATIONS))
 @pytest.mark.parametrize("shape_name", list(AUX_SHAPES))
-def test_bench_aux_loss(benchmark, shape_name, implementation, dtype):
+def test_bench_aux_loss(benchmark, shape_name, implementation, dtype, timing):
     if implementation == "triton" and not TRITON_RUNNABLE:
         pytest.skip(TRITON_SKIP_REASON)
+    _skip_timing(timing)
     full, smoke = AUX_SHAPES[shape_name]
     batch, channels, height, width, classes = smoke if SMOKE else full
     generator = torch.Generator().manual_seed(0)
@@ -182,14 +214,19 @@ def test_bench_aux_loss(benchmark, shape_name, implementation, dtype):
     target = torch.randint(0, classes, (batch,), generator=generator).to(DEVICE)
     loss_fn = AUX_IMPLEMENTATIONS[implementation]
 
-    def step():
+    def forward_backward():
         loss = loss_fn(x, weight, bias, target)
         torch.autograd.grad(loss, (x, weight, bias))
+
+    run = _timed(forward_backward, timing)
+
+    def step():
+        run()
         _synchronize()
 
     for _ in range(WARMUP_CALLS):
         step()
-    benchmark.group = f"aux_loss {shape_name} {str(dtype).removeprefix('torch.')}"
+    benchmark.group = f"aux_loss {shape_name} {str(dtype).removeprefix('torch.')} {timing}"
     benchmark(step)
 
     benchmark.extra_info.update(_environment(dtype))
@@ -197,12 +234,70 @@ def test_bench_aux_loss(benchmark, shape_name, implementation, dtype):
         {
             "shape": shape_name,
             "implementation": implementation,
+            "timing": timing,
             "x_shape": [batch, channels, height, width],
             "num_classes": classes,
         }
     )
     # The floor of any implementation: read x once, write dx once.
     _record_speed(benchmark, 2 * x.numel() * x.element_size())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batch norm + residual add + ReLU (a residual block's second batch norm), forward + backward
+# ----------------------------------------------------------------------------------------------------
+
+BN_SHAPES = {
+    # name: (N, C, H, W) at batch 1024, and the CPU smoke size
+    "stage1": ((1024, 16, 32, 32), (4, 16, 8, 8)),
+    "stage2": ((1024, 32, 16, 16), (4, 32, 4, 4)),
+    "stage3": ((1024, 64, 8, 8), (4, 64, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("timing", TIMINGS)
+@pytest.mark.parametrize("implementation", ["eager", "triton"])
+@pytest.mark.parametrize("shape_name", list(BN_SHAPES))
+def test_bench_batch_norm(benchmark, shape_name, implementation, timing):
+    if implementation == "triton" and not TRITON_RUNNABLE:
+        pytest.skip(TRITON_SKIP_REASON)
+    _skip_timing(timing)
+    full, smoke = BN_SHAPES[shape_name]
+    shape = smoke if SMOKE else full
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    generator = torch.Generator().manual_seed(0)
+
+    def activation():
+        t = torch.randn(shape, generator=generator).to(DEVICE, dtype)
+        return t.contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    x, residual, dy = activation(), activation(), activation().detach()
+    channels = shape[1]
+    weight = torch.ones(channels, device=DEVICE, requires_grad=True)
+    bias = torch.zeros(channels, device=DEVICE, requires_grad=True)
+    running_mean = torch.zeros(channels, device=DEVICE)
+    running_var = torch.ones(channels, device=DEVICE)
+    backend = "triton" if implementation == "triton" else "reference"
+
+    def forward_backward():
+        y = batch_norm_act(x, weight, bias, running_mean, running_var, 0.1, 1e-5, residual, True, backend=backend)
+        torch.autograd.grad(y, (x, weight, bias, residual), dy)
+
+    run = _timed(forward_backward, timing)
+
+    def step():
+        run()
+        _synchronize()
+
+    for _ in range(WARMUP_CALLS):
+        step()
+    benchmark.group = f"batch_norm {shape_name} {str(dtype).removeprefix('torch.')} {timing}"
+    benchmark(step)
+    benchmark.extra_info.update(_environment(dtype))
+    benchmark.extra_info.update({"shape": shape_name, "implementation": implementation, "timing": timing,
+                                 "x_shape": list(shape)})
+    # The floor: read x, the residual and dy once, write y, dx and the residual's gradient once.
+    _record_speed(benchmark, 6 * x.numel() * x.element_size())
 
 
 def test_bench_helpers_median():
