@@ -36,6 +36,6 @@ bench_rc=${PIPESTATUS[0]}
 timeout --signal=INT --kill-after=10 "${TRAIN_S:-110}" "$PYTHON" bench/fast_path_training.py --out "$OUT_DIR/training" \
     --epochs 3 --no-plot 2>&1 | tee "$OUT_DIR/training.log" | grep -v "^\["
 train_rc=${PIPESTATUS[0]}
-rm -f "$OUT_DIR"/training/*/checkpoint.pt  # 16 MB each; the metrics and summaries stay
+rm -f "$OUT_DIR"/training/*/checkpoint.pt  # tens of MB each; the metrics and summaries stay
 echo "gpu_fast_path_check.sh: tests rc $tests_rc, bench rc $bench_rc, training rc $train_rc; results in $OUT_DIR"
 exit $(( tests_rc != 0 || bench_rc != 0 || train_rc != 0 ))
