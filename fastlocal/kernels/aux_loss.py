@@ -427,6 +427,32 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor
         )
 
 
+def _forward_outputs(x: Tensor, weight: Tensor, bias: Tensor | None, need_dx: bool, need_dwb: bool,
+                     splits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward's outputs, allocated (also for the fake tensors torch.compile traces with): loss (),
+    dpooled (B, C), dW (S, N, C), db (S, N), all fp32; a gradient not needed is empty."""
+    batch, channels, num_classes = x.shape[0], x.shape[1], weight.shape[0]
+    f32 = torch.float32
+    loss = x.new_empty((), dtype=f32)
+    dpooled = x.new_empty((batch, channels) if need_dx else (0,), dtype=f32)
+    dw = x.new_empty((splits, num_classes, channels) if need_dwb else (0,), dtype=f32)
+    db = x.new_empty((splits, num_classes) if need_dwb and bias is not None else (0,), dtype=f32)
+    return loss, dpooled, dw, db
+
+
+def _backward_outputs(grad: Tensor, dpooled: Tensor, dw: Tensor, db: Tensor, x_shape: list[int],
+                      x_dtype: torch.dtype, x_channels_last: bool, weight_dtype: torch.dtype,
+                      bias_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward's outputs (dx in x's layout, dW, db), allocated; empty where the saved one is empty."""
+    memory_format = torch.channels_last if x_channels_last else torch.contiguous_format
+    empty = grad.new_empty(0)
+    dx = torch.empty(x_shape, dtype=x_dtype, device=grad.device, memory_format=memory_format) \
+        if dpooled.numel() > 0 else empty
+    dw_out = grad.new_empty(dw.shape[1:], dtype=weight_dtype) if dw.numel() > 0 else empty
+    db_out = grad.new_empty(db.shape[1:], dtype=bias_dtype) if db.numel() > 0 else empty
+    return dx, dw_out, db_out
+
+
 def _forward_impl(
     x: Tensor,
     weight: Tensor,
@@ -490,11 +516,7 @@ def _forward_impl(
     block_b3, block_n3, block_c3, num_c_tiles, num_dw_tiles, rows_per_split, splits = _grad_blocks(
         batch, channels, num_classes, max_block
     )
-    empty = scratch.new_empty(0)
-    loss = torch.empty((), device=x.device, dtype=f32)
-    dpooled = torch.empty((batch, channels), device=x.device, dtype=f32) if need_dx else empty
-    dw = torch.empty((splits, num_classes, channels), device=x.device, dtype=f32) if need_dwb else empty
-    db = torch.empty((splits, num_classes), device=x.device, dtype=f32) if need_dwb and has_bias else empty
+    loss, dpooled, dw, db = _forward_outputs(x, weight, bias, need_dx, need_dwb, splits)
     num_dw_programs = num_dw_tiles * splits if need_dwb else 0
     num_dpooled_programs = triton.cdiv(batch, block_b3) * num_c_tiles if need_dx else 0
     _grad_kernel[(num_dw_programs + num_dpooled_programs + 1,)](
@@ -522,16 +544,9 @@ def _backward_impl(
     """(dx, dW, db) = saved gradients times ``grad``; an empty input gives an empty output."""
     batch, channels, height, width = x_shape
     spatial = height * width
-    device = grad.device
     need_dx, need_dw, need_db = dpooled.numel() > 0, dw.numel() > 0, db.numel() > 0
-    empty = grad.new_empty(0)
-    if need_dx:
-        memory_format = torch.channels_last if x_channels_last else torch.contiguous_format
-        dx = torch.empty(x_shape, dtype=x_dtype, device=device, memory_format=memory_format)
-    else:
-        dx = empty
-    dw_out = torch.empty(dw.shape[1:], dtype=weight_dtype, device=device) if need_dw else empty
-    db_out = torch.empty(db.shape[1:], dtype=bias_dtype, device=device) if need_db else empty
+    dx, dw_out, db_out = _backward_outputs(grad, dpooled, dw, db, x_shape, x_dtype, x_channels_last, weight_dtype,
+                                           bias_dtype)
     num_splits = dw.shape[0] if need_dw else (db.shape[0] if need_db else 0)
     block_hw = min(_pow2(spatial), 256)
     block_c = min(_pow2(channels), max(1, 4096 // block_hw))
@@ -559,69 +574,27 @@ def _backward_impl(
 # ----------------------------------------------------------------------------------------------------
 
 
-# Explicit schemas: annotation inference differs between torch versions.
-@torch.library.custom_op(
-    "fastlocal::gap_linear_ce_fwd",
-    mutates_args=(),
+# Explicit schemas: annotation inference differs between torch versions. The ops wrap the launchers
+# themselves; the fakes only allocate the outputs.
+_forward_op = torch.library.custom_op(
+    "fastlocal::gap_linear_ce_fwd", _forward_impl, mutates_args=(),
     schema="(Tensor x, Tensor weight, Tensor? bias, Tensor target, bool need_dx, bool need_dwb, "
     "int max_block, int fuse_pool) -> (Tensor, Tensor, Tensor, Tensor)",
 )
-def _forward_op(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    target: Tensor,
-    need_dx: bool,
-    need_dwb: bool,
-    max_block: int,
-    fuse_pool: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _forward_impl(x, weight, bias, target, need_dx, need_dwb, max_block, fuse_pool)
 
 
 @_forward_op.register_fake
 def _forward_fake(x, weight, bias, target, need_dx, need_dwb, max_block, fuse_pool):
-    batch, channels = x.shape[0], x.shape[1]
-    num_classes = weight.shape[0]
-    splits = _grad_blocks(batch, channels, num_classes, max_block)[-1]
-    f32 = torch.float32
-    loss = x.new_empty((), dtype=f32)
-    dpooled = x.new_empty((batch, channels) if need_dx else (0,), dtype=f32)
-    dw = x.new_empty((splits, num_classes, channels) if need_dwb else (0,), dtype=f32)
-    db = x.new_empty((splits, num_classes) if need_dwb and bias is not None else (0,), dtype=f32)
-    return loss, dpooled, dw, db
+    splits = _grad_blocks(x.shape[0], x.shape[1], weight.shape[0], max_block)[-1]
+    return _forward_outputs(x, weight, bias, need_dx, need_dwb, splits)
 
 
-@torch.library.custom_op(
-    "fastlocal::gap_linear_ce_bwd",
-    mutates_args=(),
+_backward_op = torch.library.custom_op(
+    "fastlocal::gap_linear_ce_bwd", _backward_impl, mutates_args=(),
     schema="(Tensor grad, Tensor dpooled, Tensor dw, Tensor db, int[] x_shape, ScalarType x_dtype, "
     "bool x_channels_last, ScalarType weight_dtype, ScalarType bias_dtype) -> (Tensor, Tensor, Tensor)",
 )
-def _backward_op(
-    grad: Tensor,
-    dpooled: Tensor,
-    dw: Tensor,
-    db: Tensor,
-    x_shape: list[int],
-    x_dtype: torch.dtype,
-    x_channels_last: bool,
-    weight_dtype: torch.dtype,
-    bias_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward_impl(grad, dpooled, dw, db, x_shape, x_dtype, x_channels_last, weight_dtype, bias_dtype)
-
-
-@_backward_op.register_fake
-def _backward_fake(grad, dpooled, dw, db, x_shape, x_dtype, x_channels_last, weight_dtype, bias_dtype):
-    if dpooled.numel() > 0:
-        memory_format = torch.channels_last if x_channels_last else torch.contiguous_format
-        dx = torch.empty(x_shape, dtype=x_dtype, device=grad.device, memory_format=memory_format)
-    else:
-        dx = grad.new_empty(0)
-    dw_out = grad.new_empty(dw.shape[1:], dtype=weight_dtype) if dw.numel() > 0 else grad.new_empty(0)
-    db_out = grad.new_empty(db.shape[1:], dtype=bias_dtype) if db.numel() > 0 else grad.new_empty(0)
-    return dx, dw_out, db_out
+_backward_op.register_fake(_backward_outputs)
 
 
 class _GapLinearCrossEntropy(torch.autograd.Function):
