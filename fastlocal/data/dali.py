@@ -24,7 +24,7 @@ import torch
 
 from fastlocal.data.loader import batches_per_epoch, epoch_seed
 from fastlocal.data.sources import DataError
-from fastlocal.data.streaming import ImageList, epoch_order, shard_bounds
+from fastlocal.data.streaming import ImageList, check_batch_and_shard, epoch_order, shard_bounds
 
 MISSING_DALI = "data.loader = dali needs NVIDIA DALI: pip install 'fastlocal[dali]' (nvidia-dali-cuda130)"
 READER_NAME = "reader"
@@ -93,10 +93,7 @@ class DaliLoader:
         list_dir: str | Path | None = None,
     ):
         self._dali = import_dali()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if not 0 <= shard_id < num_shards:
-            raise ValueError(f"shard_id must be in [0, {num_shards}), got {shard_id}")
+        check_batch_and_shard(batch_size, shard_id, num_shards)
         bad = next((p for p in images.paths if "\n" in p or "\r" in p), None)
         if bad is not None:
             raise DataError(f"image path {bad!r} contains a line break, which DALI's file list cannot hold; rename it")

@@ -469,6 +469,14 @@ def shard_info() -> tuple[int, int]:
     return 0, 1
 
 
+def check_batch_and_shard(batch_size: int, shard_id: int, num_shards: int) -> None:
+    """The arguments both image loaders (PIL workers and DALI) validate alike."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id must be in [0, {num_shards}), got {shard_id}")
+
+
 def shard_bounds(count: int, shard_id: int, num_shards: int) -> tuple[int, int]:
     """[start, end) of shard `shard_id` of `count` items: DALI's file-reader rule, so both loaders agree."""
     return count * shard_id // num_shards, count * (shard_id + 1) // num_shards
@@ -680,10 +688,7 @@ class TorchImageLoader:
         shard_id: int = 0,
         num_shards: int = 1,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if not 0 <= shard_id < num_shards:
-            raise ValueError(f"shard_id must be in [0, {num_shards}), got {shard_id}")
+        check_batch_and_shard(batch_size, shard_id, num_shards)
         self.images = images
         self.batch_size = int(batch_size)
         self.train = bool(train)
