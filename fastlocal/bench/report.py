@@ -331,6 +331,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path, title: str | None = None) -> None:
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _log_axes(ax, xticks: list[int]) -> None:
     """Log-log axes labelled with plain numbers (K or batch on x, ratios or MiB on y)."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -382,10 +390,7 @@ def plot_memory_vs_k(rows: list[Row], path: Path) -> None:
         ax.set_title(_title(key), fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Peak memory of a training step relative to BP")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, "Peak memory of a training step relative to BP")
 
 
 def plot_step_time(rows: list[Row], path: Path) -> None:
@@ -407,10 +412,7 @@ def plot_step_time(rows: list[Row], path: Path) -> None:
         ax.set_xlabel("step time / BP")
         ax.set_xlim(0, max(ratios, default=1) * 1.3)
         ax.set_title(_title(key), fontsize=9)
-    fig.suptitle("Training-step time relative to BP (median)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, "Training-step time relative to BP (median)")
 
 
 def plot_memory_vs_batch(rows: list[Row], path: Path) -> None:
@@ -427,9 +429,7 @@ def plot_memory_vs_batch(rows: list[Row], path: Path) -> None:
     ax.set_title(f"ResNet-110, K=54: peak memory vs batch\n{', '.join(devices)}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------
