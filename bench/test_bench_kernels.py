@@ -85,6 +85,24 @@ def _timed(step, timing: str):
 TIMINGS = ["call", "graph"]
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _benchmark_timed(benchmark, forward_backward, timing: str, group: str) -> None:
+    """Warm up, then benchmark `forward_backward` timed per `timing` (device synchronised each round)."""
+    run = _timed(forward_backward, timing)
+
+    def step():
+        run()
+        _synchronize()
+
+    for _ in range(WARMUP_CALLS):
+        step()
+    benchmark.group = group
+    benchmark(step)
+
+
 def _skip_timing(timing: str) -> None:
     if timing == "graph" and DEVICE.type != "cuda":
         pytest.skip("graph timing needs a CUDA device")
@@ -218,16 +236,7 @@ def test_bench_aux_loss(benchmark, shape_name, implementation, dtype, timing):
         loss = loss_fn(x, weight, bias, target)
         torch.autograd.grad(loss, (x, weight, bias))
 
-    run = _timed(forward_backward, timing)
-
-    def step():
-        run()
-        _synchronize()
-
-    for _ in range(WARMUP_CALLS):
-        step()
-    benchmark.group = f"aux_loss {shape_name} {str(dtype).removeprefix('torch.')} {timing}"
-    benchmark(step)
+    _benchmark_timed(benchmark, forward_backward, timing, f"aux_loss {shape_name} {_dtype_name(dtype)} {timing}")
 
     benchmark.extra_info.update(_environment(dtype))
     benchmark.extra_info.update(
@@ -283,16 +292,7 @@ def test_bench_batch_norm(benchmark, shape_name, implementation, timing):
         y = batch_norm_act(x, weight, bias, running_mean, running_var, 0.1, 1e-5, residual, True, backend=backend)
         torch.autograd.grad(y, (x, weight, bias, residual), dy)
 
-    run = _timed(forward_backward, timing)
-
-    def step():
-        run()
-        _synchronize()
-
-    for _ in range(WARMUP_CALLS):
-        step()
-    benchmark.group = f"batch_norm {shape_name} {str(dtype).removeprefix('torch.')} {timing}"
-    benchmark(step)
+    _benchmark_timed(benchmark, forward_backward, timing, f"batch_norm {shape_name} {_dtype_name(dtype)} {timing}")
     benchmark.extra_info.update(_environment(dtype))
     benchmark.extra_info.update({"shape": shape_name, "implementation": implementation, "timing": timing,
                                  "x_shape": list(shape)})
