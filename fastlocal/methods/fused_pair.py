@@ -97,8 +97,8 @@ def _batch_norm_act(
     """relu(batch_norm(x) + residual) (relu and residual optional) with the two BNs laid side by side.
 
     x: (B, 2C, H, W), channels [0, C) belong to bns[0] and [C, 2C) to bns[1]; residual: (B, 2C, H, W).
-    `backend` not None (a BasicBlock's `fused_batch_norm`): `fastlocal.kernels.batch_norm_act` in training
-    mode, as the block's own forward uses it; else F.batch_norm, then add and ReLU, as nn.BatchNorm2d.
+    Training mode goes through `fastlocal.kernels.batch_norm_act` with `backend` (a BasicBlock's
+    `fused_batch_norm`; None: its PyTorch reference); eval mode uses the running statistics.
     """
     first, second = bns
     training = first.training
@@ -107,25 +107,15 @@ def _batch_norm_act(
     # Temporaries: the batch norm updates them in place; the halves are copied back below.
     running_mean = torch.cat([first.running_mean, second.running_mean])
     running_var = torch.cat([first.running_var, second.running_var])
-    if training and backend is not None:
-        out = kernels.batch_norm_act(
-            x,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            first.momentum,
-            first.eps,
-            residual=residual,
-            relu=relu,
-            backend=backend,
-        )
+    if training:  # the blocks' own rule: the fused kernel when set, else PyTorch's batch norm, add, ReLU
+        out = kernels.batch_norm_act(x, weight, bias, running_mean, running_var, first.momentum, first.eps,
+                                     residual=residual, relu=relu, backend=backend or "reference")
     else:
-        out = F.batch_norm(x, running_mean, running_var, weight, bias, training, first.momentum, first.eps)
+        out = F.batch_norm(x, running_mean, running_var, weight, bias, False, first.momentum, first.eps)
         if residual is not None:
             out = out + residual
         if relu:
-            out = F.relu(out, inplace=True)  # `out` is fresh, as nn.ReLU(inplace=True) on a BN output
+            out = F.relu(out)
     if training:
         channels = first.num_features
         with torch.no_grad():
