@@ -23,6 +23,8 @@ Running statistics follow ``nn.BatchNorm2d``: biased variance for the normalisat
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -237,13 +239,23 @@ def _tiles(num_channels: int, tile: int = TILE) -> tuple[int, int]:
     return max(tile // block_c, 16), block_c
 
 
-def _partials_grid(rows: int, num_channels: int) -> tuple[int, int, int, int]:
-    """(programs along M, along C, rows per program, BLOCK_M) of the partial-sums kernels."""
-    block_m, block_c = _tiles(num_channels, PARTIALS_TILE)
-    block_m = min(block_m, max(16, triton.next_power_of_2(rows)))
-    tiles = triton.cdiv(rows, block_m)
-    rows_per_program = block_m * triton.cdiv(tiles, TARGET_PARTIALS)
-    return triton.cdiv(rows, rows_per_program), triton.cdiv(num_channels, block_c), rows_per_program, block_m
+class _Grid(NamedTuple):
+    """Launch shapes for an (M, C) view: the elementwise passes and the partial-sum kernels."""
+
+    block_c: int
+    tile_m: int  # rows of an elementwise tile
+    programs_c: int
+    programs_m: int  # partial-sum programs (rows of the partials)
+    rows_per_program: int
+    block_m: int  # rows of one loop step of the partial sums
+
+
+def _grid(rows: int, num_channels: int) -> _Grid:
+    tile_m, block_c = _tiles(num_channels)
+    block_m = min(_tiles(num_channels, PARTIALS_TILE)[0], max(16, triton.next_power_of_2(rows)))
+    rows_per_program = block_m * triton.cdiv(triton.cdiv(rows, block_m), TARGET_PARTIALS)
+    return _Grid(block_c, tile_m, triton.cdiv(num_channels, block_c), triton.cdiv(rows, rows_per_program),
+                 rows_per_program, block_m)
 
 
 class _BatchNormAct(torch.autograd.Function):
@@ -253,27 +265,25 @@ class _BatchNormAct(torch.autograd.Function):
         n, c, h, w = x.shape
         rows, hw = n * h * w, h * w
         device = x.device
-        programs_m, programs_c, rows_per_program, block_m = _partials_grid(rows, c)
-        block_c = _tiles(c)[1]
-        partials = torch.empty(programs_m, 2, c, device=device, dtype=torch.float32)
-        _stats_partials_kernel[(programs_m, programs_c)](x, partials, rows, c, hw, *sx, rows_per_program,
-                                                         BLOCK_M=block_m, BLOCK_C=block_c)
+        g = _grid(rows, c)
+        partials = torch.empty(g.programs_m, 2, c, device=device, dtype=torch.float32)
+        _stats_partials_kernel[(g.programs_m, g.programs_c)](x, partials, rows, c, hw, *sx, g.rows_per_program,
+                                                             BLOCK_M=g.block_m, BLOCK_C=g.block_c)
         mean, invstd, scale, shift = torch.empty(4, c, device=device, dtype=torch.float32).unbind(0)
         update = running_mean is not None
-        _stats_finalize_kernel[(programs_c,)](
-            x, partials, programs_m, weight, bias, running_mean if update else mean,
+        _stats_finalize_kernel[(g.programs_c,)](
+            x, partials, g.programs_m, weight, bias, running_mean if update else mean,
             running_var if update else mean, mean, invstd, scale, shift, rows, c, sx[1], eps,
-            momentum if momentum is not None else 0.0, UPDATE_RUNNING=update, BLOCK_P=64, BLOCK_C=block_c)
+            momentum if momentum is not None else 0.0, UPDATE_RUNNING=update, BLOCK_P=64, BLOCK_C=g.block_c)
         y = torch.empty_like(x)
         sy = _nchw_strides(y)
-        tile_m, _ = _tiles(c)
-        grid = (triton.cdiv(rows, tile_m), programs_c)
+        grid = (triton.cdiv(rows, g.tile_m), g.programs_c)
         if residual is not None:
             residual, sr = _dense(residual, x)
         else:
             sr = sx
         _apply_kernel[grid](x, residual if residual is not None else x, y, scale, shift, rows, c, hw, *sx, *sr,
-                            *sy, HAS_RESIDUAL=residual is not None, RELU=relu, BLOCK_M=tile_m, BLOCK_C=block_c)
+                            *sy, HAS_RESIDUAL=residual is not None, RELU=relu, BLOCK_M=g.tile_m, BLOCK_C=g.block_c)
         ctx.save_for_backward(x, y if relu else None, weight, mean, invstd)
         ctx.relu = relu
         ctx.residual_like = (residual.dtype, _channels_last(residual)) if residual is not None else None
@@ -287,12 +297,11 @@ class _BatchNormAct(torch.autograd.Function):
         rows, hw = n * h * w, h * w
         sx = _nchw_strides(x)
         sy = _nchw_strides(y) if y is not None else sx
-        programs_m, programs_c, rows_per_program, block_m = _partials_grid(rows, c)
-        block_c = _tiles(c)[1]
-        partials = torch.empty(programs_m, 2, c, device=x.device, dtype=torch.float32)
-        _grad_partials_kernel[(programs_m, programs_c)](
-            dy, y if y is not None else x, x, mean, invstd, partials, rows, c, hw, *sd, *sy, *sx, rows_per_program,
-            RELU=ctx.relu, BLOCK_M=block_m, BLOCK_C=block_c)
+        g = _grid(rows, c)
+        partials = torch.empty(g.programs_m, 2, c, device=x.device, dtype=torch.float32)
+        _grad_partials_kernel[(g.programs_m, g.programs_c)](
+            dy, y if y is not None else x, x, mean, invstd, partials, rows, c, hw, *sd, *sy, *sx,
+            g.rows_per_program, RELU=ctx.relu, BLOCK_M=g.block_m, BLOCK_C=g.block_c)
         sums = partials.sum(0)  # (2, C): sum of dz, sum of dz * x_hat; a fixed order, so deterministic
         want_dx = ctx.needs_input_grad[0]
         dx = torch.empty_like(x) if want_dx else None
@@ -302,14 +311,13 @@ class _BatchNormAct(torch.autograd.Function):
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             dres = torch.empty(x.shape, device=x.device, dtype=dtype, memory_format=fmt)
         if dx is not None or dres is not None:
-            tile_m, _ = _tiles(c)
-            grid = (triton.cdiv(rows, tile_m), programs_c)
+            grid = (triton.cdiv(rows, g.tile_m), g.programs_c)
             sg = _nchw_strides(dx) if dx is not None else sx
             sr = _nchw_strides(dres) if dres is not None else sx
             _grad_input_kernel[grid](
                 dy, y if y is not None else x, x, mean, invstd, weight, sums, dx if dx is not None else x,
                 dres if dres is not None else x, rows, c, hw, *sd, *sy, *sx, *sg, *sr, RELU=ctx.relu,
-                HAS_RESIDUAL=dres is not None, WANT_DX=want_dx, BLOCK_M=tile_m, BLOCK_C=block_c)
+                HAS_RESIDUAL=dres is not None, WANT_DX=want_dx, BLOCK_M=g.tile_m, BLOCK_C=g.block_c)
         dweight = sums[1].to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = sums[0].to(weight.dtype) if ctx.needs_input_grad[2] else None
         return dx, dweight, dbias, dres, None, None, None, None, None

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from fastlocal import kernels
 from fastlocal.heads import GapLinear
 from fastlocal.models.backbone import Backbone
 
@@ -55,8 +56,6 @@ class BasicBlock(nn.Module):
 def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, backend: str, residual: torch.Tensor | None = None,
                    relu: bool = True) -> torch.Tensor:
     """relu(bn(x) + residual) of a BatchNorm2d in training mode, through `fastlocal.kernels.batch_norm_act`."""
-    from fastlocal import kernels
-
     if bn.momentum is None or not bn.track_running_stats or not bn.affine:
         # A cumulative average needs the batch count on the host; keep PyTorch's module for these cases.
         out = bn(x) if residual is None else bn(x) + residual
