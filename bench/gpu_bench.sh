@@ -45,14 +45,15 @@ if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1 || true
 fi
 
-# The step grid first (the headline numbers), then the sweep, then the kernels; rc 1 (a failed case)
-# still leaves a JSON worth reporting, so the report runs unless pytest wrote none.
+# The step grid first (the headline numbers), then the sweep, then the kernels (without the batch norm's
+# launch-shape sweep, a tuning aid that bench/gpu_fast_path_check.sh runs); rc 1 (a failed case) still
+# leaves a JSON worth reporting, so the report runs unless pytest wrote none.
 start=$(date +%s)
 set +e
 timeout --signal=INT --kill-after=15 "$TIMEOUT_S" "$PYTHON" -m pytest \
     bench/test_bench_steps.py bench/test_bench_memory.py bench/test_bench_kernels.py \
     --benchmark-only --benchmark-json="$OUT_DIR/bench.json" --benchmark-max-time=0.25 \
-    --benchmark-columns=median,iqr,rounds --benchmark-sort=name -p no:cacheprovider -q -rs "$@" \
+    --benchmark-columns=median,iqr,rounds --benchmark-sort=name -p no:cacheprovider -q -rs -k "not launch_shapes" "$@" \
     2>&1 | tee "$OUT_DIR/pytest.log"
 rc=${PIPESTATUS[0]}
 set -e

@@ -264,13 +264,7 @@ BN_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("timing", TIMINGS)
-@pytest.mark.parametrize("implementation", ["eager", "triton"])
-@pytest.mark.parametrize("shape_name", list(BN_SHAPES))
-def test_bench_batch_norm(benchmark, shape_name, implementation, timing):
-    if implementation == "triton" and not TRITON_RUNNABLE:
-        pytest.skip(TRITON_SKIP_REASON)
-    _skip_timing(timing)
+def _bench_batch_norm(benchmark, shape_name: str, implementation: str, timing: str, group_suffix: str = "") -> None:
     full, smoke = BN_SHAPES[shape_name]
     shape = smoke if SMOKE else full
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -292,12 +286,56 @@ def test_bench_batch_norm(benchmark, shape_name, implementation, timing):
         y = batch_norm_act(x, weight, bias, running_mean, running_var, 0.1, 1e-5, residual, True, backend=backend)
         torch.autograd.grad(y, (x, weight, bias, residual), dy)
 
-    _benchmark_timed(benchmark, forward_backward, timing, f"batch_norm {shape_name} {_dtype_name(dtype)} {timing}")
+    group = f"batch_norm {shape_name} {_dtype_name(dtype)} {timing}{group_suffix}"
+    _benchmark_timed(benchmark, forward_backward, timing, group)
     benchmark.extra_info.update(_environment(dtype))
     benchmark.extra_info.update({"shape": shape_name, "implementation": implementation, "timing": timing,
                                  "x_shape": list(shape)})
     # The floor: read x, the residual and dy once, write y, dx and the residual's gradient once.
     _record_speed(benchmark, 6 * x.numel() * x.element_size())
+
+
+@pytest.mark.parametrize("timing", TIMINGS)
+@pytest.mark.parametrize("implementation", ["eager", "triton"])
+@pytest.mark.parametrize("shape_name", list(BN_SHAPES))
+def test_bench_batch_norm(benchmark, shape_name, implementation, timing):
+    if implementation == "triton" and not TRITON_RUNNABLE:
+        pytest.skip(TRITON_SKIP_REASON)
+    _skip_timing(timing)
+    _bench_batch_norm(benchmark, shape_name, implementation, timing)
+
+
+# The fused batch norm's launch shapes to try (the first is the shipped default): elements per loop step of
+# the partial sums, partial-sum programs, channels per program summing the partials. The partial sums read
+# up to three tensors in a loop, so their tile size and program count set how many bytes are in flight.
+BN_LAUNCH_SHAPES = [
+    (1024, 512, 16), (1024, 512, 64), (1024, 256, 16), (1024, 1024, 16),
+    (2048, 256, 16), (2048, 512, 16), (4096, 256, 16), (4096, 512, 16), (4096, 1024, 16),
+]
+
+
+@pytest.mark.parametrize("launch", BN_LAUNCH_SHAPES, ids=lambda s: "tile{}-partials{}-fin{}".format(*s))
+@pytest.mark.parametrize("shape_name", ["stage1", "stage3"])
+def test_bench_batch_norm_launch_shapes(benchmark, monkeypatch, shape_name, launch):
+    """The Triton batch norm under each launch shape (graph-timed on CUDA): which default to ship."""
+    if not TRITON_RUNNABLE:
+        pytest.skip(TRITON_SKIP_REASON)
+    from fastlocal.kernels import batch_norm
+
+    tile, partials, finalize_channels = launch
+    monkeypatch.setattr(batch_norm, "PARTIALS_TILE", tile)
+    monkeypatch.setattr(batch_norm, "TARGET_PARTIALS", partials)
+    monkeypatch.setattr(batch_norm, "FINALIZE_CHANNELS", finalize_channels)
+    timing = "graph" if DEVICE.type == "cuda" else "call"
+    _bench_batch_norm(benchmark, shape_name, "triton", timing, group_suffix=" launch shapes")
+    benchmark.extra_info.update({"partials_tile": tile, "target_partials": partials,
+                                 "finalize_channels": finalize_channels})
+
+
+def test_bench_launch_shapes_start_with_the_shipped_default():
+    from fastlocal.kernels import batch_norm
+
+    assert BN_LAUNCH_SHAPES[0] == (batch_norm.PARTIALS_TILE, batch_norm.TARGET_PARTIALS, batch_norm.FINALIZE_CHANNELS)
 
 
 def test_bench_helpers_median():

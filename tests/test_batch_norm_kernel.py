@@ -78,8 +78,11 @@ def test_fp32_matches_float64_batch_norm(shape, channels_last, residual, relu, d
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_many_partial_sums_per_program(monkeypatch, device):
-    # Few partial-sum programs, so each loops over several row tiles (what large batches do on a GPU).
+    # Few partial-sum programs, so each loops over several row tiles (what large batches do on a GPU), and
+    # partials summed in several loop steps by several programs.
     monkeypatch.setattr(bn_kernel, "TARGET_PARTIALS", 3)
+    monkeypatch.setattr(bn_kernel, "FINALIZE_ROWS", 2)
+    monkeypatch.setattr(bn_kernel, "FINALIZE_CHANNELS", 4)
     x, weight, bias, res = inputs((4, 16, 12, 12), True, True, device)
     assert_close_all(run("triton", x, weight, bias, res, True), reference_f64(x, weight, bias, res, True),
                      rtol=1e-5, atol=1e-5)
@@ -101,6 +104,28 @@ def test_bf16_storage_follows_the_fp32_math(device):
     assert grads[1].dtype == torch.float32
     # The reference sees the same bf16 values, computes in float64; the difference is bf16 rounding.
     assert_close_all((y, grads, rm, rv), reference_f64(x, weight, bias, res, True), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("wanted", ["all", "residual_only"])
+def test_residual_in_another_dtype_and_only_some_gradients(wanted, device):
+    # A bf16 input with an fp32 residual: the residual's gradient is not dy's dtype, so the dx pass computes
+    # dz again instead of reading it back; with only the residual's gradient wanted there is no dx pass.
+    x, weight, bias, res = inputs((3, 16, 5, 5), True, True, device, dtype=torch.bfloat16)
+    res = res.float()
+    leaves = [t.clone().requires_grad_(wanted == "all" or t is res) for t in (x, weight, bias, res)]
+    y = batch_norm_act(*leaves[:3], None, None, 0.1, 1e-5, leaves[3], True, backend="triton")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=y.dtype)
+    y.backward(dy)
+    expected = [t.double().cpu().requires_grad_() for t in (x, weight, bias, res)]
+    F.relu(F.batch_norm(expected[0], None, None, expected[1], expected[2], True, 0.1, 1e-5) + expected[3]) \
+        .backward(dy.double().cpu())
+    assert leaves[3].grad.dtype == torch.float32
+    for got, ref in zip(leaves, expected):
+        if got.requires_grad:
+            torch.testing.assert_close(got.grad.double().cpu(), ref.grad, rtol=2e-2, atol=2e-2)
+        else:
+            assert got.grad is None
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,8 +12,9 @@ What is fused, per call (x viewed as an (M, C) matrix, M = N*H*W, any layout wit
   channel's first element: the shifted-data variance, stable when the mean is large), a finalize kernel
   (mean, 1/std, the per-channel scale and shift, the running-statistics update), and one pass
   ``y = relu(x * scale + shift + residual)``;
-- backward: a partial-sums kernel of ``dz`` and ``dz * x_hat`` (``dz`` = dy masked by ``y > 0``), one sum
-  of the partials, and one pass writing ``dx`` (and ``dz``, the residual's gradient).
+- backward: a partial-sums kernel of ``dz`` and ``dz * x_hat`` (``dz`` = dy masked by ``y > 0``; it also
+  writes ``dz``, the residual's gradient, when there is one), a kernel summing the partials, and one pass
+  writing ``dx`` (reading the stored ``dz`` back instead of ``dy`` and ``y``).
 
 Arithmetic is fp32 whatever the storage dtype; y, dx and the residual's gradient are stored in the dtype
 of x and of the residual. Partial sums are reduced in a fixed order, so results are deterministic.
@@ -41,6 +42,10 @@ except ImportError:  # the reference below works without triton
 TILE = 4096
 PARTIALS_TILE = 1024
 TARGET_PARTIALS = 512
+# The kernels that sum the partials: rows summed per loop step, and channels per program (few channels per
+# program, so a 64-channel norm sums its partials in four programs instead of one long serial loop).
+FINALIZE_ROWS = 64
+FINALIZE_CHANNELS = 16
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -94,13 +99,10 @@ if triton is not None:
         tl.store(out + C, tl.sum(s2, axis=0), mask=col_mask)
 
     @triton.jit
-    def _stats_finalize_kernel(x_ptr, partial_ptr, num_partials, weight_ptr, bias_ptr, running_mean_ptr,
-                               running_var_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, M, C, sxc, eps,
-                               momentum, UPDATE_RUNNING: tl.constexpr, BLOCK_P: tl.constexpr,
-                               BLOCK_C: tl.constexpr):
-        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_mask = cols < C
-        k = tl.load(x_ptr + cols.to(tl.int64) * sxc, mask=col_mask, other=0.0).to(tl.float32)
+    def _sum_partials(partial_ptr, num_partials, cols, col_mask, C, BLOCK_P: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+        # The two (num_partials, C) halves of the (num_partials, 2, C) partials, summed over their rows in
+        # a fixed order.
         a1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
         a2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
         for start in range(0, num_partials, BLOCK_P):
@@ -109,8 +111,17 @@ if triton is not None:
             row = partial_ptr + p[:, None] * 2 * C + cols[None, :]
             a1 += tl.load(row, mask=mask, other=0.0)
             a2 += tl.load(row + C, mask=mask, other=0.0)
-        s1 = tl.sum(a1, axis=0)
-        s2 = tl.sum(a2, axis=0)
+        return tl.sum(a1, axis=0), tl.sum(a2, axis=0)
+
+    @triton.jit
+    def _stats_finalize_kernel(x_ptr, partial_ptr, num_partials, weight_ptr, bias_ptr, running_mean_ptr,
+                               running_var_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, M, C, sxc, eps,
+                               momentum, UPDATE_RUNNING: tl.constexpr, BLOCK_P: tl.constexpr,
+                               BLOCK_C: tl.constexpr):
+        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_mask = cols < C
+        k = tl.load(x_ptr + cols.to(tl.int64) * sxc, mask=col_mask, other=0.0).to(tl.float32)
+        s1, s2 = _sum_partials(partial_ptr, num_partials, cols, col_mask, C, BLOCK_P, BLOCK_C)
         shifted_mean = s1 / M
         var = tl.maximum(s2 / M - shifted_mean * shifted_mean, 0.0)
         mean = k + shifted_mean
@@ -152,9 +163,22 @@ if triton is not None:
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _grad_partials_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, partial_ptr, M, C, hw_size, sdn, sdc,
-                              sdhw, syn, syc, syhw, sxn, sxc, sxhw, rows_per_program, RELU: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _masked_grad(dy_ptr, y_ptr, rows, cols, mask, hw_size, sdn, sdc, sdhw, syn, syc, syhw,
+                     RELU: tl.constexpr):
+        # dz = dy where the output was positive (the ReLU's gradient), in fp32.
+        dz = tl.load(dy_ptr + _tile_offsets(rows, cols, hw_size, sdn, sdc, sdhw), mask=mask, other=0.0)
+        dz = dz.to(tl.float32)
+        if RELU:
+            y = tl.load(y_ptr + _tile_offsets(rows, cols, hw_size, syn, syc, syhw), mask=mask, other=0.0)
+            dz = tl.where(y.to(tl.float32) > 0.0, dz, 0.0)
+        return dz
+
+    @triton.jit
+    def _grad_partials_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, partial_ptr, dz_ptr, M, C, hw_size,
+                              sdn, sdc, sdhw, syn, syc, syhw, sxn, sxc, sxhw, szn, szc, szhw, rows_per_program,
+                              RELU: tl.constexpr, STORE_DZ: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
+        # STORE_DZ: also write dz (the residual's gradient), so the dx pass reads it instead of dy and y.
         pid_m, pid_c = tl.program_id(0), tl.program_id(1)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         col_mask = cols < C
@@ -166,11 +190,10 @@ if triton is not None:
         for start in range(0, rows_per_program, BLOCK_M):
             rows = first + start + tl.arange(0, BLOCK_M)
             mask = (rows < M)[:, None] & col_mask[None, :]
-            dz = tl.load(dy_ptr + _tile_offsets(rows, cols, hw_size, sdn, sdc, sdhw), mask=mask, other=0.0)
-            dz = dz.to(tl.float32)
-            if RELU:
-                y = tl.load(y_ptr + _tile_offsets(rows, cols, hw_size, syn, syc, syhw), mask=mask, other=0.0)
-                dz = tl.where(y.to(tl.float32) > 0.0, dz, 0.0)
+            dz = _masked_grad(dy_ptr, y_ptr, rows, cols, mask, hw_size, sdn, sdc, sdhw, syn, syc, syhw, RELU)
+            if STORE_DZ:
+                dz_ptrs = dz_ptr + _tile_offsets(rows, cols, hw_size, szn, szc, szhw)
+                tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
             x = tl.load(x_ptr + _tile_offsets(rows, cols, hw_size, sxn, sxc, sxhw), mask=mask, other=0.0)
             x_hat = (x.to(tl.float32) - mean[None, :]) * invstd[None, :]
             s1 += dz
@@ -180,22 +203,31 @@ if triton is not None:
         tl.store(out + C, tl.sum(s2, axis=0), mask=col_mask)
 
     @triton.jit
+    def _grad_sums_kernel(partial_ptr, num_partials, sums_ptr, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        # sums (2, C): the bias gradient sum(dz) and the weight gradient sum(dz * x_hat).
+        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_mask = cols < C
+        s1, s2 = _sum_partials(partial_ptr, num_partials, cols, col_mask, C, BLOCK_P, BLOCK_C)
+        tl.store(sums_ptr + cols, s1, mask=col_mask)
+        tl.store(sums_ptr + C + cols, s2, mask=col_mask)
+
+    @triton.jit
     def _grad_input_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, sums_ptr, dx_ptr, dres_ptr,
                            M, C, hw_size, sdn, sdc, sdhw, syn, syc, syhw, sxn, sxc, sxhw, sgn, sgc, sghw, srn,
-                           src, srhw, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WANT_DX: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                           src, srhw, RELU: tl.constexpr, DZ_STORED: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                           WANT_DX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        # DZ_STORED: the partial-sums pass already wrote dz into dres; read it back (one tensor, not two).
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         col_mask = cols < C
         mask = (rows < M)[:, None] & col_mask[None, :]
-        dz = tl.load(dy_ptr + _tile_offsets(rows, cols, hw_size, sdn, sdc, sdhw), mask=mask, other=0.0)
-        dz = dz.to(tl.float32)
-        if RELU:
-            y = tl.load(y_ptr + _tile_offsets(rows, cols, hw_size, syn, syc, syhw), mask=mask, other=0.0)
-            dz = tl.where(y.to(tl.float32) > 0.0, dz, 0.0)
-        if HAS_RESIDUAL:
-            dres_ptrs = dres_ptr + _tile_offsets(rows, cols, hw_size, srn, src, srhw)
-            tl.store(dres_ptrs, dz.to(dres_ptr.dtype.element_ty), mask=mask)
+        dres_ptrs = dres_ptr + _tile_offsets(rows, cols, hw_size, srn, src, srhw)
+        if DZ_STORED:
+            dz = tl.load(dres_ptrs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            dz = _masked_grad(dy_ptr, y_ptr, rows, cols, mask, hw_size, sdn, sdc, sdhw, syn, syc, syhw, RELU)
+            if HAS_RESIDUAL:
+                tl.store(dres_ptrs, dz.to(dres_ptr.dtype.element_ty), mask=mask)
         if WANT_DX:
             mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
             invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0)
@@ -248,14 +280,17 @@ class _Grid(NamedTuple):
     programs_m: int  # partial-sum programs (rows of the partials)
     rows_per_program: int
     block_m: int  # rows of one loop step of the partial sums
+    block_c_finalize: int  # channels of one program summing the partials
+    programs_c_finalize: int
 
 
 def _grid(rows: int, num_channels: int) -> _Grid:
     tile_m, block_c = _tiles(num_channels)
     block_m = min(_tiles(num_channels, PARTIALS_TILE)[0], max(16, triton.next_power_of_2(rows)))
     rows_per_program = block_m * triton.cdiv(triton.cdiv(rows, block_m), TARGET_PARTIALS)
+    block_c_finalize = min(block_c, FINALIZE_CHANNELS)
     return _Grid(block_c, tile_m, triton.cdiv(num_channels, block_c), triton.cdiv(rows, rows_per_program),
-                 rows_per_program, block_m)
+                 rows_per_program, block_m, block_c_finalize, triton.cdiv(num_channels, block_c_finalize))
 
 
 class _BatchNormAct(torch.autograd.Function):
@@ -271,10 +306,11 @@ class _BatchNormAct(torch.autograd.Function):
                                                              BLOCK_M=g.block_m, BLOCK_C=g.block_c)
         mean, invstd, scale, shift = torch.empty(4, c, device=device, dtype=torch.float32).unbind(0)
         update = running_mean is not None
-        _stats_finalize_kernel[(g.programs_c,)](
+        _stats_finalize_kernel[(g.programs_c_finalize,)](
             x, partials, g.programs_m, weight, bias, running_mean if update else mean,
             running_var if update else mean, mean, invstd, scale, shift, rows, c, sx[1], eps,
-            momentum if momentum is not None else 0.0, UPDATE_RUNNING=update, BLOCK_P=64, BLOCK_C=g.block_c)
+            momentum if momentum is not None else 0.0, UPDATE_RUNNING=update, BLOCK_P=FINALIZE_ROWS,
+            BLOCK_C=g.block_c_finalize)
         y = torch.empty_like(x)
         sy = _nchw_strides(y)
         grid = (triton.cdiv(rows, g.tile_m), g.programs_c)
@@ -298,11 +334,6 @@ class _BatchNormAct(torch.autograd.Function):
         sx = _nchw_strides(x)
         sy = _nchw_strides(y) if y is not None else sx
         g = _grid(rows, c)
-        partials = torch.empty(g.programs_m, 2, c, device=x.device, dtype=torch.float32)
-        _grad_partials_kernel[(g.programs_m, g.programs_c)](
-            dy, y if y is not None else x, x, mean, invstd, partials, rows, c, hw, *sd, *sy, *sx,
-            g.rows_per_program, RELU=ctx.relu, BLOCK_M=g.block_m, BLOCK_C=g.block_c)
-        sums = partials.sum(0)  # (2, C): sum of dz, sum of dz * x_hat; a fixed order, so deterministic
         want_dx = ctx.needs_input_grad[0]
         dx = torch.empty_like(x) if want_dx else None
         dres = None
@@ -310,14 +341,25 @@ class _BatchNormAct(torch.autograd.Function):
             dtype, channels_last = ctx.residual_like
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             dres = torch.empty(x.shape, device=x.device, dtype=dtype, memory_format=fmt)
-        if dx is not None or dres is not None:
+        sg = _nchw_strides(dx) if dx is not None else sx
+        sr = _nchw_strides(dres) if dres is not None else sx
+        # dz is a masked copy of dy: stored in dres's dtype it is exact when that is dy's dtype.
+        store_dz = dres is not None and dres.dtype == dy.dtype
+        partials = torch.empty(g.programs_m, 2, c, device=x.device, dtype=torch.float32)
+        _grad_partials_kernel[(g.programs_m, g.programs_c)](
+            dy, y if y is not None else x, x, mean, invstd, partials, dres if store_dz else x, rows, c, hw, *sd,
+            *sy, *sx, *sr, g.rows_per_program, RELU=ctx.relu, STORE_DZ=store_dz, BLOCK_M=g.block_m,
+            BLOCK_C=g.block_c)
+        sums = torch.empty(2, c, device=x.device, dtype=torch.float32)  # sum of dz, sum of dz * x_hat
+        _grad_sums_kernel[(g.programs_c_finalize,)](partials, g.programs_m, sums, c, BLOCK_P=FINALIZE_ROWS,
+                                                    BLOCK_C=g.block_c_finalize)
+        if want_dx or (dres is not None and not store_dz):
             grid = (triton.cdiv(rows, g.tile_m), g.programs_c)
-            sg = _nchw_strides(dx) if dx is not None else sx
-            sr = _nchw_strides(dres) if dres is not None else sx
             _grad_input_kernel[grid](
                 dy, y if y is not None else x, x, mean, invstd, weight, sums, dx if dx is not None else x,
                 dres if dres is not None else x, rows, c, hw, *sd, *sy, *sx, *sg, *sr, RELU=ctx.relu,
-                HAS_RESIDUAL=dres is not None, WANT_DX=want_dx, BLOCK_M=g.tile_m, BLOCK_C=g.block_c)
+                DZ_STORED=store_dz, HAS_RESIDUAL=dres is not None, WANT_DX=want_dx, BLOCK_M=g.tile_m,
+                BLOCK_C=g.block_c)
         dweight = sums[1].to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = sums[0].to(weight.dtype) if ctx.needs_input_grad[2] else None
         return dx, dweight, dbias, dres, None, None, None, None, None
