@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes, on one CUDA device.
 
     PYTHONPATH=$PWD python scripts/profile_step.py [--arch resnet32 --k 15 --batch 1024]
-    PYTHONPATH=$PWD python scripts/profile_step.py --flops      (CPU is enough: FLOPs of one step vs BP)
+    PYTHONPATH=$PWD python scripts/profile_step.py --flops      (CPU is enough: FLOPs and bytes of one step vs BP)
 
 1. Graphed step time (bf16 + channels_last, the step replayed from a CUDA graph) of a set of variants:
    `--set ablations`: BP, DGL, MLAAN without LAM, MLAAN, MLAAN with the PyTorch (reference) kernels (the
@@ -122,37 +122,52 @@ def concurrency_probe(arch: str, k: int, batch: int, module: int) -> tuple[float
     return results[0], results[1]
 
 
-class StepFlops(TorchDispatchMode):
-    """Counts the FLOPs of every op PyTorch's flop counter knows (convolutions and matrix products, forward
-    and backward). FlopCounterMode itself cannot be used: its module hooks break `autograd.grad`."""
+# Ops that allocate or alias without touching tensor data: no memory traffic.
+_NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros_like", "detach",
+               "set_", "lift_fresh"}
+
+
+class StepCost(TorchDispatchMode):
+    """Counts, per op: the FLOPs of every op PyTorch's flop counter knows (convolutions and matrix products,
+    forward and backward), and the bytes of the op's tensor inputs and outputs, a proxy of the memory
+    traffic of unfused kernels (views and allocations excluded). FlopCounterMode itself cannot be used:
+    its module hooks break `autograd.grad`."""
 
     def __init__(self):
         super().__init__()
-        self.total = 0
+        self.flops = 0
+        self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         count = flop_registry.get(func._overloadpacket)
         if count is not None:
-            self.total += count(*args, **kwargs, out_val=out)
+            self.flops += count(*args, **kwargs, out_val=out)
+        aliases = any(r.alias_info is not None for r in func._schema.returns)
+        if not aliases and func._overloadpacket.__name__ not in _NO_TRAFFIC:
+            tensors = [t for t in (*args, *kwargs.values(), *(out if isinstance(out, (tuple, list)) else (out,)))
+                       if isinstance(t, torch.Tensor)]
+            self.bytes += sum(t.numel() * t.element_size() for t in tensors)
         return out
 
 
-def step_flops(arch: str, method: str, k: int, extra=(), batch: int = 4) -> int:
-    """FLOPs of one local_train_step (forwards and backwards; the optimizer's elementwise work excluded)."""
+def step_cost(arch: str, method: str, k: int, extra=(), batch: int = 4) -> tuple[int, int]:
+    """(FLOPs, bytes) of one local_train_step, fp32 (forwards and backwards; the optimizer excluded)."""
     _, modules, m, x, y, _, _ = build(arch, method, k, batch, extra, device="cpu")
-    with StepFlops() as counter:
+    with StepCost() as counter:
         local_train_step(modules, m, Batch(x.contiguous(), y, *MEAN_STD))
-    return counter.total
+    return counter.flops, counter.bytes
 
 
 def print_flops(arch: str, k: int) -> None:
-    bp = step_flops(arch, "bp", 1)
-    print(f"== FLOPs of one step relative to BP, {arch} (BP: {bp / 4 / 1e9:.3f} GFLOP per image)")
+    bp_flops, bp_bytes = step_cost(arch, "bp", 1)
+    print(f"== one step relative to BP, {arch} (BP: {bp_flops / 4 / 1e9:.3f} GFLOP and "
+          f"{bp_bytes / 4 / 1e6:.1f} MB of op inputs and outputs per image, fp32)")
     for name, method, extra in (("dgl", "dgl", ()), ("mlaan without LAM", "mlaan", ("mlaan.lam=false",)),
                                 ("mlaan", "mlaan", ())):
-        print(f"{name} K={k}: {step_flops(arch, method, k, extra) / bp:.2f}x BP")
+        flops, num_bytes = step_cost(arch, method, k, extra)
+        print(f"{name} K={k}: {flops / bp_flops:.2f}x BP's FLOPs, {num_bytes / bp_bytes:.2f}x its bytes")
 
 
 def main() -> None:
@@ -160,7 +175,7 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet32")
     parser.add_argument("--k", type=int, default=15)
     parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--flops", action="store_true", help="only count FLOPs (runs on the CPU)")
+    parser.add_argument("--flops", action="store_true", help="only count FLOPs and bytes (runs on the CPU)")
     parser.add_argument("--set", choices=("fast", "ablations"), default="fast")
     parser.add_argument("--probe", action="store_true", help="run the two-stream concurrency probe")
     parser.add_argument("--profile", choices=("plain", "fbn", "none"), default="fbn")
