@@ -1,0 +1,90 @@
+"""The few-channel 3x3 convolution kernel against PyTorch's convolution in float64."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlocal.kernels import conv as conv_module
+from fastlocal.kernels import conv3x3
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py on CPU)",
+)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def leaves(shape, out_channels, device, dtype=torch.float32, channels_last=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(out_channels, shape[1], 3, 3, generator=g, dtype=torch.float64) / 12).to(device=device,
+                                                                                               dtype=dtype)
+    dy = torch.randn(shape[0], out_channels, *shape[2:], generator=g, dtype=torch.float64)
+    return x.requires_grad_(), w.requires_grad_(), dy
+
+
+def reference_f64(x, w, dy):
+    x64, w64 = (t.detach().double().cpu().requires_grad_() for t in (x, w))
+    y = F.conv2d(x64, w64, padding=1)
+    y.backward(dy)
+    return y, x64.grad, w64.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("shape,out_channels", [((2, 16, 5, 7), 16), ((3, 16, 4, 4), 32), ((1, 32, 6, 3), 16),
+                                                ((2, 64, 1, 9), 64)],
+                         ids=["16-16", "16-32", "32-16-odd", "64-64-one-row"])
+def test_fp32_matches_float64_convolution(shape, out_channels, channels_last, device, monkeypatch):
+    # Small tiles and few weight-gradient programs, so every test shape spans several of each.
+    monkeypatch.setattr(conv_module, "CONV_PIXELS", 16)
+    monkeypatch.setattr(conv_module, "WGRAD_PROGRAMS", 3)
+    x, w, dy = leaves(shape, out_channels, device, channels_last=channels_last)
+    y = conv3x3(x, w, backend="triton")
+    y.backward(dy.to(device=device, dtype=y.dtype))
+    y_ref, dx_ref, dw_ref = reference_f64(x, w, dy)
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double().cpu(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double().cpu(), dx_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double().cpu(), dw_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_is_exact_products_summed_in_fp32(device):
+    x, w, dy = leaves((2, 16, 6, 6), 16, device, dtype=torch.bfloat16)
+    y = conv3x3(x, w, backend="triton")
+    y.backward(dy.to(device=device, dtype=y.dtype))
+    assert y.dtype == x.grad.dtype == w.grad.dtype == torch.bfloat16
+    # The reference sees the same bf16 values (and the bf16-rounded dy): only output rounding differs.
+    y_ref, dx_ref, dw_ref = reference_f64(x, w, dy.to(torch.bfloat16).double())
+    for got, ref in ((y, y_ref), (x.grad, dx_ref), (w.grad, dw_ref)):
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_casts_both_like_conv2d(device):
+    x, w, _ = leaves((2, 16, 4, 4), 16, device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y = conv3x3(x, w, backend="triton")
+        expected = F.conv2d(x, w, padding=1)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == w.grad.dtype == torch.float32  # the casts' backward returns fp32 gradients
+    torch.testing.assert_close(y.float(), expected.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_unsupported_shapes_are_a_clear_error():
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="16/32/64 channels in and out, got 3 -> 16.*reference backend"):
+        conv3x3(x, torch.randn(16, 3, 3, 3), backend="triton")
+    with pytest.raises(ValueError, match="3x3 weight"):
+        conv3x3(torch.randn(1, 16, 4, 4), torch.randn(16, 16, 1, 1), backend="triton")
+
+
+def test_reference_backend_is_conv2d():
+    x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    torch.testing.assert_close(conv3x3(x, w, backend="reference"), F.conv2d(x, w, padding=1))
