@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# The GPU fast path's checks in one run on one CUDA machine, in under 8 minutes (the hard stops below add up to 7 min 5 s, plus
-# at most 10 s of kill grace per step):
-#   1. its CUDA tests (fused batch norm on CUDA, LAM pair fusion, streams bitwise equal to no streams,
-#      CUDA-graph training equal to eager, the Triton training run), hard stop 80 s;
+# The GPU fast path's checks in one run on one CUDA machine, in under 8 minutes (the hard stops below add
+# up to 7 min 5 s, plus at most 5 s of kill grace per step):
+#   1. its CUDA tests (fused batch norm and the Triton convolution on CUDA, LAM pair fusion, streams bitwise
+#      equal to no streams, CUDA-graph training equal to eager, the Triton training run), hard stop 75 s;
 #   2. bench/test_bench_fast_path.py: BP and MLAAN (ResNet-32 K=15, ResNet-110 K=54) in every variant,
 #      soft budget 140 s, hard stop 175 s, then its table (OUT_DIR/fast_path.md);
-#   3. the fused batch norm's kernel benchmarks (eager vs Triton at the three stage shapes, and the Triton
-#      kernels under each launch shape of BN_LAUNCH_SHAPES), hard stop 60 s, then their table
-#      (OUT_DIR/kernels/bench.md);
+#   3. kernel benchmarks, graph-timed: the fused batch norm (eager vs Triton at the three stage shapes, and
+#      the Triton kernels under each launch shape of BN_LAUNCH_SHAPES) and the 3x3 convolution (cuDNN vs
+#      Triton under each tile of CONV_TILES), hard stop 70 s, then their table (OUT_DIR/kernels/bench.md);
 #   4. bench/fast_path_training.py: MLAAN ResNet-32 K=15, 3 epochs of the bundled CIFAR-10 subset with the
-#      fast path off, fp32-fast and on (acceptance: the same accuracy), hard stop 110 s.
+#      fast path off, fp32-fast and on (acceptance: the same accuracy), hard stop 105 s.
 #
 #   bash bench/gpu_fast_path_check.sh [OUT_DIR]     (OUT_DIR default: $OUT, else bench-results/fast-path)
 # With the device tool:  run(command="bash bench/gpu_fast_path_check.sh /tmp/r; tar czf $OUT/r.tgz -C /tmp r",
 #                            timeout_s=500)
-# The limits can be lowered for a short lease: TESTS_S (80), BENCH_BUDGET_S (140), BENCH_S (175), KERNELS_S (60),
-# TRAIN_S (110), and TESTS_K, a pytest -k expression choosing among the tests.
+# The limits can be lowered for a short lease: TESTS_S (75), BENCH_BUDGET_S (140), BENCH_S (175), KERNELS_S (70),
+# TRAIN_S (105), and TESTS_K, a pytest -k expression choosing among the tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-bench-results/fast-path}}"
@@ -25,27 +25,29 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 "$PYTHON" -c "import torch, triton; print('device', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
 
-timeout --signal=INT --kill-after=10 "${TESTS_S:-80}" "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
-    tests/test_batch_norm_kernel.py tests/test_lam_fusion.py tests/test_kernels_training.py tests/test_fast_path.py \
+timeout --signal=INT --kill-after=5 "${TESTS_S:-75}" "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
+    tests/test_batch_norm_kernel.py tests/test_conv_kernel.py tests/test_lam_fusion.py tests/test_kernels_training.py \
+    tests/test_fast_path.py \
     ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT_DIR/gpu-tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 
 FASTLOCAL_BENCH_MODE=gpu FASTLOCAL_BENCH_BUDGET_S="${BENCH_BUDGET_S:-140}" \
-    timeout --signal=INT --kill-after=10 "${BENCH_S:-175}" "$PYTHON" -m pytest \
+    timeout --signal=INT --kill-after=5 "${BENCH_S:-175}" "$PYTHON" -m pytest \
     bench/test_bench_fast_path.py --benchmark-only --benchmark-json="$OUT_DIR/fast_path.json" -q -p no:cacheprovider \
     2>&1 | tee "$OUT_DIR/fast-path.log" | tail -5
 bench_rc=${PIPESTATUS[0]}
 "$PYTHON" bench/fast_path_table.py "$OUT_DIR/fast_path.json" | tee "$OUT_DIR/fast_path.md"
 
 mkdir -p "$OUT_DIR/kernels"
-timeout --signal=INT --kill-after=10 "${KERNELS_S:-60}" "$PYTHON" -m pytest bench/test_bench_kernels.py -k batch_norm \
+timeout --signal=INT --kill-after=5 "${KERNELS_S:-70}" "$PYTHON" -m pytest bench/test_bench_kernels.py \
+    -k "(batch_norm or conv3x3) and not call" \
     --benchmark-only --benchmark-max-time=0.25 --benchmark-json="$OUT_DIR/kernels/kernels.json" -q -p no:cacheprovider \
     2>&1 | tee "$OUT_DIR/kernels.log" | tail -3
 kernels_rc=${PIPESTATUS[0]}
 "$PYTHON" -m fastlocal.bench.report "$OUT_DIR/kernels/kernels.json" --no-plots >/dev/null \
-    && grep "batch_norm" "$OUT_DIR/kernels/bench.md"
+    && grep -E "batch_norm|conv3x3" "$OUT_DIR/kernels/bench.md"
 
-timeout --signal=INT --kill-after=10 "${TRAIN_S:-110}" "$PYTHON" bench/fast_path_training.py --out "$OUT_DIR/training" \
+timeout --signal=INT --kill-after=5 "${TRAIN_S:-105}" "$PYTHON" bench/fast_path_training.py --out "$OUT_DIR/training" \
     --epochs 3 --no-plot 2>&1 | tee "$OUT_DIR/training.log" | grep -v "^\["
 train_rc=${PIPESTATUS[0]}
 rm -f "$OUT_DIR"/training/*/checkpoint.pt  # tens of MB each; the metrics and summaries stay

@@ -4,9 +4,11 @@ streams) against fastlocal's own fastest BP and the authors' fp32 step times (SP
 Variants of one training step (zero_grad, local forward/backward, EMA, optimizer step), named by parts:
 `fp32` / `bf16-cl` (bf16 autocast + channels_last), `graph` (the step replayed from a CUDA graph), `fbn`
 (system.fused_batch_norm: the blocks' batch norms fused with ReLU and add, Triton), `pair` (mlaan.fuse_pair),
-`streams` (system.cuda_streams); `all` is fbn + pair + streams. BP runs first in each backbone, so every
-MLAAN row carries its ratio to the fastest BP variant measured before it (`time_ratio_vs_fastest_bp`) and
-to the authors' step (`speedup_vs_authors`). Graph, fbn and streams variants need CUDA; on CPU (small
+`streams` (system.cuda_streams), `tconv` (system.triton_conv, experimental: the Triton 16-channel
+convolution); `all` is fbn + pair + streams. BP runs first in each backbone, so every MLAAN row carries its
+ratio to the fastest BP variant measured before it (`time_ratio_vs_fastest_bp`), to BP's `bf16-cl-graph`
+(`time_ratio_vs_bp_graph`: the issue's "bf16 + channels_last + graph" BP, before fastlocal's own kernels)
+and to the authors' step (`speedup_vs_authors`). Graph, fbn and streams variants need CUDA; on CPU (small
 batch) only the eager ones run. Memory is measured on the eager variants (a graph's pool hides its
 allocations).
 
@@ -36,7 +38,7 @@ from fastlocal.config import build_config
 from fastlocal.engine import build_optimizer, forward_context_for, local_train_step
 from fastlocal.graphs import GraphedStep
 from fastlocal.methods import METHODS, Batch
-from fastlocal.models.cifar_resnet import use_fused_batch_norm
+from fastlocal.models.cifar_resnet import use_fused_batch_norm, use_triton_conv
 
 # SPEC section 7: the authors' code on one H100, fp32/TF32, batch 1024 (ms per step).
 AUTHORS_STEP_MS = {("resnet32", "bp"): 50.4, ("resnet32", "mlaan"): 202.4,
@@ -52,29 +54,35 @@ class Variant:
     fused_bn: bool = False
     pair: bool = False
     streams: bool = False
+    triton_conv: bool = False
     mlaan_only: bool = False
     """Pair fusion and streams change nothing in BP (one module, no LAM): measured for MLAAN only."""
 
     @property
     def needs_cuda(self) -> bool:
-        return self.graph or self.fused_bn or self.streams
+        return self.graph or self.fused_bn or self.streams or self.triton_conv
 
 
 VARIANTS = {
     "fp32": Variant("fp32"),
-    "fp32-graph": Variant("fp32", graph=True),
     "fp32-graph-all": Variant("fp32", graph=True, fused_bn=True, pair=True, streams=True, mlaan_only=True),
     "bf16-cl": Variant("bf16", True),
     "bf16-cl-graph": Variant("bf16", True, graph=True),
     "bf16-cl-graph-fbn": Variant("bf16", True, graph=True, fused_bn=True),
-    "bf16-cl-graph-fbn-pair": Variant("bf16", True, graph=True, fused_bn=True, pair=True, mlaan_only=True),
     "bf16-cl-graph-fbn-streams": Variant("bf16", True, graph=True, fused_bn=True, streams=True, mlaan_only=True),
     "bf16-cl-graph-all": Variant("bf16", True, graph=True, fused_bn=True, pair=True, streams=True,
                                  mlaan_only=True),
+    "bf16-cl-graph-fbn-tconv": Variant("bf16", True, graph=True, fused_bn=True, triton_conv=True),
+    "bf16-cl-graph-all-tconv": Variant("bf16", True, graph=True, fused_bn=True, pair=True, streams=True,
+                                       triton_conv=True, mlaan_only=True),
 }
+# (The earlier `fp32-graph` and `bf16-cl-graph-fbn-pair` variants are gone: the H200 run of
+# docs/bench/gpu/fast-path-h200.md showed what they add, 3 % and nothing.)
 MODE = bench_mode()
 DEVICE = bench_device(MODE)
 FASTEST_BP: dict[str, float] = {}  # paper arch -> fastest BP median seconds in this session
+BP_GRAPH_VARIANT = "bf16-cl-graph"
+BP_GRAPH: dict[str, float] = {}  # paper arch -> BP's bf16-cl-graph median seconds in this session
 BP_MEMORY: dict[tuple[str, str], int] = {}  # (paper arch, precision) -> BP peak bytes
 
 
@@ -84,6 +92,8 @@ def fast_step(built, variant: Variant):
     precision, channels_last, graph = variant.precision, variant.channels_last, variant.graph
     if variant.fused_bn:
         assert use_fused_batch_norm([built.backbone, built.method], "triton") > 0
+    if variant.triton_conv:
+        assert use_triton_conv([built.backbone, built.method], "triton") > 0
     side_stream = torch.cuda.Stream(device) if variant.streams else None
     if channels_last:
         built.backbone.to(memory_format=torch.channels_last)
@@ -123,7 +133,7 @@ def fast_step(built, variant: Variant):
 def test_bench_fast_path(benchmark, paper_arch, label, num_modules, variant):
     spec = VARIANTS[variant]
     if spec.needs_cuda and not HAS_CUDA:
-        pytest.skip("CUDA graphs, the Triton batch norm and streams are measured on a CUDA device")
+        pytest.skip("CUDA graphs, the Triton batch norm and convolution, and streams are measured on a CUDA device")
     if spec.mlaan_only and label != "mlaan":
         pytest.skip("pair fusion and streams change nothing in BP")
     check_budget()
@@ -146,13 +156,19 @@ def test_bench_fast_path(benchmark, paper_arch, label, num_modules, variant):
     info = {"suite": "fastlocal-fast-path", "case": f"{arch}-{label}-K{num_modules}-{variant}", "variant": variant,
             "method": label, "arch": arch, "K": num_modules, "batch": case.batch, "precision": precision,
             "channels_last": spec.channels_last, "cuda_graph": graph, "fused_batch_norm": spec.fused_bn,
-            "fuse_pair": spec.pair, "cuda_streams": spec.streams, **environment(DEVICE, MODE)}
+            "fuse_pair": spec.pair, "cuda_streams": spec.streams, "triton_conv": spec.triton_conv,
+            **environment(DEVICE, MODE)}
     if median is not None:
         info["median_step_ms"] = round(median * 1e3, 3)
         if label == "bp":
             FASTEST_BP[paper_arch] = min(FASTEST_BP.get(paper_arch, median), median)
-        elif paper_arch in FASTEST_BP:
-            info["time_ratio_vs_fastest_bp"] = round(median / FASTEST_BP[paper_arch], 3)
+            if variant == BP_GRAPH_VARIANT:
+                BP_GRAPH[paper_arch] = median
+        else:
+            if paper_arch in FASTEST_BP:
+                info["time_ratio_vs_fastest_bp"] = round(median / FASTEST_BP[paper_arch], 3)
+            if paper_arch in BP_GRAPH:
+                info["time_ratio_vs_bp_graph"] = round(median / BP_GRAPH[paper_arch], 3)
         if MODE == "gpu":
             info["speedup_vs_authors"] = round(AUTHORS_STEP_MS[(paper_arch, label)] / (median * 1e3), 2)
     if memory is not None:

@@ -190,6 +190,10 @@ class SystemConfig:
     """Run each residual block's batch norms fused with the ReLU and residual add after them (Triton; CIFAR
     ResNets): auto (on where system.kernels resolves to Triton on a CUDA device), true, false. Same math,
     fewer memory passes; true without the Triton kernels warns."""
+    triton_conv: bool = False
+    """Experimental: run the 16-channel 3x3 convolutions of the CIFAR ResNet blocks (the first stage, where
+    cuDNN was slow on an H200) with the Triton convolution of fastlocal.kernels.conv. Same math up to
+    summation order; off until a GPU run shows it pays; true without the Triton kernels warns."""
 
 
 @dataclass

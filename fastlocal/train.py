@@ -78,7 +78,7 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
     from fastlocal.engine import CHECKPOINT_NAME, Trainer
     from fastlocal.methods import build_method
     from fastlocal.models import build_backbone
-    from fastlocal.models.cifar_resnet import use_fused_batch_norm
+    from fastlocal.models.cifar_resnet import use_fused_batch_norm, use_triton_conv
     from fastlocal.split import describe_split, split_backbone
 
     device = resolve_device(cfg.system.device)
@@ -96,9 +96,13 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
     method = build_method(cfg, backbone, modules)
     method.kernels = resolve_kernels(cfg.system.kernels, device)
     if cfg.system.fused_batch_norm == "true":
-        enable_fused_batch_norm(backbone, method, method.kernels, cfg.model.arch)
+        enable_on_blocks("system.fused_batch_norm", use_fused_batch_norm, backbone, method, method.kernels,
+                         cfg.model.arch, "the blocks run PyTorch's batch norm")
     elif cfg.system.fused_batch_norm == "auto" and device.type == "cuda" and method.kernels == "triton":
         use_fused_batch_norm([backbone, method], "triton")  # nothing happens for backbones without CIFAR blocks
+    if cfg.system.triton_conv:
+        enable_on_blocks("system.triton_conv", use_triton_conv, backbone, method, method.kernels, cfg.model.arch,
+                         "the blocks run PyTorch's convolutions")
     memory_format = torch.channels_last if cfg.system.channels_last else torch.preserve_format
     backbone.to(device, memory_format=memory_format)
     method.to(device, memory_format=memory_format)
@@ -115,17 +119,15 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
     return summary
 
 
-def enable_fused_batch_norm(backbone, method, backend: str, arch: str) -> None:
-    """system.fused_batch_norm=true: fuse, or say why it cannot."""
-    from fastlocal.models.cifar_resnet import use_fused_batch_norm
-
+def enable_on_blocks(option: str, use, backbone, method, backend: str, arch: str, otherwise: str) -> None:
+    """`option`=true, a Triton path of the CIFAR ResNet blocks (`use` sets it on them): set it, or say why
+    it cannot be."""
     if backend != "triton":
-        warnings.warn("system.fused_batch_norm=true needs the Triton kernels (a CUDA device, or TRITON_INTERPRET=1 "
-                      f"for the CPU interpreter), but system.kernels resolved to {backend!r}: the blocks run "
-                      "PyTorch's batch norm", stacklevel=2)
-    if use_fused_batch_norm([backbone, method], backend) == 0:
-        warnings.warn(f"system.fused_batch_norm=true: model.arch={arch!r} has no CIFAR ResNet blocks; "
-                      "it applies to the CIFAR ResNets only, so nothing is fused", stacklevel=2)
+        warnings.warn(f"{option}=true needs the Triton kernels (a CUDA device, or TRITON_INTERPRET=1 for the CPU "
+                      f"interpreter), but system.kernels resolved to {backend!r}: {otherwise}", stacklevel=2)
+    if use([backbone, method], backend) == 0:
+        warnings.warn(f"{option}=true: model.arch={arch!r} has no CIFAR ResNet blocks; it applies to the CIFAR "
+                      "ResNets only, so nothing changes", stacklevel=2)
 
 
 def main(argv: list[str] | None = None) -> int:

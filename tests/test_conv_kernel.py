@@ -5,9 +5,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import short_mlaan_run
 
 from fastlocal.kernels import conv as conv_module
 from fastlocal.kernels import conv3x3
+from fastlocal.models.cifar_resnet import BasicBlock, use_fused_batch_norm, use_triton_conv
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
@@ -88,3 +90,64 @@ def test_unsupported_shapes_are_a_clear_error():
 def test_reference_backend_is_conv2d():
     x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
     torch.testing.assert_close(conv3x3(x, w, backend="reference"), F.conv2d(x, w, padding=1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused_batch_norm", [None, "triton"], ids=["plain_bn", "fused_bn"])
+def test_blocks_with_triton_conv_follow_the_plain_blocks(fused_batch_norm, device):
+    # A 16-channel block (both convolutions replaced) and a downsampling one (16 -> 32 channels: none is).
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(BasicBlock(16, 16, 1), BasicBlock(16, 32, 2)).to(device)
+    fast = torch.nn.Sequential(BasicBlock(16, 16, 1), BasicBlock(16, 32, 2)).to(device)
+    fast.load_state_dict(plain.state_dict())
+    use_fused_batch_norm([plain, fast], fused_batch_norm)
+    assert use_triton_conv([fast], "triton") == 2
+    x = torch.randn(3, 16, 6, 6, device=device)
+    results = []
+    for net in (plain, fast):
+        xs = x.clone().requires_grad_()
+        y = net(xs)
+        y.pow(2).mean().backward()
+        results.append((y, xs.grad, [p.grad for p in net.parameters()]))
+    (y0, dx0, g0), (y1, dx1, g1) = results
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-4, atol=1e-6)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_only_narrow_stride_one_convolutions_take_the_triton_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(conv_module, "conv3x3", lambda x, w: calls.append(tuple(w.shape)) or F.conv2d(x, w, padding=1))
+    blocks = [BasicBlock(16, 16, 1), BasicBlock(16, 32, 2), BasicBlock(32, 32, 1)]
+    use_triton_conv(blocks, "triton")
+    x = torch.randn(2, 16, 8, 8)
+    for block in blocks:
+        x = block(x)
+    assert calls == [(16, 16, 3, 3)] * 2  # the first block's two; 32 channels and stride 2 stay with PyTorch
+    use_triton_conv(blocks, None)
+    blocks[0](torch.randn(2, 16, 8, 8))
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mlaan_training_with_triton_conv_follows_the_plain_run(device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+    def triton_conv(backbone, method):
+        assert use_triton_conv([backbone, method], "triton") > 9  # the backbone's 9 blocks and the LAMs'
+
+    fast = short_mlaan_run(device, prepare=triton_conv, steps=2)[0]
+    assert fast == pytest.approx(short_mlaan_run(device, steps=2)[0], rel=1e-4)
+
+
+def test_flag_without_triton_warns_and_trains(tmp_path):
+    from fastlocal.train import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the fallback where system.kernels resolves to PyTorch")
+    args = ["--data.source=bundled", "--data.max_train=40", "--data.max_test=20", "--model.arch=resnet20",
+            "--method.name=dgl", "--method.num_modules=2", "--train.batch_size=16", "--train.epochs=1",
+            "--log.progress=false", "--system.triton_conv=true", "--out", str(tmp_path)]
+    with pytest.warns(UserWarning, match="system.triton_conv=true needs the Triton kernels"):
+        assert main(args) == 0
