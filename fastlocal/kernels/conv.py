@@ -88,8 +88,10 @@ if triton is not None:
     @triton.jit
     def _wgrad_kernel(x_ptr, dy_ptr, partial_ptr, M, H, W, pixels_per_program, CI: tl.constexpr, CO: tl.constexpr,
                       BLOCK_P: tl.constexpr, UPCAST: tl.constexpr):
-        # Program (i, tap): partial[i, tap] = sum over its pixels of dy[p]^T x[p shifted by tap], (CO, CI).
-        pid, tap = tl.program_id(0), tl.program_id(1)
+        # Program (tap, i): partial[i, tap] = sum over its pixels of dy[p]^T x[p shifted by tap], (CO, CI).
+        # The tap varies fastest over the grid, so the 9 programs of one pixel range run together and read
+        # their tiles of dy and x from memory once (then from L2).
+        tap, pid = tl.program_id(0), tl.program_id(1)
         dh = tap // 3 - 1
         dw = tap % 3 - 1
         ci = tl.arange(0, CI)
@@ -144,7 +146,7 @@ def _weight_grad(x: Tensor, dy: Tensor) -> Tensor:
     pixels_per_program = CONV_PIXELS * triton.cdiv(triton.cdiv(rows, CONV_PIXELS), WGRAD_PROGRAMS)
     programs = triton.cdiv(rows, pixels_per_program)
     partials = torch.empty((programs, 9, out_channels, in_channels), device=x.device, dtype=torch.float32)
-    _wgrad_kernel[(programs, 9)](x, dy, partials, rows, h, w, pixels_per_program, CI=in_channels, CO=out_channels,
+    _wgrad_kernel[(9, programs)](x, dy, partials, rows, h, w, pixels_per_program, CI=in_channels, CO=out_channels,
                                  BLOCK_P=CONV_PIXELS, UPCAST=_upcast(x))
     # (9, CO, CI) -> (CO, CI, 3, 3); a fixed-order sum over the programs
     return partials.sum(0).reshape(3, 3, out_channels, in_channels).permute(2, 3, 0, 1)
