@@ -11,8 +11,8 @@
 #   run(command="PYTHONPATH=$PWD bash bench/gpu_check.sh $OUT", timeout_s=600)
 # Steps and their limits:
 #   1. tests that need CUDA (kernels on CUDA, CUDA-graph capture of the kernels and of the training step,
-#      fused optimizer, the Triton training run, the fused batch norm, streams, the device loader on
-#      CUDA), hard stop 130 s;
+#      fused optimizer, the Triton training run, the fused batch norm, the Triton convolution, streams, the
+#      device loader on CUDA), hard stop 130 s;
 #   2. bench/gpu_bench.sh: steps of every method vs BP at batch 1024, the memory sweep, the kernel
 #      benchmarks, then the report (OUT_DIR/bench.md), soft budget 180 s, hard stop 220 s;
 #   3. bench/test_bench_fast_path.py: BP and MLAAN (ResNet-32 K=15, ResNet-110 K=54) in every variant,
@@ -27,6 +27,7 @@ unset TRITON_INTERPRET
 
 timeout --signal=INT --kill-after=10 130 "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
     tests/test_kernels.py tests/test_kernels_training.py tests/test_fast_path.py tests/test_batch_norm_kernel.py \
+    tests/test_conv_kernel.py \
     tests/test_data.py \
     tests/test_engine.py 2>&1 | tee "$OUT_DIR/gpu-tests.log"
 tests_rc=${PIPESTATUS[0]}
