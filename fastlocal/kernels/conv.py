@@ -16,8 +16,8 @@ multiplies it by that tap's (CI, CO) weight slice, accumulating in fp32:
 - weight gradient: ``dw_tap = dy^T @ shift_tap(x)``, one (CO, CI) partial per program and tap, summed in a
   fixed order (deterministic).
 
-Products use ``input_precision="ieee"`` (no TF32): fp32 inputs give fp32 results; bf16/fp16 inputs give
-exact products accumulated in fp32, the output rounded to the input's dtype. CI and CO are powers of two
+Products of fp32 tiles use ``input_precision="ieee"`` (no TF32): fp32 inputs give fp32 results; bf16/fp16
+inputs give exact products accumulated in fp32, the output rounded to the input's dtype. CI and CO are powers of two
 from 16 to 64 (``tl.dot`` needs 16 at least; more channels are where cuDNN is fast).
 """
 
@@ -62,7 +62,7 @@ if triton is not None:
 
     @triton.jit
     def _conv3x3_kernel(x_ptr, w_ptr, y_ptr, M, H, W, CI: tl.constexpr, CO: tl.constexpr, BLOCK_P: tl.constexpr,
-                        UPCAST: tl.constexpr):
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         # x (M, CI) and y (M, CO) NHWC; w (9, CI, CO): tap-major, tap = 3 * kh + kw.
         p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         in_range = p < M
@@ -81,13 +81,13 @@ if triton is not None:
             wt = tl.load(w_ptr + (tap * CI + ci[:, None]) * CO + co[None, :])
             if UPCAST:
                 xs, wt = xs.to(tl.float32), wt.to(tl.float32)
-            acc = tl.dot(xs, wt, acc, input_precision="ieee")
+            acc = tl.dot(xs, wt, acc, input_precision=PRECISION)
         y_ptrs = y_ptr + p.to(tl.int64)[:, None] * CO + co[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_range[:, None])
 
     @triton.jit
     def _wgrad_kernel(x_ptr, dy_ptr, partial_ptr, M, H, W, pixels_per_program, CI: tl.constexpr, CO: tl.constexpr,
-                      BLOCK_P: tl.constexpr, UPCAST: tl.constexpr):
+                      BLOCK_P: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         # Program (tap, i): partial[i, tap] = sum over its pixels of dy[p]^T x[p shifted by tap], (CO, CI).
         # The tap varies fastest over the grid, so the 9 programs of one pixel range run together and read
         # their tiles of dy and x from memory once (then from L2).
@@ -110,15 +110,19 @@ if triton is not None:
             xs = tl.load(x_ptr + source[:, None] * CI + ci[None, :], mask=valid[:, None], other=0.0)
             if UPCAST:
                 g, xs = g.to(tl.float32), xs.to(tl.float32)
-            acc = tl.dot(tl.trans(g), xs, acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(g), xs, acc, input_precision=PRECISION)
         out = partial_ptr + ((pid * 9 + tap) * CO + co[:, None]) * CI + ci[None, :]
         tl.store(out, acc)
 
 
-def _upcast(x: Tensor) -> bool:
-    # The Triton interpreter (CPU) multiplies bf16 tiles wrongly (Triton 3.8): there the tiles go to fp32
-    # first, which gives the same exact products; a GPU multiplies bf16 and fp16 tiles natively.
-    return x.device.type != "cuda" and x.dtype in (torch.bfloat16, torch.float16)
+def _dot_options(x: Tensor) -> dict:
+    """UPCAST: the Triton interpreter (CPU) multiplies bf16 tiles wrongly (Triton 3.8), so there the tiles
+    go to fp32 first, which gives the same exact products; a GPU multiplies bf16 and fp16 tiles natively.
+    PRECISION: "ieee" for fp32 tiles (no TF32); 16-bit tiles take Triton's default path (exact products,
+    fp32 accumulation; the setting only concerns fp32 operands)."""
+    upcast = x.device.type != "cuda" and x.dtype in (torch.bfloat16, torch.float16)
+    fp32_tiles = upcast or x.dtype == torch.float32
+    return {"UPCAST": upcast, "PRECISION": "ieee" if fp32_tiles else "tf32"}
 
 
 def _nhwc(t: Tensor) -> Tensor:
@@ -135,7 +139,7 @@ def _forward(x: Tensor, taps: Tensor, out_channels: int) -> Tensor:
     y = torch.empty((n, out_channels, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     rows = n * h * w
     _conv3x3_kernel[(triton.cdiv(rows, CONV_PIXELS),)](x, taps, y, rows, h, w, CI=in_channels, CO=out_channels,
-                                                        BLOCK_P=CONV_PIXELS, UPCAST=_upcast(x))
+                                                        BLOCK_P=CONV_PIXELS, **_dot_options(x))
     return y
 
 
@@ -147,7 +151,7 @@ def _weight_grad(x: Tensor, dy: Tensor) -> Tensor:
     programs = triton.cdiv(rows, pixels_per_program)
     partials = torch.empty((programs, 9, out_channels, in_channels), device=x.device, dtype=torch.float32)
     _wgrad_kernel[(9, programs)](x, dy, partials, rows, h, w, pixels_per_program, CI=in_channels, CO=out_channels,
-                                 BLOCK_P=CONV_PIXELS, UPCAST=_upcast(x))
+                                 BLOCK_P=CONV_PIXELS, **_dot_options(x))
     # (9, CO, CI) -> (CO, CI, 3, 3); a fixed-order sum over the programs
     return partials.sum(0).reshape(3, 3, out_channels, in_channels).permute(2, 3, 0, 1)
 
