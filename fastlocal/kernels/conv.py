@@ -23,6 +23,8 @@ from 16 to 64 (``tl.dot`` needs 16 at least; more channels are where cuDNN is fa
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -120,7 +122,7 @@ def _dot_options(x: Tensor) -> dict:
     go to fp32 first, which gives the same exact products; a GPU multiplies bf16 and fp16 tiles natively.
     PRECISION: "ieee" for fp32 tiles (no TF32); 16-bit tiles take Triton's default path (exact products,
     fp32 accumulation; the setting only concerns fp32 operands)."""
-    upcast = x.device.type != "cuda" and x.dtype in (torch.bfloat16, torch.float16)
+    upcast = os.environ.get("TRITON_INTERPRET") == "1" and x.dtype in (torch.bfloat16, torch.float16)
     fp32_tiles = upcast or x.dtype == torch.float32
     return {"UPCAST": upcast, "PRECISION": "ieee" if fp32_tiles else "tf32"}
 
