@@ -53,7 +53,7 @@ class Launch:
     def __init__(self, kernel: JITFunction, arguments: dict, options: dict):
         self.kernel, self.arguments, self.options = kernel, arguments, options
         signature, self.constexprs = {}, {}
-        for index, param in enumerate(kernel.params):
+        for param in kernel.params:
             value = arguments[param.name]
             if param.is_constexpr or value is None:
                 signature[param.name] = "constexpr"
