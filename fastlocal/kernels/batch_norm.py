@@ -290,6 +290,7 @@ class _Grid(NamedTuple):
     programs_m: int  # partial-sum programs (rows of the partials)
     rows_per_program: int
     block_m: int  # rows of one loop step of the partial sums
+    partials_warps: int  # of a partial-sum program: about 8 elements of each tile per thread
     block_c_finalize: int  # channels of one program summing the partials
     programs_c_finalize: int
 
@@ -298,9 +299,11 @@ def _grid(rows: int, num_channels: int) -> _Grid:
     tile_m, block_c = _tiles(num_channels)
     block_m = min(_tiles(num_channels, PARTIALS_TILE)[0], max(16, triton.next_power_of_2(rows)))
     rows_per_program = block_m * triton.cdiv(triton.cdiv(rows, block_m), TARGET_PARTIALS)
+    partials_warps = max(4, min(16, block_m * block_c // 256))
     block_c_finalize = min(block_c, FINALIZE_CHANNELS)
     return _Grid(block_c, tile_m, triton.cdiv(num_channels, block_c), triton.cdiv(rows, rows_per_program),
-                 rows_per_program, block_m, block_c_finalize, triton.cdiv(num_channels, block_c_finalize))
+                 rows_per_program, block_m, partials_warps, block_c_finalize,
+                 triton.cdiv(num_channels, block_c_finalize))
 
 
 class _BatchNormAct(torch.autograd.Function):
@@ -314,7 +317,8 @@ class _BatchNormAct(torch.autograd.Function):
         partials = torch.empty(g.programs_m, 2, c, device=device, dtype=torch.float32)
         wide = x.numel() >= INT32_LIMIT
         _stats_partials_kernel[(g.programs_m, g.programs_c)](x, partials, rows, c, hw, *sx, g.rows_per_program,
-                                                             WIDE=wide, BLOCK_M=g.block_m, BLOCK_C=g.block_c)
+                                                             WIDE=wide, BLOCK_M=g.block_m, BLOCK_C=g.block_c,
+                                                             num_warps=g.partials_warps)
         mean, invstd, scale, shift = torch.empty(4, c, device=device, dtype=torch.float32).unbind(0)
         update = running_mean is not None
         _stats_finalize_kernel[(g.programs_c_finalize,)](
@@ -362,7 +366,7 @@ class _BatchNormAct(torch.autograd.Function):
         _grad_partials_kernel[(g.programs_m, g.programs_c)](
             dy, y if y is not None else x, x, mean, invstd, partials, dres if store_dz else x, rows, c, hw, *sd,
             *sy, *sx, *sr, g.rows_per_program, RELU=ctx.relu, STORE_DZ=store_dz, WIDE=wide, BLOCK_M=g.block_m,
-            BLOCK_C=g.block_c)
+            BLOCK_C=g.block_c, num_warps=g.partials_warps)
         sums = torch.empty(2, c, device=x.device, dtype=torch.float32)  # sum of dz, sum of dz * x_hat
         _grad_sums_kernel[(g.programs_c_finalize,)](partials, g.programs_m, sums, c, BLOCK_P=FINALIZE_ROWS,
                                                     BLOCK_C=g.block_c_finalize)

@@ -117,14 +117,16 @@ if triton is not None:
         tl.store(out, acc)
 
 
-def _dot_options(x: Tensor) -> dict:
+def _launch_options(x: Tensor) -> dict:
     """UPCAST: the Triton interpreter (CPU) multiplies bf16 tiles wrongly (Triton 3.8), so there the tiles
     go to fp32 first, which gives the same exact products; a GPU multiplies bf16 and fp16 tiles natively.
     PRECISION: "ieee" for fp32 tiles (no TF32); 16-bit tiles take Triton's default path (exact products,
-    fp32 accumulation; the setting only concerns fp32 operands)."""
+    fp32 accumulation; the setting only concerns fp32 operands). num_warps: one warp per 32 pixels, 4 at
+    the least (on sm_90 128 pixels take 128 registers with 4 warps, 256 pixels spill with 4:
+    `python scripts/compile_kernels.py --sweep`)."""
     upcast = os.environ.get("TRITON_INTERPRET") == "1" and x.dtype in (torch.bfloat16, torch.float16)
     fp32_tiles = upcast or x.dtype == torch.float32
-    return {"UPCAST": upcast, "PRECISION": "ieee" if fp32_tiles else "tf32"}
+    return {"UPCAST": upcast, "PRECISION": "ieee" if fp32_tiles else "tf32", "num_warps": max(4, CONV_PIXELS // 32)}
 
 
 def _nhwc(t: Tensor) -> Tensor:
@@ -141,7 +143,7 @@ def _forward(x: Tensor, taps: Tensor, out_channels: int) -> Tensor:
     y = torch.empty((n, out_channels, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     rows = n * h * w
     _conv3x3_kernel[(triton.cdiv(rows, CONV_PIXELS),)](x, taps, y, rows, h, w, CI=in_channels, CO=out_channels,
-                                                        BLOCK_P=CONV_PIXELS, **_dot_options(x))
+                                                        BLOCK_P=CONV_PIXELS, **_launch_options(x))
     return y
 
 
@@ -153,7 +155,7 @@ def _weight_grad(x: Tensor, dy: Tensor) -> Tensor:
     programs = triton.cdiv(rows, pixels_per_program)
     partials = torch.empty((programs, 9, out_channels, in_channels), device=x.device, dtype=torch.float32)
     _wgrad_kernel[(9, programs)](x, dy, partials, rows, h, w, pixels_per_program, CI=in_channels, CO=out_channels,
-                                 BLOCK_P=CONV_PIXELS, **_dot_options(x))
+                                 BLOCK_P=CONV_PIXELS, **_launch_options(x))
     # (9, CO, CI) -> (CO, CI, 3, 3); a fixed-order sum over the programs
     return partials.sum(0).reshape(3, 3, out_channels, in_channels).permute(2, 3, 0, 1)
 
