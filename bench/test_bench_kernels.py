@@ -308,15 +308,16 @@ def test_bench_batch_norm(benchmark, shape_name, implementation, timing):
 
 
 # The fused batch norm's launch shapes to try (the first is the shipped default): elements per loop step of
-# the partial sums, partial-sum programs, channels per program summing the partials. The partial sums read
-# up to three tensors in a loop, so their tile size and program count set how many bytes are in flight.
+# the partial sums, partial-sum programs, channels per program summing the partials, warps of the
+# elementwise passes. The partial sums read up to three tensors in a loop, so their tile size and program
+# count set how many bytes are in flight.
 BN_LAUNCH_SHAPES = [
-    (1024, 512, 16), (1024, 512, 64), (1024, 256, 16), (1024, 1024, 16),
-    (2048, 256, 16), (2048, 512, 16), (4096, 256, 16), (4096, 512, 16), (4096, 1024, 16),
+    (1024, 512, 16, 4), (1024, 512, 64, 4), (1024, 256, 16, 4), (1024, 1024, 16, 4), (1024, 512, 16, 8),
+    (2048, 256, 16, 4), (2048, 512, 16, 4), (4096, 256, 16, 4), (4096, 512, 16, 4), (4096, 1024, 16, 4),
 ]
 
 
-@pytest.mark.parametrize("launch", BN_LAUNCH_SHAPES, ids=lambda s: "tile{}-partials{}-fin{}".format(*s))
+@pytest.mark.parametrize("launch", BN_LAUNCH_SHAPES, ids=lambda s: "tile{}-partials{}-fin{}-warps{}".format(*s))
 @pytest.mark.parametrize("shape_name", ["stage1", "stage3"])
 def test_bench_batch_norm_launch_shapes(benchmark, monkeypatch, shape_name, launch):
     """The Triton batch norm under each launch shape (graph-timed on CUDA): which default to ship."""
@@ -324,14 +325,15 @@ def test_bench_batch_norm_launch_shapes(benchmark, monkeypatch, shape_name, laun
         pytest.skip(TRITON_SKIP_REASON)
     from fastlocal.kernels import batch_norm
 
-    tile, partials, finalize_channels = launch
+    tile, partials, finalize_channels, warps = launch
     monkeypatch.setattr(batch_norm, "PARTIALS_TILE", tile)
     monkeypatch.setattr(batch_norm, "TARGET_PARTIALS", partials)
     monkeypatch.setattr(batch_norm, "FINALIZE_CHANNELS", finalize_channels)
+    monkeypatch.setattr(batch_norm, "ELEMENTWISE_WARPS", warps)
     timing = "graph" if DEVICE.type == "cuda" else "call"
     _bench_batch_norm(benchmark, shape_name, "triton", timing, group_suffix=" launch shapes")
     benchmark.extra_info.update({"partials_tile": tile, "target_partials": partials,
-                                 "finalize_channels": finalize_channels})
+                                 "finalize_channels": finalize_channels, "elementwise_warps": warps})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -388,7 +390,8 @@ def test_bench_conv3x3(benchmark, monkeypatch, shape_name, implementation, timin
 def test_bench_launch_shapes_start_with_the_shipped_default():
     from fastlocal.kernels import batch_norm, conv
 
-    assert BN_LAUNCH_SHAPES[0] == (batch_norm.PARTIALS_TILE, batch_norm.TARGET_PARTIALS, batch_norm.FINALIZE_CHANNELS)
+    assert BN_LAUNCH_SHAPES[0] == (batch_norm.PARTIALS_TILE, batch_norm.TARGET_PARTIALS, batch_norm.FINALIZE_CHANNELS,
+                                   batch_norm.ELEMENTWISE_WARPS)
     assert CONV_TILES[0] == conv.CONV_PIXELS
 
 

@@ -7,8 +7,9 @@ Why: without a GPU the kernels run only in the Triton interpreter, which accepts
 rejects (tile shapes, dtypes of a dot) and says nothing of register pressure. This runs each kernel's host
 code on CPU tensors at the step's shapes (batch 1024) with the launches recorded instead of run, then
 compiles every distinct launch (arguments' dtypes, constexprs) with Triton's compiler and ptxas for the
-target, and reads registers and local memory (spills, if above 0) with cuobjdump. No alignment hints are
-given, so the code can differ from the GPU's in vectorisation, not in what compiles.
+target, and reads registers and local memory (spills, if above 0) with cuobjdump. Arguments are specialised
+as Triton's launcher specialises them (ints equal to 1 become constants; 16-divisible pointers and ints say
+so), so the code should be the GPU's, up to the Triton version.
 
 `--sweep`: also the launch shapes the kernel benchmarks try (BN_LAUNCH_SHAPES, CONV_TILES in
 bench/test_bench_kernels.py). `--quick`: bf16 channels-last only (what the fast path runs). Exit status 1
@@ -52,20 +53,27 @@ class Launch:
 
     def __init__(self, kernel: JITFunction, arguments: dict, options: dict):
         self.kernel, self.arguments, self.options = kernel, arguments, options
-        signature, self.constexprs = {}, {}
-        for param in kernel.params:
+        # Specialised as Triton's launcher does: an int equal to 1 becomes a constant, and pointers and ints
+        # divisible by 16 carry that fact (what lets the compiler vectorise loads).
+        signature, self.constexprs, self.attrs = {}, {}, {}
+        for index, param in enumerate(kernel.params):
             value = arguments[param.name]
-            if param.is_constexpr or value is None:
+            specialize = not param.do_not_specialize
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            if param.is_constexpr or value is None or (specialize and is_int and value == 1):
                 signature[param.name] = "constexpr"
                 self.constexprs[param.name] = value
-            else:
-                signature[param.name] = _type(value)
+                continue
+            signature[param.name] = _type(value)
+            aligned = value.data_ptr() % 16 == 0 if isinstance(value, torch.Tensor) else is_int and value % 16 == 0
+            if specialize and aligned:
+                self.attrs[(index,)] = [["tt.divisibility", 16]]
         self.signature = signature
 
     @property
     def key(self) -> tuple:
         return (self.kernel.fn.__name__, tuple(self.signature.items()), tuple(map(repr, self.constexprs.items())),
-                tuple(sorted(self.options.items())))
+                tuple(sorted(self.attrs)), tuple(sorted(self.options.items())))
 
     def describe(self) -> str:
         dtypes = sorted({t for t in self.signature.values() if t.startswith("*") and t != "*fp32" and t[1] != "i"})
@@ -174,19 +182,20 @@ def record_all(quick: bool, sweep: bool) -> list[Launch]:
             aux_loss_launches(dtype, channels_last)
         if sweep:
             bn_shapes, conv_tiles = _bench_lists()
-            defaults = (batch_norm.PARTIALS_TILE, batch_norm.TARGET_PARTIALS, batch_norm.FINALIZE_CHANNELS,
-                        conv.CONV_PIXELS)
+            bn_names = ("PARTIALS_TILE", "TARGET_PARTIALS", "FINALIZE_CHANNELS", "ELEMENTWISE_WARPS")
+            defaults = [getattr(batch_norm, name) for name in bn_names], conv.CONV_PIXELS
             try:
-                for tile, partials, finalize in bn_shapes:
-                    batch_norm.PARTIALS_TILE, batch_norm.TARGET_PARTIALS = tile, partials
-                    batch_norm.FINALIZE_CHANNELS = finalize
+                for shape in bn_shapes:
+                    for name, value in zip(bn_names, shape):
+                        setattr(batch_norm, name, value)
                     batch_norm_launches(torch.bfloat16, True)
                 for pixels in conv_tiles:
                     conv.CONV_PIXELS = pixels
                     conv_launches(torch.bfloat16)
             finally:
-                (batch_norm.PARTIALS_TILE, batch_norm.TARGET_PARTIALS, batch_norm.FINALIZE_CHANNELS,
-                 conv.CONV_PIXELS) = defaults
+                for name, value in zip(bn_names, defaults[0]):
+                    setattr(batch_norm, name, value)
+                conv.CONV_PIXELS = defaults[1]
     return list(launches.values())
 
 
@@ -214,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     for launch in launches:
         constexprs = {(index,): launch.constexprs[name] for index, name in enumerate(launch.signature)
                       if name in launch.constexprs}
-        source = ASTSource(fn=launch.kernel, signature=launch.signature, constexprs=constexprs)
+        source = ASTSource(fn=launch.kernel, signature=launch.signature, constexprs=constexprs, attrs=launch.attrs)
         try:
             compiled = triton.compile(source, target=target, options=launch.options)
         except Exception as error:  # report every kernel, then fail

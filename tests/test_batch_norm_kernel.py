@@ -77,12 +77,9 @@ def test_fp32_matches_float64_batch_norm(shape, channels_last, residual, relu, d
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("offsets", ["int32", "int64"])
-def test_many_partial_sums_per_program(monkeypatch, device, offsets):
+def test_many_partial_sums_per_program(monkeypatch, device):
     # Few partial-sum programs, so each loops over several row tiles (what large batches do on a GPU), and
-    # partials summed in several loop steps by several programs; int64 offsets as for 2^31 elements.
-    if offsets == "int64":
-        monkeypatch.setattr(bn_kernel, "INT32_LIMIT", 1)
+    # partials summed in several loop steps by several programs.
     monkeypatch.setattr(bn_kernel, "TARGET_PARTIALS", 3)
     monkeypatch.setattr(bn_kernel, "FINALIZE_ROWS", 2)
     monkeypatch.setattr(bn_kernel, "FINALIZE_CHANNELS", 4)

@@ -46,11 +46,8 @@ TARGET_PARTIALS = 512
 # program, so a 64-channel norm sums its partials in four programs instead of one long serial loop).
 FINALIZE_ROWS = 64
 FINALIZE_CHANNELS = 16
-# Warps of the elementwise passes: 8 keeps a 4096-element tile at 16 elements a thread, under 110 registers
-# (`python scripts/compile_kernels.py`: with 4 warps the dx pass needed 255 and spilled).
-ELEMENTWISE_WARPS = 8
-# Tensors with this many elements or more index with int64 (int32 below it: fewer registers).
-INT32_LIMIT = 2**31
+# Warps of the elementwise passes (32 elements of a 4096-element tile per thread with 4).
+ELEMENTWISE_WARPS = 4
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -75,19 +72,15 @@ def batch_norm_act_ref(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Te
 if triton is not None:
 
     @triton.jit
-    def _tile_offsets(rows, cols, hw_size, stride_n, stride_c, stride_hw, WIDE: tl.constexpr):
-        # Row m of the (M, C) view is image m // HW, pixel m % HW. WIDE: int64 offsets, for tensors of 2^31
-        # elements or more; int32 otherwise (half the registers of a tile's offsets).
-        n = rows // hw_size
-        hw = rows % hw_size
-        c = cols
-        if WIDE:
-            n, hw, c = n.to(tl.int64), hw.to(tl.int64), c.to(tl.int64)
-        return n[:, None] * stride_n + hw[:, None] * stride_hw + c[None, :] * stride_c
+    def _tile_offsets(rows, cols, hw_size, stride_n, stride_c, stride_hw):
+        # Row m of the (M, C) view is image m // HW, pixel m % HW; int64 so large batches cannot overflow.
+        n = (rows // hw_size).to(tl.int64)
+        hw = (rows % hw_size).to(tl.int64)
+        return n[:, None] * stride_n + hw[:, None] * stride_hw + cols[None, :].to(tl.int64) * stride_c
 
     @triton.jit
     def _stats_partials_kernel(x_ptr, partial_ptr, M, C, hw_size, sxn, sxc, sxhw, rows_per_program,
-                               WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         pid_m, pid_c = tl.program_id(0), tl.program_id(1)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         col_mask = cols < C
@@ -98,7 +91,7 @@ if triton is not None:
         for start in range(0, rows_per_program, BLOCK_M):
             rows = first + start + tl.arange(0, BLOCK_M)
             mask = (rows < M)[:, None] & col_mask[None, :]
-            offsets = _tile_offsets(rows, cols, hw_size, sxn, sxc, sxhw, WIDE)
+            offsets = _tile_offsets(rows, cols, hw_size, sxn, sxc, sxhw)
             d = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) - shift[None, :]
             d = tl.where(mask, d, 0.0)
             s1 += d
@@ -153,7 +146,7 @@ if triton is not None:
 
     @triton.jit
     def _apply_kernel(x_ptr, res_ptr, y_ptr, scale_ptr, shift_ptr, M, C, hw_size, sxn, sxc, sxhw, srn, src,
-                      srhw, syn, syc, syhw, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WIDE: tl.constexpr,
+                      srhw, syn, syc, syhw, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -161,32 +154,32 @@ if triton is not None:
         mask = (rows < M)[:, None] & col_mask[None, :]
         scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
         shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)
-        x = tl.load(x_ptr + _tile_offsets(rows, cols, hw_size, sxn, sxc, sxhw, WIDE), mask=mask, other=0.0)
+        x = tl.load(x_ptr + _tile_offsets(rows, cols, hw_size, sxn, sxc, sxhw), mask=mask, other=0.0)
         out = x.to(tl.float32) * scale[None, :] + shift[None, :]
         if HAS_RESIDUAL:
-            r = tl.load(res_ptr + _tile_offsets(rows, cols, hw_size, srn, src, srhw, WIDE), mask=mask, other=0.0)
+            r = tl.load(res_ptr + _tile_offsets(rows, cols, hw_size, srn, src, srhw), mask=mask, other=0.0)
             out += r.to(tl.float32)
         if RELU:
             out = tl.maximum(out, 0.0)
-        y_ptrs = y_ptr + _tile_offsets(rows, cols, hw_size, syn, syc, syhw, WIDE)
+        y_ptrs = y_ptr + _tile_offsets(rows, cols, hw_size, syn, syc, syhw)
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _masked_grad(dy_ptr, y_ptr, rows, cols, mask, hw_size, sdn, sdc, sdhw, syn, syc, syhw,
-                     RELU: tl.constexpr, WIDE: tl.constexpr):
+                     RELU: tl.constexpr):
         # dz = dy where the output was positive (the ReLU's gradient), in fp32.
-        dz = tl.load(dy_ptr + _tile_offsets(rows, cols, hw_size, sdn, sdc, sdhw, WIDE), mask=mask, other=0.0)
+        dz = tl.load(dy_ptr + _tile_offsets(rows, cols, hw_size, sdn, sdc, sdhw), mask=mask, other=0.0)
         dz = dz.to(tl.float32)
         if RELU:
-            y = tl.load(y_ptr + _tile_offsets(rows, cols, hw_size, syn, syc, syhw, WIDE), mask=mask, other=0.0)
+            y = tl.load(y_ptr + _tile_offsets(rows, cols, hw_size, syn, syc, syhw), mask=mask, other=0.0)
             dz = tl.where(y.to(tl.float32) > 0.0, dz, 0.0)
         return dz
 
     @triton.jit
     def _grad_partials_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, partial_ptr, dz_ptr, M, C, hw_size,
                               sdn, sdc, sdhw, syn, syc, syhw, sxn, sxc, sxhw, szn, szc, szhw, rows_per_program,
-                              RELU: tl.constexpr, STORE_DZ: tl.constexpr, WIDE: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                              RELU: tl.constexpr, STORE_DZ: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
         # STORE_DZ: also write dz (the residual's gradient), so the dx pass reads it instead of dy and y.
         pid_m, pid_c = tl.program_id(0), tl.program_id(1)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -199,11 +192,11 @@ if triton is not None:
         for start in range(0, rows_per_program, BLOCK_M):
             rows = first + start + tl.arange(0, BLOCK_M)
             mask = (rows < M)[:, None] & col_mask[None, :]
-            dz = _masked_grad(dy_ptr, y_ptr, rows, cols, mask, hw_size, sdn, sdc, sdhw, syn, syc, syhw, RELU, WIDE)
+            dz = _masked_grad(dy_ptr, y_ptr, rows, cols, mask, hw_size, sdn, sdc, sdhw, syn, syc, syhw, RELU)
             if STORE_DZ:
-                dz_ptrs = dz_ptr + _tile_offsets(rows, cols, hw_size, szn, szc, szhw, WIDE)
+                dz_ptrs = dz_ptr + _tile_offsets(rows, cols, hw_size, szn, szc, szhw)
                 tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-            x = tl.load(x_ptr + _tile_offsets(rows, cols, hw_size, sxn, sxc, sxhw, WIDE), mask=mask, other=0.0)
+            x = tl.load(x_ptr + _tile_offsets(rows, cols, hw_size, sxn, sxc, sxhw), mask=mask, other=0.0)
             x_hat = (x.to(tl.float32) - mean[None, :]) * invstd[None, :]
             s1 += dz
             s2 += tl.where(mask, dz * x_hat, 0.0)
@@ -224,18 +217,17 @@ if triton is not None:
     def _grad_input_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, sums_ptr, dx_ptr, dres_ptr,
                            M, C, hw_size, sdn, sdc, sdhw, syn, syc, syhw, sxn, sxc, sxhw, sgn, sgc, sghw, srn,
                            src, srhw, RELU: tl.constexpr, DZ_STORED: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                           WANT_DX: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
+                           WANT_DX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         # DZ_STORED: the partial-sums pass already wrote dz into dres; read it back (one tensor, not two).
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         col_mask = cols < C
         mask = (rows < M)[:, None] & col_mask[None, :]
-        dres_ptrs = dres_ptr + _tile_offsets(rows, cols, hw_size, srn, src, srhw, WIDE)
+        dres_ptrs = dres_ptr + _tile_offsets(rows, cols, hw_size, srn, src, srhw)
         if DZ_STORED:
             dz = tl.load(dres_ptrs, mask=mask, other=0.0).to(tl.float32)
         else:
-            dz = _masked_grad(dy_ptr, y_ptr, rows, cols, mask, hw_size, sdn, sdc, sdhw, syn, syc, syhw, RELU, WIDE)
+            dz = _masked_grad(dy_ptr, y_ptr, rows, cols, mask, hw_size, sdn, sdc, sdhw, syn, syc, syhw, RELU)
             if HAS_RESIDUAL:
                 tl.store(dres_ptrs, dz.to(dres_ptr.dtype.element_ty), mask=mask)
         if WANT_DX:
@@ -244,10 +236,10 @@ if triton is not None:
             w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
             mean_dz = tl.load(sums_ptr + cols, mask=col_mask, other=0.0) / M
             mean_dz_xhat = tl.load(sums_ptr + C + cols, mask=col_mask, other=0.0) / M
-            x = tl.load(x_ptr + _tile_offsets(rows, cols, hw_size, sxn, sxc, sxhw, WIDE), mask=mask, other=0.0)
+            x = tl.load(x_ptr + _tile_offsets(rows, cols, hw_size, sxn, sxc, sxhw), mask=mask, other=0.0)
             x_hat = (x.to(tl.float32) - mean[None, :]) * invstd[None, :]
             dx = (w * invstd)[None, :] * (dz - mean_dz[None, :] - x_hat * mean_dz_xhat[None, :])
-            dx_ptrs = dx_ptr + _tile_offsets(rows, cols, hw_size, sgn, sgc, sghw, WIDE)
+            dx_ptrs = dx_ptr + _tile_offsets(rows, cols, hw_size, sgn, sgc, sghw)
             tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -315,9 +307,8 @@ class _BatchNormAct(torch.autograd.Function):
         device = x.device
         g = _grid(rows, c)
         partials = torch.empty(g.programs_m, 2, c, device=device, dtype=torch.float32)
-        wide = x.numel() >= INT32_LIMIT
         _stats_partials_kernel[(g.programs_m, g.programs_c)](x, partials, rows, c, hw, *sx, g.rows_per_program,
-                                                             WIDE=wide, BLOCK_M=g.block_m, BLOCK_C=g.block_c,
+                                                             BLOCK_M=g.block_m, BLOCK_C=g.block_c,
                                                              num_warps=g.partials_warps)
         mean, invstd, scale, shift = torch.empty(4, c, device=device, dtype=torch.float32).unbind(0)
         update = running_mean is not None
@@ -334,8 +325,8 @@ class _BatchNormAct(torch.autograd.Function):
         else:
             sr = sx
         _apply_kernel[grid](x, residual if residual is not None else x, y, scale, shift, rows, c, hw, *sx, *sr,
-                            *sy, HAS_RESIDUAL=residual is not None, RELU=relu, WIDE=wide, BLOCK_M=g.tile_m,
-                            BLOCK_C=g.block_c, num_warps=ELEMENTWISE_WARPS)
+                            *sy, HAS_RESIDUAL=residual is not None, RELU=relu, BLOCK_M=g.tile_m, BLOCK_C=g.block_c,
+                            num_warps=ELEMENTWISE_WARPS)
         ctx.save_for_backward(x, y if relu else None, weight, mean, invstd)
         ctx.relu = relu
         ctx.residual_like = (residual.dtype, _channels_last(residual)) if residual is not None else None
@@ -361,11 +352,10 @@ class _BatchNormAct(torch.autograd.Function):
         sr = _nchw_strides(dres) if dres is not None else sx
         # dz is a masked copy of dy: stored in dres's dtype it is exact when that is dy's dtype.
         store_dz = dres is not None and dres.dtype == dy.dtype
-        wide = x.numel() >= INT32_LIMIT
         partials = torch.empty(g.programs_m, 2, c, device=x.device, dtype=torch.float32)
         _grad_partials_kernel[(g.programs_m, g.programs_c)](
             dy, y if y is not None else x, x, mean, invstd, partials, dres if store_dz else x, rows, c, hw, *sd,
-            *sy, *sx, *sr, g.rows_per_program, RELU=ctx.relu, STORE_DZ=store_dz, WIDE=wide, BLOCK_M=g.block_m,
+            *sy, *sx, *sr, g.rows_per_program, RELU=ctx.relu, STORE_DZ=store_dz, BLOCK_M=g.block_m,
             BLOCK_C=g.block_c, num_warps=g.partials_warps)
         sums = torch.empty(2, c, device=x.device, dtype=torch.float32)  # sum of dz, sum of dz * x_hat
         _grad_sums_kernel[(g.programs_c_finalize,)](partials, g.programs_m, sums, c, BLOCK_P=FINALIZE_ROWS,
@@ -375,7 +365,7 @@ class _BatchNormAct(torch.autograd.Function):
             _grad_input_kernel[grid](
                 dy, y if y is not None else x, x, mean, invstd, weight, sums, dx if dx is not None else x,
                 dres if dres is not None else x, rows, c, hw, *sd, *sy, *sx, *sg, *sr, RELU=ctx.relu,
-                DZ_STORED=store_dz, HAS_RESIDUAL=dres is not None, WANT_DX=want_dx, WIDE=wide, BLOCK_M=g.tile_m,
+                DZ_STORED=store_dz, HAS_RESIDUAL=dres is not None, WANT_DX=want_dx, BLOCK_M=g.tile_m,
                 BLOCK_C=g.block_c, num_warps=ELEMENTWISE_WARPS)
         dweight = sums[1].to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = sums[0].to(weight.dtype) if ctx.needs_input_grad[2] else None
