@@ -505,7 +505,7 @@ def _forward_impl(
             CHANNELS_LAST=channels_last, BLOCK_B=1, BLOCK_C=pool_block_c, BLOCK_HW=block_hw, num_warps=4,
         )  # fmt: skip
         block_c = _clamp_block(channels, min(_TILE, max_block))
-        num_warps = 8 if block_n * block_c >= 4096 else 4
+        num_warps = 4
     _logits_kernel[(triton.cdiv(batch, _ROWS), num_n_tiles)](
         x, pooled, weight, bias if has_bias else weight, logits, tile_max, tile_sum,
         batch, channels, spatial, num_classes, num_n_tiles, inv_hw,
@@ -525,8 +525,7 @@ def _forward_impl(
         batch, channels, num_classes, num_n_tiles, 1.0 / batch, num_c_tiles, num_dw_tiles, rows_per_split,
         num_dw_programs, num_dpooled_programs,
         HAS_BIAS=has_bias, BLOCK_B=block_b3, BLOCK_N=block_n3, BLOCK_C=block_c3,
-        BLOCK_T=max(2, _pow2(num_n_tiles)), BLOCK_LOSS=max(16, min(_pow2(batch), 1024)),
-        num_warps=8 if block_n3 * block_c3 >= 4096 else 4,
+        BLOCK_T=max(2, _pow2(num_n_tiles)), BLOCK_LOSS=max(16, min(_pow2(batch), 1024)), num_warps=4,
     )  # fmt: skip
     return loss, dpooled, dw, db
 

@@ -122,8 +122,8 @@ def _launch_options(x: Tensor) -> dict:
     go to fp32 first, which gives the same exact products; a GPU multiplies bf16 and fp16 tiles natively.
     PRECISION: "ieee" for fp32 tiles (no TF32); 16-bit tiles take Triton's default path (exact products,
     fp32 accumulation; the setting only concerns fp32 operands). num_warps: one warp per 32 pixels, 4 at
-    the least (on sm_90 128 pixels take 128 registers with 4 warps, 256 pixels spill with 4:
-    `python scripts/compile_kernels.py --sweep`)."""
+    the least, which keeps every tile of CONV_TILES near 100 registers on sm_90 (with 4 warps, 256 pixels
+    take up to 190 and the 32-channel weight gradient spills: `python scripts/compile_kernels.py --sweep`)."""
     upcast = os.environ.get("TRITON_INTERPRET") == "1" and x.dtype in (torch.bfloat16, torch.float16)
     fp32_tiles = upcast or x.dtype == torch.float32
     return {"UPCAST": upcast, "PRECISION": "ieee" if fp32_tiles else "tf32", "num_warps": max(4, CONV_PIXELS // 32)}
