@@ -372,13 +372,27 @@ def _clamp_block(n: int, cap: int) -> int:
     return max(16, min(_pow2(n), cap))
 
 
-def _grad_blocks(batch: int, channels: int, num_classes: int, max_block: int) -> tuple[int, ...]:
+def _capability_major(device: torch.device) -> int | None:
+    """The CUDA compute capability's major number of `device` (None off CUDA)."""
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else None
+
+
+def _grad_tile_cap(device: torch.device) -> int:
+    """Tile edge of kernel 3. Before Hopper (sm_80), 64x64x64 fp32 tiles of a large head (ImageNet: N=1000,
+    C=512) keep 7.8 KB per thread in local memory; 32 keep none (`scripts/compile_kernels.py --arch 80`).
+    On sm_90 neither spills."""
+    major = _capability_major(device)
+    return 32 if major is not None and major < 9 else _TILE
+
+
+def _grad_blocks(batch: int, channels: int, num_classes: int, max_block: int,
+                 device: torch.device) -> tuple[int, ...]:
     """Tiles of kernel 3: (block_b, block_n, block_c, num_c_tiles, num_dw_tiles, rows_per_split, splits).
 
     dW tiles are few for small heads (one for N=10, C=64); then the batch is split so that about 64
     programs share the reduction, each over at least two row blocks.
     """
-    cap = min(_TILE, max_block)
+    cap = min(_TILE, max_block, _grad_tile_cap(device))
     block_b = _clamp_block(batch, cap)
     block_n = _clamp_block(num_classes, cap)
     block_c = _clamp_block(channels, cap)
@@ -514,7 +528,7 @@ def _forward_impl(
     )  # fmt: skip
 
     block_b3, block_n3, block_c3, num_c_tiles, num_dw_tiles, rows_per_split, splits = _grad_blocks(
-        batch, channels, num_classes, max_block
+        batch, channels, num_classes, max_block, x.device
     )
     loss, dpooled, dw, db = _forward_outputs(x, weight, bias, need_dx, need_dwb, splits)
     num_dw_programs = num_dw_tiles * splits if need_dwb else 0
@@ -585,7 +599,7 @@ _forward_op = torch.library.custom_op(
 
 @_forward_op.register_fake
 def _forward_fake(x, weight, bias, target, need_dx, need_dwb, max_block, fuse_pool):
-    splits = _grad_blocks(x.shape[0], x.shape[1], weight.shape[0], max_block)[-1]
+    splits = _grad_blocks(x.shape[0], x.shape[1], weight.shape[0], max_block, x.device)[-1]
     return _forward_outputs(x, weight, bias, need_dx, need_dwb, splits)
 
 
