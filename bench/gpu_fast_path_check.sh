@@ -7,7 +7,8 @@
 #      soft budget 140 s, hard stop 175 s, then its table (OUT_DIR/fast_path.md);
 #   3. kernel benchmarks, graph-timed: the fused batch norm (eager vs Triton at the three stage shapes, and
 #      the Triton kernels under each launch shape of BN_LAUNCH_SHAPES) and the 3x3 convolution (cuDNN vs
-#      Triton under each tile of CONV_TILES), hard stop 70 s, then their table (OUT_DIR/kernels/bench.md);
+#      Triton under each tile of CONV_TILES), hard stop 70 s, then their table (OUT_DIR/kernels/bench.md)
+#      and what it says to ship (bench/kernel_choices.py: OUT_DIR/kernels/choices.md);
 #   4. bench/fast_path_training.py: MLAAN ResNet-32 K=15, 3 epochs of the bundled CIFAR-10 subset with the
 #      fast path off, fp32-fast and on (acceptance: the same accuracy), hard stop 105 s.
 #
@@ -44,8 +45,8 @@ timeout --signal=INT --kill-after=5 "${KERNELS_S:-70}" "$PYTHON" -m pytest bench
     --benchmark-only --benchmark-max-time=0.25 --benchmark-json="$OUT_DIR/kernels/kernels.json" -q -p no:cacheprovider \
     2>&1 | tee "$OUT_DIR/kernels.log" | tail -3
 kernels_rc=${PIPESTATUS[0]}
-"$PYTHON" -m fastlocal.bench.report "$OUT_DIR/kernels/kernels.json" --no-plots >/dev/null \
-    && grep -E "batch_norm|conv3x3" "$OUT_DIR/kernels/bench.md"
+"$PYTHON" -m fastlocal.bench.report "$OUT_DIR/kernels/kernels.json" --no-plots >/dev/null
+"$PYTHON" bench/kernel_choices.py "$OUT_DIR/kernels/kernels.json" | tee "$OUT_DIR/kernels/choices.md"
 
 timeout --signal=INT --kill-after=5 "${TRAIN_S:-105}" "$PYTHON" bench/fast_path_training.py --out "$OUT_DIR/training" \
     --epochs 3 --no-plot 2>&1 | tee "$OUT_DIR/training.log" | grep -v "^\["

@@ -333,7 +333,8 @@ def test_bench_batch_norm_launch_shapes(benchmark, monkeypatch, shape_name, laun
     timing = "graph" if DEVICE.type == "cuda" else "call"
     _bench_batch_norm(benchmark, shape_name, "triton", timing, group_suffix=" launch shapes")
     benchmark.extra_info.update({"partials_tile": tile, "target_partials": partials,
-                                 "finalize_channels": finalize_channels, "elementwise_warps": warps})
+                                 "finalize_channels": finalize_channels, "elementwise_warps": warps,
+                                 "shipped_default": launch == BN_LAUNCH_SHAPES[0]})
 
 
 # ----------------------------------------------------------------------------------------------------
