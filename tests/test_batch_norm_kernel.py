@@ -199,15 +199,3 @@ def mlaan_losses(fused: bool, device: str):
 def test_mlaan_training_with_fused_batch_norm_follows_the_plain_run(device, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # only the batch-norm arithmetic differs
     assert mlaan_losses(True, device) == pytest.approx(mlaan_losses(False, device), rel=1e-4)
-
-
-def test_flag_without_triton_warns_and_trains(tmp_path):
-    from fastlocal.train import main
-
-    if torch.cuda.is_available():
-        pytest.skip("this checks the fallback where system.kernels resolves to PyTorch")
-    args = ["--data.source=bundled", "--data.max_train=40", "--data.max_test=20", "--model.arch=resnet20",
-            "--method.name=dgl", "--method.num_modules=2", "--train.batch_size=16", "--train.epochs=1",
-            "--log.progress=false", "--system.fused_batch_norm=true", "--out", str(tmp_path)]
-    with pytest.warns(UserWarning, match="system.fused_batch_norm=true needs the Triton kernels"):
-        assert main(args) == 0

@@ -139,15 +139,3 @@ def test_mlaan_training_with_triton_conv_follows_the_plain_run(device, monkeypat
 
     fast = short_mlaan_run(device, prepare=triton_conv, steps=2)[0]
     assert fast == pytest.approx(short_mlaan_run(device, steps=2)[0], rel=1e-4)
-
-
-def test_flag_without_triton_warns_and_trains(tmp_path):
-    from fastlocal.train import main
-
-    if torch.cuda.is_available():
-        pytest.skip("this checks the fallback where system.kernels resolves to PyTorch")
-    args = ["--data.source=bundled", "--data.max_train=40", "--data.max_test=20", "--model.arch=resnet20",
-            "--method.name=dgl", "--method.num_modules=2", "--train.batch_size=16", "--train.epochs=1",
-            "--log.progress=false", "--system.triton_conv=true", "--out", str(tmp_path)]
-    with pytest.warns(UserWarning, match="system.triton_conv=true needs the Triton kernels"):
-        assert main(args) == 0

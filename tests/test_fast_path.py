@@ -282,3 +282,16 @@ def test_switches_take_toml_booleans(tmp_path):
     path.write_text("[system]\ncuda_graphs = false\ncuda_streams = true\nfused_batch_norm = \"auto\"\n")
     cfg = build_config(path, [], METHODS)
     assert (cfg.system.cuda_graphs, cfg.system.cuda_streams, cfg.system.fused_batch_norm) == ("false", "true", "auto")
+
+
+@pytest.mark.parametrize("option", ["system.fused_batch_norm", "system.triton_conv"])
+def test_triton_block_options_without_triton_warn_and_train(option, tmp_path):
+    from fastlocal.train import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the fallback where system.kernels resolves to PyTorch")
+    args = ["--data.source=bundled", "--data.max_train=40", "--data.max_test=20", "--model.arch=resnet20",
+            "--method.name=dgl", "--method.num_modules=2", "--train.batch_size=16", "--train.epochs=1",
+            "--log.progress=false", f"--{option}=true", "--out", str(tmp_path)]
+    with pytest.warns(UserWarning, match=f"{option}=true needs the Triton kernels"):
+        assert main(args) == 0
