@@ -20,25 +20,19 @@ def _median_us(bench: dict) -> float:
 
 
 def batch_norm_lines(benchmarks: list[dict]) -> list[str]:
-    by_shape: dict[str, list[tuple[float, tuple]]] = defaultdict(list)
-    default_us: dict[str, float] = {}
+    by_shape: dict[str, dict[str, float]] = defaultdict(dict)
     for bench in benchmarks:
         info = bench.get("extra_info") or {}
-        if "partials_tile" in info:
-            launch = (info["partials_tile"], info["target_partials"], info["finalize_channels"],
-                      info["elementwise_warps"])
-            by_shape[info["shape"]].append((_median_us(bench), launch))
-            if info.get("shipped_default"):
-                default_us[info["shape"]] = _median_us(bench)
+        if "launch_shape" in info:
+            by_shape[info["shape"]][info["launch_shape"]] = _median_us(bench)
     if not by_shape:
         return []
     lines = ["| batch norm shape | shipped default us | fastest launch shape | its us | default / fastest |",
              "|---|---|---|---|---|"]
-    for shape, rows in sorted(by_shape.items()):
-        best_us, best = min(rows)
-        default = default_us.get(shape)
-        lines.append(f"| {shape} | {f'{default:.1f}' if default else '?'} | tile {best[0]}, partials {best[1]}, "
-                     f"finalize {best[2]}, warps {best[3]} | {best_us:.1f} | "
+    for shape, times in sorted(by_shape.items()):
+        best, best_us = min(times.items(), key=lambda kv: kv[1])
+        default = times.get("default")
+        lines.append(f"| {shape} | {f'{default:.1f}' if default else '?'} | {best} | {best_us:.1f} | "
                      f"{f'{default / best_us:.2f}' if default else '?'} |")
     return lines
 

@@ -307,17 +307,31 @@ def test_bench_batch_norm(benchmark, shape_name, implementation, timing):
     _bench_batch_norm(benchmark, shape_name, implementation, timing)
 
 
-# The fused batch norm's launch shapes to try (the first is the shipped default): elements per loop step of
-# the partial sums, partial-sum programs, channels per program summing the partials, warps of the
-# elementwise passes. The partial sums read up to three tensors in a loop, so their tile size and program
-# count set how many bytes are in flight.
+# The fused batch norm's launch shapes to try, as overrides of the constants of fastlocal.kernels.batch_norm
+# ({} is the shipped default). The partial sums read up to three tensors in a loop, so their tile size
+# (PARTIALS_TILE elements) and program count (TARGET_PARTIALS) set how many bytes are in flight; the
+# kernels that sum the partials are bound by latency (FINALIZE_ROWS per loop step, FINALIZE_CHANNELS per
+# program); ELEMENTWISE_WARPS are the warps of the two elementwise passes.
 BN_LAUNCH_SHAPES = [
-    (1024, 512, 16, 4), (1024, 512, 64, 4), (1024, 256, 16, 4), (1024, 1024, 16, 4), (1024, 512, 16, 8),
-    (2048, 256, 16, 4), (2048, 512, 16, 4), (4096, 256, 16, 4), (4096, 512, 16, 4), (4096, 1024, 16, 4),
+    {},
+    {"FINALIZE_ROWS": 64},
+    {"FINALIZE_ROWS": 64, "FINALIZE_CHANNELS": 64},  # the forward's finalize as of commit 9a1131c
+    {"TARGET_PARTIALS": 256},
+    {"TARGET_PARTIALS": 1024},
+    {"ELEMENTWISE_WARPS": 8},
+    {"PARTIALS_TILE": 2048},
+    {"PARTIALS_TILE": 2048, "TARGET_PARTIALS": 256},
+    {"PARTIALS_TILE": 4096},
+    {"PARTIALS_TILE": 4096, "TARGET_PARTIALS": 256},
+    {"PARTIALS_TILE": 4096, "TARGET_PARTIALS": 1024},
 ]
 
 
-@pytest.mark.parametrize("launch", BN_LAUNCH_SHAPES, ids=lambda s: "tile{}-partials{}-fin{}-warps{}".format(*s))
+def launch_shape_name(overrides: dict) -> str:
+    return "-".join(f"{name.lower()}{value}" for name, value in overrides.items()) or "default"
+
+
+@pytest.mark.parametrize("launch", BN_LAUNCH_SHAPES, ids=launch_shape_name)
 @pytest.mark.parametrize("shape_name", ["stage1", "stage3"])
 def test_bench_batch_norm_launch_shapes(benchmark, monkeypatch, shape_name, launch):
     """The Triton batch norm under each launch shape (graph-timed on CUDA): which default to ship."""
@@ -325,16 +339,11 @@ def test_bench_batch_norm_launch_shapes(benchmark, monkeypatch, shape_name, laun
         pytest.skip(TRITON_SKIP_REASON)
     from fastlocal.kernels import batch_norm
 
-    tile, partials, finalize_channels, warps = launch
-    monkeypatch.setattr(batch_norm, "PARTIALS_TILE", tile)
-    monkeypatch.setattr(batch_norm, "TARGET_PARTIALS", partials)
-    monkeypatch.setattr(batch_norm, "FINALIZE_CHANNELS", finalize_channels)
-    monkeypatch.setattr(batch_norm, "ELEMENTWISE_WARPS", warps)
+    for name, value in launch.items():
+        monkeypatch.setattr(batch_norm, name, value)
     timing = "graph" if DEVICE.type == "cuda" else "call"
     _bench_batch_norm(benchmark, shape_name, "triton", timing, group_suffix=" launch shapes")
-    benchmark.extra_info.update({"partials_tile": tile, "target_partials": partials,
-                                 "finalize_channels": finalize_channels, "elementwise_warps": warps,
-                                 "shipped_default": launch == BN_LAUNCH_SHAPES[0]})
+    benchmark.extra_info["launch_shape"] = launch_shape_name(launch)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -388,11 +397,14 @@ def test_bench_conv3x3(benchmark, monkeypatch, shape_name, implementation, timin
     _record_speed(benchmark, 6 * x.numel() * x.element_size())
 
 
-def test_bench_launch_shapes_start_with_the_shipped_default():
+def test_bench_launch_shapes_name_constants_of_the_kernels():
     from fastlocal.kernels import batch_norm, conv
 
-    assert BN_LAUNCH_SHAPES[0] == (batch_norm.PARTIALS_TILE, batch_norm.TARGET_PARTIALS, batch_norm.FINALIZE_CHANNELS,
-                                   batch_norm.ELEMENTWISE_WARPS)
+    for overrides in BN_LAUNCH_SHAPES:
+        for name, value in overrides.items():
+            assert isinstance(getattr(batch_norm, name), int) and getattr(batch_norm, name) != value
+    assert launch_shape_name({}) == "default"
+    assert launch_shape_name({"PARTIALS_TILE": 2048, "TARGET_PARTIALS": 256}) == "partials_tile2048-target_partials256"
     assert CONV_TILES[0] == conv.CONV_PIXELS
 
 

@@ -182,20 +182,20 @@ def record_all(quick: bool, sweep: bool) -> list[Launch]:
             aux_loss_launches(dtype, channels_last)
         if sweep:
             bn_shapes, conv_tiles = _bench_lists()
-            bn_names = ("PARTIALS_TILE", "TARGET_PARTIALS", "FINALIZE_CHANNELS", "ELEMENTWISE_WARPS")
-            defaults = [getattr(batch_norm, name) for name in bn_names], conv.CONV_PIXELS
+            defaults = {name: getattr(batch_norm, name) for overrides in bn_shapes for name in overrides}
+            default_pixels = conv.CONV_PIXELS
             try:
-                for shape in bn_shapes:
-                    for name, value in zip(bn_names, shape):
+                for overrides in bn_shapes:
+                    for name, value in {**defaults, **overrides}.items():
                         setattr(batch_norm, name, value)
                     batch_norm_launches(torch.bfloat16, True)
                 for pixels in conv_tiles:
                     conv.CONV_PIXELS = pixels
                     conv_launches(torch.bfloat16)
             finally:
-                for name, value in zip(bn_names, defaults[0]):
+                for name, value in defaults.items():
                     setattr(batch_norm, name, value)
-                conv.CONV_PIXELS = defaults[1]
+                conv.CONV_PIXELS = default_pixels
     return list(launches.values())
 
 

@@ -165,12 +165,11 @@ def test_kernel_choices_pick_the_fastest_launch_shape_and_compare_the_convolutio
                                                   Path(__file__).parents[1] / "bench" / "kernel_choices.py")
     choices = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(choices)
-    shape = {"target_partials": 512, "finalize_channels": 16, "elementwise_warps": 4}
     benchmarks = [
-        _kernel_bench(20e-6, shape="stage1", partials_tile=1024, shipped_default=True, **shape),
-        _kernel_bench(15e-6, shape="stage1", partials_tile=4096, shipped_default=False, **shape),
-        _kernel_bench(9e-6, shape="stage3", partials_tile=1024, shipped_default=True, **shape),
-        _kernel_bench(12e-6, shape="stage3", partials_tile=2048, shipped_default=False, **shape),
+        _kernel_bench(20e-6, shape="stage1", launch_shape="default"),
+        _kernel_bench(15e-6, shape="stage1", launch_shape="partials_tile4096"),
+        _kernel_bench(9e-6, shape="stage3", launch_shape="default"),
+        _kernel_bench(12e-6, shape="stage3", launch_shape="partials_tile2048"),
         _kernel_bench(60e-6, shape="stage1", implementation="eager", timing="graph", conv_pixels=128),
         _kernel_bench(40e-6, shape="stage1", implementation="triton", timing="graph", conv_pixels=128),
         _kernel_bench(30e-6, shape="stage1", implementation="triton", timing="graph", conv_pixels=256),
@@ -180,6 +179,6 @@ def test_kernel_choices_pick_the_fastest_launch_shape_and_compare_the_convolutio
     path.write_text(json.dumps({"benchmarks": benchmarks}))
     choices.main(str(path))
     out = capsys.readouterr().out
-    assert "| stage1 | 20.0 | tile 4096, partials 512, finalize 16, warps 4 | 15.0 | 1.33 |" in out
-    assert "| stage3 | 9.0 | tile 1024, partials 512, finalize 16, warps 4 | 9.0 | 1.00 |" in out
+    assert "| stage1 | 20.0 | partials_tile4096 | 15.0 | 1.33 |" in out
+    assert "| stage3 | 9.0 | default | 9.0 | 1.00 |" in out
     assert "| stage1 | graph | 60.0 | 256 pixels | 30.0 | 2.00 |" in out
