@@ -49,10 +49,10 @@ STAGES = {"stage1": (16, 32), "stage2": (32, 16), "stage3": (64, 8)}  # channels
 
 
 class Launch:
-    """One recorded launch: the kernel and its bound arguments."""
+    """One recorded launch: the kernel, the types and constants of its bound arguments, its options."""
 
     def __init__(self, kernel: JITFunction, arguments: dict, options: dict):
-        self.kernel, self.arguments, self.options = kernel, arguments, options
+        self.kernel, self.options = kernel, options
         # Specialised as Triton's launcher does: an int equal to 1 becomes a constant, and pointers and ints
         # divisible by 16 carry that fact (what lets the compiler vectorise loads).
         signature, self.constexprs, self.attrs = {}, {}, {}
