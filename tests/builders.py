@@ -43,3 +43,20 @@ def short_mlaan_run(device, overrides=(), prepare=None, steps: int = 3):
         losses.append(local_train_step(modules, method, Batch(x, y, (0.5,) * 3, (0.5,) * 3)).item())
         optimizer.step()
     return losses, method
+
+
+def forward_backward(net: torch.nn.Module, x: torch.Tensor):
+    """(output, input gradient, parameter gradients) of `net` on `x` for the loss mean(y^2)."""
+    xs = x.clone().requires_grad_()
+    y = net(xs)
+    y.pow(2).mean().backward()
+    return y, xs.grad, [p.grad for p in net.parameters()]
+
+
+def assert_same_forward_backward(got, expected):
+    """Two `forward_backward` results agree to fp32 rounding (a fused path against the plain one)."""
+    (y1, dx1, g1), (y0, dx0, g0) = got, expected
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-4, atol=1e-6)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

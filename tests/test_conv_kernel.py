@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from builders import short_mlaan_run
+from builders import assert_same_forward_backward, forward_backward, short_mlaan_run
 
 from fastlocal.kernels import conv as conv_module
 from fastlocal.kernels import conv3x3
@@ -103,17 +103,7 @@ def test_blocks_with_triton_conv_follow_the_plain_blocks(fused_batch_norm, devic
     use_fused_batch_norm([plain, fast], fused_batch_norm)
     assert use_triton_conv([fast], "triton") == 2
     x = torch.randn(3, 16, 6, 6, device=device)
-    results = []
-    for net in (plain, fast):
-        xs = x.clone().requires_grad_()
-        y = net(xs)
-        y.pow(2).mean().backward()
-        results.append((y, xs.grad, [p.grad for p in net.parameters()]))
-    (y0, dx0, g0), (y1, dx1, g1) = results
-    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dx1, dx0, rtol=1e-4, atol=1e-6)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert_same_forward_backward(forward_backward(fast, x), forward_backward(plain, x))
 
 
 def test_only_narrow_stride_one_convolutions_take_the_triton_path(monkeypatch):

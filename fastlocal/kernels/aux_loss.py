@@ -38,6 +38,8 @@ are made contiguous first. The weight and bias are made contiguous (no-ops for n
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -372,6 +374,7 @@ def _clamp_block(n: int, cap: int) -> int:
     return max(16, min(_pow2(n), cap))
 
 
+@functools.cache
 def _capability_major(device: torch.device) -> int | None:
     """The CUDA compute capability's major number of `device` (None off CUDA)."""
     return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else None

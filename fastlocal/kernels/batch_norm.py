@@ -97,6 +97,11 @@ if triton is not None:
             d = tl.where(mask, d, 0.0)
             s1 += d
             s2 += d * d
+        _store_partials(partial_ptr, pid_m, cols, col_mask, C, s1, s2)
+
+    @triton.jit
+    def _store_partials(partial_ptr, pid_m, cols, col_mask, C, s1, s2):
+        # Row pid_m of the (num_partials, 2, C) partials: the column sums of the two accumulator tiles.
         out = partial_ptr + pid_m * 2 * C + cols
         tl.store(out, tl.sum(s1, axis=0), mask=col_mask)
         tl.store(out + C, tl.sum(s2, axis=0), mask=col_mask)
@@ -201,9 +206,7 @@ if triton is not None:
             x_hat = (x.to(tl.float32) - mean[None, :]) * invstd[None, :]
             s1 += dz
             s2 += tl.where(mask, dz * x_hat, 0.0)
-        out = partial_ptr + pid_m * 2 * C + cols
-        tl.store(out, tl.sum(s1, axis=0), mask=col_mask)
-        tl.store(out + C, tl.sum(s2, axis=0), mask=col_mask)
+        _store_partials(partial_ptr, pid_m, cols, col_mask, C, s1, s2)
 
     @triton.jit
     def _grad_sums_kernel(partial_ptr, num_partials, sums_ptr, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
