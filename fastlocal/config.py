@@ -7,6 +7,8 @@ Every field has a default, so an empty config is the quick start. Validation rai
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +26,9 @@ class ConfigError(UserError, ValueError):
 @dataclass
 class DataConfig:
     source: str = "bundled"
-    """Dataset: bundled (a CIFAR-10 subset shipped in the package), cifar10, svhn, stl10, imagefolder."""
+    """Dataset: bundled (a CIFAR-10 subset shipped in the package), cifar10, svhn, stl10, imagefolder.
+    cifar10 reads CIFAR's python-pickle batch files, and unpickling can run code: it trusts the files in
+    data.root (use ones you downloaded from the CIFAR site or through torchvision)."""
     root: str = ""
     """Where the dataset lives: the torchvision folder for cifar10/svhn/stl10, or for imagefolder a
     folder or .tar/.tar.gz archive holding train/<class>/* and test/<class>/*."""
@@ -170,7 +174,7 @@ class SystemConfig:
     """auto (cuda when available), cpu, cuda."""
     seed: int = 0
     num_threads: int = 0
-    """CPU threads for torch (0 = torch's default)."""
+    """CPU threads for torch (0 = torch's default; at most the machine's CPU count)."""
     precision: str = "fp32"
     """fp32, or bf16 (autocast forwards; fp32 master weights, loss, optimizer and EMA arithmetic)."""
     channels_last: bool = False
@@ -385,8 +389,18 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
                 raise ConfigError(f"{key} = {value!r} is not valid; choose one of: {', '.join(choices[key])}")
             if key in MINIMUMS and value < MINIMUMS[key]:
                 raise ConfigError(f"{key} = {value!r} is too small; it must be at least {MINIMUMS[key]:g}")
+    check_finite(cfg)
     if not cfg.optim.lr > 0:
         raise ConfigError(f"optim.lr = {cfg.optim.lr} is not valid; it must be a positive number")
+    if not cfg.optim.momentum < 1:
+        raise ConfigError(f"optim.momentum = {cfg.optim.momentum} is not valid; it must be in [0, 1) "
+                          "(1 or more never forgets a gradient and diverges)")
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:
+        raise ConfigError("optim.nesterov = true needs optim.momentum > 0; set optim.momentum or optim.nesterov=false")
+    cpus = os.cpu_count() or 1
+    if cfg.system.num_threads > cpus:
+        raise ConfigError(f"system.num_threads = {cfg.system.num_threads} is more than this machine's {cpus} CPUs; "
+                          f"use 0 (torch's default) or a number from 1 to {cpus}")
     if cfg.data.source == "imagefolder" and not cfg.data.root:
         raise ConfigError(
             "data.source = imagefolder needs data.root: a folder or .tar/.tar.gz archive holding "
@@ -397,6 +411,11 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
     if len(cfg.infopro.weights) != 4 or min(cfg.infopro.weights) < 0:
         raise ConfigError(f"infopro.weights = {list(cfg.infopro.weights)} is not valid; give four weights >= 0: "
                           "[ixx_1, ixy_1, ixx_2, ixy_2]")
+    if cfg.method.name == "mlaan" and cfg.mlaan.window >= cfg.method.num_modules:
+        raise ConfigError(
+            f"mlaan.window = {cfg.mlaan.window} with method.num_modules = {cfg.method.num_modules}: a window of K or "
+            "more lets the last loss reach every module, so no local heads are built and this is plain BP; use "
+            f"mlaan.window from 1 to {cfg.method.num_modules - 1}, or method.name=bp")
     if len(cfg.mlaan.final_weights) != 2:
         raise ConfigError(f"mlaan.final_weights = {list(cfg.mlaan.final_weights)} is not valid; give [c_own, c_prop]")
     if not 0 <= cfg.mlaan.ema_momentum <= 1:
@@ -404,6 +423,15 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
     if cfg.data.pad < -1:
         raise ConfigError(f"data.pad = {cfg.data.pad} is not valid; use -1 (per source) or a padding >= 0")
     return cfg
+
+
+def check_finite(cfg: Config) -> None:
+    """Every number must be finite: inf or nan in an option only ever ends in a diverged or crashed run."""
+    for section in section_names(cfg):
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ConfigError(f"{section}.{key} = {value!r} is not valid; it must be a finite number")
 
 
 def build_config(
@@ -415,12 +443,43 @@ def build_config(
     cfg = Config()
     if config_file is not None:
         apply_mapping(cfg, load_toml(config_file), str(config_file))
+    apply_overrides(cfg, overrides)
+    return validate(cfg, method_names)
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> None:
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like --section.key=value")
         set_value(cfg, key.strip().removeprefix("--"), value.strip())
-    return validate(cfg, method_names)
+
+
+# What `--resume` may change: keys that do not change what the epochs already run computed, and
+# train.epochs (which changes the LR schedule of the remaining epochs; the CLI says so).
+RESUME_OVERRIDABLE = ("log.progress", "log.measure_memory", "data.download", "data.cache_dir", "train.epochs")
+
+
+def resume_config(saved: dict, overrides: typing.Sequence[str],
+                  method_names: typing.Iterable[str] | None = None) -> Config:
+    """The config of a resumed run: the one saved in its checkpoint, with `overrides` allowed only for the keys
+    in RESUME_OVERRIDABLE; any other difference is a ConfigError that lists the keys."""
+    before = from_dict(saved, method_names)
+    cfg = from_dict(saved, method_names)
+    apply_overrides(cfg, overrides)
+    validate(cfg, method_names)
+    old, new = _flat(before), _flat(cfg)
+    changed = [key for key in new if new[key] != old[key] and key not in RESUME_OVERRIDABLE]
+    if changed:
+        listed = "; ".join(f"{key} = {old[key]!r} in the run, {new[key]!r} asked" for key in changed)
+        raise ConfigError(f"--resume continues a run with the config it was trained with, but {listed}. Only "
+                          f"{', '.join(RESUME_OVERRIDABLE)} may change on resume; to train with other values, "
+                          "start a new run: --config RUN/config.toml --out NEW_DIR with your overrides")
+    return cfg
+
+
+def _flat(cfg: Config) -> dict:
+    return {f"{section}.{key}": value for section, values in to_dict(cfg).items() for key, value in values.items()}
 
 
 def to_dict(cfg: Config) -> dict:

@@ -13,10 +13,15 @@ a side stream, where it runs while the main stream computes the next module's fo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
+import pickle
+import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -33,10 +38,23 @@ from fastlocal.methods import Batch, LocalMethod
 from fastlocal.split import LocalModule
 
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_KEYS = ("config", "backbone", "method", "optimizer", "state")
+NONFINITE_CHECK_STEPS = 20
+"""The loop reads the loss sum and the divergence flag from the device every this many steps (and at an
+epoch's last step): a non-finite loss stops the run at most this many steps late, with one host sync per
+check rather than per step."""
 
 
 class NonFiniteLossError(UserError):
     pass
+
+
+class RunInterrupted(Exception):
+    """SIGINT or SIGTERM arrived: the run stopped between steps and saved nothing partial."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def _accumulate(cotangents: list, index: int, value: torch.Tensor | None) -> None:
@@ -298,17 +316,67 @@ def evaluate(backbone: torch.nn.Module, loader, channels_last: bool = False) -> 
     return 100.0 * correct.item() / loader.num_images
 
 
-def save_atomic(obj, path: Path) -> None:
-    """Write then rename, so a crash mid-write never corrupts the previous file."""
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """`write` to path.tmp, then rename it over `path`, so a crash mid-write never corrupts the previous file.
+    A failed write (a full disk, a read-only directory) removes the .tmp and becomes a UserError."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot write {path}: {reason}; the previous {path.name}, if any, is unchanged. Free space "
+                        "on that disk or make the directory writable, then run again (--resume continues a run "
+                        "from its last checkpoint)") from None
+
+
+def save_atomic(obj, path: Path) -> None:
+    _write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(json.dumps(obj, indent=2) + "\n", path)
+
+
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint without running code: `weights_only=True` unpickles tensors and plain containers,
+    numbers and strings only, so a file carrying a pickled payload is refused, not executed."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found:
+            raise UserError(
+                f"refusing to load {path}: besides tensors and plain values it names {found.group(1)}, which "
+                "loading would call (code could run); use only checkpoints written by fastlocal"
+            ) from None
+        raise UserError(f"cannot read checkpoint {path}: it is corrupt or not a fastlocal checkpoint") from None
+    except Exception as err:  # noqa: BLE001 -- a truncated or foreign file: say so, do not crash
+        raise UserError(
+            f"cannot read checkpoint {path}: {err}; it is corrupt or not a fastlocal checkpoint"
+        ) from None
+    if not isinstance(ckpt, dict) or not set(CHECKPOINT_KEYS) <= ckpt.keys():
+        raise UserError(f"{path} is not a fastlocal checkpoint (it needs the entries {', '.join(CHECKPOINT_KEYS)})")
+    return ckpt
+
+
+def non_finite_tensors(obj, name: str = "") -> list[str]:
+    """The dotted names of the floating-point tensors in a nested checkpoint that hold inf or nan."""
+    if isinstance(obj, torch.Tensor):
+        return [name] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return []
+    return [bad for key, value in items for bad in non_finite_tensors(value, f"{name}.{key}" if name else str(key))]
 
 
 @dataclass
@@ -341,6 +409,7 @@ class Trainer:
         self.channels_last = cfg.system.channels_last
         self.run_step = GraphedStep(self.step_without_zero_grad, self.zero_grad) if use_graphs else self.eager_step
         self.state = RunState()
+        self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler that fit() installs
 
     # -- one step ---------------------------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -367,16 +436,33 @@ class Trainer:
             "state": self.state.__dict__,
         }
 
+    def save_checkpoint(self) -> None:
+        """Write the checkpoint, never one holding inf or nan: the previous one then stays the last good one."""
+        ckpt = self.checkpoint()
+        bad = non_finite_tensors(ckpt)
+        if bad:
+            raise self.diverged(f"after epoch {self.state.epoch}, {len(bad)} tensors of the model hold inf or nan "
+                                f"(first: {bad[0]})", completed_epochs=self.state.epoch - 1)
+        save_atomic(ckpt, self.out_dir / CHECKPOINT_NAME)
+
+    def diverged(self, what: str, completed_epochs: int) -> NonFiniteLossError:
+        last_good = (f"the checkpoint of epoch {completed_epochs} in {self.out_dir} is intact (every tensor in it "
+                     "is finite)" if completed_epochs else "no checkpoint was written")
+        return NonFiniteLossError(f"{what}; the run diverged. Lower optim.lr (now {self.cfg.optim.lr:g}) or lengthen "
+                                  f"optim.warmup_epochs; {last_good}")
+
     def load_checkpoint(self, path: Path) -> None:
+        self.restore(read_checkpoint(path, self.device))
+
+    def restore(self, ckpt: dict) -> None:
+        """Continue from a checkpoint (see `read_checkpoint`) written for this run's config."""
         try:
-            ckpt = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as err:  # a truncated or foreign file: say so, do not crash
-            raise UserError(
-                f"cannot read checkpoint {path}: {err}; it is corrupt or not a fastlocal checkpoint"
-            ) from None
-        self.backbone.load_state_dict(ckpt["backbone"])
-        self.method.load_state_dict(ckpt["method"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.backbone.load_state_dict(ckpt["backbone"])
+            self.method.load_state_dict(ckpt["method"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise UserError(f"the checkpoint does not fit the model built from its config ({str(err)[:300]}); it "
+                            "was written by another version of fastlocal or edited") from None
         for group in self.optimizer.param_groups:  # the LR's kind (float or device tensor) follows this run
             if self.lr_on_device and not isinstance(group["lr"], torch.Tensor):
                 group["lr"] = torch.tensor(group["lr"], device=self.device)
@@ -397,6 +483,8 @@ class Trainer:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, unit="batch")
+        # The first step whose loss is inf or nan, tracked on the device (no host sync); -1 while none is.
+        diverged_at = torch.full((), -1, dtype=torch.int64, device=self.device)
         start = time.perf_counter()
         lr = cfg.optim.lr
         for step, (x, y) in enumerate(loader):
@@ -412,37 +500,64 @@ class Trainer:
             else:
                 loss = self.run_step(x, y)
             loss_sum += loss
+            diverged_at = torch.where((diverged_at < 0) & ~torch.isfinite(loss), step, diverged_at)
+            if step % NONFINITE_CHECK_STEPS == 0 or step == steps - 1:
+                total, first_bad = torch.stack([loss_sum, diverged_at.double()]).tolist()  # one host sync
+                if first_bad >= 0:
+                    raise self.diverged(f"the training loss became inf or nan at step {int(first_bad) + 1}/{steps} of "
+                                        f"epoch {epoch + 1} (seen at step {step + 1})", completed_epochs=epoch)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{total / (step + 1):.3f}", lr=f"{lr:.3g}")
             if progress is not None:
                 progress.update(1)
-                if step % 20 == 0 or step == steps - 1:
-                    progress.set_postfix(loss=f"{loss_sum.item() / (step + 1):.3f}", lr=f"{lr:.3g}")
+            if self.stop_signal is not None:  # the step is finished; the partial epoch is discarded
+                raise RunInterrupted(self.stop_signal)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         if progress is not None:
             progress.close()
         train_loss = loss_sum.item() / max(1, steps)
-        if not math.isfinite(train_loss):
-            last_good = (f"the checkpoint of epoch {epoch} in {self.out_dir} is intact" if epoch
-                         else "no checkpoint was written")
-            raise NonFiniteLossError(
-                f"the training loss became {train_loss} in epoch {epoch + 1}; the run diverged. Lower "
-                f"optim.lr (now {cfg.optim.lr}) or lengthen optim.warmup_epochs; {last_good}"
-            )
         return {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "epoch_seconds": seconds,
                 "images_per_second": loader.num_images / seconds if not cfg.train.drop_last
                 else steps * cfg.train.batch_size / seconds}
 
+    @contextmanager
+    def stop_on_signals(self) -> Iterator[None]:
+        """SIGINT (Ctrl-C) and SIGTERM (what a cluster scheduler sends) set `stop_signal`, which the loop reads
+        after each step: no exception lands inside a step or a destructor, where it could be swallowed. A second
+        Ctrl-C interrupts at once (KeyboardInterrupt)."""
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+
+        def request_stop(signum, frame):
+            self.stop_signal = signum
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
     def fit(self, log=print) -> dict:
+        with self.stop_on_signals():
+            return self._fit(log)
+
+    def _fit(self, log) -> dict:
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.toml").write_text(to_toml(cfg))
+        write_text_atomic(to_toml(cfg), self.out_dir / "config.toml")
         metrics_path = self.out_dir / "metrics.jsonl"
         # The metrics file always mirrors the checkpoint: rewrite it from the restored history.
-        metrics_path.write_text("".join(json.dumps(row) + "\n" for row in self.state.history))
+        write_text_atomic("".join(json.dumps(row) + "\n" for row in self.state.history), metrics_path)
         if self.device.type == "cuda":
             reset_peak(self.device)
         for epoch in range(self.state.epoch, cfg.train.epochs):
+            if self.stop_signal is not None:  # arrived during the last evaluation or save: that epoch is kept
+                raise RunInterrupted(self.stop_signal)
             row = self.train_epoch(epoch)
             with self.forward_context():
                 row["test_acc"] = evaluate(self.backbone, self.data.test, self.channels_last)
@@ -451,9 +566,14 @@ class Trainer:
             self.state.train_seconds += row["epoch_seconds"]
             if self.device.type == "cuda":
                 self.state.peak_memory = cuda_peak(self.device)
-            save_atomic(self.checkpoint(), self.out_dir / CHECKPOINT_NAME)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            self.save_checkpoint()
+            try:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as err:
+                raise UserError(f"cannot write {metrics_path}: {err.strerror}; the checkpoint of epoch {epoch + 1} "
+                                "is saved; free space or make the directory writable, then continue with "
+                                f"--resume {self.out_dir}") from None
             log(f"epoch {row['epoch']}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  "
                 f"test acc {row['test_acc']:.2f}%  {row['images_per_second']:.0f} img/s  lr {row['lr']:.4g}")
         summary = self.summary()

@@ -83,7 +83,7 @@ TINY_RUN = ["--data.source=bundled", "--data.max_train=60", "--data.max_test=20"
 
 
 def final_state(out):
-    return torch.load(out / "checkpoint.pt", weights_only=False)["backbone"]
+    return torch.load(out / "checkpoint.pt", weights_only=True)["backbone"]
 
 
 def test_cuda_graphs_on_cpu_warn_and_train_exactly_as_eager(tmp_path):

@@ -48,7 +48,7 @@ def test_run_directory_files(tmp_path, capsys):
 
 
 def final_weights(run_dir):
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["backbone"]
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["backbone"]
 
 
 @pytest.mark.parametrize("method", [["--method.name=dgl", "--method.num_modules=3"],
@@ -157,28 +157,26 @@ def test_wrong_folder_layout(capsys, tmp_path):
                        f"--data.cache_dir={tmp_path / 'cache'}"], capsys, "train")
 
 
-def test_non_finite_loss_keeps_the_last_good_checkpoint(capsys, tmp_path, monkeypatch):
-    original = engine.local_train_step
+def test_non_finite_loss_stops_within_the_check_interval_and_keeps_the_last_good_checkpoint(
+        capsys, tmp_path, monkeypatch):
+    # 400 images in batches of 10: 40 steps an epoch, so the check at step 21 is the one that must see it.
+    original = engine.Trainer.step_without_zero_grad
+    calls = {"n": 0}
 
-    def diverge_in_second_epoch(*args, **kwargs):
-        loss = original(*args, **kwargs)
-        return loss * math.nan if engine_epoch["now"] == 1 else loss
+    def diverge_at_step_3_of_epoch_2(self, x, y):
+        loss = original(self, x, y)
+        calls["n"] += 1
+        return loss * math.nan if calls["n"] == 40 + 3 else loss
 
-    engine_epoch = {"now": 0}
-    original_epoch = engine.Trainer.train_epoch
-
-    def tracking(self, epoch):
-        engine_epoch["now"] = epoch
-        return original_epoch(self, epoch)
-
-    monkeypatch.setattr(engine, "local_train_step", diverge_in_second_epoch)
-    monkeypatch.setattr(engine.Trainer, "train_epoch", tracking)
+    monkeypatch.setattr(engine.Trainer, "step_without_zero_grad", diverge_at_step_3_of_epoch_2)
     out = tmp_path / "run"
-    expect_user_error([*TINY, "--method.name=dgl", "--method.num_modules=2", "--train.epochs=3", "--out", out],
-                      capsys, "became nan in epoch 2", "optim.lr", "checkpoint of epoch 1")
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    tiny = [a for a in TINY if "max_train" not in a and "batch_size" not in a]
+    expect_user_error([*tiny, "--data.max_train=400", "--train.batch_size=10", "--log.measure_memory=false",
+                       "--method.name=bp", "--train.epochs=3", "--out", out], capsys,
+                      "at step 3/40 of epoch 2 (seen at step 21)", "optim.lr", "checkpoint of epoch 1")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["state"]["epoch"] == 1
-    assert all(torch.isfinite(v).all() for v in ckpt["backbone"].values() if v.is_floating_point())
+    assert not engine.non_finite_tensors(ckpt)
 
 
 def test_real_divergence_is_reported(capsys, tmp_path):

@@ -3,7 +3,8 @@
 Readers are written from the file formats rather than through torchvision's dataset classes (whose md5
 checks reject small hand-written files); torchvision is imported only to download a missing dataset.
 
-- cifar10: ``root/cifar-10-batches-py/`` python pickles.
+- cifar10: ``root/cifar-10-batches-py/`` python pickles. Unpickling can run code, so these files are
+  trusted: use the ones downloaded from the CIFAR site or by torchvision, never files from an unknown source.
 - svhn: ``root/{train,test}_32x32.mat`` (label 10 is digit 0).
 - stl10: ``root/stl10_binary/{train,test}_{X,y}.bin`` (column-major pixels, labels 1..10).
 - imagefolder: a folder or .tar/.tar.gz/.tgz archive holding ``train/<class>/*`` and ``test/<class>/*``,

@@ -98,6 +98,10 @@ def leap_lists(backbone: Backbone, arch: str, module_parts: list[list[int]], mod
     preset = None
     if not stem_separate and (arch, num_modules) in REFERENCE_LEAPS:
         preset = REFERENCE_LEAPS[(arch, num_modules)]
+    if mode == "reference" and preset is None and stem_separate:
+        raise ConfigError("mlaan.leaps = reference, but method.stem_separate = true: the reference's leap tables are "
+                          "for the split without a separate stem; use method.stem_separate=false, or "
+                          "mlaan.leaps=auto or generated")
     if mode == "reference" and preset is None:
         available = ", ".join(f"{a} K={k}" for a, k in REFERENCE_LEAPS)
         raise ConfigError(f"mlaan.leaps = reference, but the reference has no leap table for {arch} K={num_modules} "
