@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"python -m fastlocal.train --resume {out_dir}" if out_dir is not None else "--resume <run directory>"
         print(f"fastlocal: stopped by {signal.Signals(signum).name}; the last checkpoint holds the last finished "
               f"epoch (nothing partial was saved); continue with: {hint}", file=sys.stderr)
-        return 128 + signum  # 130 for SIGINT (Ctrl-C), 143 for SIGTERM
+        # 130 for both: a stop by the user or the scheduler is the same resumable interruption (the issue's
+        # contract), and schedulers read any non-zero code as 'not finished'.
+        return 130
     return 0
 
 
