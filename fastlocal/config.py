@@ -87,8 +87,8 @@ class MethodConfig:
     stem_separate: bool = False
     """Make the stem a module of its own (the paper's DGL/InfoPro 'K=16' for ResNet-32)."""
     head: str = "auto"
-    """Auxiliary classifier head: 0c1f, 0c2f, 1c1f, 1c2f, 1c3f, 2c2f (docs/method.md#heads-and-decoders); auto = 1c2f for dgl and
-    infopro, 0c1f (GAP + Linear, the paper's "MLAAN" row) for mlaan."""
+    """Auxiliary classifier head: 0c1f, 0c2f, 1c1f, 1c2f, 1c3f, 2c2f (docs/method.md#heads-and-decoders);
+    auto = 1c2f for dgl and infopro, 0c1f (GAP + Linear, the paper's "MLAAN" row) for mlaan."""
     head_hidden: int = 128
     """Hidden width d of the auxiliary heads' Linear layers."""
     head_widen: int = 1

@@ -19,7 +19,6 @@ from torch import nn
 from fastlocal.config import ConfigError
 from fastlocal.models import Backbone
 
-
 # (arch, K) -> the number of parts of each module in the authors' split (the stem counts as a part of
 # module 0). The leap presets of fastlocal/methods/leaps.py were written for exactly these splits.
 REFERENCE_SPLITS: dict[tuple[str, int], list[int]] = {
