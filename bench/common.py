@@ -134,7 +134,8 @@ def bench_device(mode: str) -> torch.device:
         # machine they cost a lot (2 OpenMP threads on 2 busy cores made steps 10x slower and erratic).
         torch.set_num_threads(1)
     if device.type == "cuda":
-        # The conditions of the authors' measurement (docs/method.md#the-authors-code-measured): fp32 with TF32, cudnn autotuning.
+        # The conditions of the authors' measurement (docs/method.md#the-authors-code-measured): fp32 with
+        # TF32, cudnn autotuning.
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     return device
@@ -147,7 +148,8 @@ def bench_device(mode: str) -> torch.device:
 METHOD_LABELS = ("bp", "bp-checkpoint", "bp-bf16", "dgl", "infopro", "mlaan", "dgl+mlaan")
 
 # (paper arch, [(label, K), ...]): the paper's K ("K=16" of ResNet-32 is DGL/InfoPro K=16 with the stem
-# separate and MLAAN K=15; "K=55" of ResNet-110 is K=54; ImageNet ResNet-34 "K=17" is K=16: docs/method.md#splits-and-leap-tables)
+# separate and MLAAN K=15; "K=55" of ResNet-110 is K=54; ImageNet ResNet-34 "K=17" is K=16:
+# docs/method.md#splits-and-leap-tables)
 # and a few others, so memory can be plotted against K.
 STEP_GRID = (
     ("resnet32", [("bp", 1), ("bp-checkpoint", 1), ("bp-bf16", 1),

@@ -1,5 +1,6 @@
 """The GPU fast path (issue: bf16, channels_last, CUDA graphs, fused batch norm, LAM pair fusion, CUDA
-streams) against fastlocal's own fastest BP and the authors' fp32 step times (docs/method.md#the-authors-code-measured), in one run.
+streams) against fastlocal's own fastest BP and the authors' fp32 step times
+(docs/method.md#the-authors-code-measured), in one run.
 
 Variants of one training step (zero_grad, local forward/backward, EMA, optimizer step), named by parts:
 `fp32` / `bf16-cl` (bf16 autocast + channels_last), `graph` (the step replayed from a CUDA graph), `fbn`
