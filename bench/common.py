@@ -343,7 +343,7 @@ def build(case: Case, device: torch.device, seed: int = 0, extra_items: tuple[st
     backbone = build_backbone(case.arch, case.num_classes, case.input_size)
     if case.variant == "checkpoint":
         backbone.blocks = nn.ModuleList(CheckpointedBlock(block) for block in backbone.blocks)
-    modules = split_backbone(backbone, case.num_modules, cfg.method.stem_separate, cfg.method.split)
+    modules = split_backbone(backbone, case.num_modules, cfg.method.stem_separate, cfg.method.split, case.arch)
     method = build_method(cfg, backbone, modules)
     kernels = kernel_backend(device, case.variant)
     method.kernels = kernels
