@@ -134,7 +134,8 @@ def bench_device(mode: str) -> torch.device:
         # machine they cost a lot (2 OpenMP threads on 2 busy cores made steps 10x slower and erratic).
         torch.set_num_threads(1)
     if device.type == "cuda":
-        # The conditions of SPEC section 7's reference measurement: fp32 with TF32, cudnn autotuning.
+        # The conditions of the authors' measurement (docs/method.md#the-authors-code-measured): fp32 with
+        # TF32, cudnn autotuning.
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     return device
@@ -147,7 +148,8 @@ def bench_device(mode: str) -> torch.device:
 METHOD_LABELS = ("bp", "bp-checkpoint", "bp-bf16", "dgl", "infopro", "mlaan", "dgl+mlaan")
 
 # (paper arch, [(label, K), ...]): the paper's K ("K=16" of ResNet-32 is DGL/InfoPro K=16 with the stem
-# separate and MLAAN K=15; "K=55" of ResNet-110 is K=54; ImageNet ResNet-34 "K=17" is K=16: SPEC 4.2)
+# separate and MLAAN K=15; "K=55" of ResNet-110 is K=54; ImageNet ResNet-34 "K=17" is K=16:
+# docs/method.md#splits-and-leap-tables)
 # and a few others, so memory can be plotted against K.
 STEP_GRID = (
     ("resnet32", [("bp", 1), ("bp-checkpoint", 1), ("bp-bf16", 1),
@@ -214,7 +216,7 @@ class Case:
         if self.label == "dgl+mlaan":
             items.append("method.head=1c2f")
         if name == "mlaan" and self.imagenet:
-            # The ImageNet reference: window 3, final loss weights (wx + wy, wy) (SPEC 3.4, 5).
+            # The ImageNet reference: window 3, final loss weights (wx + wy, wy) (docs/method.md#recipes).
             items += ["mlaan.window=3", "mlaan.final_weights=1.0,0.999"]
         return items
 
@@ -341,7 +343,7 @@ def build(case: Case, device: torch.device, seed: int = 0, extra_items: tuple[st
     backbone = build_backbone(case.arch, case.num_classes, case.input_size)
     if case.variant == "checkpoint":
         backbone.blocks = nn.ModuleList(CheckpointedBlock(block) for block in backbone.blocks)
-    modules = split_backbone(backbone, case.num_modules, cfg.method.stem_separate, cfg.method.split)
+    modules = split_backbone(backbone, case.num_modules, cfg.method.stem_separate, cfg.method.split, case.arch)
     method = build_method(cfg, backbone, modules)
     kernels = kernel_backend(device, case.variant)
     method.kernels = kernels

@@ -7,7 +7,7 @@ subset by default; any `section.key=value` after the options overrides every run
 
 - `off`:       fp32, eager, PyTorch batch norm, one stream (the plain path: every switch false);
 - `fp32-fast`: fp32 with the step replayed from a CUDA graph and the side stream (the same math as `off`;
-               bitwise identity under deterministic convolutions is a unit test, tests/test_streams.py);
+               bitwise identity under deterministic convolutions is a unit test, tests/test_fast_path.py);
 - `on`:        bf16 autocast + channels_last + CUDA graph + fused batch norm + LAM pair fusion + streams.
 
 Writes DIR/<variant>/ (each run's metrics.jsonl, summary.json), DIR/fast_path_training.json (per-epoch

@@ -1,5 +1,6 @@
 """The GPU fast path (issue: bf16, channels_last, CUDA graphs, fused batch norm, LAM pair fusion, CUDA
-streams) against fastlocal's own fastest BP and the authors' fp32 step times (SPEC section 7), in one run.
+streams) against fastlocal's own fastest BP and the authors' fp32 step times
+(docs/method.md#the-authors-code-measured), in one run.
 
 Variants of one training step (zero_grad, local forward/backward, EMA, optimizer step), named by parts:
 `fp32` / `bf16-cl` (bf16 autocast + channels_last), `graph` (the step replayed from a CUDA graph), `fbn`
@@ -40,7 +41,7 @@ from fastlocal.graphs import GraphedStep
 from fastlocal.methods import METHODS, Batch
 from fastlocal.models.cifar_resnet import use_fused_batch_norm, use_triton_conv
 
-# SPEC section 7: the authors' code on one H100, fp32/TF32, batch 1024 (ms per step).
+# docs/method.md#the-authors-code-measured: the authors' code on one H100, fp32/TF32, batch 1024 (ms per step).
 AUTHORS_STEP_MS = {("resnet32", "bp"): 50.4, ("resnet32", "mlaan"): 202.4,
                    ("resnet110", "bp"): 169.8, ("resnet110", "mlaan"): 776.1}
 CASES = [("resnet32", "bp", 1), ("resnet32", "mlaan", 15), ("resnet110", "bp", 1), ("resnet110", "mlaan", 54)]

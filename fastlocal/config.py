@@ -41,7 +41,7 @@ class DataConfig:
     image_size: int = 0
     """imagefolder only: resize every image to this square size (0 = keep; all must then match)."""
     normalize: str = "auto"
-    """auto (per source, SPEC section 5), cifar10, half (mean=std=0.5), imagenet, dataset (train stats)."""
+    """auto (per source, docs/method.md#recipes), cifar10, half (mean=std=0.5), imagenet, dataset (train stats)."""
     pad: int = -1
     """Random-crop padding in pixels (-1 = per source: CIFAR 4, SVHN 2, STL-10 4, imagefolder size/8)."""
     pad_mode: str = "auto"
@@ -85,13 +85,14 @@ class MethodConfig:
     """K, the number of gradient-isolated local modules (bp needs 1); 0 = the method's default
     (1 for bp, 4 for the others)."""
     split: str = "uniform"
-    """How blocks are grouped: uniform (contiguous, the reference's rule) or balanced (by saved
-    activation bytes)."""
+    """How blocks are grouped: uniform (contiguous groups, larger first), balanced (by saved activation
+    bytes), or reference (the authors' split for this arch and K; an error where they wrote none). uniform
+    equals the authors' split everywhere they wrote one except ResNet-110 K=32."""
     stem_separate: bool = False
     """Make the stem a module of its own (the paper's DGL/InfoPro 'K=16' for ResNet-32)."""
     head: str = "auto"
-    """Auxiliary classifier head: 0c1f, 0c2f, 1c1f, 1c2f, 1c3f, 2c2f (SPEC 3.2); auto = 1c2f for dgl and
-    infopro, 0c1f (GAP + Linear, the paper's "MLAAN" row) for mlaan."""
+    """Auxiliary classifier head: 0c1f, 0c2f, 1c1f, 1c2f, 1c3f, 2c2f (docs/method.md#heads-and-decoders);
+    auto = 1c2f for dgl and infopro, 0c1f (GAP + Linear, the paper's "MLAAN" row) for mlaan."""
     head_hidden: int = 128
     """Hidden width d of the auxiliary heads' Linear layers."""
     head_widen: int = 1
@@ -100,12 +101,13 @@ class MethodConfig:
 
 @dataclass
 class InfoProConfig:
-    """InfoPro's local loss (SPEC 3.3), also the base of InfoPro + MLAAN."""
+    """InfoPro's local loss (docs/method.md#methods), also the base of InfoPro + MLAAN."""
 
     weights: tuple[float, ...] = (5.0, 0.5, 0.0, 1.0)
     """(ixx_1, ixy_1, ixx_2, ixy_2): reconstruction and label weights at the first and last local module,
-    interpolated by module index. The MLAAN paper's runs used (5, 0.5, 0, 0), which leaves module K-2
-    untrained (a warning says so); this default trains every module."""
+    interpolated by module index. The MLAAN paper's runs used (5, 0.5, 0, 0), which gives module K-2 no
+    local loss: plain InfoPro (and MLAAN with window 1) then never trains it (a warning says so), while
+    MLAAN with window >= 2 trains it through the final loss. This default trains every module."""
     label_loss: str = "ce"
     """ce (a 1c2f classifier) or supcon (supervised contrastive, temperature 0.07)."""
     decoder_widen: int = 1
@@ -114,7 +116,7 @@ class InfoProConfig:
 
 @dataclass
 class MLAANConfig:
-    """MLAAN = MLM cascade + LAM leap heads, on top of a base local method (SPEC 3.4)."""
+    """MLAAN = MLM cascade + LAM leap heads, on top of a base local method (docs/method.md#methods)."""
 
     base: str = "dgl"
     """The base local method whose objective MLAAN augments: dgl or infopro."""
@@ -127,11 +129,12 @@ class MLAANConfig:
     lam: bool = True
     """Leap augmented modules on the cascaded term (off = 'MLM only' ablation)."""
     leaps: str = "auto"
-    """Leap lists: auto (the reference table when one exists for this arch and K, else generated),
-    reference (error when none exists), generated."""
+    """Leap lists: auto (the authors' table when this run's split is the one it was written for, else
+    generated), reference (that table, or an error), generated. The run log and summary.json say which."""
     lam_mode: str = "copies"
     """copies (the reference: a trainable copy plus a frozen EMA copy of the first leap block) or
-    literal (EXPERIMENTAL: the paper's eq. 6-7, one trainable copy per leap block pulled by EMA)."""
+    literal (EXPERIMENTAL: the paper's eq. 6-7, one trainable copy per leap block pulled by EMA; the EMA
+    runs before the SGD step, where eq. 6-7 read SGD then EMA)."""
     fuse_pair: bool = False
     """Compute Aug_i[0](z) + EMA_i[0](z) as one double-width convolution and a grouped one (exact up to
     summation order; CUDA speed-up to be measured). CIFAR ResNet blocks only (others keep the unfused
@@ -238,7 +241,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.loader": ("auto", "device", "torch", "dali"),
     "data.dali_decoder": ("auto", "mixed", "cpu"),
     "model.arch": CIFAR_ARCHS + IMAGENET_ARCHS,
-    "method.split": ("uniform", "balanced"),
+    "method.split": ("uniform", "balanced", "reference"),
     "method.head": ("auto", "0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"),
     "infopro.label_loss": ("ce", "supcon"),
     "mlaan.base": ("dgl", "infopro"),
@@ -480,6 +483,25 @@ def resume_config(saved: dict, overrides: typing.Sequence[str],
 
 def _flat(cfg: Config) -> dict:
     return {f"{section}.{key}": value for section, values in to_dict(cfg).items() for key, value in values.items()}
+
+
+def parse_overrides(args: typing.Sequence[str]) -> list[str]:
+    """Command-line `--section.key=value` (or `--section.key value`) items as `section.key=value` strings."""
+    overrides, i = [], 0
+    while i < len(args):
+        item = args[i]
+        if not item.startswith("--") or "." not in item.split("=")[0]:
+            raise UserError(f"unexpected argument {item!r}; config overrides look like --section.key=value "
+                            "(run with --help for the options)")
+        if "=" in item:
+            overrides.append(item[2:])
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            overrides.append(f"{item[2:]}={args[i + 1]}")
+            i += 2
+        else:
+            raise UserError(f"override {item!r} has no value; write {item}=VALUE")
+    return overrides
 
 
 def to_dict(cfg: Config) -> dict:

@@ -601,6 +601,7 @@ class Trainer:
             "peak_memory": self.state.peak_memory,
             "device": device_name(self.device),
             "torch_version": torch.__version__,
+            **self.method.extra_state_summary(),  # MLAAN: "leaps": "preset" or "generated"
         }
 
 

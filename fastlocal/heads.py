@@ -1,7 +1,7 @@
 """Auxiliary heads: small networks that turn a module's output into a local training signal.
 
-Head names follow SPEC 3.2: `<convs>c<linears>f`, e.g. `1c2f` = conv3x3, BN, ReLU, GAP, Linear(C1 -> d),
-ReLU, Linear(d -> C). `0c1f` is plain GAP + Linear, the head type the fused Triton loss covers.
+Head names as in docs/method.md#heads-and-decoders: `<convs>c<linears>f`, e.g. `1c2f` = conv3x3, BN, ReLU,
+GAP, Linear(C1 -> d), ReLU, Linear(d -> C). `0c1f` is plain GAP + Linear, the head type the fused Triton loss covers.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Memory and throughput measurement.
 
 CUDA: the caching allocator's peak allocated and reserved bytes, and the whole process's device memory
-from NVML (the convention of the paper's Table 3, SPEC section 6) when NVML is available.
+from NVML (the convention of the paper's Table 3, docs/method.md#what-the-paper-reports) when NVML is available.
 CPU: an exact accounting of the bytes held by tensors saved for backward, alive at the peak. This is
 the activation memory local learning saves, and it makes memory claims testable without a GPU.
 """

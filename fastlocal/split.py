@@ -1,10 +1,12 @@
 """Group a backbone's parts (stem + blocks) into K contiguous, gradient-isolated local modules.
 
-SPEC section 4. The generated `uniform` split reproduces the reference's tables: the parts
+docs/method.md#splits-and-leap-tables. The generated `uniform` split reproduces most of the authors' tables: the parts
 [stem, block 0, ..., block N-1] are cut into K contiguous groups as evenly as possible, the first groups
 taking one part more, so the stem always shares module 0 with at least one block (ResNet-32 K=8:
 stem+(0,0) | (0,1-2) | ...; K=15 and ResNet-110 K=54: stem+(0,0), then one block each).
 `stem_separate` makes the stem a module of its own (the paper's DGL "K=16" for ResNet-32).
+`reference` takes the authors' split for an (arch, K) they wrote one for (`REFERENCE_SPLITS`); it differs
+from `uniform` only for ResNet-110 K=32.
 """
 
 from __future__ import annotations
@@ -16,6 +18,30 @@ from torch import nn
 
 from fastlocal.config import ConfigError
 from fastlocal.models import Backbone
+
+# (arch, K) -> the number of parts of each module in the authors' split (the stem counts as a part of
+# module 0). The leap presets of fastlocal/methods/leaps.py were written for exactly these splits.
+REFERENCE_SPLITS: dict[tuple[str, int], list[int]] = {
+    ("resnet32", 8): [2] * 8,
+    ("resnet32", 15): [2] + [1] * 14,
+    ("resnet110", 32): [3, 1, 2, 1, 2, 2, 2, 2, 1, 2, 1, 2, 1, 2, 1, 2, 2, 2, 2, 1, 2, 1,
+                        2, 2, 1, 2, 1, 2, 2, 2, 2, 2],
+    ("resnet110", 54): [2] + [1] * 53,
+    ("resnet34", 16): [2] + [1] * 15,
+    ("resnet101", 33): [2] + [1] * 32,
+}
+
+
+def reference_split(arch: str, num_modules: int) -> list[list[int]] | None:
+    """Part numbers of each module of the authors' split for (arch, K), or None when they wrote none."""
+    sizes = REFERENCE_SPLITS.get((arch, num_modules))
+    if sizes is None:
+        return None
+    groups, start = [], 0
+    for size in sizes:
+        groups.append(list(range(start, start + size)))
+        start += size
+    return groups
 
 
 def max_modules(num_blocks: int, stem_separate: bool) -> int:
@@ -78,8 +104,9 @@ def part_saved_bytes(backbone: Backbone, batch_size: int = 2) -> list[int]:
 
 
 def split_parts(backbone: Backbone, num_modules: int, stem_separate: bool = False,
-                strategy: str = "uniform") -> list[list[int]]:
-    """Part numbers of each module (part 0 = stem, part p = block p-1)."""
+                strategy: str = "uniform", arch: str = "") -> list[list[int]]:
+    """Part numbers of each module (part 0 = stem, part p = block p-1). `arch` names the backbone for
+    the `reference` strategy."""
     num_blocks = len(backbone.blocks)
     limit = max_modules(num_blocks, stem_separate)
     if not 1 <= num_modules <= limit:
@@ -90,8 +117,16 @@ def split_parts(backbone: Backbone, num_modules: int, stem_separate: bool = Fals
         )
     if stem_separate and num_modules == 1:
         raise ConfigError("method.stem_separate=true needs method.num_modules >= 2 (the stem alone plus the blocks)")
-    if strategy not in ("uniform", "balanced"):
-        raise ConfigError(f"method.split = {strategy!r} is not valid; choose uniform or balanced")
+    if strategy not in ("uniform", "balanced", "reference"):
+        raise ConfigError(f"method.split = {strategy!r} is not valid; choose uniform, balanced or reference")
+    if strategy == "reference":
+        groups = None if stem_separate else reference_split(arch, num_modules)
+        if groups is None or groups[-1][-1] != num_blocks:
+            available = ", ".join(f"{a} K={k}" for a, k in REFERENCE_SPLITS)
+            raise ConfigError(f"method.split = reference, but the authors wrote no split for {arch or 'this backbone'} "
+                              f"K={num_modules}{' with the stem separate' if stem_separate else ''} (they did for: "
+                              f"{available}); use method.split=uniform or balanced")
+        return groups
     if strategy == "balanced":
         costs = part_saved_bytes(backbone)
         if stem_separate:
@@ -116,11 +151,11 @@ class LocalModule(nn.Sequential):
 
 
 def split_backbone(backbone: Backbone, num_modules: int, stem_separate: bool = False,
-                   strategy: str = "uniform") -> list[LocalModule]:
+                   strategy: str = "uniform", arch: str = "") -> list[LocalModule]:
     """The K local modules, sharing parameters with `backbone` (no copies)."""
     parts = backbone.parts
     return [LocalModule([parts[p] for p in ids], ids)
-            for ids in split_parts(backbone, num_modules, stem_separate, strategy)]
+            for ids in split_parts(backbone, num_modules, stem_separate, strategy, arch)]
 
 
 def describe_split(backbone: Backbone, groups: list[list[int]]) -> str:

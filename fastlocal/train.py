@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fastlocal.config import Config, UserError, build_config, resume_config, to_toml
+from fastlocal.config import Config, UserError, build_config, parse_overrides, resume_config, to_toml
 
 LOCK_NAME = "run.lock"
 
@@ -47,21 +47,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--show-config", action="store_true",
                         help="print the resolved config (every section and field) as TOML and exit")
     args, rest = parser.parse_known_args(argv)
-    overrides, i = [], 0
-    while i < len(rest):
-        item = rest[i]
-        if not item.startswith("--") or "." not in item.split("=")[0]:
-            raise UserError(f"unexpected argument {item!r}; config overrides look like --section.key=value "
-                            "(run with --help for the options)")
-        if "=" in item:
-            overrides.append(item[2:])
-            i += 1
-        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-            overrides.append(f"{item[2:]}={rest[i + 1]}")
-            i += 2
-        else:
-            raise UserError(f"override {item!r} has no value; write {item}=VALUE")
-    return args, overrides
+    return args, parse_overrides(rest)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,10 +72,9 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
     train, and write `out_dir`. Returns the summary."""
     from fastlocal.data import build_data
     from fastlocal.engine import Trainer
-    from fastlocal.methods import build_method
-    from fastlocal.models import build_backbone
     from fastlocal.models.cifar_resnet import use_fused_batch_norm, use_triton_conv
-    from fastlocal.split import describe_split, split_backbone
+    from fastlocal.plan import build_model, describe_leaps
+    from fastlocal.split import describe_split
 
     device = resolve_device(cfg.system.device)
     if cfg.system.num_threads:
@@ -100,10 +85,7 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
     data = build_data(cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
                       device=device, seed=cfg.system.seed, drop_last=cfg.train.drop_last,
                       progress=cfg.log.progress)
-    backbone = build_backbone(cfg.model.arch, data.info.num_classes, data.info.image_size,
-                              cfg.model.zero_init_residual)
-    modules = split_backbone(backbone, cfg.method.num_modules, cfg.method.stem_separate, cfg.method.split)
-    method = build_method(cfg, backbone, modules)
+    backbone, modules, method = build_model(cfg, data.info.num_classes, data.info.image_size)
     method.kernels = resolve_kernels(cfg.system.kernels, device)
     if cfg.system.fused_batch_norm == "true":
         enable_on_blocks("system.fused_batch_norm", use_fused_batch_norm, backbone, method, method.kernels,
@@ -123,6 +105,8 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
     log(f"{cfg.method.name} {cfg.model.arch} K={len(modules)} on {data.info.name} "
         f"({data.train.num_images} train / {data.test.num_images} test images) on {device}")
     log(f"modules: {describe_split(backbone, [m.part_ids for m in modules])}")
+    if getattr(method, "leaps_source", None):
+        log(describe_leaps(cfg, method.leaps_source))
     summary = trainer.fit(log=log)
     log(f"final test accuracy {summary['final_test_acc']:.2f}% (best epoch, chosen on test: "
         f"{summary['best_test_acc']:.2f}%) in {summary['train_seconds']:.1f}s; run directory {out_dir}")

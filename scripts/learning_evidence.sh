@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Evidence of learning: BP, DGL (paper "K=16") and MLAAN (K=15) on ResNet-32 with one short recipe,
-# on the JPEG CIFAR-10 archive. The GPU version is the SPEC section 7 recipe as shipped in
+# on the JPEG CIFAR-10 archive. The GPU version is the short recipe of docs/method.md#recipes as shipped in
 # configs/short_*_resnet32_cifar10jpeg.toml (15 epochs, batch 512, LR 0.4, full data);
 # `--cpu` runs a smaller version that fits a 2-core CPU in well under an hour (10,000 training
 # images, 2,000 test images, 6 epochs, batch 128, LR 0.1 = 0.4 * 128/512).

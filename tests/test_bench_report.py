@@ -97,7 +97,7 @@ def test_report_compares_cuda_rows_with_the_paper(tmp_path):
     assert "reserved MiB" in text and "process MiB" in text
     assert "Table 3" in text
     line = next(line for line in text.splitlines() if line.startswith("| resnet110 mlaan | 54 |"))
-    # step ms, SPEC 7 ms, allocated GiB, SPEC 7 GiB, reserved GiB, process GiB, Table 3 GB
+    # step ms, authors' ms, allocated GiB, authors' GiB, reserved GiB, process GiB, Table 3 GB
     assert line.split("|")[3:10] == [" 500 ", " 776.1 ", " 1.50 ", " 1.92 ", " 3.00 ", " 4.50 ", " 2.76 "]
 
 

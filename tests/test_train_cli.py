@@ -209,3 +209,13 @@ def test_show_config_prints_every_section(capsys):
     for section in ("[data]", "[model]", "[method]", "[infopro]", "[mlaan]", "[optim]", "[train]", "[system]"):
         assert section in out
     assert 'name = "dgl"' in out
+
+
+@pytest.mark.parametrize("arch,k,source", [("resnet20", 4, "generated"), ("resnet32", 8, "preset")])
+def test_mlaan_run_says_where_its_leap_lists_came_from(tmp_path, capsys, arch, k, source):
+    args = [*TINY, "--data.max_train=50", f"--model.arch={arch}", "--method.name=mlaan", f"--method.num_modules={k}",
+            "--train.epochs=1", "--out", tmp_path / "run"]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert f"leap lists: {source}" in stdout
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["leaps"] == source

@@ -27,9 +27,9 @@ from pathlib import Path
 MIB = 2**20
 GIB = 2**30
 
-# SPEC section 7: one H100, the reference code, fp32/TF32, batch 1024 at 32x32:
+# docs/method.md#the-authors-code-measured: one H100, the authors' code, fp32/TF32, batch 1024 at 32x32:
 # (arch, method, K) -> (step ms, peak allocated GiB).
-SPEC7_REFERENCE = {
+AUTHORS_MEASURED = {
     ("resnet32", "bp", 1): (50.4, 2.51),
     ("resnet32", "dgl", 16): (61.7, 0.61),
     ("resnet32", "infopro", 16): (296.9, 1.09),
@@ -39,7 +39,7 @@ SPEC7_REFERENCE = {
     ("resnet110", "mlaan", 54): (776.1, 1.92),
 }
 # The paper's Table 3 (GPU memory in GB, a whole-process reading at batch 1024 for the CIFAR sizes:
-# max_memory_reserved plus about 0.44 GiB of CUDA context, SPEC section 6).
+# max_memory_reserved plus about 0.44 GiB of CUDA context, docs/method.md#what-the-paper-reports).
 PAPER_TABLE3_GB = {
     ("resnet32", "bp", 1): 3.37,
     ("resnet32", "mlaan", 15): 2.62,
@@ -218,23 +218,23 @@ def step_table(rows: list[Row]) -> list[str]:
 
 
 def paper_comparison(rows: list[Row]) -> list[str]:
-    """Rows at the paper's batch on CUDA beside SPEC section 7 and the paper's Table 3."""
+    """Rows at the paper's batch on CUDA beside the authors' measured step and the paper's Table 3."""
     picked = [row for row in rows if row.device_type == "cuda" and row.batch == PAPER_BATCH and not row.sweep
-              and (row.arch, row.method, row.num_modules) in SPEC7_REFERENCE.keys() | PAPER_TABLE3_GB.keys()]
+              and (row.arch, row.method, row.num_modules) in AUTHORS_MEASURED.keys() | PAPER_TABLE3_GB.keys()]
     if not picked:
         return []
     lines = [
-        "## Against the paper's Table 3 and the measured reference (SPEC section 7)", "",
-        "SPEC 7: the reference implementation on one H100 (PyTorch 2.11, fp32/TF32, batch 1024). Table 3: the "
+        "## Against the paper's Table 3 and the authors' code, measured", "",
+        "Authors: their code on one H100 (PyTorch 2.11, fp32/TF32, batch 1024). Table 3: the "
         "paper's GPU memory, a whole-process reading (about max_memory_reserved + 0.44 GiB of CUDA context), "
         "so compare it with the process column.", "",
-        "| case | K | step ms | SPEC 7 step ms | allocated GiB | SPEC 7 allocated GiB | reserved GiB "
+        "| case | K | step ms | authors' step ms | allocated GiB | authors' allocated GiB | reserved GiB "
         "| process GiB | Table 3 GB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in picked:
         key = (row.arch, row.method, row.num_modules)
-        ref_ms, ref_gib = SPEC7_REFERENCE.get(key, (None, None))
+        ref_ms, ref_gib = AUTHORS_MEASURED.get(key, (None, None))
         paper = PAPER_TABLE3_GB.get(key)
 
         def gib(value):

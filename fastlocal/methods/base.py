@@ -5,7 +5,7 @@ copies of the output a_i, both leaves that require grad:
 
 - `own`:     terms computed from it train module i alone (and the heads they pass through);
 - `cascade`: terms computed from it train module i and, for a method with `window` W > 1, the W-1
-             modules below it (MLAAN's cascade; SPEC 3.4-3.5).
+             modules below it (MLAAN's cascade; docs/method.md#the-single-forward-schedule).
 
 `module_loss(i, own, cascade, batch)` returns the scalar loss of module i (None when module i has no
 loss). The last module's loss is the final head's; its value is what the engine logs as train_loss.

@@ -1,4 +1,4 @@
-"""End-to-end backprop (SPEC 3.1): one module, the final head's cross-entropy."""
+"""End-to-end backprop (docs/method.md#methods): one module, the final head's cross-entropy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DGL (SPEC 3.2) and InfoPro (SPEC 3.3): every module but the last trains on its own local objective;
+"""DGL and InfoPro (docs/method.md#methods): every module but the last trains on its own local objective;
 its input is detached, so nothing else reaches it. They differ only in the objective."""
 
 from __future__ import annotations

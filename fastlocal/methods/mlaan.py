@@ -1,6 +1,6 @@
 """MLAAN = MLM (the cascade window W) + LAM (leap augmented heads with EMA), on a DGL or InfoPro base.
 
-SPEC 3.4. For a module i with a head (W-1 <= i <= K-2):
+docs/method.md#methods. For a module i with a head (W-1 <= i <= K-2):
 
     L_i = wx * Gx_i(a_i)  +  wy * Gy_i(LAM_i(a_i))
 
@@ -23,14 +23,18 @@ from fastlocal.heads import classification_loss
 from fastlocal.methods.base import LocalMethod, register_method
 from fastlocal.methods.fused_pair import fused_pair_forward, modes_match, pair_is_fusable
 from fastlocal.methods.leaps import leap_lists
-from fastlocal.methods.objectives import build_objective, warn_untrained
+from fastlocal.methods.objectives import build_objective, objective_is_zero, warn_untrained
 
 
 class LeapAugmentedModule(nn.Module):
     """LAM_i: trainable copies of the leap blocks, plus a frozen EMA copy of the first, summed after it.
 
     `literal` (experimental, the paper's eq. 6-7): one trainable copy per leap block and no separate EMA
-    copy; the EMA pulls the trainable copies themselves toward the live blocks.
+    copy; the EMA pulls the trainable copies themselves toward the live blocks. Order: the EMA runs before
+    the optimizer step (the copy moves toward the live block's pre-step weight, then takes its own SGD
+    step), where eq. 6-7 read SGD then EMA. Either order is defensible; this one keeps a single EMA point
+    per step for both modes (the `copies` mode's target is the pre-step weight too), so the two modes
+    differ only in which tensors the EMA moves.
 
     `fuse_pair`: compute Aug_i[0](z) + EMA_i[0](z) as one double-width block (see `fused_pair`); exact up
     to summation order, same parameters and state. Used only where both copies are CIFAR BasicBlocks;
@@ -82,18 +86,23 @@ class MLAAN(LocalMethod):
         final_channels = backbone.part_info[-1].out_channels
         self.head_modules = list(range(opts.window - 1, num_modules - 1))
         module_parts = [m.part_ids for m in modules]
-        leaps = {}
-        if opts.lam and self.head_modules:
-            leaps = leap_lists(backbone, cfg.model.arch, module_parts, self.head_modules, opts.leaps,
-                               cfg.method.stem_separate)
-        self.leap_parts = leaps
 
         def objective(channels: int, i: int):
             return build_objective(cfg, opts.base, channels, i, num_modules, backbone.num_classes,
                                    final_channels, backbone.input_size)
 
-        own, lams, cascaded, untrained = {}, {}, {}, []
-        for i in self.head_modules:
+        # A module whose base objective has only zero weights (InfoPro) has no loss: no heads, no LAM.
+        self.loss_modules = [i for i in self.head_modules if not objective_is_zero(cfg, opts.base, i, num_modules)]
+        warn_untrained(self.untrained_modules(), f"infopro.weights = {cfg.infopro.weights}, mlaan.window = "
+                       f"{self.window}, mlaan.wx = {self.wx}, mlaan.wy = {self.wy}, mlaan.final_weights = "
+                       f"{opts.final_weights}")
+        leaps, self.leaps_source = {}, None
+        if opts.lam and self.loss_modules:
+            leaps, self.leaps_source = leap_lists(backbone, cfg.model.arch, module_parts, self.loss_modules,
+                                                  opts.leaps)
+        self.leap_parts = leaps
+        own, lams, cascaded = {}, {}, {}
+        for i in self.loss_modules:
             channels = self.module_out_info(i).out_channels
             own[str(i)] = objective(channels, i)
             if opts.lam:
@@ -101,15 +110,31 @@ class MLAAN(LocalMethod):
                 lams[str(i)] = LeapAugmentedModule(blocks, opts.lam_mode == "literal", opts.fuse_pair)
                 channels = backbone.part_info[leaps[i][-1]].out_channels
             cascaded[str(i)] = objective(channels, i)
-            if own[str(i)] is None:  # an InfoPro weight pair of 0 zeroes both terms of this module
-                untrained.append(i)
-        warn_untrained(untrained, f"infopro.weights = {cfg.infopro.weights}")
-        self.own_objectives = nn.ModuleDict({k: v for k, v in own.items() if v is not None})
-        self.cascaded_objectives = nn.ModuleDict({k: v for k, v in cascaded.items() if v is not None})
+        self.own_objectives = nn.ModuleDict(own)
+        self.cascaded_objectives = nn.ModuleDict(cascaded)
         self.lams = nn.ModuleDict(lams)
         # Cached once: .to() and load_state_dict() keep parameter identities, so the lists stay valid.
         self._ema_targets, self._ema_live = self._ema_tensor_lists(opts.ema_scope)
         self.ema_momentum = opts.ema_momentum
+
+    def untrained_modules(self) -> list[int]:
+        """Modules no loss with a nonzero weight reaches: a local loss at module i reaches i (independent
+        term) and i-W+1..i (cascaded term); the final loss reaches K-W..K-1 (docs/method.md#methods)."""
+        reached = set()
+        for i in self.loss_modules:
+            if self.wx:
+                reached.add(i)
+            if self.wy:
+                reached.update(range(max(0, i - self.window + 1), i + 1))
+        last = self.num_modules - 1
+        if self.c_own:
+            reached.add(last)
+        if self.c_prop:
+            reached.update(range(max(0, last - self.window + 1), last + 1))
+        return [i for i in range(self.num_modules) if i not in reached]
+
+    def extra_state_summary(self) -> dict:
+        return {"leaps": self.leaps_source} if self.leaps_source else {}
 
     def _ema_tensor_lists(self, scope: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         keys = list(self.lams.keys())

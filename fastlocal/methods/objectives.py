@@ -1,4 +1,4 @@
-"""Local objectives: what a base method computes from one feature map (SPEC 3.2, 3.3).
+"""Local objectives: what a base method computes from one feature map (docs/method.md#heads-and-decoders).
 
 `dgl`: a classifier head + cross-entropy. `infopro`: l1 * BCE(decoder(h), x in [0, 1]) + l2 * label
 loss (a 1c2f head with cross-entropy, or supervised contrastive). MLAAN builds two objectives of its
@@ -112,6 +112,11 @@ def infopro_weights(weights: tuple[float, ...], module_index: int, num_modules: 
     return ixx_1 * (1 - r) + ixx_2 * r, ixy_1 * (1 - r) + ixy_2 * r
 
 
+def objective_is_zero(cfg: Config, base: str, module_index: int, num_modules: int) -> bool:
+    """Whether the base objective of local module `module_index` has only zero weights (then none is built)."""
+    return base == "infopro" and infopro_weights(cfg.infopro.weights, module_index, num_modules) == (0, 0)
+
+
 def build_objective(cfg: Config, base: str, in_channels: int, module_index: int, num_modules: int,
                     num_classes: int, final_channels: int, image_size: int) -> nn.Module | None:
     """The base method's local objective on a feature map with `in_channels` channels (None when all
@@ -120,18 +125,20 @@ def build_objective(cfg: Config, base: str, in_channels: int, module_index: int,
         head = build_head(head_type(cfg), in_channels, num_classes, final_channels, cfg.method.head_hidden,
                           cfg.method.head_widen)
         return ClassifierObjective(head)
-    l1, l2 = infopro_weights(cfg.infopro.weights, module_index, num_modules)
-    if l1 == 0 and l2 == 0:
+    if objective_is_zero(cfg, base, module_index, num_modules):
         return None
+    l1, l2 = infopro_weights(cfg.infopro.weights, module_index, num_modules)
     return InfoProObjective(cfg, in_channels, image_size, num_classes, final_channels, l1, l2)
 
 
 def warn_untrained(untrained: list[int], setting: str) -> None:
+    """Warn that no loss with a nonzero weight reaches the local modules `untrained`."""
     if untrained:
         warnings.warn(
-            f"local module(s) {untrained} get a total loss weight of 0 from {setting}, so their blocks are never "
-            "trained (the MLAAN paper's InfoPro preset (5, 0.5, 0, 0) does this to module K-2); choose weights "
-            "that train every module, e.g. infopro.weights=[5, 0.5, 0, 1]",
+            f"local module(s) {untrained} are reached by no loss with a nonzero weight ({setting}), so their "
+            "blocks are never trained (InfoPro with the MLAAN paper's weights (5, 0.5, 0, 0) does this to module "
+            "K-2 when nothing cascades into it); choose weights that train every module, e.g. "
+            "infopro.weights=[5, 0.5, 0, 1]",
             stacklevel=3,
         )
 

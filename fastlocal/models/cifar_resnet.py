@@ -1,4 +1,4 @@
-"""CIFAR ResNets (He et al. 2016, 6n+2 layers), SPEC section 2."""
+"""CIFAR ResNets (He et al. 2016, 6n+2 layers), docs/method.md#methods."""
 
 from __future__ import annotations
 
