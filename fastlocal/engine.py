@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from fastlocal.config import Config, UserError, to_dict, to_toml
+from fastlocal.distributed import DataParallel, GradientAverager, average_buffers, min_across_ranks, sum_across_ranks
 from fastlocal.graphs import GraphedStep, cuda_option_on, set_learning_rate
 from fastlocal.measure import SavedTensorAccountant, cuda_peak, parameter_storages, reset_peak
 from fastlocal.methods import Batch, LocalMethod
@@ -58,8 +59,10 @@ class _Cotangents:
     """The module graphs kept for vector-Jacobian products, and the cotangents gathered at each module's
     output (SPEC 3.5); shared by the one-stream and the side-stream schedules."""
 
-    def __init__(self, modules: list[LocalModule], window: int):
+    def __init__(self, modules: list[LocalModule], window: int,
+                 after_flush: Callable[[int], None] | None = None):
         self.modules, self.window = modules, window
+        self.after_flush = after_flush
         self.graphs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(modules)  # (input leaf, output)
         self.sums: list[torch.Tensor | None] = [None] * len(modules)
 
@@ -83,11 +86,14 @@ class _Cotangents:
             torch.autograd.backward(output, self.sums[j], inputs=self.modules[j].trainable_parameters)
         self.graphs[j] = None
         self.sums[j] = None
+        if self.after_flush is not None:  # data parallel: module j's gradients are final, average them
+            self.after_flush(j)
 
 
 def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Batch,
                      forward_context: Callable[[], AbstractContextManager] = nullcontext, *,
-                     side_stream: torch.cuda.Stream | None = None) -> torch.Tensor:
+                     side_stream: torch.cuda.Stream | None = None,
+                     after_flush: Callable[[int], None] | None = None) -> torch.Tensor:
     """Forward and backward of one batch through the local schedule; fills `.grad` of the backbone
     and method parameters (no optimizer step). Returns the last module's loss, detached.
 
@@ -111,15 +117,18 @@ def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Bat
     main stream's).
 
     Modules and losses must not write their inputs in place (none do): with a side stream such a write
-    would race with the loss still reading a_i."""
+    would race with the loss still reading a_i.
+
+    `after_flush(j)` (data parallel, `fastlocal.distributed.GradientAverager`) is called right after module j
+    received its last cotangent and its weight VJP ran, on the main stream; module K-1 is flushed last."""
     if side_stream is not None:
         if batch.x.device.type != "cuda":
             raise ValueError(f"side_stream needs the batch on a CUDA device, but it is on {batch.x.device}; "
                              "pass side_stream=None")
         streams = _LossStream(side_stream, torch.cuda.current_stream(batch.x.device))
-        return _overlapped_train_step(modules, method, batch, forward_context, streams)
+        return _overlapped_train_step(modules, method, batch, forward_context, streams, after_flush)
     num_modules, window = len(modules), method.window
-    cotangents = _Cotangents(modules, window)
+    cotangents = _Cotangents(modules, window, after_flush)
     last_loss = None
     previous = None
     for i in range(num_modules):
@@ -183,7 +192,8 @@ class _LossInFlight(NamedTuple):
 
 def _overlapped_train_step(modules: list[LocalModule], method: LocalMethod, batch: Batch,
                            forward_context: Callable[[], AbstractContextManager],
-                           streams: _LossStream) -> torch.Tensor:
+                           streams: _LossStream,
+                           after_flush: Callable[[int], None] | None = None) -> torch.Tensor:
     """`local_train_step` with each loss on the side stream of `streams` (see there). The operations are
     those of the one-stream schedule; only module i+1's forward moves ahead of the processing of loss i
     (accumulation, cascade VJPs, the flush it allows), which touches neither its inputs nor its outputs.
@@ -196,7 +206,7 @@ def _overlapped_train_step(modules: list[LocalModule], method: LocalMethod, batc
     later side-stream allocation follows a `forked()` wait on the main stream, so the side stream can
     reuse their memory only after the main stream's reads of them."""
     num_modules, window = len(modules), method.window
-    cotangents = _Cotangents(modules, window)
+    cotangents = _Cotangents(modules, window, after_flush)
     last_loss = None
 
     def launch(i: int, output: torch.Tensor) -> _LossInFlight:
@@ -286,7 +296,8 @@ def learning_rate(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: 
 
 @torch.no_grad()
 def evaluate(backbone: torch.nn.Module, loader, channels_last: bool = False) -> float:
-    """Top-1 accuracy (%) of the backbone's final head on `loader`."""
+    """Top-1 accuracy (%) of the backbone's final head on `loader` (data parallel: on every rank's shard,
+    the counts summed over ranks)."""
     was_training = backbone.training
     backbone.eval()
     correct = torch.zeros((), dtype=torch.int64, device=next(backbone.parameters()).device)
@@ -295,7 +306,8 @@ def evaluate(backbone: torch.nn.Module, loader, channels_last: bool = False) -> 
             x = x.contiguous(memory_format=torch.channels_last)
         correct += (backbone(x).argmax(1) == y).sum()
     backbone.train(was_training)
-    return 100.0 * correct.item() / loader.num_images
+    correct, total = sum_across_ranks(torch.stack([correct, torch.tensor(loader.num_images, device=correct.device)]))
+    return 100.0 * correct.item() / total.item()
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -326,11 +338,17 @@ class Trainer:
     """Trains `backbone` with `method` on `data` and writes the run directory."""
 
     def __init__(self, cfg: Config, backbone, modules: list[LocalModule], method: LocalMethod, data,
-                 device: torch.device, out_dir: Path):
+                 device: torch.device, out_dir: Path, parallel: DataParallel | None = None):
         self.cfg, self.backbone, self.modules, self.method = cfg, backbone, modules, method
         self.data, self.device, self.out_dir = data, device, Path(out_dir)
         self.params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
-        use_graphs = cuda_option_on("system.cuda_graphs", cfg.system.cuda_graphs, device, "training eagerly")
+        # Data parallel (fastlocal.distributed): gradients averaged per module; rank 0 alone writes and logs.
+        self.parallel = parallel
+        self.grad_averager = GradientAverager(modules, method, backbone) if parallel is not None else None
+        self.is_main = parallel is None or parallel.is_main
+        self.world_size = 1 if parallel is None else parallel.world_size
+        use_graphs = parallel is None and cuda_option_on("system.cuda_graphs", cfg.system.cuda_graphs, device,
+                                                         "training eagerly")
         # Module i's loss runs on this stream while module i+1 runs forward (local_train_step).
         use_streams = cuda_option_on("system.cuda_streams", cfg.system.cuda_streams, device, "training on one stream")
         self.side_stream = torch.cuda.Stream(device) if use_streams else None
@@ -348,8 +366,12 @@ class Trainer:
 
     def step_without_zero_grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Local forward/backward, EMA, optimizer step; what a CUDA graph captures."""
+        averager = self.grad_averager
         loss = local_train_step(self.modules, self.method, Batch(x, y, self.data.info.mean, self.data.info.std),
-                                self.forward_context, side_stream=self.side_stream)
+                                self.forward_context, side_stream=self.side_stream,
+                                after_flush=None if averager is None else averager.after_flush)
+        if averager is not None:
+            averager.finish()
         self.optimizer.step()
         return loss
 
@@ -388,18 +410,20 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         cfg, loader = self.cfg, self.data.train
         loader.set_epoch(epoch)
-        steps = len(loader)
+        steps = min_across_ranks(len(loader), self.device)  # equal shards: equal; else no rank waits for another
         self.backbone.train()
         self.method.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         progress = None
-        if cfg.log.progress:
+        if cfg.log.progress and self.is_main:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, unit="batch")
         start = time.perf_counter()
         lr = cfg.optim.lr
         for step, (x, y) in enumerate(loader):
+            if step == steps:
+                break
             lr = learning_rate(cfg, epoch, step, steps)
             set_learning_rate(self.optimizer, lr)
             if self.channels_last:
@@ -421,7 +445,8 @@ class Trainer:
         seconds = time.perf_counter() - start
         if progress is not None:
             progress.close()
-        train_loss = loss_sum.item() / max(1, steps)
+        # The mean over ranks: every rank takes the same decision on a non-finite loss below.
+        train_loss = sum_across_ranks(loss_sum).item() / max(1, steps) / self.world_size
         if not math.isfinite(train_loss):
             last_good = (f"the checkpoint of epoch {epoch} in {self.out_dir} is intact" if epoch
                          else "no checkpoint was written")
@@ -429,21 +454,26 @@ class Trainer:
                 f"the training loss became {train_loss} in epoch {epoch + 1}; the run diverged. Lower "
                 f"optim.lr (now {cfg.optim.lr}) or lengthen optim.warmup_epochs; {last_good}"
             )
+        images = loader.num_images * self.world_size if not cfg.train.drop_last else steps * cfg.train.batch_size
         return {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "epoch_seconds": seconds,
-                "images_per_second": loader.num_images / seconds if not cfg.train.drop_last
-                else steps * cfg.train.batch_size / seconds}
+                "images_per_second": images / seconds}
 
     def fit(self, log=print) -> dict:
         cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.toml").write_text(to_toml(cfg))
+        if not self.is_main:
+            log = _silent
         metrics_path = self.out_dir / "metrics.jsonl"
-        # The metrics file always mirrors the checkpoint: rewrite it from the restored history.
-        metrics_path.write_text("".join(json.dumps(row) + "\n" for row in self.state.history))
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.toml").write_text(to_toml(cfg))
+            # The metrics file always mirrors the checkpoint: rewrite it from the restored history.
+            metrics_path.write_text("".join(json.dumps(row) + "\n" for row in self.state.history))
         if self.device.type == "cuda":
             reset_peak(self.device)
         for epoch in range(self.state.epoch, cfg.train.epochs):
             row = self.train_epoch(epoch)
+            if self.parallel is not None:  # the stated rule: running statistics are the mean over ranks
+                average_buffers(self.backbone, self.method)
             with self.forward_context():
                 row["test_acc"] = evaluate(self.backbone, self.data.test, self.channels_last)
             self.state.epoch = epoch + 1
@@ -451,19 +481,21 @@ class Trainer:
             self.state.train_seconds += row["epoch_seconds"]
             if self.device.type == "cuda":
                 self.state.peak_memory = cuda_peak(self.device)
-            save_atomic(self.checkpoint(), self.out_dir / CHECKPOINT_NAME)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            if self.is_main:
+                save_atomic(self.checkpoint(), self.out_dir / CHECKPOINT_NAME)
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
             log(f"epoch {row['epoch']}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  "
                 f"test acc {row['test_acc']:.2f}%  {row['images_per_second']:.0f} img/s  lr {row['lr']:.4g}")
         summary = self.summary()
-        write_json_atomic(summary, self.out_dir / "summary.json")
+        if self.is_main:
+            write_json_atomic(summary, self.out_dir / "summary.json")
         return summary
 
     def summary(self) -> dict:
         history = self.state.history
         cfg = self.cfg
-        images = len(history) * self.data.train.num_images
+        images = len(history) * self.data.train.num_images * self.world_size
         return {
             "method": cfg.method.name,
             "arch": cfg.model.arch,
@@ -480,8 +512,14 @@ class Trainer:
             "images_per_second": images / self.state.train_seconds if self.state.train_seconds else None,
             "peak_memory": self.state.peak_memory,
             "device": device_name(self.device),
+            "world_size": self.world_size,
+            "parallel": "none" if self.parallel is None else "data",
             "torch_version": torch.__version__,
         }
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
 
 
 def device_name(device: torch.device) -> str:

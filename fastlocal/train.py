@@ -6,6 +6,7 @@ With no arguments it runs the quick start: the bundled CIFAR-10 subset, offline,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -74,6 +75,7 @@ def resolve_kernels(name: str, device: torch.device) -> str:
 
 def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
     """Build everything from `cfg`, train, and write `out_dir`. Returns the summary."""
+    from fastlocal import distributed
     from fastlocal.data import build_data
     from fastlocal.engine import CHECKPOINT_NAME, Trainer
     from fastlocal.methods import build_method
@@ -82,14 +84,26 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
     from fastlocal.split import describe_split, split_backbone
 
     device = resolve_device(cfg.system.device)
+    # Data parallel under torchrun (fastlocal.distributed): one process per device, train.batch_size is global.
+    parallel, rank, world_size, batch_size = None, 0, 1, cfg.train.batch_size
+    if distributed.resolve_parallel(cfg.system.parallel) == "data":
+        batch_size = distributed.per_rank_batch(cfg.train.batch_size, int(os.environ["WORLD_SIZE"]))
+        distributed.check_options(cfg, device)
+        parallel, device = distributed.init_data_parallel(device)
+        rank, world_size = parallel.rank, parallel.world_size
+        if not parallel.is_main:
+            log = _silent
+    elif cfg.system.sync_batch_norm:
+        warnings.warn("system.sync_batch_norm = true applies to data-parallel runs only; this run has one process",
+                      stacklevel=2)
     if cfg.system.num_threads:
         torch.set_num_threads(cfg.system.num_threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.system.seed)
-    data = build_data(cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
+    data = build_data(cfg.data, batch_size=batch_size, eval_batch_size=cfg.train.eval_batch_size,
                       device=device, seed=cfg.system.seed, drop_last=cfg.train.drop_last,
-                      progress=cfg.log.progress)
+                      progress=cfg.log.progress and rank == 0, rank=rank, world_size=world_size)
     backbone = build_backbone(cfg.model.arch, data.info.num_classes, data.info.image_size,
                               cfg.model.zero_init_residual)
     modules = split_backbone(backbone, cfg.method.num_modules, cfg.method.stem_separate, cfg.method.split)
@@ -98,7 +112,8 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
     if cfg.system.fused_batch_norm == "true":
         enable_on_blocks("system.fused_batch_norm", use_fused_batch_norm, backbone, method, method.kernels,
                          cfg.model.arch, "the blocks run PyTorch's batch norm")
-    elif cfg.system.fused_batch_norm == "auto" and device.type == "cuda" and method.kernels == "triton":
+    elif (cfg.system.fused_batch_norm == "auto" and device.type == "cuda" and method.kernels == "triton"
+          and not (parallel is not None and cfg.system.sync_batch_norm)):
         use_fused_batch_norm([backbone, method], "triton")  # nothing happens for backbones without CIFAR blocks
     if cfg.system.triton_conv:
         enable_on_blocks("system.triton_conv", use_triton_conv, backbone, method, method.kernels, cfg.model.arch,
@@ -106,17 +121,26 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
     memory_format = torch.channels_last if cfg.system.channels_last else torch.preserve_format
     backbone.to(device, memory_format=memory_format)
     method.to(device, memory_format=memory_format)
-    trainer = Trainer(cfg, backbone, modules, method, data, device, out_dir)
+    if parallel is not None:
+        if cfg.system.sync_batch_norm:
+            distributed.use_sync_batch_norm(backbone, method)
+        distributed.broadcast_from_rank0(backbone, method)
+    trainer = Trainer(cfg, backbone, modules, method, data, device, out_dir, parallel)
     if resume:
         trainer.load_checkpoint(out_dir / CHECKPOINT_NAME)
         log(f"resuming {out_dir} after epoch {trainer.state.epoch}")
     log(f"{cfg.method.name} {cfg.model.arch} K={len(modules)} on {data.info.name} "
-        f"({data.train.num_images} train / {data.test.num_images} test images) on {device}")
+        f"({data.train.num_images} train / {data.test.num_images} test images) on {device}"
+        + (f", rank 0 of {world_size} (data parallel; the image counts are per rank)" if parallel else ""))
     log(f"modules: {describe_split(backbone, [m.part_ids for m in modules])}")
     summary = trainer.fit(log=log)
     log(f"final test accuracy {summary['final_test_acc']:.2f}% (best epoch, chosen on test: "
         f"{summary['best_test_acc']:.2f}%) in {summary['train_seconds']:.1f}s; run directory {out_dir}")
     return summary
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
 
 
 def enable_on_blocks(option: str, use, backbone, method, backend: str, arch: str, otherwise: str) -> None:
@@ -163,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastlocal: interrupted; continue with --resume <run directory>", file=sys.stderr)
         return 130
+    finally:
+        from fastlocal.distributed import close
+
+        close()  # data parallel: leave the process group (after an error too; torchrun ends the other ranks)
     return 0
 
 
