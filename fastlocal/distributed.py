@@ -105,7 +105,8 @@ def init_data_parallel(device: torch.device, timeout: timedelta = COLLECTIVE_TIM
         device = torch.device("cuda", parallel.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(BACKEND, timeout=timeout)
+        # NCCL for CUDA tensors where there are GPUs; gloo for CPU tensors (and a CPU-only torch build).
+        dist.init_process_group(BACKEND if torch.cuda.is_available() else "gloo", timeout=timeout)
     return parallel, device
 
 
