@@ -9,6 +9,8 @@ import json
 import multiprocessing
 import os
 import socket
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +27,7 @@ from fastlocal.methods import METHODS, Batch
 
 WORLD = 2
 GLOBAL_BATCH = 8
+SIZE = 8  # image side: small enough for every case of the equality test to run in seconds
 STATS = ((0.5,) * 3, (0.5,) * 3)
 CASES = {
     "bp": ("bp", 1, []),
@@ -43,22 +46,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out: str, job, timeout_s: float) -> None:
+def _worker(rank: int, port: int, out: str, job, timeout_s: float, device_type: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    distributed.init_data_parallel(torch.device("cpu"), timeout=timedelta(seconds=timeout_s))
+    distributed.init_data_parallel(torch.device(device_type), timeout=timedelta(seconds=timeout_s))
     try:
         job(rank, Path(out))
     finally:
         distributed.close()
 
 
-def launch(job, out: Path, timeout_s: float = 120, collective_timeout_s: float = 60) -> list[int]:
+def launch(job, out: Path, timeout_s: float = 120, collective_timeout_s: float = 60, device_type: str = "cpu"
+           ) -> list[int]:
     """Run `job(rank, out)` on WORLD spawned ranks; their exit codes. Kills them and fails after `timeout_s`."""
     ctx = multiprocessing.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out), job, collective_timeout_s)) for r in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=(r, port, str(out), job, collective_timeout_s, device_type))
+             for r in range(WORLD)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout_s
@@ -75,7 +80,7 @@ def launch(job, out: Path, timeout_s: float = 120, collective_timeout_s: float =
 
 def global_batches(steps: int = 3):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=g, dtype=torch.float64),
+    return [(torch.randn(GLOBAL_BATCH, 3, SIZE, SIZE, generator=g, dtype=torch.float64),
              torch.randint(0, 10, (GLOBAL_BATCH,), generator=g)) for _ in range(steps)]
 
 
@@ -93,7 +98,7 @@ def weights(backbone, method) -> dict[str, torch.Tensor]:
 
 def _three_data_parallel_steps(rank: int, out: Path) -> None:
     for name, (method_name, k, overrides) in CASES.items():
-        cfg, backbone, modules, method = build(method_name, "resnet20", k, overrides, input_size=16, seed=rank)
+        cfg, backbone, modules, method = build(method_name, "resnet20", k, overrides, input_size=SIZE, seed=rank)
         distributed.broadcast_from_rank0(backbone, method)  # rank 1 was built from another seed
         averager = distributed.GradientAverager(modules, method, backbone)
         optimizer = build_optimizer([p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad],
@@ -108,7 +113,7 @@ def _three_data_parallel_steps(rank: int, out: Path) -> None:
 
 
 def reference_weights(method_name: str, k: int, overrides: list[str]) -> dict[str, torch.Tensor]:
-    cfg, backbone, modules, method = build(method_name, "resnet20", k, overrides, input_size=16, seed=0)
+    cfg, backbone, modules, method = build(method_name, "resnet20", k, overrides, input_size=SIZE, seed=0)
     params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     ema_update = method.before_optimizer_step
@@ -134,7 +139,7 @@ def test_three_steps_equal_the_averaged_gradient_reference_for_every_method(tmp_
         rank0 = torch.load(tmp_path / f"{name}-rank0.pt")
         rank1 = torch.load(tmp_path / f"{name}-rank1.pt")
         expected = reference_weights(method_name, k, overrides)
-        initial = weights(*build(method_name, "resnet20", k, overrides, input_size=16, seed=0)[1::2])
+        initial = weights(*build(method_name, "resnet20", k, overrides, input_size=SIZE, seed=0)[1::2])
         assert set(rank0) == set(expected)
         for key in expected:
             # Identical replicas (EMA copies included), equal to the reference, and trained at all.
@@ -286,3 +291,55 @@ def test_sync_batch_norm_wiring_on_cpu():
     assert {id(p) for p in method.parameters()} >= {id(p) for p in ema_before[0]}
     with pytest.raises(ConfigError, match="needs CUDA"):
         distributed.check_options(cfg, torch.device("cpu"))
+
+
+def test_torchrun_cli_trains_data_parallel_and_writes_world_size(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "fastlocal.train", "--data.source=bundled", "--data.max_train=40", "--data.max_test=20",
+               "--model.arch=resnet20", "--method.name=mlaan", "--method.num_modules=3", "--train.epochs=1",
+               "--train.batch_size=20", "--log.progress=false", "--system.num_threads=1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["parallel"] == "data"
+    assert result.stdout.count("final test accuracy") == 1  # rank 0 alone logs
+
+
+def _sync_batch_norm_step(rank: int, out: Path) -> None:
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    cfg, backbone, modules, method = build("dgl", "resnet20", 3, [], dtype=torch.float32, input_size=16)
+    assert distributed.use_sync_batch_norm(backbone, method) > 0
+    device = torch.device("cuda", rank)
+    backbone.to(device)
+    method.to(device)
+    averager = distributed.GradientAverager(modules, method, backbone)
+    optimizer = build_optimizer([p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad], cfg)
+    x, y = global_batches(1)[0]
+    local_train_step(modules, method, Batch(shard(x, rank).float().to(device), shard(y, rank).to(device), *STATS),
+                     after_flush=averager.after_flush)
+    averager.finish()
+    optimizer.step()
+    torch.save({k: v.cpu() for k, v in weights(backbone, method).items()}, out / f"sync-rank{rank}.pt")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="SyncBatchNorm across ranks needs 2 CUDA devices")
+def test_sync_batch_norm_step_equals_one_process_on_the_global_batch(tmp_path, exact_cuda_math):
+    """With synchronised statistics a data-parallel step is the one-process step on the global batch."""
+    assert launch(_sync_batch_norm_step, tmp_path, timeout_s=180, device_type="cuda") == [0, 0]
+    cfg, backbone, modules, method = build("dgl", "resnet20", 3, [], dtype=torch.float32, input_size=16)
+    device = torch.device("cuda", 0)
+    backbone.to(device)
+    method.to(device)
+    optimizer = build_optimizer([p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad], cfg)
+    x, y = global_batches(1)[0]
+    local_train_step(modules, method, Batch(x.float().to(device), y.to(device), *STATS))
+    optimizer.step()
+    expected = {k: v.cpu() for k, v in weights(backbone, method).items()}
+    rank0, rank1 = torch.load(tmp_path / "sync-rank0.pt"), torch.load(tmp_path / "sync-rank1.pt")
+    for key in expected:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
