@@ -298,6 +298,7 @@ def test_torchrun_cli_trains_data_parallel_and_writes_world_size(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                "fastlocal.train", "--data.source=bundled", "--data.max_train=40", "--data.max_test=20",
                "--model.arch=resnet20", "--method.name=mlaan", "--method.num_modules=3", "--train.epochs=1",
+               "--system.device=cpu",
                "--train.batch_size=20", "--log.progress=false", "--system.num_threads=1", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
