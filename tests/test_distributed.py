@@ -187,11 +187,22 @@ def _fit_and_resume(rank: int, out: Path) -> None:
     resumed = tiny_trainer(rank, WORLD, out / "cut", 2, parallel)
     resumed.load_checkpoint(out / "cut" / CHECKPOINT_NAME)
     resumed.fit(log=lambda *a: None)
+    # A classifier that always answers class 0, on labels 0, 1, 0, 1, ...: rank 0's shard (the even images) is
+    # all right, rank 1's all wrong; the summed counts give 50% on both.
+    always_zero = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
+    torch.nn.init.zeros_(always_zero[1].weight)
+    with torch.no_grad():
+        always_zero[1].bias.copy_(torch.arange(10, 0, -1))
+    loader = DeviceLoader(torch.zeros(7, 3, 16, 16, dtype=torch.uint8), torch.arange(7) % 2, 2, train=False,
+                          mean=STATS[0], std=STATS[1], rank=rank, world_size=WORLD)
+    (out / f"accuracy-rank{rank}.txt").write_text(repr(evaluate(always_zero, loader)))
 
 
 def test_fit_writes_from_rank0_averages_running_stats_and_resumes_exactly(tmp_path):
     assert launch(_fit_and_resume, tmp_path, timeout_s=180) == [0, 0]
     assert not (tmp_path / "rank1").exists()
+    for rank in range(WORLD):  # 4 of the 7 test images have label 0
+        assert float((tmp_path / f"accuracy-rank{rank}.txt").read_text()) == pytest.approx(100 * 4 / 7)
     rank0, rank1 = torch.load(tmp_path / "state-rank0.pt"), torch.load(tmp_path / "state-rank1.pt")
     for key in rank0:  # BN running statistics included: the rule makes them equal
         assert torch.equal(rank0[key], rank1[key]), key
