@@ -304,7 +304,7 @@ def test_sync_batch_norm_wiring_on_cpu():
         distributed.check_options(cfg, torch.device("cpu"))
 
 
-def test_torchrun_cli_trains_data_parallel_and_writes_world_size(tmp_path):
+def test_torchrun_cli_trains_data_parallel_writes_world_size_and_resumes(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                "fastlocal.train", "--data.source=bundled", "--data.max_train=40", "--data.max_test=20",
@@ -315,8 +315,12 @@ def test_torchrun_cli_trains_data_parallel_and_writes_world_size(tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["parallel"] == "data"
+    assert summary["world_size"] == 2 and summary["parallel"] == "data" and summary["epochs"] == 1
     assert result.stdout.count("final test accuracy") == 1  # rank 0 alone logs
+    resume = [*command[:command.index("fastlocal.train") + 1], "--resume", str(out), "--train.epochs=2"]
+    result = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stdout and json.loads((out / "summary.json").read_text())["epochs"] == 2
 
 
 def _sync_batch_norm_step(rank: int, out: Path) -> None:
