@@ -64,6 +64,10 @@ class DataParallel:
         return self.rank == 0
 
 
+def silent_log(*args, **kwargs) -> None:
+    """The log of the ranks other than 0."""
+
+
 def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
 

@@ -26,8 +26,8 @@ from typing import NamedTuple
 
 import torch
 
+from fastlocal import distributed
 from fastlocal.config import Config, UserError, to_dict, to_toml
-from fastlocal.distributed import DataParallel, GradientAverager, average_buffers, min_across_ranks, sum_across_ranks
 from fastlocal.graphs import GraphedStep, cuda_option_on, set_learning_rate
 from fastlocal.measure import SavedTensorAccountant, cuda_peak, parameter_storages, reset_peak
 from fastlocal.methods import Batch, LocalMethod
@@ -306,7 +306,8 @@ def evaluate(backbone: torch.nn.Module, loader, channels_last: bool = False) -> 
             x = x.contiguous(memory_format=torch.channels_last)
         correct += (backbone(x).argmax(1) == y).sum()
     backbone.train(was_training)
-    correct, total = sum_across_ranks(torch.stack([correct, torch.tensor(loader.num_images, device=correct.device)]))
+    counts = torch.stack([correct, torch.tensor(loader.num_images, device=correct.device)])
+    correct, total = distributed.sum_across_ranks(counts)
     return 100.0 * correct.item() / total.item()
 
 
@@ -338,13 +339,13 @@ class Trainer:
     """Trains `backbone` with `method` on `data` and writes the run directory."""
 
     def __init__(self, cfg: Config, backbone, modules: list[LocalModule], method: LocalMethod, data,
-                 device: torch.device, out_dir: Path, parallel: DataParallel | None = None):
+                 device: torch.device, out_dir: Path, parallel: distributed.DataParallel | None = None):
         self.cfg, self.backbone, self.modules, self.method = cfg, backbone, modules, method
         self.data, self.device, self.out_dir = data, device, Path(out_dir)
         self.params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
         # Data parallel (fastlocal.distributed): gradients averaged per module; rank 0 alone writes and logs.
         self.parallel = parallel
-        self.grad_averager = GradientAverager(modules, method, backbone) if parallel is not None else None
+        self.grad_averager = distributed.GradientAverager(modules, method, backbone) if parallel is not None else None
         self.is_main = parallel is None or parallel.is_main
         self.world_size = 1 if parallel is None else parallel.world_size
         use_graphs = parallel is None and cuda_option_on("system.cuda_graphs", cfg.system.cuda_graphs, device,
@@ -410,7 +411,8 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         cfg, loader = self.cfg, self.data.train
         loader.set_epoch(epoch)
-        steps = min_across_ranks(len(loader), self.device)  # equal shards: equal; else no rank waits for another
+        # Data parallel: shards of equal length give equal steps; otherwise no rank waits for a step another never runs.
+        steps = distributed.min_across_ranks(len(loader), self.device)
         self.backbone.train()
         self.method.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -446,7 +448,7 @@ class Trainer:
         if progress is not None:
             progress.close()
         # The mean over ranks: every rank takes the same decision on a non-finite loss below.
-        train_loss = sum_across_ranks(loss_sum).item() / max(1, steps) / self.world_size
+        train_loss = distributed.sum_across_ranks(loss_sum).item() / max(1, steps) / self.world_size
         if not math.isfinite(train_loss):
             last_good = (f"the checkpoint of epoch {epoch} in {self.out_dir} is intact" if epoch
                          else "no checkpoint was written")
@@ -461,7 +463,7 @@ class Trainer:
     def fit(self, log=print) -> dict:
         cfg = self.cfg
         if not self.is_main:
-            log = _silent
+            log = distributed.silent_log
         metrics_path = self.out_dir / "metrics.jsonl"
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -473,7 +475,7 @@ class Trainer:
         for epoch in range(self.state.epoch, cfg.train.epochs):
             row = self.train_epoch(epoch)
             if self.parallel is not None:  # the stated rule: running statistics are the mean over ranks
-                average_buffers(self.backbone, self.method)
+                distributed.average_buffers(self.backbone, self.method)
             with self.forward_context():
                 row["test_acc"] = evaluate(self.backbone, self.data.test, self.channels_last)
             self.state.epoch = epoch + 1
@@ -516,10 +518,6 @@ class Trainer:
             "parallel": "none" if self.parallel is None else "data",
             "torch_version": torch.__version__,
         }
-
-
-def _silent(*args, **kwargs) -> None:
-    """The log of ranks other than 0."""
 
 
 def device_name(device: torch.device) -> str:

@@ -92,7 +92,7 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
         parallel, device = distributed.init_data_parallel(device)
         rank, world_size = parallel.rank, parallel.world_size
         if not parallel.is_main:
-            log = _silent
+            log = distributed.silent_log
     elif cfg.system.sync_batch_norm:
         warnings.warn("system.sync_batch_norm = true applies to data-parallel runs only; this run has one process",
                       stacklevel=2)
@@ -137,10 +137,6 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
     log(f"final test accuracy {summary['final_test_acc']:.2f}% (best epoch, chosen on test: "
         f"{summary['best_test_acc']:.2f}%) in {summary['train_seconds']:.1f}s; run directory {out_dir}")
     return summary
-
-
-def _silent(*args, **kwargs) -> None:
-    """The log of ranks other than 0."""
 
 
 def enable_on_blocks(option: str, use, backbone, method, backend: str, arch: str, otherwise: str) -> None:
