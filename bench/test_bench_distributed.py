@@ -28,7 +28,9 @@ from fastlocal.engine import local_train_step
 
 MODE = bench_mode()
 DEVICE = bench_device(MODE)
-CASES = [case for case in step_cases(MODE) if case.label in ("bp", "dgl", "mlaan")]
+# Per backbone: BP, and DGL and MLAAN at their largest K (the most modules: the most, and smallest, all-reduces).
+CASES = [case for case in step_cases(MODE) if case.label == "bp" or (case.label in ("dgl", "mlaan") and case.num_modules
+         == max(c.num_modules for c in step_cases(MODE) if c.arch == case.arch and c.label == case.label))]
 SUITE = "fastlocal-data-parallel"
 
 

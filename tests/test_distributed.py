@@ -309,7 +309,8 @@ def test_torchrun_cli_trains_data_parallel_writes_world_size_and_resumes(tmp_pat
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                "fastlocal.train", "--data.source=bundled", "--data.max_train=40", "--data.max_test=20",
                "--model.arch=resnet20", "--method.name=mlaan", "--method.num_modules=3", "--train.epochs=1",
-               "--system.device=cpu",
+               "--system.device=cpu", "--data.loader=torch", "--data.num_workers=0", "--data.crop_size=32",
+               "--data.resize_size=32",  # the device loader's sharding is tested above; here the streaming one's
                "--train.batch_size=20", "--log.progress=false", "--system.num_threads=1", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
@@ -317,6 +318,7 @@ def test_torchrun_cli_trains_data_parallel_writes_world_size_and_resumes(tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["parallel"] == "data" and summary["epochs"] == 1
     assert result.stdout.count("final test accuracy") == 1  # rank 0 alone logs
+    assert "(20 train / 10 test images)" in result.stdout  # rank 0's shard of the 40 / 20
     resume = [*command[:command.index("fastlocal.train") + 1], "--resume", str(out), "--train.epochs=2"]
     result = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
