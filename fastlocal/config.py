@@ -201,6 +201,16 @@ class SystemConfig:
     """Experimental: run the 16-channel 3x3 convolutions of the CIFAR ResNet blocks (the first stage, where
     cuDNN was slow on an H200) with the Triton convolution of fastlocal.kernels.conv. Same math up to
     summation order; off until a GPU run shows it pays; true without the Triton kernels warns."""
+    parallel: str = "auto"
+    """How several processes share the training: auto (data under torchrun, none otherwise), none (one
+    process), data (data parallel: `torchrun --nproc_per_node=N -m fastlocal.train ...`; every rank holds the
+    model and trains on its shard of each global batch of train.batch_size; each module's gradients are
+    averaged across ranks as soon as the module is flushed). modules and hybrid (the local modules spread
+    over devices) are not implemented yet."""
+    sync_batch_norm: bool = False
+    """Data parallel, CUDA only: batch norm computes its batch statistics over the global batch
+    (torch.nn.SyncBatchNorm) instead of per rank. Either way the running statistics are averaged across
+    ranks before every evaluation and checkpoint."""
 
 
 @dataclass
@@ -255,6 +265,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "system.cuda_graphs": SWITCH,
     "system.cuda_streams": SWITCH,
     "system.fused_batch_norm": SWITCH,
+    "system.parallel": ("auto", "none", "data", "modules", "hybrid"),
 }
 
 # name -> (minimum, inclusive?) for numeric fields.
@@ -423,6 +434,9 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
         raise ConfigError(f"mlaan.final_weights = {list(cfg.mlaan.final_weights)} is not valid; give [c_own, c_prop]")
     if not 0 <= cfg.mlaan.ema_momentum <= 1:
         raise ConfigError(f"mlaan.ema_momentum = {cfg.mlaan.ema_momentum} is not valid; it must be in [0, 1]")
+    if cfg.system.parallel in ("modules", "hybrid"):
+        raise ConfigError(f"system.parallel = {cfg.system.parallel} (local modules on different devices) is not "
+                          "implemented yet; use system.parallel=data (or auto) under torchrun, or none")
     if cfg.data.pad < -1:
         raise ConfigError(f"data.pad = {cfg.data.pad} is not valid; use -1 (per source) or a padding >= 0")
     return cfg

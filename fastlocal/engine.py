@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 
+from fastlocal import distributed
 from fastlocal.config import Config, UserError, to_dict, to_toml
 from fastlocal.graphs import GraphedStep, cuda_option_on, set_learning_rate
 from fastlocal.measure import SavedTensorAccountant, cuda_peak, parameter_storages, reset_peak
@@ -76,8 +77,10 @@ class _Cotangents:
     """The module graphs kept for vector-Jacobian products, and the cotangents gathered at each module's
     output (SPEC 3.5); shared by the one-stream and the side-stream schedules."""
 
-    def __init__(self, modules: list[LocalModule], window: int):
+    def __init__(self, modules: list[LocalModule], window: int,
+                 after_flush: Callable[[int], None] | None = None):
         self.modules, self.window = modules, window
+        self.after_flush = after_flush
         self.graphs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(modules)  # (input leaf, output)
         self.sums: list[torch.Tensor | None] = [None] * len(modules)
 
@@ -101,11 +104,14 @@ class _Cotangents:
             torch.autograd.backward(output, self.sums[j], inputs=self.modules[j].trainable_parameters)
         self.graphs[j] = None
         self.sums[j] = None
+        if self.after_flush is not None:  # data parallel: module j's gradients are final, average them
+            self.after_flush(j)
 
 
 def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Batch,
                      forward_context: Callable[[], AbstractContextManager] = nullcontext, *,
-                     side_stream: torch.cuda.Stream | None = None) -> torch.Tensor:
+                     side_stream: torch.cuda.Stream | None = None,
+                     after_flush: Callable[[int], None] | None = None) -> torch.Tensor:
     """Forward and backward of one batch through the local schedule; fills `.grad` of the backbone
     and method parameters (no optimizer step). Returns the last module's loss, detached.
 
@@ -129,15 +135,18 @@ def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Bat
     main stream's).
 
     Modules and losses must not write their inputs in place (none do): with a side stream such a write
-    would race with the loss still reading a_i."""
+    would race with the loss still reading a_i.
+
+    `after_flush(j)` (data parallel, `fastlocal.distributed.GradientAverager`) is called right after module j
+    received its last cotangent and its weight VJP ran, on the main stream; module K-1 is flushed last."""
     if side_stream is not None:
         if batch.x.device.type != "cuda":
             raise ValueError(f"side_stream needs the batch on a CUDA device, but it is on {batch.x.device}; "
                              "pass side_stream=None")
         streams = _LossStream(side_stream, torch.cuda.current_stream(batch.x.device))
-        return _overlapped_train_step(modules, method, batch, forward_context, streams)
+        return _overlapped_train_step(modules, method, batch, forward_context, streams, after_flush)
     num_modules, window = len(modules), method.window
-    cotangents = _Cotangents(modules, window)
+    cotangents = _Cotangents(modules, window, after_flush)
     last_loss = None
     previous = None
     for i in range(num_modules):
@@ -201,7 +210,8 @@ class _LossInFlight(NamedTuple):
 
 def _overlapped_train_step(modules: list[LocalModule], method: LocalMethod, batch: Batch,
                            forward_context: Callable[[], AbstractContextManager],
-                           streams: _LossStream) -> torch.Tensor:
+                           streams: _LossStream,
+                           after_flush: Callable[[int], None] | None = None) -> torch.Tensor:
     """`local_train_step` with each loss on the side stream of `streams` (see there). The operations are
     those of the one-stream schedule; only module i+1's forward moves ahead of the processing of loss i
     (accumulation, cascade VJPs, the flush it allows), which touches neither its inputs nor its outputs.
@@ -214,7 +224,7 @@ def _overlapped_train_step(modules: list[LocalModule], method: LocalMethod, batc
     later side-stream allocation follows a `forked()` wait on the main stream, so the side stream can
     reuse their memory only after the main stream's reads of them."""
     num_modules, window = len(modules), method.window
-    cotangents = _Cotangents(modules, window)
+    cotangents = _Cotangents(modules, window, after_flush)
     last_loss = None
 
     def launch(i: int, output: torch.Tensor) -> _LossInFlight:
@@ -304,7 +314,8 @@ def learning_rate(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: 
 
 @torch.no_grad()
 def evaluate(backbone: torch.nn.Module, loader, channels_last: bool = False) -> float:
-    """Top-1 accuracy (%) of the backbone's final head on `loader`."""
+    """Top-1 accuracy (%) of the backbone's final head on `loader` (data parallel: on every rank's shard,
+    the counts summed over ranks)."""
     was_training = backbone.training
     backbone.eval()
     correct = torch.zeros((), dtype=torch.int64, device=next(backbone.parameters()).device)
@@ -313,7 +324,9 @@ def evaluate(backbone: torch.nn.Module, loader, channels_last: bool = False) -> 
             x = x.contiguous(memory_format=torch.channels_last)
         correct += (backbone(x).argmax(1) == y).sum()
     backbone.train(was_training)
-    return 100.0 * correct.item() / loader.num_images
+    counts = torch.stack([correct, torch.tensor(loader.num_images, device=correct.device)])
+    correct, total = distributed.sum_across_ranks(counts)
+    return 100.0 * correct.item() / total.item()
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -394,11 +407,17 @@ class Trainer:
     """Trains `backbone` with `method` on `data` and writes the run directory."""
 
     def __init__(self, cfg: Config, backbone, modules: list[LocalModule], method: LocalMethod, data,
-                 device: torch.device, out_dir: Path):
+                 device: torch.device, out_dir: Path, parallel: distributed.DataParallel | None = None):
         self.cfg, self.backbone, self.modules, self.method = cfg, backbone, modules, method
         self.data, self.device, self.out_dir = data, device, Path(out_dir)
         self.params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
-        use_graphs = cuda_option_on("system.cuda_graphs", cfg.system.cuda_graphs, device, "training eagerly")
+        # Data parallel (fastlocal.distributed): gradients averaged per module; rank 0 alone writes and logs.
+        self.parallel = parallel
+        self.grad_averager = distributed.GradientAverager(modules, method, backbone) if parallel is not None else None
+        self.is_main = parallel is None or parallel.is_main
+        self.world_size = 1 if parallel is None else parallel.world_size
+        use_graphs = parallel is None and cuda_option_on("system.cuda_graphs", cfg.system.cuda_graphs, device,
+                                                         "training eagerly")
         # Module i's loss runs on this stream while module i+1 runs forward (local_train_step).
         use_streams = cuda_option_on("system.cuda_streams", cfg.system.cuda_streams, device, "training on one stream")
         self.side_stream = torch.cuda.Stream(device) if use_streams else None
@@ -417,8 +436,12 @@ class Trainer:
 
     def step_without_zero_grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Local forward/backward, EMA, optimizer step; what a CUDA graph captures."""
+        averager = self.grad_averager
         loss = local_train_step(self.modules, self.method, Batch(x, y, self.data.info.mean, self.data.info.std),
-                                self.forward_context, side_stream=self.side_stream)
+                                self.forward_context, side_stream=self.side_stream,
+                                after_flush=None if averager is None else averager.after_flush)
+        if averager is not None:
+            averager.finish()
         self.optimizer.step()
         return loss
 
@@ -443,7 +466,8 @@ class Trainer:
         if bad:
             raise self.diverged(f"after epoch {self.state.epoch}, {len(bad)} tensors of the model hold inf or nan "
                                 f"(first: {bad[0]})", completed_epochs=self.state.epoch - 1)
-        save_atomic(ckpt, self.out_dir / CHECKPOINT_NAME)
+        if self.is_main:  # data parallel: every rank checks (the models are equal, so they agree); rank 0 writes
+            save_atomic(ckpt, self.out_dir / CHECKPOINT_NAME)
 
     def diverged(self, what: str, completed_epochs: int) -> NonFiniteLossError:
         last_good = (f"the checkpoint of epoch {completed_epochs} in {self.out_dir} is intact (every tensor in it "
@@ -474,12 +498,13 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         cfg, loader = self.cfg, self.data.train
         loader.set_epoch(epoch)
-        steps = len(loader)
+        # Data parallel: shards of equal length give equal steps; otherwise no rank waits for a step another never runs.
+        steps = distributed.min_across_ranks(len(loader), self.device)
         self.backbone.train()
         self.method.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         progress = None
-        if cfg.log.progress:
+        if cfg.log.progress and self.is_main:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, unit="batch")
@@ -488,6 +513,8 @@ class Trainer:
         start = time.perf_counter()
         lr = cfg.optim.lr
         for step, (x, y) in enumerate(loader):
+            if step == steps:
+                break
             lr = learning_rate(cfg, epoch, step, steps)
             set_learning_rate(self.optimizer, lr)
             if self.channels_last:
@@ -502,12 +529,16 @@ class Trainer:
             loss_sum += loss
             diverged_at = torch.where((diverged_at < 0) & ~torch.isfinite(loss), step, diverged_at)
             if step % NONFINITE_CHECK_STEPS == 0 or step == steps - 1:
-                total, first_bad = torch.stack([loss_sum, diverged_at.double()]).tolist()  # one host sync
-                if first_bad >= 0:
-                    raise self.diverged(f"the training loss became inf or nan at step {int(first_bad) + 1}/{steps} of "
-                                        f"epoch {epoch + 1} (seen at step {step + 1})", completed_epochs=epoch)
+                # One host sync; data parallel: summed over ranks, so every rank takes the same decision.
+                total, ranks_diverged = distributed.sum_across_ranks(
+                    torch.stack([loss_sum, (diverged_at >= 0).double()])).tolist()
+                if ranks_diverged:
+                    first_bad = int(diverged_at.item())
+                    where = f"at step {first_bad + 1}/{steps}" if first_bad >= 0 else "on another rank"
+                    raise self.diverged(f"the training loss became inf or nan {where} of epoch {epoch + 1} (seen at "
+                                        f"step {step + 1})", completed_epochs=epoch)
                 if progress is not None:
-                    progress.set_postfix(loss=f"{total / (step + 1):.3f}", lr=f"{lr:.3g}")
+                    progress.set_postfix(loss=f"{total / (step + 1) / self.world_size:.3f}", lr=f"{lr:.3g}")
             if progress is not None:
                 progress.update(1)
             if self.stop_signal is not None:  # the step is finished; the partial epoch is discarded
@@ -517,10 +548,10 @@ class Trainer:
         seconds = time.perf_counter() - start
         if progress is not None:
             progress.close()
-        train_loss = loss_sum.item() / max(1, steps)
+        train_loss = distributed.sum_across_ranks(loss_sum).item() / max(1, steps) / self.world_size
+        images = loader.num_images * self.world_size if not cfg.train.drop_last else steps * cfg.train.batch_size
         return {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "epoch_seconds": seconds,
-                "images_per_second": loader.num_images / seconds if not cfg.train.drop_last
-                else steps * cfg.train.batch_size / seconds}
+                "images_per_second": images / seconds}
 
     @contextmanager
     def stop_on_signals(self) -> Iterator[None]:
@@ -548,17 +579,22 @@ class Trainer:
 
     def _fit(self, log) -> dict:
         cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(to_toml(cfg), self.out_dir / "config.toml")
+        if not self.is_main:
+            log = distributed.silent_log
         metrics_path = self.out_dir / "metrics.jsonl"
-        # The metrics file always mirrors the checkpoint: rewrite it from the restored history.
-        write_text_atomic("".join(json.dumps(row) + "\n" for row in self.state.history), metrics_path)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(to_toml(cfg), self.out_dir / "config.toml")
+            # The metrics file always mirrors the checkpoint: rewrite it from the restored history.
+            write_text_atomic("".join(json.dumps(row) + "\n" for row in self.state.history), metrics_path)
         if self.device.type == "cuda":
             reset_peak(self.device)
         for epoch in range(self.state.epoch, cfg.train.epochs):
             if self.stop_signal is not None:  # arrived during the last evaluation or save: that epoch is kept
                 raise RunInterrupted(self.stop_signal)
             row = self.train_epoch(epoch)
+            if self.parallel is not None:  # the stated rule: running statistics are the mean over ranks
+                distributed.average_buffers(self.backbone, self.method)
             with self.forward_context():
                 row["test_acc"] = evaluate(self.backbone, self.data.test, self.channels_last)
             self.state.epoch = epoch + 1
@@ -567,23 +603,25 @@ class Trainer:
             if self.device.type == "cuda":
                 self.state.peak_memory = cuda_peak(self.device)
             self.save_checkpoint()
-            try:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-            except OSError as err:
-                raise UserError(f"cannot write {metrics_path}: {err.strerror}; the checkpoint of epoch {epoch + 1} "
-                                "is saved; free space or make the directory writable, then continue with "
-                                f"--resume {self.out_dir}") from None
+            if self.is_main:
+                try:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                except OSError as err:
+                    raise UserError(f"cannot write {metrics_path}: {err.strerror}; the checkpoint of epoch "
+                                    f"{epoch + 1} is saved; free space or make the directory writable, then continue "
+                                    f"with --resume {self.out_dir}") from None
             log(f"epoch {row['epoch']}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  "
                 f"test acc {row['test_acc']:.2f}%  {row['images_per_second']:.0f} img/s  lr {row['lr']:.4g}")
         summary = self.summary()
-        write_json_atomic(summary, self.out_dir / "summary.json")
+        if self.is_main:
+            write_json_atomic(summary, self.out_dir / "summary.json")
         return summary
 
     def summary(self) -> dict:
         history = self.state.history
         cfg = self.cfg
-        images = len(history) * self.data.train.num_images
+        images = len(history) * self.data.train.num_images * self.world_size
         return {
             "method": cfg.method.name,
             "arch": cfg.model.arch,
@@ -600,6 +638,8 @@ class Trainer:
             "images_per_second": images / self.state.train_seconds if self.state.train_seconds else None,
             "peak_memory": self.state.peak_memory,
             "device": device_name(self.device),
+            "world_size": self.world_size,
+            "parallel": "none" if self.parallel is None else "data",
             "torch_version": torch.__version__,
             **self.method.extra_state_summary(),  # MLAAN: "leaps": "preset" or "generated"
         }

@@ -70,6 +70,7 @@ def resolve_kernels(name: str, device: torch.device) -> str:
 def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -> dict:
     """Build everything from `cfg`, continue from `checkpoint` if given (see `fastlocal.engine.read_checkpoint`),
     train, and write `out_dir`. Returns the summary."""
+    from fastlocal import distributed
     from fastlocal.data import build_data
     from fastlocal.engine import Trainer
     from fastlocal.models.cifar_resnet import use_fused_batch_norm, use_triton_conv
@@ -77,20 +78,33 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
     from fastlocal.split import describe_split
 
     device = resolve_device(cfg.system.device)
+    # Data parallel under torchrun (fastlocal.distributed): one process per device, train.batch_size is global.
+    parallel, rank, world_size, batch_size = None, 0, 1, cfg.train.batch_size
+    if distributed.resolve_parallel(cfg.system.parallel) == "data":
+        batch_size = distributed.per_rank_batch(cfg.train.batch_size, int(os.environ["WORLD_SIZE"]))
+        distributed.check_options(cfg, device)
+        parallel, device = distributed.init_data_parallel(device)
+        rank, world_size = parallel.rank, parallel.world_size
+        if not parallel.is_main:
+            log = distributed.silent_log
+    elif cfg.system.sync_batch_norm:
+        warnings.warn("system.sync_batch_norm = true applies to data-parallel runs only; this run has one process",
+                      stacklevel=2)
     if cfg.system.num_threads:
         torch.set_num_threads(cfg.system.num_threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.system.seed)
-    data = build_data(cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
+    data = build_data(cfg.data, batch_size=batch_size, eval_batch_size=cfg.train.eval_batch_size,
                       device=device, seed=cfg.system.seed, drop_last=cfg.train.drop_last,
-                      progress=cfg.log.progress)
+                      progress=cfg.log.progress and rank == 0, rank=rank, world_size=world_size)
     backbone, modules, method = build_model(cfg, data.info.num_classes, data.info.image_size)
     method.kernels = resolve_kernels(cfg.system.kernels, device)
     if cfg.system.fused_batch_norm == "true":
         enable_on_blocks("system.fused_batch_norm", use_fused_batch_norm, backbone, method, method.kernels,
                          cfg.model.arch, "the blocks run PyTorch's batch norm")
-    elif cfg.system.fused_batch_norm == "auto" and device.type == "cuda" and method.kernels == "triton":
+    elif (cfg.system.fused_batch_norm == "auto" and device.type == "cuda" and method.kernels == "triton"
+          and not (parallel is not None and cfg.system.sync_batch_norm)):
         use_fused_batch_norm([backbone, method], "triton")  # nothing happens for backbones without CIFAR blocks
     if cfg.system.triton_conv:
         enable_on_blocks("system.triton_conv", use_triton_conv, backbone, method, method.kernels, cfg.model.arch,
@@ -98,12 +112,17 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
     memory_format = torch.channels_last if cfg.system.channels_last else torch.preserve_format
     backbone.to(device, memory_format=memory_format)
     method.to(device, memory_format=memory_format)
-    trainer = Trainer(cfg, backbone, modules, method, data, device, out_dir)
+    if parallel is not None:
+        if cfg.system.sync_batch_norm:
+            distributed.use_sync_batch_norm(backbone, method)
+        distributed.broadcast_from_rank0(backbone, method)
+    trainer = Trainer(cfg, backbone, modules, method, data, device, out_dir, parallel)
     if checkpoint is not None:
         trainer.restore(checkpoint)
         log(f"resuming {out_dir} after epoch {trainer.state.epoch}")
     log(f"{cfg.method.name} {cfg.model.arch} K={len(modules)} on {data.info.name} "
-        f"({data.train.num_images} train / {data.test.num_images} test images) on {device}")
+        f"({data.train.num_images} train / {data.test.num_images} test images) on {device}"
+        + (f", rank 0 of {world_size} (data parallel; the image counts are per rank)" if parallel else ""))
     log(f"modules: {describe_split(backbone, [m.part_ids for m in modules])}")
     if getattr(method, "leaps_source", None):
         log(describe_leaps(cfg, method.leaps_source))
@@ -131,6 +150,9 @@ def locked_run_directory(out_dir: Path) -> Iterator[None]:
     it exits (kill -9 included). Leftover .tmp files of a process killed mid-write are removed."""
     import fcntl
 
+    if int(os.environ.get("RANK", "0")) != 0:  # data parallel under torchrun: rank 0 alone writes and locks
+        yield
+        return
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock_file = (out_dir / LOCK_NAME).open("a+")
@@ -201,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         # 130 for both: a stop by the user or the scheduler is the same resumable interruption (the issue's
         # contract), and schedulers read any non-zero code as 'not finished'.
         return 130
+    finally:
+        from fastlocal.distributed import close
+
+        close()  # data parallel: leave the process group (after an error too; torchrun ends the other ranks)
     return 0
 
 

@@ -203,8 +203,13 @@ def build_data(
     seed: int,
     drop_last: bool = False,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataBundle:
-    """Read the configured dataset and return the two loaders (device-resident, or streaming for large images)."""
+    """Read the configured dataset and return the two loaders (device-resident, or streaming for large images).
+
+    Data parallel: `batch_size` and `eval_batch_size` are per rank, and each loader reads this rank's shard
+    (the streaming loaders take theirs from torch.distributed, see `streaming.shard_info`)."""
     from fastlocal.data.streaming import build_streaming_data, uses_streaming  # DALI is imported only when used
 
     if uses_streaming(cfg):
@@ -221,7 +226,8 @@ def build_data(
 
     train_images, train_labels = to_device(splits["train"])
     test_images, test_labels = to_device(splits["test"])
-    augmentation = dict(mean=info.mean, std=info.std, pad=info.pad, pad_mode=info.pad_mode, flip=info.flip)
+    augmentation = dict(mean=info.mean, std=info.std, pad=info.pad, pad_mode=info.pad_mode, flip=info.flip,
+                        rank=rank, world_size=world_size)
     return DataBundle(
         train=DeviceLoader(
             train_images, train_labels, batch_size, train=True, seed=seed, drop_last=drop_last, **augmentation

@@ -12,6 +12,12 @@ All randomness of an epoch (order, crop offsets, flips) is drawn up front from a
 the device seeded from (seed, epoch), so an epoch is a pure function of those two numbers: a resumed run
 sees bit-identical batches, and the global RNG is never used. Iteration slices device tensors with
 Python integers only, so it does not synchronise with the host.
+
+Under data parallelism (`rank`, `world_size`) a training epoch's order and augmentation are drawn as
+above, the same on every rank, and each rank reads its positions of that order by the rule of
+:mod:`fastlocal.data.sharding` (padded by wrapping, strided); `batch_size` is then the per-rank batch.
+Evaluation splits the images without padding (rank r reads images r, r + world_size, ...), so summing
+the per-rank counts counts every test image once.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from fastlocal.data.sharding import shard_positions
 
 PAD_MODES = ("reflect", "constant")
 
@@ -66,6 +74,8 @@ class DeviceLoader:
         flip: bool = False,
         seed: int = 0,
         drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -77,6 +87,8 @@ class DeviceLoader:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 values each, std positive; got {mean}, {std}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
         if pad < 0 or pad_mode not in PAD_MODES:
             raise ValueError(f"pad must be >= 0 and pad_mode one of {PAD_MODES}; got {pad}, {pad_mode!r}")
         height, width = images.shape[2], images.shape[3]
@@ -95,7 +107,14 @@ class DeviceLoader:
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.device = images.device
+        self.rank, self.world_size = int(rank), int(world_size)
         self._epoch = 0
+        # This rank's positions in an epoch's order (training) or its images (evaluation); None: all, in order.
+        self._positions = None
+        if self.world_size > 1:
+            count = images.shape[0]
+            self._positions = (shard_positions(count, rank=self.rank, world_size=self.world_size) if self.train
+                               else torch.arange(self.rank, count, self.world_size)).to(self.device)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._rows = torch.arange(height, device=self.device)
@@ -106,7 +125,8 @@ class DeviceLoader:
 
     @property
     def num_images(self) -> int:
-        return self.images.shape[0]
+        """Images this rank reads per epoch (all of them with one process)."""
+        return self.images.shape[0] if self._positions is None else self._positions.numel()
 
     @property
     def epoch(self) -> int:
@@ -157,10 +177,14 @@ class DeviceLoader:
         )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        size, count = self.batch_size, self.num_images
+        size, count = self.batch_size, self.images.shape[0]
         if not self.train:
-            for start in range(0, count, size):
-                yield self.normalize(self.images[start : start + size]), self.labels[start : start + size]
+            for start in range(0, self.num_images, size):
+                if self._positions is None:
+                    yield self.normalize(self.images[start : start + size]), self.labels[start : start + size]
+                else:
+                    index = self._positions[start : start + size]
+                    yield self.normalize(self.images.index_select(0, index)), self.labels.index_select(0, index)
             return
         generator = torch.Generator(device=self.device)
         generator.manual_seed(epoch_seed(self.seed, self._epoch))
@@ -171,6 +195,10 @@ class DeviceLoader:
             offsets = torch.randint(0, 2 * self.pad + 1, (2, count), generator=generator, device=self.device)
         if self.flip:
             flips = torch.randint(0, 2, (count,), generator=generator, device=self.device).bool()
+        if self._positions is not None:  # this rank's share of the epoch, drawn alike on every rank
+            order = order[self._positions]
+            offsets = None if offsets is None else offsets[:, self._positions]
+            flips = None if flips is None else flips[self._positions]
         for step in range(len(self)):
             window = slice(step * size, (step + 1) * size)
             index = order[window]
@@ -187,5 +215,5 @@ class DeviceLoader:
         return (
             f"DeviceLoader({self.num_images} images {tuple(self.images.shape[1:])} on {self.device}, "
             f"batch_size={self.batch_size}, train={self.train}, pad={self.pad} {self.pad_mode}, "
-            f"flip={self.flip}, seed={self.seed}, drop_last={self.drop_last})"
+            f"flip={self.flip}, seed={self.seed}, drop_last={self.drop_last}, rank {self.rank}/{self.world_size})"
         )

@@ -1,0 +1,363 @@
+"""Data parallelism on CPU: 2 gloo ranks spawned from pytest, each with a hard timeout (a deadlock fails).
+
+The reference for the gradients is DDP's definition, computed here in one process: each rank's shard
+runs through the single-process schedule from the same weights (batch-norm statistics per shard), the
+gradients are averaged, then one EMA update and one optimizer step.
+"""
+
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from builders import build
+
+from fastlocal import distributed
+from fastlocal.config import ConfigError, build_config
+from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
+from fastlocal.engine import CHECKPOINT_NAME, Trainer, build_optimizer, evaluate, local_train_step
+from fastlocal.methods import METHODS, Batch
+
+WORLD = 2
+GLOBAL_BATCH = 8
+SIZE = 8  # image side: small enough for every case of the equality test to run in seconds
+STATS = ((0.5,) * 3, (0.5,) * 3)
+CASES = {
+    "bp": ("bp", 1, []),
+    "dgl": ("dgl", 3, []),
+    "infopro": ("infopro", 3, []),
+    "mlaan-w2": ("mlaan", 4, ["mlaan.window=2"]),
+    "mlaan-w2-no-lam": ("mlaan", 4, ["mlaan.window=2", "mlaan.lam=false"]),
+    "mlaan-w3": ("mlaan", 4, ["mlaan.window=3"]),
+    "mlaan-w3-no-lam": ("mlaan", 4, ["mlaan.window=3", "mlaan.lam=false"]),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out: str, job, timeout_s: float, device_type: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    distributed.init_data_parallel(torch.device(device_type), timeout=timedelta(seconds=timeout_s))
+    try:
+        job(rank, Path(out))
+    finally:
+        distributed.close()
+
+
+def launch(job, out: Path, timeout_s: float = 120, collective_timeout_s: float = 60, device_type: str = "cpu"
+           ) -> list[int]:
+    """Run `job(rank, out)` on WORLD spawned ranks; their exit codes. Kills them and fails after `timeout_s`."""
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, str(out), job, collective_timeout_s, device_type))
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"ranks {hung} still ran after {timeout_s} s: a deadlock"
+    return [p.exitcode for p in procs]
+
+
+def global_batches(steps: int = 3):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(GLOBAL_BATCH, 3, SIZE, SIZE, generator=g, dtype=torch.float64),
+             torch.randint(0, 10, (GLOBAL_BATCH,), generator=g)) for _ in range(steps)]
+
+
+def shard(tensor: torch.Tensor, rank: int) -> torch.Tensor:
+    size = GLOBAL_BATCH // WORLD
+    return tensor[rank * size:(rank + 1) * size]
+
+
+def weights(backbone, method) -> dict[str, torch.Tensor]:
+    """Every parameter, the frozen EMA copies included (not the BN running statistics)."""
+    named = {f"backbone.{k}": v for k, v in backbone.named_parameters()}
+    named.update({f"method.{k}": v for k, v in method.named_parameters()})
+    return {k: v.detach().clone() for k, v in named.items()}
+
+
+def _three_data_parallel_steps(rank: int, out: Path) -> None:
+    for name, (method_name, k, overrides) in CASES.items():
+        cfg, backbone, modules, method = build(method_name, "resnet20", k, overrides, input_size=SIZE, seed=rank)
+        distributed.broadcast_from_rank0(backbone, method)  # rank 1 was built from another seed
+        averager = distributed.GradientAverager(modules, method, backbone)
+        optimizer = build_optimizer([p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad],
+                                    cfg)
+        for x, y in global_batches():
+            optimizer.zero_grad(set_to_none=True)
+            local_train_step(modules, method, Batch(shard(x, rank), shard(y, rank), *STATS),
+                             after_flush=averager.after_flush)
+            averager.finish()
+            optimizer.step()
+        torch.save(weights(backbone, method), out / f"{name}-rank{rank}.pt")
+
+
+def reference_weights(method_name: str, k: int, overrides: list[str]) -> dict[str, torch.Tensor]:
+    cfg, backbone, modules, method = build(method_name, "resnet20", k, overrides, input_size=SIZE, seed=0)
+    params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
+    optimizer = build_optimizer(params, cfg)
+    ema_update = method.before_optimizer_step
+    for x, y in global_batches():
+        per_shard = []
+        method.before_optimizer_step = lambda: None  # the EMA moves once per step, below
+        for rank in range(WORLD):
+            optimizer.zero_grad(set_to_none=True)
+            local_train_step(modules, method, Batch(shard(x, rank), shard(y, rank), *STATS))
+            per_shard.append([None if p.grad is None else p.grad.clone() for p in params])
+        del method.before_optimizer_step
+        for i, p in enumerate(params):
+            grads = [g[i] for g in per_shard]
+            p.grad = None if grads[0] is None else sum(grads) / WORLD
+        ema_update()
+        optimizer.step()
+    return weights(backbone, method)
+
+
+def test_three_steps_equal_the_averaged_gradient_reference_for_every_method(tmp_path):
+    assert launch(_three_data_parallel_steps, tmp_path, timeout_s=240) == [0, 0]
+    for name, (method_name, k, overrides) in CASES.items():
+        rank0 = torch.load(tmp_path / f"{name}-rank0.pt")
+        rank1 = torch.load(tmp_path / f"{name}-rank1.pt")
+        expected = reference_weights(method_name, k, overrides)
+        initial = weights(*build(method_name, "resnet20", k, overrides, input_size=SIZE, seed=0)[1::2])
+        assert set(rank0) == set(expected)
+        for key in expected:
+            # Identical replicas (EMA copies included), equal to the reference, and trained at all.
+            assert torch.equal(rank0[key], rank1[key]), (name, key)
+            torch.testing.assert_close(rank0[key], expected[key], rtol=1e-12, atol=1e-14, msg=f"{name} {key}")
+        first = next(iter(initial))
+        assert not torch.equal(rank0[first], initial[first]), name
+
+
+def tiny_data(rank: int, world: int) -> DataBundle:
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (22, 3, 16, 16), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (22,), generator=g)
+    info = DatasetInfo("tiny", 10, 16, [str(c) for c in range(10)], *STATS, pad=2, pad_mode="reflect", flip=True)
+    common = dict(mean=info.mean, std=info.std, pad=2, flip=True, rank=rank, world_size=world)
+    return DataBundle(DeviceLoader(images[:16], labels[:16], GLOBAL_BATCH // world, train=True, **common),
+                      DeviceLoader(images[16:], labels[16:], 4, train=False, **common), info)
+
+
+def tiny_trainer(rank: int, world: int, out: Path, epochs: int, parallel=None) -> Trainer:
+    overrides = [f"train.epochs={epochs}", f"train.batch_size={GLOBAL_BATCH}", "log.progress=false",
+                 "log.measure_memory=false", "mlaan.window=2"]
+    cfg, backbone, modules, method = build("mlaan", "resnet20", 3, overrides, dtype=torch.float32, input_size=16)
+    return Trainer(cfg, backbone, modules, method, tiny_data(rank, world), torch.device("cpu"), out, parallel)
+
+
+def _fit_and_resume(rank: int, out: Path) -> None:
+    parallel = distributed.DataParallel(rank, WORLD, rank)
+    # Rank 1 is given its own directory: it must not write there.
+    whole = tiny_trainer(rank, WORLD, out / ("whole" if rank == 0 else "rank1"), 2, parallel)
+    whole.fit(log=lambda *a: None)
+    state = {**whole.backbone.state_dict(), **{f"m.{k}": v for k, v in whole.method.state_dict().items()}}
+    torch.save(state, out / f"state-rank{rank}.pt")
+    cut = tiny_trainer(rank, WORLD, out / "cut", 2, parallel)
+    train_epoch = cut.train_epoch
+
+    def interrupted_in_second_epoch(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return train_epoch(epoch)
+
+    cut.train_epoch = interrupted_in_second_epoch
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit(log=lambda *a: None)
+    resumed = tiny_trainer(rank, WORLD, out / "cut", 2, parallel)
+    resumed.load_checkpoint(out / "cut" / CHECKPOINT_NAME)
+    resumed.fit(log=lambda *a: None)
+    # A classifier that always answers class 0, on labels 0, 1, 0, 1, ...: rank 0's shard (the even images) is
+    # all right, rank 1's all wrong; the summed counts give 50% on both.
+    always_zero = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
+    torch.nn.init.zeros_(always_zero[1].weight)
+    with torch.no_grad():
+        always_zero[1].bias.copy_(torch.arange(10, 0, -1))
+    loader = DeviceLoader(torch.zeros(7, 3, 16, 16, dtype=torch.uint8), torch.arange(7) % 2, 2, train=False,
+                          mean=STATS[0], std=STATS[1], rank=rank, world_size=WORLD)
+    (out / f"accuracy-rank{rank}.txt").write_text(repr(evaluate(always_zero, loader)))
+
+
+def test_fit_writes_from_rank0_averages_running_stats_and_resumes_exactly(tmp_path):
+    assert launch(_fit_and_resume, tmp_path, timeout_s=180) == [0, 0]
+    assert not (tmp_path / "rank1").exists()
+    for rank in range(WORLD):  # 4 of the 7 test images have label 0
+        assert float((tmp_path / f"accuracy-rank{rank}.txt").read_text()) == pytest.approx(100 * 4 / 7)
+    rank0, rank1 = torch.load(tmp_path / "state-rank0.pt"), torch.load(tmp_path / "state-rank1.pt")
+    for key in rank0:  # BN running statistics included: the rule makes them equal
+        assert torch.equal(rank0[key], rank1[key]), key
+    whole = torch.load(tmp_path / "whole" / CHECKPOINT_NAME, weights_only=False)
+    cut = torch.load(tmp_path / "cut" / CHECKPOINT_NAME, weights_only=False)
+    for key in whole["backbone"]:
+        assert torch.equal(whole["backbone"][key], cut["backbone"][key]), key
+    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["parallel"] == "data" and summary["epochs"] == 2
+    # Sharded evaluation summed over ranks = one process evaluating every test image.
+    single = tiny_trainer(0, 1, tmp_path / "single", 3)
+    single.backbone.load_state_dict(whole["backbone"])
+    assert evaluate(single.backbone, single.data.test) == summary["final_test_acc"]
+    # The data-parallel checkpoint resumes in one process.
+    single.load_checkpoint(tmp_path / "whole" / CHECKPOINT_NAME)
+    assert single.fit(log=lambda *a: None)["epochs"] == 3
+
+
+def _rank1_fails(rank: int, out: Path) -> None:
+    if rank == 1:
+        raise ValueError("rank 1 fails on purpose")
+    torch.distributed.all_reduce(torch.ones(3))  # rank 0 waits for a peer that is gone
+
+
+def test_a_failing_rank_ends_every_rank_with_an_error(tmp_path):
+    codes = launch(_rank1_fails, tmp_path, timeout_s=60, collective_timeout_s=20)
+    assert codes[0] != 0 and codes[1] != 0
+
+
+def test_sharded_device_loader_reads_each_training_position_once_per_rank():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (11, 3, 8, 8), generator=g, dtype=torch.uint8)
+    labels = torch.arange(11)
+    common = dict(train=True, mean=STATS[0], std=STATS[1], pad=2, flip=True, seed=5)
+    whole = DeviceLoader(images, labels, 12, **common)
+    whole.set_epoch(1)
+    (x_all, y_all), = list(whole)
+    shards = []
+    for rank in range(3):
+        loader = DeviceLoader(images, labels, 2, rank=rank, world_size=3, **common)
+        loader.set_epoch(1)
+        assert loader.num_images == 4 and len(loader) == 2  # 11 padded to 12, 4 each
+        shards.append(torch.cat([torch.cat([x.flatten(1), y[:, None].double()], 1) for x, y in loader]))
+    # Rank r reads positions r, r+3, ... of the one-process epoch (the padding wraps to position 0).
+    rows = torch.cat([x_all.flatten(1), y_all[:, None].double()], 1)
+    positions = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0]
+    for rank in range(3):
+        assert torch.equal(shards[rank], rows[positions[rank::3]])
+    test = [DeviceLoader(images, labels, 3, train=False, mean=STATS[0], std=STATS[1], rank=r, world_size=3)
+            for r in range(3)]
+    assert sorted(torch.cat([y for t in test for _, y in t]).tolist()) == list(range(11))
+
+
+def test_global_batch_must_split_over_the_ranks():
+    assert distributed.per_rank_batch(128, 4) == 32
+    with pytest.raises(ConfigError, match="multiple of 3"):
+        distributed.per_rank_batch(128, 3)
+
+
+def test_cli_rejects_a_batch_that_does_not_split(monkeypatch, capsys):
+    from fastlocal.train import main
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    assert main(["--train.batch_size=25", "--log.progress=false"]) == 2
+    assert "train.batch_size = 25" in capsys.readouterr().err
+
+
+def test_parallel_option(monkeypatch):
+    for name in distributed.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.resolve_parallel("auto") == "none"
+    with pytest.raises(ConfigError, match="not implemented yet"):
+        build_config(None, ["system.parallel=modules"], METHODS)
+    with pytest.raises(Exception, match="torchrun"):
+        distributed.resolve_parallel("data")
+    for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="x", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    assert distributed.resolve_parallel("auto") == "data"
+    with pytest.raises(Exception, match="system.parallel=data"):
+        distributed.resolve_parallel("none")
+
+
+def test_sync_batch_norm_wiring_on_cpu():
+    cfg, backbone, modules, method = build("mlaan", "resnet20", 4, ["system.sync_batch_norm=true"], input_size=16)
+    batch_norms = [m for m in (*backbone.modules(), *method.modules()) if isinstance(m, torch.nn.BatchNorm2d)]
+    params_before = [list(m.trainable_parameters) for m in modules]
+    ema_before = method.ema_tensors()
+    assert distributed.use_sync_batch_norm(backbone, method) == len(batch_norms) > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in (*backbone.modules(), *method.modules()))
+    # The module splits' parameters and the EMA lists still name the model's tensors.
+    for module, before in zip(modules, params_before):
+        assert {id(p) for p in module.parameters()} == {id(p) for p in before}
+    assert {id(p) for p in method.parameters()} >= {id(p) for p in ema_before[0]}
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        distributed.check_options(cfg, torch.device("cpu"))
+
+
+def test_torchrun_cli_trains_data_parallel_writes_world_size_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "fastlocal.train", "--data.source=bundled", "--data.max_train=40", "--data.max_test=20",
+               "--model.arch=resnet20", "--method.name=mlaan", "--method.num_modules=3", "--train.epochs=1",
+               "--system.device=cpu", "--data.loader=torch", "--data.num_workers=0", "--data.crop_size=32",
+               "--data.resize_size=32",  # the device loader's sharding is tested above; here the streaming one's
+               "--train.batch_size=20", "--log.progress=false", "--system.num_threads=1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["parallel"] == "data" and summary["epochs"] == 1
+    assert result.stdout.count("final test accuracy") == 1  # rank 0 alone logs
+    assert "(20 train / 10 test images)" in result.stdout  # rank 0's shard of the 40 / 20
+    resume = [*command[:command.index("fastlocal.train") + 1], "--resume", str(out), "--train.epochs=2"]
+    result = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stdout and json.loads((out / "summary.json").read_text())["epochs"] == 2
+
+
+def _sync_batch_norm_step(rank: int, out: Path) -> None:
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    cfg, backbone, modules, method = build("dgl", "resnet20", 3, [], dtype=torch.float32, input_size=16)
+    assert distributed.use_sync_batch_norm(backbone, method) > 0
+    device = torch.device("cuda", rank)
+    backbone.to(device)
+    method.to(device)
+    averager = distributed.GradientAverager(modules, method, backbone)
+    optimizer = build_optimizer([p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad], cfg)
+    x, y = global_batches(1)[0]
+    local_train_step(modules, method, Batch(shard(x, rank).float().to(device), shard(y, rank).to(device), *STATS),
+                     after_flush=averager.after_flush)
+    averager.finish()
+    optimizer.step()
+    torch.save({k: v.cpu() for k, v in weights(backbone, method).items()}, out / f"sync-rank{rank}.pt")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="SyncBatchNorm across ranks needs 2 CUDA devices")
+def test_sync_batch_norm_step_equals_one_process_on_the_global_batch(tmp_path, exact_cuda_math):
+    """With synchronised statistics a data-parallel step is the one-process step on the global batch."""
+    assert launch(_sync_batch_norm_step, tmp_path, timeout_s=180, device_type="cuda") == [0, 0]
+    cfg, backbone, modules, method = build("dgl", "resnet20", 3, [], dtype=torch.float32, input_size=16)
+    device = torch.device("cuda", 0)
+    backbone.to(device)
+    method.to(device)
+    optimizer = build_optimizer([p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad], cfg)
+    x, y = global_batches(1)[0]
+    local_train_step(modules, method, Batch(x.float().to(device), y.to(device), *STATS))
+    optimizer.step()
+    expected = {k: v.cpu() for k, v in weights(backbone, method).items()}
+    rank0, rank1 = torch.load(tmp_path / "sync-rank0.pt"), torch.load(tmp_path / "sync-rank1.pt")
+    for key in expected:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
