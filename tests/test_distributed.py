@@ -136,8 +136,8 @@ def reference_weights(method_name: str, k: int, overrides: list[str]) -> dict[st
 def test_three_steps_equal_the_averaged_gradient_reference_for_every_method(tmp_path):
     assert launch(_three_data_parallel_steps, tmp_path, timeout_s=240) == [0, 0]
     for name, (method_name, k, overrides) in CASES.items():
-        rank0 = torch.load(tmp_path / f"{name}-rank0.pt")
-        rank1 = torch.load(tmp_path / f"{name}-rank1.pt")
+        rank0 = torch.load(tmp_path / f"{name}-rank0.pt", weights_only=True)
+        rank1 = torch.load(tmp_path / f"{name}-rank1.pt", weights_only=True)
         expected = reference_weights(method_name, k, overrides)
         initial = weights(*build(method_name, "resnet20", k, overrides, input_size=SIZE, seed=0)[1::2])
         assert set(rank0) == set(expected)
@@ -203,11 +203,12 @@ def test_fit_writes_from_rank0_averages_running_stats_and_resumes_exactly(tmp_pa
     assert not (tmp_path / "rank1").exists()
     for rank in range(WORLD):  # 4 of the 7 test images have label 0
         assert float((tmp_path / f"accuracy-rank{rank}.txt").read_text()) == pytest.approx(100 * 4 / 7)
-    rank0, rank1 = torch.load(tmp_path / "state-rank0.pt"), torch.load(tmp_path / "state-rank1.pt")
+    rank0 = torch.load(tmp_path / "state-rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "state-rank1.pt", weights_only=True)
     for key in rank0:  # BN running statistics included: the rule makes them equal
         assert torch.equal(rank0[key], rank1[key]), key
-    whole = torch.load(tmp_path / "whole" / CHECKPOINT_NAME, weights_only=False)
-    cut = torch.load(tmp_path / "cut" / CHECKPOINT_NAME, weights_only=False)
+    whole = torch.load(tmp_path / "whole" / CHECKPOINT_NAME, weights_only=True)
+    cut = torch.load(tmp_path / "cut" / CHECKPOINT_NAME, weights_only=True)
     for key in whole["backbone"]:
         assert torch.equal(whole["backbone"][key], cut["backbone"][key]), key
     summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
@@ -357,7 +358,8 @@ def test_sync_batch_norm_step_equals_one_process_on_the_global_batch(tmp_path, e
     local_train_step(modules, method, Batch(x.float().to(device), y.to(device), *STATS))
     optimizer.step()
     expected = {k: v.cpu() for k, v in weights(backbone, method).items()}
-    rank0, rank1 = torch.load(tmp_path / "sync-rank0.pt"), torch.load(tmp_path / "sync-rank1.pt")
+    rank0 = torch.load(tmp_path / "sync-rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "sync-rank1.pt", weights_only=True)
     for key in expected:
         assert torch.equal(rank0[key], rank1[key]), key
         torch.testing.assert_close(rank0[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
