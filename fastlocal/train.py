@@ -76,10 +76,10 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
     """Build everything from `cfg`, train, and write `out_dir`. Returns the summary."""
     from fastlocal.data import build_data
     from fastlocal.engine import CHECKPOINT_NAME, Trainer
-    from fastlocal.methods import build_method
+    from fastlocal.learner import LocalLearner
     from fastlocal.models import build_backbone
     from fastlocal.models.cifar_resnet import use_fused_batch_norm, use_triton_conv
-    from fastlocal.split import describe_split, split_backbone
+    from fastlocal.split import describe_split
 
     device = resolve_device(cfg.system.device)
     if cfg.system.num_threads:
@@ -92,8 +92,8 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
                       progress=cfg.log.progress)
     backbone = build_backbone(cfg.model.arch, data.info.num_classes, data.info.image_size,
                               cfg.model.zero_init_residual)
-    modules = split_backbone(backbone, cfg.method.num_modules, cfg.method.stem_separate, cfg.method.split)
-    method = build_method(cfg, backbone, modules)
+    learner = LocalLearner.from_config(cfg, backbone, data.info.mean, data.info.std)  # the Python API's learner
+    modules, method = learner.local_modules, learner.method
     method.kernels = resolve_kernels(cfg.system.kernels, device)
     if cfg.system.fused_batch_norm == "true":
         enable_on_blocks("system.fused_batch_norm", use_fused_batch_norm, backbone, method, method.kernels,

@@ -88,19 +88,19 @@ class MLAAN(LocalMethod):
                                cfg.method.stem_separate)
         self.leap_parts = leaps
 
-        def objective(channels: int, i: int):
-            return build_objective(cfg, opts.base, channels, i, num_modules, backbone.num_classes,
-                                   final_channels, backbone.input_size)
+        def objective(info, i: int):  # the base objective on features described by PartInfo `info`
+            return build_objective(cfg, opts.base, info.out_channels, i, num_modules, backbone.num_classes,
+                                   final_channels, backbone.input_size, info.out_size if info.tokens else 0)
 
         own, lams, cascaded, untrained = {}, {}, {}, []
         for i in self.head_modules:
-            channels = self.module_out_info(i).out_channels
-            own[str(i)] = objective(channels, i)
+            info = self.module_out_info(i)
+            own[str(i)] = objective(info, i)
             if opts.lam:
                 blocks = [backbone.parts[p] for p in leaps[i]]
                 lams[str(i)] = LeapAugmentedModule(blocks, opts.lam_mode == "literal", opts.fuse_pair)
-                channels = backbone.part_info[leaps[i][-1]].out_channels
-            cascaded[str(i)] = objective(channels, i)
+                info = backbone.part_info[leaps[i][-1]]
+            cascaded[str(i)] = objective(info, i)
             if own[str(i)] is None:  # an InfoPro weight pair of 0 zeroes both terms of this module
                 untrained.append(i)
         warn_untrained(untrained, f"infopro.weights = {cfg.infopro.weights}")
