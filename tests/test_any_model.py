@@ -298,3 +298,28 @@ def test_own_model_example_trains(tmp_path):
     assert len(lines) == 3
     accuracy = float(lines[-1].rsplit(" ", 1)[1].rstrip("%"))
     assert accuracy > 20.0  # 10 classes: chance is 10%
+
+
+@pytest.mark.parametrize("arch", ["torchvision:mobilenet_v3_small", "test_any_model:tiny_backbone_factory"])
+def test_cli_trains_a_library_model_and_a_factory(arch, tmp_path, capsys):
+    import json
+
+    from fastlocal.train import main
+
+    args = ["--data.source=bundled", "--data.max_train=40", "--data.max_test=20", f"--model.arch={arch}",
+            "--method.name=mlaan", "--method.num_modules=2", "--train.epochs=1", "--train.batch_size=20",
+            "--log.progress=false", "--system.num_threads=1", "--out", str(tmp_path / "run")]
+    code = main(args)
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["arch"] == arch and summary["num_modules"] == 2
+
+
+def test_cli_reports_a_bad_model_without_a_traceback(tmp_path, capsys):
+    from fastlocal.train import main
+
+    code = main(["--data.source=bundled", "--data.max_train=40", "--data.max_test=20",
+                 "--model.arch=torchvision:squeezenet1_0", "--log.progress=false", "--out", str(tmp_path / "run")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "SqueezeNet cannot be cut" in err and "Traceback" not in err
