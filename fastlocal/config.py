@@ -70,7 +70,7 @@ class ModelConfig:
     arch: str = "resnet20"
     """resnet20/32/44/56/110 (32x32 inputs), resnet18/34/50/101/152 (ImageNet-style), torchvision:<name> (a
     torchvision classification model cut into stem + blocks + head, randomly initialised: ResNet, Wide-ResNet,
-    ResNeXt, VGG-BN, ConvNeXt, MobileNet, EfficientNet, ViT; docs/any_model.md), or package.module:factory (a
+    ResNeXt, VGG-BN, ConvNeXt, MobileNetV3, EfficientNet, ViT; docs/any_model.md), or package.module:factory (a
     function of num_classes and input_size returning a fastlocal.Backbone or such a model)."""
     zero_init_residual: bool = False
     """Zero-initialise the last BN of every residual branch (ImageNet ResNets)."""

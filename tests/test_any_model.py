@@ -59,6 +59,7 @@ FAMILIES = {
     "vgg11_bn": lambda: torchvision_model("vgg11_bn"),
     "convnext": tiny_convnext,
     "mobilenet_v3_small": lambda: torchvision_model("mobilenet_v3_small"),
+    "efficientnet_b0": lambda: torchvision_model("efficientnet_b0"),
     "vit": tiny_vit,
 }
 TRAINED = ["resnet18", "resnext", "vgg11_bn", "convnext", "mobilenet_v3_small", "vit"]

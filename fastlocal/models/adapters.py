@@ -4,7 +4,7 @@
 
 - ResNet, Wide-ResNet, ResNeXt (torchvision ``ResNet``): stem = conv1/bn1/relu/maxpool, a block per
   residual block of layer1..layer4, head = GAP + fc;
-- ``features`` + ``avgpool`` + ``classifier`` (VGG, ConvNeXt, MobileNetV2/V3, EfficientNet): stem =
+- ``features`` + ``avgpool`` + ``classifier`` (VGG-BN, ConvNeXt, MobileNetV3, EfficientNet): stem =
   the first layer(s) of ``features``, a block per residual/inverted-residual block (VGG: per conv-BN-ReLU,
   with the max-pool after it), head = the model's own pooling and classifier;
 - VisionTransformer: stem = patch projection + class token + position embedding, a block per encoder
@@ -31,7 +31,7 @@ LAYOUTS = {
     "ResNet (torchvision ResNet, Wide-ResNet, ResNeXt)": ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2",
                                                           "layer3", "layer4", "fc"),
     "VisionTransformer": ("conv_proj", "class_token", "encoder", "heads"),
-    "features + avgpool + classifier (VGG, ConvNeXt, MobileNet, EfficientNet)": ("features", "avgpool",
+    "features + avgpool + classifier (VGG-BN, ConvNeXt, MobileNetV3, EfficientNet)": ("features", "avgpool",
                                                                                  "classifier"),
 }
 
