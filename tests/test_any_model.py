@@ -281,12 +281,13 @@ def test_local_methods_save_activation_memory_at_native_input_sizes():
         backbone = fastlocal.build_backbone(arch, 10, 224)
         x, y = torch.randn(n, 3, 224, 224), torch.randint(0, 10, (n,))
         peak = {}
-        for method, k in (("bp", 1), ("dgl", 4), ("mlaan", 4)):
-            peak[method] = step_saved_bytes(fastlocal.LocalLearner(backbone, method, k), x, y)
+        for method, k, options in (("bp", 1, {}), ("dgl", 4, {"split": "balanced"}), ("mlaan", 4, {})):
+            peak[method] = step_saved_bytes(fastlocal.LocalLearner(backbone, method, k, **options), x, y)
             for p in backbone.parameters():
                 p.grad = None
-        # K=4 holds one module's activations (DGL) or two (MLAAN's window 2) instead of all of them.
-        assert peak["dgl"] < 0.6 * peak["bp"], (arch, peak)
+        # DGL K=4 with balanced modules holds about a quarter of the activations (one module's, plus its head's)
+        # instead of all of them; MLAAN's window 2 holds two modules' graphs plus the LAM's copies.
+        assert peak["dgl"] < 0.5 * peak["bp"], (arch, peak)
         assert peak["mlaan"] < peak["bp"], (arch, peak)
 
 
