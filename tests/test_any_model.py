@@ -1,6 +1,7 @@
 """Any model: the LocalLearner API, the torchvision adapters, model.arch factories, token features."""
 
 import functools
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -174,8 +175,6 @@ def test_balanced_split_balances_the_measured_memory():
         balanced, uniform = split_parts(backbone, k, strategy="balanced"), split_parts(backbone, k)
         assert largest_module(balanced) <= largest_module(uniform)
         # No contiguous split into k groups has a smaller largest group (brute force over the cut points).
-        import itertools
-
         best = min(max(sum(items[a:b]) for a, b in zip((0, *cuts), (*cuts, len(items))))
                    for cuts in itertools.combinations(range(1, len(items)), k - 1))
         assert largest_module(balanced) == best
