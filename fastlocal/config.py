@@ -72,7 +72,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet20"
-    """resnet20/32/44/56/110 (32x32 inputs) or resnet18/34/50/101/152 (ImageNet-style)."""
+    """resnet20/32/44/56/110 (32x32 inputs), resnet18/34/50/101/152 (ImageNet-style), torchvision:<name> (a
+    torchvision classification model cut into stem + blocks + head, randomly initialised: ResNet, Wide-ResNet,
+    ResNeXt, VGG-BN, ConvNeXt, MobileNetV3, EfficientNet, ViT; docs/any_model.md), or package.module:factory (a
+    function of num_classes and input_size returning a fastlocal.Backbone or such a model)."""
     zero_init_residual: bool = False
     """Zero-initialise the last BN of every residual branch (ImageNet ResNets)."""
 
@@ -250,7 +253,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_image": ("error", "skip"),
     "data.loader": ("auto", "device", "torch", "dali"),
     "data.dali_decoder": ("auto", "mixed", "cpu"),
-    "model.arch": CIFAR_ARCHS + IMAGENET_ARCHS,
     "method.split": ("uniform", "balanced", "reference"),
     "method.head": ("auto", "0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"),
     "infopro.label_loss": ("ce", "supcon"),
@@ -415,6 +417,11 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
     if cfg.system.num_threads > cpus:
         raise ConfigError(f"system.num_threads = {cfg.system.num_threads} is more than this machine's {cpus} CPUs; "
                           f"use 0 (torch's default) or a number from 1 to {cpus}")
+    arch_prefix, colon, arch_name = cfg.model.arch.partition(":")
+    if cfg.model.arch not in CIFAR_ARCHS + IMAGENET_ARCHS and not (colon and arch_prefix and arch_name):
+        raise ConfigError(f"model.arch = {cfg.model.arch!r} is not valid; choose one of: "
+                          f"{', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}, or torchvision:<name> (e.g. "
+                          "torchvision:vgg11_bn), or package.module:factory")
     if cfg.data.source == "imagefolder" and not cfg.data.root:
         raise ConfigError(
             "data.source = imagefolder needs data.root: a folder or .tar/.tar.gz archive holding "

@@ -119,3 +119,10 @@ def cuda_peak(device: torch.device) -> dict:
 def parameter_storages(*modules: torch.nn.Module) -> list[torch.Tensor]:
     """Parameters and buffers: persistent tensors the saved-tensor accounting should not count."""
     return [t for m in modules for t in (*m.parameters(), *m.buffers())]
+
+
+def step_saved_bytes(learner, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Peak bytes saved for backward during one `LocalLearner.step` (its gradients are left in `.grad`)."""
+    with SavedTensorAccountant(ignore=parameter_storages(learner)) as acct:
+        learner.step(x, y)
+    return acct.peak_bytes

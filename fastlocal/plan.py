@@ -29,16 +29,14 @@ SOURCE_SHAPES: dict[str, tuple[int, int]] = {
 }
 
 
-def build_model(cfg: Config, num_classes: int, image_size: int):
-    """(backbone, local modules, method) of a run with `cfg` on images of `image_size` pixels."""
-    from fastlocal.methods import build_method
+def build_model(cfg: Config, num_classes: int, image_size: int, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+    """The `fastlocal.LocalLearner` (backbone, local modules, method) of a run with `cfg` on images of
+    `image_size` pixels normalised with `mean`/`std`: the Python API's learner is what the CLI trains."""
+    from fastlocal.learner import LocalLearner
     from fastlocal.models import build_backbone
-    from fastlocal.split import split_backbone
 
     backbone = build_backbone(cfg.model.arch, num_classes, image_size, cfg.model.zero_init_residual)
-    modules = split_backbone(backbone, cfg.method.num_modules, cfg.method.stem_separate, cfg.method.split,
-                             cfg.model.arch)
-    return backbone, modules, build_method(cfg, backbone, modules)
+    return LocalLearner.from_config(cfg, backbone, mean, std)
 
 
 def describe_leaps(cfg: Config, source: str) -> str:
@@ -79,7 +77,8 @@ def plan(cfg: Config, num_classes: int, image_size: int) -> dict:
     """What a run with `cfg` builds: the modules' part names, the LAM leap lists by module, where they
     came from, and the trainable and frozen parameter counts (backbone, heads, LAM copies)."""
     torch.manual_seed(cfg.system.seed)
-    backbone, modules, method = build_model(cfg, num_classes, image_size)
+    learner = build_model(cfg, num_classes, image_size)
+    backbone, modules, method = learner.backbone, learner.local_modules, learner.method
     names = [info.name for info in backbone.part_info]
     params = [*backbone.parameters(), *method.parameters()]
     return {

@@ -88,7 +88,8 @@ def part_saved_bytes(backbone: Backbone, batch_size: int = 2) -> list[int]:
     """Bytes each part saves for backward on a small batch (the activation memory a module holds)."""
     from fastlocal.measure import SavedTensorAccountant
 
-    x = torch.zeros(batch_size, 3, backbone.input_size, backbone.input_size)
+    device = next((p.device for p in backbone.parameters()), torch.device("cpu"))
+    x = torch.zeros(batch_size, 3, backbone.input_size, backbone.input_size, device=device)
     costs = []
     was_training = backbone.training
     backbone.train()

@@ -98,7 +98,8 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
     data = build_data(cfg.data, batch_size=batch_size, eval_batch_size=cfg.train.eval_batch_size,
                       device=device, seed=cfg.system.seed, drop_last=cfg.train.drop_last,
                       progress=cfg.log.progress and rank == 0, rank=rank, world_size=world_size)
-    backbone, modules, method = build_model(cfg, data.info.num_classes, data.info.image_size)
+    learner = build_model(cfg, data.info.num_classes, data.info.image_size, data.info.mean, data.info.std)
+    backbone, modules, method = learner.backbone, learner.local_modules, learner.method
     method.kernels = resolve_kernels(cfg.system.kernels, device)
     if cfg.system.fused_batch_norm == "true":
         enable_on_blocks("system.fused_batch_norm", use_fused_batch_norm, backbone, method, method.kernels,

@@ -21,6 +21,20 @@ def build(method: str, arch: str, k: int, overrides=(), dtype=torch.float64, see
     return cfg, backbone, modules, built
 
 
+class LossScaler:
+    """Wraps a method, multiplying module i's loss by scale[i] (a probe for what each loss reaches)."""
+
+    def __init__(self, method, scales):
+        self.method, self.scales, self.window = method, scales, method.window
+
+    def module_loss(self, i, own, cascade, batch):
+        loss = self.method.module_loss(i, own, cascade, batch)
+        return None if loss is None else loss * self.scales[i]
+
+    def before_optimizer_step(self):
+        pass
+
+
 def short_mlaan_run(device, overrides=(), prepare=None, steps: int = 3):
     """Losses of `steps` SGD steps of MLAAN resnet20 K=3 (16x16 random batches of 6, fixed seeds) on
     `device`, and the method; `prepare(backbone, method)` runs after the move to the device."""

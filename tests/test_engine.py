@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from builders import build
+from builders import LossScaler, build
 
 from fastlocal.config import build_config
 from fastlocal.engine import build_optimizer, learning_rate, local_train_step
@@ -27,20 +27,6 @@ def batch(n=6, dtype=torch.float64, seed=1):
 
 def all_params(backbone, method):
     return [*backbone.parameters(), *method.parameters()]
-
-
-class LossScaler:
-    """Wraps a method, multiplying module i's loss by scale[i] (a probe for what each loss reaches)."""
-
-    def __init__(self, method, scales):
-        self.method, self.scales, self.window = method, scales, method.window
-
-    def module_loss(self, i, own, cascade, batch):
-        loss = self.method.module_loss(i, own, cascade, batch)
-        return loss * self.scales[i]
-
-    def before_optimizer_step(self):
-        pass
 
 
 @pytest.mark.parametrize("k", [2, 4, 9])

@@ -18,7 +18,8 @@ class GreedyLocal(LocalMethod):
         final_channels = backbone.part_info[-1].out_channels
         objectives = [
             build_objective(cfg, self.base, self.module_out_info(i).out_channels, i, self.num_modules,
-                            backbone.num_classes, final_channels, backbone.input_size)
+                            backbone.num_classes, final_channels, backbone.input_size,
+                            num_tokens=self.module_out_info(i).out_size if self.module_out_info(i).tokens else 0)
             for i in range(self.num_modules - 1)
         ]
         warn_untrained([i for i, o in enumerate(objectives) if o is None],

@@ -64,14 +64,13 @@ REFERENCE_LEAPS: dict[tuple[str, int], dict[int, list[Block]]] = {
 assert set(REFERENCE_LEAPS) <= set(REFERENCE_SPLITS)
 
 
-def _shape_in(backbone: Backbone, part: int) -> tuple[int, int]:
-    info = backbone.part_info[part - 1]
-    return info.out_channels, info.out_size
+def _shape_in(backbone: Backbone, part: int) -> tuple[int, ...]:
+    """The feature shape (without batch) a part receives: (C, H, W) or, for tokens, (N, D)."""
+    return backbone.part_info[part - 1].shape
 
 
-def _shape_out(backbone: Backbone, part: int) -> tuple[int, int]:
-    info = backbone.part_info[part]
-    return info.out_channels, info.out_size
+def _shape_out(backbone: Backbone, part: int) -> tuple[int, ...]:
+    return backbone.part_info[part].shape
 
 
 def check_leaps(backbone: Backbone, module_last_part: int, leap_parts: list[int]) -> None:
@@ -85,7 +84,7 @@ def check_leaps(backbone: Backbone, module_last_part: int, leap_parts: list[int]
             raise ConfigError(f"leap list {leap_parts} names the stem; a leap list holds blocks only")
         if _shape_in(backbone, part) != shape:
             name = backbone.part_info[part].name
-            raise ConfigError(f"leap block {name} expects input (channels, size) {_shape_in(backbone, part)} "
+            raise ConfigError(f"leap block {name} expects input of shape {_shape_in(backbone, part)} "
                               f"but receives {shape}")
         shape = _shape_out(backbone, part)
 

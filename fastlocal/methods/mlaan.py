@@ -87,9 +87,9 @@ class MLAAN(LocalMethod):
         self.head_modules = list(range(opts.window - 1, num_modules - 1))
         module_parts = [m.part_ids for m in modules]
 
-        def objective(channels: int, i: int):
-            return build_objective(cfg, opts.base, channels, i, num_modules, backbone.num_classes,
-                                   final_channels, backbone.input_size)
+        def objective(info, i: int):  # the base objective on features described by PartInfo `info`
+            return build_objective(cfg, opts.base, info.out_channels, i, num_modules, backbone.num_classes,
+                                   final_channels, backbone.input_size, info.out_size if info.tokens else 0)
 
         # A module whose base objective has only zero weights (InfoPro) has no loss: no heads, no LAM.
         self.loss_modules = [i for i in self.head_modules if not objective_is_zero(cfg, opts.base, i, num_modules)]
@@ -103,13 +103,13 @@ class MLAAN(LocalMethod):
         self.leap_parts = leaps
         own, lams, cascaded = {}, {}, {}
         for i in self.loss_modules:
-            channels = self.module_out_info(i).out_channels
-            own[str(i)] = objective(channels, i)
+            info = self.module_out_info(i)
+            own[str(i)] = objective(info, i)
             if opts.lam:
                 blocks = [backbone.parts[p] for p in leaps[i]]
                 lams[str(i)] = LeapAugmentedModule(blocks, opts.lam_mode == "literal", opts.fuse_pair)
-                channels = backbone.part_info[leaps[i][-1]].out_channels
-            cascaded[str(i)] = objective(channels, i)
+                info = backbone.part_info[leaps[i][-1]]
+            cascaded[str(i)] = objective(info, i)
         self.own_objectives = nn.ModuleDict(own)
         self.cascaded_objectives = nn.ModuleDict(cascaded)
         self.lams = nn.ModuleDict(lams)

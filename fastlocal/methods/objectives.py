@@ -7,13 +7,14 @@ base per module, one on the module's output and one on the LAM's output.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlocal.config import Config
+from fastlocal.config import Config, ConfigError
 from fastlocal.heads import build_head, classification_loss
 from fastlocal.methods.base import Batch
 
@@ -38,22 +39,45 @@ class ClassifierObjective(nn.Module):
         return classification_loss(self.head, features, batch.y, kernels)
 
 
+MAX_SPECIAL_TOKENS = 4
+"""Leading tokens that are not patches (a class token, distillation or register tokens) a decoder skips."""
+
+
+def patch_grid(num_tokens: int) -> tuple[int, int]:
+    """(grid side g, leading special tokens) of a token sequence whose last g*g tokens are square patches."""
+    side = math.isqrt(num_tokens)
+    special = num_tokens - side * side
+    if side == 0 or special > MAX_SPECIAL_TOKENS:
+        raise ConfigError(
+            f"InfoPro's decoder reconstructs the image from a feature map or a square grid of patch tokens, but "
+            f"these features are a sequence of {num_tokens} tokens, which is neither a square grid nor one after at "
+            f"most {MAX_SPECIAL_TOKENS} leading class tokens; use method.name=dgl (or mlaan.base=dgl), or "
+            "infopro.weights with zero reconstruction weights [0, l2, 0, l2]")
+    return side, special
+
+
 class Decoder(nn.Module):
     """InfoPro's reconstruction decoder: upsample to the input size, conv-BN-ReLU, conv -> 3 logits.
 
-    Returns logits; the loss applies the sigmoid (BCE with logits is the stable form of
+    Token features (B, N, D) are first laid out as the (B, D, g, g) grid of their patches (leading class
+    tokens dropped). Returns logits; the loss applies the sigmoid (BCE with logits is the stable form of
     BCE(sigmoid(z)), equal to it wherever the latter is finite)."""
 
-    def __init__(self, in_channels: int, image_size: int, widen: int = 1):
+    def __init__(self, in_channels: int, image_size: int, widen: int = 1, num_tokens: int = 0):
         super().__init__()
         hidden = 12 * widen
         self.image_size = image_size
+        # (grid side, special tokens) for token inputs, checked at build time so a bad shape fails early.
+        self.grid = patch_grid(num_tokens) if num_tokens else None
         self.conv1 = nn.Conv2d(in_channels, hidden, 3, padding=1)
         self.bn = nn.BatchNorm2d(hidden)
         self.conv2 = nn.Conv2d(hidden, 3, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.image_size:
+        if self.grid is not None:
+            side, special = self.grid
+            x = x[:, special:].transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=True)
         return self.conv2(F.relu(self.bn(self.conv1(x))))
 
@@ -80,16 +104,18 @@ class InfoProObjective(nn.Module):
     """l1 * BCE(decoder(h), x01) + l2 * label loss; a part whose weight is 0 is not built."""
 
     def __init__(self, cfg: Config, in_channels: int, image_size: int, num_classes: int, final_channels: int,
-                 recon_weight: float, label_weight: float):
+                 recon_weight: float, label_weight: float, num_tokens: int = 0):
         super().__init__()
         self.recon_weight, self.label_weight = recon_weight, label_weight
         self.label_loss = cfg.infopro.label_loss
-        self.decoder = Decoder(in_channels, image_size, cfg.infopro.decoder_widen) if recon_weight else None
+        self.decoder = None
+        if recon_weight:
+            self.decoder = Decoder(in_channels, image_size, cfg.infopro.decoder_widen, num_tokens)
         self.head = None
         if label_weight:
             outputs = SUPCON_FEATURES if self.label_loss == "supcon" else num_classes
             self.head = build_head(head_type(cfg), in_channels, outputs, final_channels, cfg.method.head_hidden,
-                                   cfg.method.head_widen)
+                                   cfg.method.head_widen, tokens=num_tokens > 0)
 
     def forward(self, features: torch.Tensor, batch: Batch, kernels: str = "reference") -> torch.Tensor:
         loss = features.new_zeros(())
@@ -118,17 +144,17 @@ def objective_is_zero(cfg: Config, base: str, module_index: int, num_modules: in
 
 
 def build_objective(cfg: Config, base: str, in_channels: int, module_index: int, num_modules: int,
-                    num_classes: int, final_channels: int, image_size: int) -> nn.Module | None:
-    """The base method's local objective on a feature map with `in_channels` channels (None when all
-    its weights are 0)."""
+                    num_classes: int, final_channels: int, image_size: int, num_tokens: int = 0) -> nn.Module | None:
+    """The base method's local objective on a feature map with `in_channels` channels, or on a sequence of
+    `num_tokens` tokens of width `in_channels` (None when all its weights are 0)."""
     if base == "dgl":
         head = build_head(head_type(cfg), in_channels, num_classes, final_channels, cfg.method.head_hidden,
-                          cfg.method.head_widen)
+                          cfg.method.head_widen, tokens=num_tokens > 0)
         return ClassifierObjective(head)
     if objective_is_zero(cfg, base, module_index, num_modules):
         return None
     l1, l2 = infopro_weights(cfg.infopro.weights, module_index, num_modules)
-    return InfoProObjective(cfg, in_channels, image_size, num_classes, final_channels, l1, l2)
+    return InfoProObjective(cfg, in_channels, image_size, num_classes, final_channels, l1, l2, num_tokens)
 
 
 def warn_untrained(untrained: list[int], setting: str) -> None:
