@@ -204,10 +204,10 @@ def tiny_backbone_factory(num_classes: int, input_size: int) -> fastlocal.Backbo
 
 def test_model_arch_takes_torchvision_names_and_factories():
     for arch in ("torchvision:mobilenet_v3_small", "test_any_model:tiny_backbone_factory"):
-        cfg = build_config(None, [f"model.arch={arch}", "method.num_modules=2"], METHODS)
+        cfg = build_config(None, [f"model.arch={arch}", "method.num_modules=3"], METHODS)
         backbone = fastlocal.build_backbone(cfg.model.arch, 10, SIZE)
         learner = fastlocal.LocalLearner.from_config(cfg, backbone, MEAN, STD)
-        assert learner.num_modules == 2 and backbone.num_classes == 10
+        assert learner.num_modules == 3 and backbone.num_classes == 10
     vit = fastlocal.build_backbone("torchvision:vit_b_16", 10, SIZE)  # image_size follows the input size
     assert vit.part_info[0].shape == (1 + 4, 768)
 
@@ -308,13 +308,13 @@ def test_cli_trains_a_library_model_and_a_factory(arch, tmp_path, capsys):
     from fastlocal.train import main
 
     args = ["--data.source=bundled", "--data.max_train=40", "--data.max_test=20", f"--model.arch={arch}",
-            "--method.name=mlaan", "--method.num_modules=2", "--train.epochs=1", "--train.batch_size=20",
+            "--method.name=mlaan", "--method.num_modules=3", "--train.epochs=1", "--train.batch_size=20",
             "--log.progress=false", "--system.num_threads=1", "--out", str(tmp_path / "run")]
     code = main(args)
     _, err = capsys.readouterr()
     assert code == 0, err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["arch"] == arch and summary["num_modules"] == 2
+    assert summary["arch"] == arch and summary["num_modules"] == 3
 
 
 def test_cli_reports_a_bad_model_without_a_traceback(tmp_path, capsys):
