@@ -27,12 +27,14 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
-    """Linear-kernel Gram matrix (b, b), float64, of features (b, ...) flattened per example.
+    """Linear-kernel Gram matrix (b, b), float64, of features (b, ...) flattened per example (products in
+    float32, or float64 for float64 features).
 
     The features are centred over the batch first: the unbiased HSIC does not change (it is invariant to
     adding a constant vector to every example), but the float32 product loses far less to cancellation on
     post-ReLU activations, whose mean is large."""
-    flat = features.flatten(1).float()
+    flat = features.flatten(1)
+    flat = flat if flat.dtype == torch.float64 else flat.float()  # bf16 activations: products in float32
     flat = flat - flat.mean(0)
     return (flat @ flat.T).double()
 
