@@ -194,7 +194,8 @@ def analyze(runs: list[LoadedRun], reference: LoadedRun | None, *, test_images: 
                 and torch.equal(run.data.test.labels[test_index], test_split.labels[test_index])):
             raise UserError(f"{run.path} and {models[0].path} were trained on different test images (check "
                             "data.source, data.root, data.max_test); analyse them separately")
-    map_index = test_index[:map_images]
+    # Evenly spaced over the test subset: a class-sorted split still shows several classes.
+    map_index = test_index[torch.linspace(0, len(test_index) - 1, min(map_images, len(test_index))).long()]
 
     pooled = {id(run): {"train": [[] for _ in range(num_parts)], "test": [[] for _ in range(num_parts)]}
               for run in models}
@@ -208,15 +209,13 @@ def analyze(runs: list[LoadedRun], reference: LoadedRun | None, *, test_images: 
     train_batches = [train_index[i:i + batch_size] for i in range(0, len(train_index), batch_size)]
     bar = tqdm(total=(len(test_batches) + len(train_batches)) * len(models), desc="features", unit="batch",
                disable=not progress)
-    for batch_number, index in enumerate(test_batches):
+    for index in test_batches:
         grams = {}
         for run in models:
             x = run.data.test.normalize(run.data.test.images[index])
             run_grams = []
             for p, out in enumerate(part_outputs(run.backbone, x)):
                 pooled[id(run)]["test"][p].append(out.mean((2, 3)))
-                if batch_number == 0 and map_images:
-                    maps[id(run)][p] = out[:map_images].mean(1).cpu()
                 if cka:
                     run_grams.append(gram_matrix(out if cka_features == "flat" else out.mean((2, 3))))
             if cka:
@@ -224,6 +223,10 @@ def analyze(runs: list[LoadedRun], reference: LoadedRun | None, *, test_images: 
             bar.update(1)
         for key, accumulator in cka.items():
             accumulator.update(grams[key], grams[id(reference)])
+    if map_images:
+        for run in models:
+            x = run.data.test.normalize(run.data.test.images[map_index])
+            maps[id(run)] = [out.mean(1).cpu() for out in part_outputs(run.backbone, x)]
     for index in train_batches:
         for run in models:
             x = run.data.train.normalize(run.data.train.images[index])
@@ -271,7 +274,7 @@ def analyze(runs: list[LoadedRun], reference: LoadedRun | None, *, test_images: 
         "settings": {
             "test_images": len(test_index), "train_images": len(train_index), "batch_size": batch_size,
             "cka_features": cka_features, "cka_batches": len(test_batches),
-            "map_images": test_index[:map_images].tolist(), "device": str(device),
+            "map_images": map_index.tolist(), "device": str(device),
             "reference": str(reference.path) if reference is not None else None,
             "dataset": models[0].data.info.name,
         },

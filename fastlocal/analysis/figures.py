@@ -56,8 +56,8 @@ def cka_figure(result: dict, path: Path) -> str:
     parts = result["parts"]
     compared = [run for run in result["runs"] if "cka_with_reference" in run]
     reference = next(run for run in result["runs"] if run["is_reference"])
-    fig, axes = plt.subplots(1, len(compared) + 1, figsize=(3.6 * len(compared) + 5, 4),
-                             gridspec_kw={"width_ratios": [1] * len(compared) + [1.4]})
+    fig, axes = plt.subplots(1, len(compared) + 1, figsize=(4.2 * len(compared) + 5, 4.2), layout="constrained",
+                             gridspec_kw={"width_ratios": [1] * len(compared) + [1.3]})
     ticks = np.arange(len(parts))
     image = None
     for ax, run in zip(axes, compared):
@@ -73,7 +73,7 @@ def cka_figure(result: dict, path: Path) -> str:
         ax.set_ylabel(f"{run['label']} part", fontsize=8)
         ax.set_title(run_title(run), fontsize=8)
     if image is not None:
-        fig.colorbar(image, ax=axes[:-1], fraction=0.03, label="linear CKA")
+        fig.colorbar(image, ax=axes[len(compared) - 1], fraction=0.05, label="linear CKA")
     ax = axes[-1]
     for run in compared:
         diagonal = np.array(run["cka_with_reference"]["diagonal"])
@@ -88,7 +88,7 @@ def cka_figure(result: dict, path: Path) -> str:
                  f"{result['settings']['test_images']} test images)", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path.name
 
