@@ -130,24 +130,24 @@ def test_cka_on_cuda_matches_cpu():
         minibatch_cka(x.float(), y.float(), 128), abs=1e-5)
 
 
-def separable_features(n, num_classes=10, dim=24, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    centers = 6 * torch.randn(num_classes, dim, generator=generator)
+def separable_features(n, seed, num_classes=10, dim=24):
+    """Gaussian clusters around 10 fixed, well separated centres; `seed` draws the noise only, so two seeds
+    are a training and a test sample of one distribution."""
+    centers = 6 * torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(n) % num_classes
-    return centers[labels] + torch.randn(n, dim, generator=generator), labels
+    return centers[labels] + torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), labels
 
 
 def test_probe_separates_linearly_separable_features():
     train_x, train_y = separable_features(1000, seed=1)
-    test_x, test_y = separable_features(1000, seed=1)
-    test_x = test_x + 0.1 * torch.randn(test_x.shape, generator=torch.Generator().manual_seed(2))
+    test_x, test_y = separable_features(1000, seed=2)
     result = linear_probe(train_x * 50 + 1000, train_y, test_x * 50 + 1000, test_y, 10)  # badly scaled
     assert result.train_acc >= 99 and result.test_acc >= 99
 
 
 def test_probe_is_at_chance_on_shuffled_labels():
     train_x, train_y = separable_features(1000, seed=1)
-    test_x, test_y = separable_features(2000, seed=1)
+    test_x, test_y = separable_features(2000, seed=2)
     generator = torch.Generator().manual_seed(3)
     shuffled_train = train_y[torch.randperm(len(train_y), generator=generator)]
     shuffled_test = test_y[torch.randperm(len(test_y), generator=generator)]
