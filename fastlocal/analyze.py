@@ -117,7 +117,7 @@ def load_run(run_dir: str | Path, device: torch.device, data_cache: dict) -> Loa
         raise UserError(f"{path} has no {CHECKPOINT_NAME}; the run has not finished an epoch yet (train it, or "
                         "pass another run directory)")
     cfg = build_config(path / "config.toml", [], METHODS)
-    key = json.dumps(to_dict(cfg.data), sort_keys=True) + str(cfg.system.seed)
+    key = json.dumps(to_dict(cfg.data), sort_keys=True)
     if key not in data_cache:
         data_cache[key] = build_data(cfg.data, batch_size=cfg.train.batch_size,
                                      eval_batch_size=cfg.train.eval_batch_size, device=device,
@@ -158,7 +158,7 @@ def fixed_subset(num_items: int, count: int, device: torch.device) -> torch.Tens
     return torch.randperm(num_items, generator=generator)[:count].sort().values.to(device)
 
 
-def unique_labels(runs: list[LoadedRun]) -> None:
+def disambiguate_labels(runs: list[LoadedRun]) -> None:
     names = [run.label for run in runs]
     for run in runs:
         if names.count(run.label) > 1:
@@ -189,11 +189,13 @@ def analyze(runs: list[LoadedRun], reference: LoadedRun | None, *, test_images: 
     train_index = fixed_subset(train_split.num_images, train_images, device)
     if test_index.numel() < 4:
         raise UserError(f"the test split has {test_split.num_images} images; the analysis needs at least 4")
-    for run in models[1:]:
-        if not (torch.equal(run.data.test.images[test_index], test_split.images[test_index])
-                and torch.equal(run.data.test.labels[test_index], test_split.labels[test_index])):
-            raise UserError(f"{run.path} and {models[0].path} were trained on different test images (check "
-                            "data.source, data.root, data.max_test); analyse them separately")
+    for run in models[1:]:  # every run is probed and compared on the same images
+        for name, split, index in (("test", "test", test_index), ("training", "train", train_index)):
+            mine, first = getattr(run.data, split), getattr(models[0].data, split)
+            if not (mine.num_images == first.num_images and torch.equal(mine.images[index], first.images[index])
+                    and torch.equal(mine.labels[index], first.labels[index])):
+                raise UserError(f"{run.path} and {models[0].path} have different {name} images (check data.source, "
+                                f"data.root, data.max_{split}); analyse them separately")
     # Evenly spaced over the test subset: a class-sorted split still shows several classes.
     map_index = test_index[torch.linspace(0, len(test_index) - 1, min(map_images, len(test_index))).long()]
 
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             reference = same[0] if same else load_run(args.reference, device, data_cache)
         models = runs + ([reference] if reference is not None and reference not in runs else [])
         check_same_backbone(models)
-        unique_labels(models)
+        disambiguate_labels(models)
         result = analyze(runs, reference, test_images=args.test_images, train_images=args.train_images,
                          batch_size=args.batch_size, cka_features=args.cka_features, map_images=args.map_images,
                          device=device, progress=not args.no_progress)

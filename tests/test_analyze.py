@@ -248,3 +248,10 @@ def test_out_is_a_file(tiny_runs, tmp_path, capsys):
 def test_bad_option_values(tiny_runs, tmp_path, capsys):
     expect_error([tiny_runs / "bp", "--out", tmp_path / "a", "--batch-size", "2"], capsys, "--batch-size")
     expect_error([tiny_runs / "bp", "--out", tmp_path / "a", "--test-images", "-1"], capsys, "--test-images")
+
+
+def test_runs_on_different_test_images(tiny_runs, tmp_path, capsys):
+    other = tmp_path / "fewer"
+    assert train_main([*TINY, "--data.max_test=40", "--method.name=bp", "--out", str(other)]) == 0
+    expect_error([tiny_runs / "dgl", "--reference", other, "--out", tmp_path / "a", *ANALYSIS], capsys,
+                 "different test images", "data.max_test")
