@@ -4,10 +4,12 @@ probe on synthetic features, and the CLI on tiny CPU runs."""
 import itertools
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
+import fastlocal.analysis.cka as cka_module
 from fastlocal.analysis.cka import MinibatchCKA, gram_matrix, linear_cka, minibatch_cka, unbiased_hsic
 from fastlocal.analysis.probe import linear_probe
 from fastlocal.analyze import main as analyze_main
@@ -200,16 +202,19 @@ def test_cli_writes_json_and_figures(tiny_runs, tmp_path, capsys):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 5000
 
 
-def test_a_run_against_itself_has_cka_one(tiny_runs, tmp_path):
+def test_a_run_against_itself_has_cka_one(tiny_runs, tmp_path, monkeypatch):
     out = tmp_path / "self"
-    import shutil
-
     shutil.copytree(tiny_runs / "dgl", tmp_path / "dgl_copy")
+    gram_sizes = []
+    original = cka_module.gram_matrix
+    monkeypatch.setattr(cka_module, "gram_matrix", lambda f: gram_sizes.append(f.shape[0]) or original(f))
     assert analyze_main([str(tmp_path / "dgl_copy"), "--reference", str(tiny_runs / "dgl"), "--out", str(out),
                          *ANALYSIS]) == 0
     document = json.loads((out / "analysis.json").read_text())
     run = next(r for r in document["runs"] if r["label"] == "dgl_copy")
     assert run["cka_with_reference"]["diagonal"] == pytest.approx([1.0] * 10, abs=1e-6)
+    # CKA memory: Gram matrices of one minibatch (--batch-size 16; 40 images = 16 + 16 + 8), never 40 x 40
+    assert sorted(set(gram_sizes)) == [8, 16] and len(gram_sizes) == 3 * 10 * 2
 
 
 def expect_error(args, capsys, *fragments):
