@@ -173,51 +173,62 @@ def part_outputs(backbone, x: torch.Tensor):
         yield x
 
 
-def analyze(runs: list[LoadedRun], reference: LoadedRun | None, *, test_images: int, train_images: int,
-            batch_size: int, cka_features: str, map_images: int, device: torch.device,
-            progress: bool = True) -> dict:
-    """Everything but the figures: per-run probe accuracies, CKA matrices and feature maps (tensors)."""
+def same_images(models: list[LoadedRun], test_index: torch.Tensor, train_index: torch.Tensor) -> None:
+    """Every run is probed and compared on the same images: stop if their data differ."""
+    first = models[0]
+    for run in models[1:]:
+        for name, split, index in (("test", "test", test_index), ("training", "train", train_index)):
+            mine, theirs = getattr(run.data, split), getattr(first.data, split)
+            if not (mine.num_images == theirs.num_images and torch.equal(mine.images[index], theirs.images[index])
+                    and torch.equal(mine.labels[index], theirs.labels[index])):
+                raise UserError(f"{run.path} and {first.path} have different {name} images (check data.source, "
+                                f"data.root, data.max_{split}); analyse them separately")
+
+
+def minibatches(index: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Consecutive slices of `index`; a last slice of fewer than 4 joins the one before (the unbiased HSIC
+    needs 4 images per minibatch)."""
+    batches = [index[i:i + batch_size] for i in range(0, len(index), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < 4:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
+@dataclass
+class Features:
+    """What one pass of a run's model leaves: pooled part outputs (for the probes), feature maps."""
+
+    train: list[list[torch.Tensor]]
+    """Per part, the (B, C) spatial means of each training minibatch."""
+    test: list[list[torch.Tensor]]
+    maps: list[torch.Tensor] | None = None
+    """Per part, the channel means (M, H, W) of the feature-map images, on the CPU."""
+
+
+def extract(models: list[LoadedRun], reference: LoadedRun | None, test_index: torch.Tensor,
+            train_index: torch.Tensor, map_index: torch.Tensor, batch_size: int, cka_features: str,
+            progress: bool) -> tuple[dict[int, Features], dict[int, object]]:
+    """One pass of every model over the images. Returns Features and, for each run other than the
+    reference (when there is one), its MinibatchCKA against the reference, both keyed by id(run)."""
     from tqdm.auto import tqdm
 
     from fastlocal.analysis.cka import MinibatchCKA, gram_matrix
-    from fastlocal.analysis.probe import linear_probe
 
-    models = runs + ([reference] if reference is not None and reference not in runs else [])
     num_parts = len(models[0].backbone.parts)
-    test_split, train_split = models[0].data.test, models[0].data.train
-    test_index = fixed_subset(test_split.num_images, test_images, device)
-    train_index = fixed_subset(train_split.num_images, train_images, device)
-    if test_index.numel() < 4:
-        raise UserError(f"the test split has {test_split.num_images} images; the analysis needs at least 4")
-    for run in models[1:]:  # every run is probed and compared on the same images
-        for name, split, index in (("test", "test", test_index), ("training", "train", train_index)):
-            mine, first = getattr(run.data, split), getattr(models[0].data, split)
-            if not (mine.num_images == first.num_images and torch.equal(mine.images[index], first.images[index])
-                    and torch.equal(mine.labels[index], first.labels[index])):
-                raise UserError(f"{run.path} and {models[0].path} have different {name} images (check data.source, "
-                                f"data.root, data.max_{split}); analyse them separately")
-    # Evenly spaced over the test subset: a class-sorted split still shows several classes.
-    map_index = test_index[torch.linspace(0, len(test_index) - 1, min(map_images, len(test_index))).long()]
-
-    pooled = {id(run): {"train": [[] for _ in range(num_parts)], "test": [[] for _ in range(num_parts)]}
-              for run in models}
-    maps = {id(run): [None] * num_parts for run in models}
-    cka = {id(run): MinibatchCKA(num_parts, num_parts, device) for run in runs if reference is not None
-           and run is not reference}
-    test_batches = [test_index[i:i + batch_size] for i in range(0, len(test_index), batch_size)]
-    if len(test_batches) > 1 and len(test_batches[-1]) < 4:  # the unbiased HSIC needs 4 images
-        test_batches[-2] = torch.cat(test_batches[-2:])
-        test_batches.pop()
-    train_batches = [train_index[i:i + batch_size] for i in range(0, len(train_index), batch_size)]
+    device = test_index.device
+    features = {id(run): Features([[] for _ in range(num_parts)], [[] for _ in range(num_parts)]) for run in models}
+    cka = {id(run): MinibatchCKA(num_parts, num_parts, device) for run in models
+           if reference is not None and run is not reference}
+    test_batches, train_batches = minibatches(test_index, batch_size), minibatches(train_index, batch_size)
     bar = tqdm(total=(len(test_batches) + len(train_batches)) * len(models), desc="features", unit="batch",
                disable=not progress)
     for index in test_batches:
-        grams = {}
+        grams = {}  # the Gram matrices of this minibatch only: CKA memory is bounded by the minibatch size
         for run in models:
             x = run.data.test.normalize(run.data.test.images[index])
             run_grams = []
             for p, out in enumerate(part_outputs(run.backbone, x)):
-                pooled[id(run)]["test"][p].append(out.mean((2, 3)))
+                features[id(run)].test[p].append(out.mean((2, 3)))
                 if cka:
                     run_grams.append(gram_matrix(out if cka_features == "flat" else out.mean((2, 3))))
             if cka:
@@ -225,27 +236,50 @@ def analyze(runs: list[LoadedRun], reference: LoadedRun | None, *, test_images: 
             bar.update(1)
         for key, accumulator in cka.items():
             accumulator.update(grams[key], grams[id(reference)])
-    if map_images:
-        for run in models:
-            x = run.data.test.normalize(run.data.test.images[map_index])
-            maps[id(run)] = [out.mean(1).cpu() for out in part_outputs(run.backbone, x)]
     for index in train_batches:
         for run in models:
             x = run.data.train.normalize(run.data.train.images[index])
             for p, out in enumerate(part_outputs(run.backbone, x)):
-                pooled[id(run)]["train"][p].append(out.mean((2, 3)))
+                features[id(run)].train[p].append(out.mean((2, 3)))
             bar.update(1)
     bar.close()
+    if len(map_index):
+        for run in models:
+            x = run.data.test.normalize(run.data.test.images[map_index])
+            features[id(run)].maps = [out.mean(1).cpu() for out in part_outputs(run.backbone, x)]
+    return features, cka
+
+
+def analyze(runs: list[LoadedRun], reference: LoadedRun | None, *, test_images: int, train_images: int,
+            batch_size: int, cka_features: str, map_images: int, device: torch.device,
+            progress: bool = True) -> dict:
+    """Everything but the figures: per-run probe accuracies, CKA matrices and feature maps (tensors)."""
+    from tqdm.auto import tqdm
+
+    from fastlocal.analysis.probe import linear_probe
+
+    models = runs + ([reference] if reference is not None and reference not in runs else [])
+    test_split, train_split = models[0].data.test, models[0].data.train
+    test_index = fixed_subset(test_split.num_images, test_images, device)
+    train_index = fixed_subset(train_split.num_images, train_images, device)
+    if test_index.numel() < 4:
+        raise UserError(f"the test split has {test_split.num_images} images; the analysis needs at least 4")
+    same_images(models, test_index, train_index)
+    # Evenly spaced over the test subset: a class-sorted split still shows several classes.
+    map_index = test_index[torch.linspace(0, len(test_index) - 1, min(map_images, len(test_index))).long()]
+    features, cka = extract(models, reference, test_index, train_index, map_index, batch_size, cka_features,
+                            progress)
 
     test_labels, train_labels = test_split.labels[test_index], train_split.labels[train_index]
     num_classes = models[0].data.info.num_classes
+    num_parts = len(models[0].backbone.parts)
     bar = tqdm(total=len(models) * num_parts, desc="linear probes", unit="part", disable=not progress)
     results = []
     for run in models:
         accuracies = {"train_acc": [], "test_acc": []}
         for p in range(num_parts):
-            probe = linear_probe(torch.cat(pooled[id(run)]["train"][p]), train_labels,
-                                 torch.cat(pooled[id(run)]["test"][p]), test_labels, num_classes)
+            probe = linear_probe(torch.cat(features[id(run)].train[p]), train_labels,
+                                 torch.cat(features[id(run)].test[p]), test_labels, num_classes)
             accuracies["train_acc"].append(probe.train_acc)
             accuracies["test_acc"].append(probe.test_acc)
             bar.update(1)
@@ -260,7 +294,7 @@ def analyze(runs: list[LoadedRun], reference: LoadedRun | None, *, test_images: 
             "is_reference": run is reference,
             "analysed": run in runs,
             "linear_probe": accuracies,
-            "feature_maps": maps[id(run)] if map_images else None,
+            "feature_maps": features[id(run)].maps,
         }
         summary = run.path / "summary.json"
         if summary.is_file():
@@ -275,7 +309,7 @@ def analyze(runs: list[LoadedRun], reference: LoadedRun | None, *, test_images: 
         "parts": [info.name for info in models[0].backbone.part_info],
         "settings": {
             "test_images": len(test_index), "train_images": len(train_index), "batch_size": batch_size,
-            "cka_features": cka_features, "cka_batches": len(test_batches),
+            "cka_features": cka_features, "cka_batches": len(minibatches(test_index, batch_size)),
             "map_images": map_index.tolist(), "device": str(device),
             "reference": str(reference.path) if reference is not None else None,
             "dataset": models[0].data.info.name,
