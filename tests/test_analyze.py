@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import shutil
+import sys
 
 import pytest
 import torch
@@ -260,3 +261,14 @@ def test_runs_on_different_test_images(tiny_runs, tmp_path, capsys):
     assert train_main([*TINY, "--data.max_test=40", "--method.name=bp", "--out", str(other)]) == 0
     expect_error([tiny_runs / "dgl", "--reference", other, "--out", tmp_path / "a", *ANALYSIS], capsys,
                  "different test images", "data.max_test")
+
+
+def test_without_matplotlib_the_json_is_still_written(tiny_runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    out = tmp_path / "nofig"
+    assert analyze_main([str(tiny_runs / "dgl"), "--out", str(out), *ANALYSIS]) == 0
+    _, err = capsys.readouterr()
+    assert "matplotlib is not installed" in err
+    document = json.loads((out / "analysis.json").read_text())
+    assert document["figures"] == [] and not list(out.glob("*.png"))
+    assert "cka_with_reference" not in document["runs"][0]  # no --reference, no CKA
