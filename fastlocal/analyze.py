@@ -75,7 +75,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="CKA on the whole part output, flattened (default, as the paper), or on its "
                         "spatial average")
     parser.add_argument("--map-images", type=int, default=3, help="test images shown as feature maps (default 3)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cuda or cpu")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                        help="auto (default: CUDA when available), cuda or cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     for name in ("test_images", "train_images"):
@@ -326,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         out = prepare_out_dir(args.out)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda, but no CUDA device is available; use --device auto or cpu")
         device = resolve_device(args.device)
         start = time.perf_counter()
         data_cache: dict = {}
