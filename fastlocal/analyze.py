@@ -103,7 +103,7 @@ def prepare_out_dir(out: str) -> Path:
 def load_run(run_dir: str | Path, device: torch.device, data_cache: dict) -> LoadedRun:
     """Config, model and data of a run directory. Runs with the same data config share one data bundle."""
     from fastlocal.data import build_data
-    from fastlocal.engine import CHECKPOINT_NAME
+    from fastlocal.engine import CHECKPOINT_NAME, read_checkpoint
     from fastlocal.methods import METHODS
     from fastlocal.models import build_backbone
     from fastlocal.split import split_parts
@@ -129,13 +129,14 @@ def load_run(run_dir: str | Path, device: torch.device, data_cache: dict) -> Loa
                         "dataset in memory (data.loader=device, the default for small images)")
     backbone = build_backbone(cfg.model.arch, data.info.num_classes, data.info.image_size,
                               cfg.model.zero_init_residual)
-    modules = split_parts(backbone, cfg.method.num_modules, cfg.method.stem_separate, cfg.method.split)
+    modules = split_parts(backbone, cfg.method.num_modules, cfg.method.stem_separate, cfg.method.split,
+                          cfg.model.arch)
+    state = read_checkpoint(checkpoint)  # weights_only: a checkpoint never runs code
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         backbone.load_state_dict(state["backbone"])
-    except Exception as err:  # a truncated or foreign file: say so, do not crash
-        raise UserError(f"cannot read the model in {checkpoint}: {err}; it is corrupt or not a fastlocal "
-                        "checkpoint") from None
+    except (RuntimeError, KeyError) as err:  # a foreign or edited file: say so, do not crash
+        raise UserError(f"cannot read the model in {checkpoint}: {str(err)[:300]}; it was not written for the "
+                        "config beside it") from None
     backbone.to(device).eval()
     return LoadedRun(path, path.name, cfg, backbone, modules, data)
 
