@@ -35,10 +35,11 @@ from common import (
 )
 
 from fastlocal.config import build_config
-from fastlocal.engine import build_optimizer, forward_context_for, local_train_step
+from fastlocal.engine import build_optimizer
 from fastlocal.graphs import GraphedStep
 from fastlocal.methods import METHODS, Batch
 from fastlocal.models.cifar_resnet import use_fused_batch_norm, use_triton_conv
+from fastlocal.schedule import forward_context_for, local_train_step
 
 # SPEC section 7: the authors' code on one H100, fp32/TF32, batch 1024 (ms per step).
 AUTHORS_STEP_MS = {("resnet32", "bp"): 50.4, ("resnet32", "mlaan"): 202.4,

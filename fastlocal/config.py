@@ -9,8 +9,12 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+if typing.TYPE_CHECKING:
+    import torch
 
 
 class UserError(Exception):
@@ -421,6 +425,19 @@ def build_config(
             raise ConfigError(f"override {item!r} must look like --section.key=value")
         set_value(cfg, key.strip().removeprefix("--"), value.strip())
     return validate(cfg, method_names)
+
+
+def cuda_option_on(option: str, setting: str, device: torch.device, instead: str) -> bool:
+    """Whether a CUDA-only auto | true | false option is on for `device`: auto and true mean on with CUDA;
+    true elsewhere warns, saying what happens `instead`."""
+    if setting == "false":
+        return False
+    if device.type != "cuda":
+        if setting == "true":
+            warnings.warn(f"{option}=true needs a CUDA device, but the run is on {device}; {instead} (set "
+                          f"{option}=false or auto to silence this)", stacklevel=3)
+        return False
+    return True
 
 
 def to_dict(cfg: Config) -> dict:

@@ -10,11 +10,11 @@ from builders import build
 import fastlocal.methods.fused_pair as fused_pair
 from fastlocal import kernels
 from fastlocal.config import ConfigError, build_config
-from fastlocal.engine import local_train_step
 from fastlocal.methods import METHODS, Batch
 from fastlocal.methods.mlaan import LeapAugmentedModule
 from fastlocal.models import build_backbone
 from fastlocal.models.cifar_resnet import use_fused_batch_norm
+from fastlocal.schedule import local_train_step
 
 RTOL = 1e-10  # float64: only the summation order inside convolutions and reductions differs
 
