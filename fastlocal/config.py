@@ -132,10 +132,6 @@ class MLAANConfig:
     lam_mode: str = "copies"
     """copies (the reference: a trainable copy plus a frozen EMA copy of the first leap block) or
     literal (EXPERIMENTAL: the paper's eq. 6-7, one trainable copy per leap block pulled by EMA)."""
-    fuse_pair: bool = False
-    """Compute Aug_i[0](z) + EMA_i[0](z) as one double-width convolution and a grouped one (exact up to
-    summation order; CUDA speed-up to be measured). CIFAR ResNet blocks only (others keep the unfused
-    path); ignored when lam_mode = literal, which has no EMA copy."""
     ema_momentum: float = 0.995
     ema_scope: str = "all"
     """all (the paper) or last (only the last LAM's EMA moves: reproduces the CIFAR reference's bug)."""
@@ -194,10 +190,6 @@ class SystemConfig:
     """Run each residual block's batch norms fused with the ReLU and residual add after them (Triton; CIFAR
     ResNets): auto (on where system.kernels resolves to Triton on a CUDA device), true, false. Same math,
     fewer memory passes; true without the Triton kernels warns."""
-    triton_conv: bool = False
-    """Experimental: run the 16-channel 3x3 convolutions of the CIFAR ResNet blocks (the first stage, where
-    cuDNN was slow on an H200) with the Triton convolution of fastlocal.kernels.conv. Same math up to
-    summation order; off until a GPU run shows it pays; true without the Triton kernels warns."""
 
 
 @dataclass

@@ -78,7 +78,7 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
     from fastlocal.engine import CHECKPOINT_NAME, Trainer
     from fastlocal.methods import build_method
     from fastlocal.models import build_backbone
-    from fastlocal.models.cifar_resnet import use_fused_batch_norm, use_triton_conv
+    from fastlocal.models.cifar_resnet import use_fused_batch_norm
     from fastlocal.split import describe_split, split_backbone
 
     device = resolve_device(cfg.system.device)
@@ -100,9 +100,6 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, log=print) -> dict:
                          cfg.model.arch, "the blocks run PyTorch's batch norm")
     elif cfg.system.fused_batch_norm == "auto" and device.type == "cuda" and method.kernels == "triton":
         use_fused_batch_norm([backbone, method], "triton")  # nothing happens for backbones without CIFAR blocks
-    if cfg.system.triton_conv:
-        enable_on_blocks("system.triton_conv", use_triton_conv, backbone, method, method.kernels, cfg.model.arch,
-                         "the blocks run PyTorch's convolutions")
     memory_format = torch.channels_last if cfg.system.channels_last else torch.preserve_format
     backbone.to(device, memory_format=memory_format)
     method.to(device, memory_format=memory_format)

@@ -273,7 +273,7 @@ def test_switches_take_toml_booleans(tmp_path):
     assert (cfg.system.cuda_graphs, cfg.system.cuda_streams, cfg.system.fused_batch_norm) == ("false", "true", "auto")
 
 
-@pytest.mark.parametrize("option", ["system.fused_batch_norm", "system.triton_conv"])
+@pytest.mark.parametrize("option", ["system.fused_batch_norm"])
 def test_triton_block_options_without_triton_warn_and_train(option, tmp_path):
     from fastlocal.train import main
 

@@ -21,7 +21,6 @@ from torch import nn
 
 from fastlocal.heads import classification_loss
 from fastlocal.methods.base import LocalMethod, register_method
-from fastlocal.methods.fused_pair import fused_pair_forward, modes_match, pair_is_fusable
 from fastlocal.methods.leaps import leap_lists
 from fastlocal.methods.objectives import build_objective, warn_untrained
 
@@ -30,29 +29,21 @@ class LeapAugmentedModule(nn.Module):
     """LAM_i: trainable copies of the leap blocks, plus a frozen EMA copy of the first, summed after it.
 
     `literal` (experimental, the paper's eq. 6-7): one trainable copy per leap block and no separate EMA
-    copy; the EMA pulls the trainable copies themselves toward the live blocks.
+    copy; the EMA pulls the trainable copies themselves toward the live blocks."""
 
-    `fuse_pair`: compute Aug_i[0](z) + EMA_i[0](z) as one double-width block (see `fused_pair`); exact up
-    to summation order, same parameters and state. Used only where both copies are CIFAR BasicBlocks;
-    ignored for other blocks and in `literal` mode (no EMA copy to pair with)."""
-
-    def __init__(self, live_blocks: list[nn.Module], literal: bool = False, fuse_pair: bool = False):
+    def __init__(self, live_blocks: list[nn.Module], literal: bool = False):
         super().__init__()
         self.literal = literal
         self.aug = nn.ModuleList(copy.deepcopy(b) for b in live_blocks)
         self.ema_first = None
         if not literal:
             self.ema_first = copy.deepcopy(live_blocks[0]).requires_grad_(False)
-        # A plain bool, decided once from the blocks' structure: not part of the state_dict.
-        self.fuse_pair = fuse_pair and self.ema_first is not None and pair_is_fusable(self.aug[0], self.ema_first)
         # The live blocks are the backbone's; keep them out of this module's parameters and state.
         object.__setattr__(self, "live_blocks", live_blocks)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.ema_first is None:
             z = self.aug[0](z)
-        elif self.fuse_pair and modes_match(self.aug[0], self.ema_first):
-            z = fused_pair_forward(self.aug[0], self.ema_first, z)
         else:
             z = self.aug[0](z) + self.ema_first(z)
         for block in self.aug[1:]:
@@ -98,7 +89,7 @@ class MLAAN(LocalMethod):
             own[str(i)] = objective(channels, i)
             if opts.lam:
                 blocks = [backbone.parts[p] for p in leaps[i]]
-                lams[str(i)] = LeapAugmentedModule(blocks, opts.lam_mode == "literal", opts.fuse_pair)
+                lams[str(i)] = LeapAugmentedModule(blocks, opts.lam_mode == "literal")
                 channels = backbone.part_info[leaps[i][-1]].out_channels
             cascaded[str(i)] = objective(channels, i)
             if own[str(i)] is None:  # an InfoPro weight pair of 0 zeroes both terms of this module
