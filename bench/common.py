@@ -58,10 +58,11 @@ from torch import nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from fastlocal.config import CIFAR_ARCHS, build_config  # noqa: E402
-from fastlocal.engine import build_optimizer, forward_context_for, local_train_step  # noqa: E402
+from fastlocal.engine import build_optimizer  # noqa: E402
 from fastlocal.measure import SavedTensorAccountant, cuda_peak, parameter_storages, reset_peak  # noqa: E402
 from fastlocal.methods import METHODS, Batch, build_method  # noqa: E402
 from fastlocal.models import build_backbone  # noqa: E402
+from fastlocal.schedule import forward_context_for, local_train_step  # noqa: E402
 from fastlocal.split import split_backbone  # noqa: E402
 
 MODES = ("smoke", "cpu", "gpu")

@@ -8,7 +8,7 @@ subset by default; any `section.key=value` after the options overrides every run
 - `off`:       fp32, eager, PyTorch batch norm, one stream (the plain path: every switch false);
 - `fp32-fast`: fp32 with the step replayed from a CUDA graph and the side stream (the same math as `off`;
                bitwise identity under deterministic convolutions is a unit test, tests/test_fast_path.py);
-- `on`:        bf16 autocast + channels_last + CUDA graph + fused batch norm + LAM pair fusion + streams.
+- `on`:        bf16 autocast + channels_last + CUDA graph + fused batch norm + streams.
 
 Writes DIR/<variant>/ (each run's metrics.jsonl, summary.json), DIR/fast_path_training.json (per-epoch
 train loss and test accuracy of every run, wall seconds) and DIR/fast_path_training.png when matplotlib is
@@ -28,7 +28,7 @@ VARIANTS = {
     "off": ["system.cuda_graphs=false", "system.cuda_streams=false", "system.fused_batch_norm=false"],
     "fp32-fast": ["system.cuda_graphs=true", "system.cuda_streams=true", "system.fused_batch_norm=false"],
     "on": ["system.precision=bf16", "system.channels_last=true", "system.cuda_graphs=true",
-           "system.fused_batch_norm=true", "mlaan.fuse_pair=true", "system.cuda_streams=true"],
+           "system.fused_batch_norm=true", "system.cuda_streams=true"],
 }
 DEFAULTS = ["data.source=bundled", "model.arch=resnet32", "method.name=mlaan", "method.num_modules=15",
             "train.batch_size=128", "log.progress=false"]

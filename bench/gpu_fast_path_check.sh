@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU fast path's checks in one run on one CUDA machine, in under 8 minutes (the hard stops below add
 # up to 7 min 5 s, plus at most 5 s of kill grace per step):
-#   1. its CUDA tests (fused batch norm and the Triton convolution on CUDA, LAM pair fusion, streams bitwise
-#      equal to no streams, CUDA-graph training equal to eager, the Triton training run), hard stop 75 s;
+#   1. its CUDA tests (fused batch norm on CUDA, streams bitwise equal to no streams, CUDA-graph training
+#      equal to eager, the Triton training run), hard stop 75 s;
 #   2. bench/test_bench_fast_path.py: BP and MLAAN (ResNet-32 K=15, ResNet-110 K=54) in every variant,
 #      soft budget 140 s, hard stop 175 s, then its table (OUT_DIR/fast_path.md);
 #   3. kernel benchmarks, graph-timed: the fused batch norm (eager vs Triton at the three stage shapes, and
-#      the Triton kernels under each launch shape of BN_LAUNCH_SHAPES) and the 3x3 convolution (cuDNN vs
-#      Triton under each tile of CONV_TILES), hard stop 70 s, then their table (OUT_DIR/kernels/bench.md)
+#      the Triton kernels under each launch shape of BN_LAUNCH_SHAPES), hard stop 70 s, then their table
+#      (OUT_DIR/kernels/bench.md)
 #      and what it says to ship (bench/kernel_choices.py: OUT_DIR/kernels/choices.md);
 #   4. bench/fast_path_training.py: MLAAN ResNet-32 K=15, 3 epochs of the bundled CIFAR-10 subset with the
 #      fast path off, fp32-fast and on (acceptance: the same accuracy), hard stop 105 s.
@@ -27,7 +27,7 @@ unset TRITON_INTERPRET
 "$PYTHON" -c "import torch, triton; print('device', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
 
 timeout --signal=INT --kill-after=5 "${TESTS_S:-75}" "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
-    tests/test_batch_norm_kernel.py tests/test_conv_kernel.py tests/test_lam_fusion.py tests/test_kernels_training.py \
+    tests/test_batch_norm_kernel.py tests/test_kernels_training.py \
     tests/test_fast_path.py \
     ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT_DIR/gpu-tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
@@ -41,7 +41,7 @@ bench_rc=${PIPESTATUS[0]}
 
 mkdir -p "$OUT_DIR/kernels"
 timeout --signal=INT --kill-after=5 "${KERNELS_S:-70}" "$PYTHON" -m pytest bench/test_bench_kernels.py \
-    -k "(batch_norm or conv3x3) and not call" \
+    -k "batch_norm and not call" \
     --benchmark-only --benchmark-max-time=0.25 --benchmark-json="$OUT_DIR/kernels/kernels.json" -q -p no:cacheprovider \
     2>&1 | tee "$OUT_DIR/kernels.log" | tail -3
 kernels_rc=${PIPESTATUS[0]}

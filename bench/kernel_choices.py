@@ -1,5 +1,6 @@
 """What a kernel benchmark run says to ship: the fastest launch shape of the fused batch norm per stage
-shape against the default, and the Triton 3x3 convolution against cuDNN.
+shape against the default, and (from experimental/triton_conv/test_bench_conv.py) the Triton 3x3
+convolution against cuDNN.
 
     python bench/kernel_choices.py kernels.json
 

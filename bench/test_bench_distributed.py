@@ -24,7 +24,7 @@ import torch.distributed as dist
 from common import bench_device, bench_mode, build, case_info, check_budget, sizes, step_cases
 
 from fastlocal import distributed
-from fastlocal.engine import local_train_step
+from fastlocal.schedule import local_train_step
 
 MODE = bench_mode()
 DEVICE = bench_device(MODE)

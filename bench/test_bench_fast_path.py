@@ -1,12 +1,11 @@
-"""The GPU fast path (issue: bf16, channels_last, CUDA graphs, fused batch norm, LAM pair fusion, CUDA
-streams) against fastlocal's own fastest BP and the authors' fp32 step times
-(docs/method.md#the-authors-code-measured), in one run.
+"""The GPU fast path (issue: bf16, channels_last, CUDA graphs, fused batch norm, CUDA streams) against
+fastlocal's own fastest BP and the authors' fp32 step times (docs/method.md#the-authors-code-measured), in
+one run.
 
 Variants of one training step (zero_grad, local forward/backward, EMA, optimizer step), named by parts:
 `fp32` / `bf16-cl` (bf16 autocast + channels_last), `graph` (the step replayed from a CUDA graph), `fbn`
-(system.fused_batch_norm: the blocks' batch norms fused with ReLU and add, Triton), `pair` (mlaan.fuse_pair),
-`streams` (system.cuda_streams), `tconv` (system.triton_conv, experimental: the Triton 16-channel
-convolution); `all` is fbn + pair + streams. BP runs first in each backbone, so every MLAAN row carries its
+(system.fused_batch_norm: the blocks' batch norms fused with ReLU and add, Triton), `streams`
+(system.cuda_streams); `all` is fbn + streams. BP runs first in each backbone, so every MLAAN row carries its
 ratio to the fastest BP variant measured before it (`time_ratio_vs_fastest_bp`), to BP's `bf16-cl-graph`
 (`time_ratio_vs_bp_graph`: the issue's "bf16 + channels_last + graph" BP, before fastlocal's own kernels)
 and to the authors' step (`speedup_vs_authors`). Graph, fbn and streams variants need CUDA; on CPU (small
@@ -36,10 +35,11 @@ from common import (
 )
 
 from fastlocal.config import build_config
-from fastlocal.engine import build_optimizer, forward_context_for, local_train_step
+from fastlocal.engine import build_optimizer
 from fastlocal.graphs import GraphedStep
 from fastlocal.methods import METHODS, Batch
-from fastlocal.models.cifar_resnet import use_fused_batch_norm, use_triton_conv
+from fastlocal.models.cifar_resnet import use_fused_batch_norm
+from fastlocal.schedule import forward_context_for, local_train_step
 
 # docs/method.md#the-authors-code-measured: the authors' code on one H100, fp32/TF32, batch 1024 (ms per step).
 AUTHORS_STEP_MS = {("resnet32", "bp"): 50.4, ("resnet32", "mlaan"): 202.4,
@@ -53,32 +53,26 @@ class Variant:
     channels_last: bool = False
     graph: bool = False
     fused_bn: bool = False
-    pair: bool = False
     streams: bool = False
-    triton_conv: bool = False
     mlaan_only: bool = False
-    """Pair fusion and streams change nothing in BP (one module, no LAM): measured for MLAAN only."""
+    """Streams change nothing in BP (one module, one loss): measured for MLAAN only."""
 
     @property
     def needs_cuda(self) -> bool:
-        return self.graph or self.fused_bn or self.streams or self.triton_conv
+        return self.graph or self.fused_bn or self.streams
 
 
 VARIANTS = {
     "fp32": Variant("fp32"),
-    "fp32-graph-all": Variant("fp32", graph=True, fused_bn=True, pair=True, streams=True, mlaan_only=True),
+    "fp32-graph-all": Variant("fp32", graph=True, fused_bn=True, streams=True, mlaan_only=True),
     "bf16-cl": Variant("bf16", True),
     "bf16-cl-graph": Variant("bf16", True, graph=True),
     "bf16-cl-graph-fbn": Variant("bf16", True, graph=True, fused_bn=True),
-    "bf16-cl-graph-fbn-streams": Variant("bf16", True, graph=True, fused_bn=True, streams=True, mlaan_only=True),
-    "bf16-cl-graph-all": Variant("bf16", True, graph=True, fused_bn=True, pair=True, streams=True,
-                                 mlaan_only=True),
-    "bf16-cl-graph-fbn-tconv": Variant("bf16", True, graph=True, fused_bn=True, triton_conv=True),
-    "bf16-cl-graph-all-tconv": Variant("bf16", True, graph=True, fused_bn=True, pair=True, streams=True,
-                                       triton_conv=True, mlaan_only=True),
+    "bf16-cl-graph-all": Variant("bf16", True, graph=True, fused_bn=True, streams=True, mlaan_only=True),
 }
 # (The earlier `fp32-graph` and `bf16-cl-graph-fbn-pair` variants are gone: the H200 run of
-# docs/bench/gpu/fast-path-h200.md showed what they add, 3 % and nothing.)
+# docs/bench/gpu/fast-path-h200.md showed what they add, 3 % and nothing; so is LAM pair fusion itself.
+# The Triton convolution's variants moved with it to experimental/triton_conv/.)
 MODE = bench_mode()
 DEVICE = bench_device(MODE)
 FASTEST_BP: dict[str, float] = {}  # paper arch -> fastest BP median seconds in this session
@@ -93,8 +87,6 @@ def fast_step(built, variant: Variant):
     precision, channels_last, graph = variant.precision, variant.channels_last, variant.graph
     if variant.fused_bn:
         assert use_fused_batch_norm([built.backbone, built.method], "triton") > 0
-    if variant.triton_conv:
-        assert use_triton_conv([built.backbone, built.method], "triton") > 0
     side_stream = torch.cuda.Stream(device) if variant.streams else None
     if channels_last:
         built.backbone.to(memory_format=torch.channels_last)
@@ -134,9 +126,9 @@ def fast_step(built, variant: Variant):
 def test_bench_fast_path(benchmark, paper_arch, label, num_modules, variant):
     spec = VARIANTS[variant]
     if spec.needs_cuda and not HAS_CUDA:
-        pytest.skip("CUDA graphs, the Triton batch norm and convolution, and streams are measured on a CUDA device")
+        pytest.skip("CUDA graphs, the Triton batch norm and streams are measured on a CUDA device")
     if spec.mlaan_only and label != "mlaan":
-        pytest.skip("pair fusion and streams change nothing in BP")
+        pytest.skip("streams change nothing in BP")
     check_budget()
     size = sizes(MODE)
     arch = size.arch_for.get(paper_arch, paper_arch)
@@ -144,7 +136,7 @@ def test_bench_fast_path(benchmark, paper_arch, label, num_modules, variant):
         num_modules = min(num_modules, 8)
     case = Case(label, arch, num_modules, size.cifar_batch, size.cifar_size, paper_arch)
     free_device_memory(DEVICE)
-    built = build(case, DEVICE, extra_items=("mlaan.fuse_pair=true",) if spec.pair else ())
+    built = build(case, DEVICE)
     step = fast_step(built, spec)
     precision, graph = spec.precision, spec.graph
     for _ in range(max(size.warmup_steps, 4 if graph else 0)):  # graph: 3 warm-up steps, then the capture
@@ -157,7 +149,7 @@ def test_bench_fast_path(benchmark, paper_arch, label, num_modules, variant):
     info = {"suite": "fastlocal-fast-path", "case": f"{arch}-{label}-K{num_modules}-{variant}", "variant": variant,
             "method": label, "arch": arch, "K": num_modules, "batch": case.batch, "precision": precision,
             "channels_last": spec.channels_last, "cuda_graph": graph, "fused_batch_norm": spec.fused_bn,
-            "fuse_pair": spec.pair, "cuda_streams": spec.streams, "triton_conv": spec.triton_conv,
+            "cuda_streams": spec.streams,
             **environment(DEVICE, MODE)}
     if median is not None:
         info["median_step_ms"] = round(median * 1e3, 3)

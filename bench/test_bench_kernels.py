@@ -1,5 +1,5 @@
 """Kernel benchmarks (pytest-benchmark): multi-tensor EMA, the fused GAP + Linear + cross-entropy, the
-fused batch norm + residual add + ReLU, and the few-channel 3x3 convolution.
+fused batch norm + residual add + ReLU (the experimental 3x3 convolution's are in experimental/triton_conv/).
 
 On a GPU:
 
@@ -11,12 +11,12 @@ ResNet-110 K=54, and eager PyTorch against the fused aux loss (forward + backwar
 (B=1024, C=64, 8x8, N=10) and an ImageNet head (B=256, C=512, 7x7, N=1000). ``extra_info`` holds the
 device, versions, dtype, shapes, the median in microseconds and the bandwidth in GB/s.
 
-The aux loss, the batch norm and the convolution are also timed `graph` (on CUDA): the forward + backward
+The aux loss and the batch norm are also timed `graph` (on CUDA): the forward + backward
 captured once in a CUDA graph and replayed, which is what a graphed training step pays (device time, no
 Python dispatch); `call` times each call from Python as eager code pays it. The batch norm runs at the three
 stage shapes of a CIFAR ResNet at batch 1024 in bf16 channels_last, as `system.precision=bf16
-system.channels_last=true`, the convolution (against cuDNN) at the first two; both Triton kernels are
-also timed under other launch shapes, to choose the defaults.
+system.channels_last=true`; the Triton kernel is also timed under other launch shapes, to choose the
+defaults.
 
 Without CUDA the same tests run as a smoke check of the harness on tiny shapes (widths / 8, tiny heads):
 the references always, the Triton paths only with ``TRITON_INTERPRET=1``:
@@ -32,7 +32,7 @@ import os
 import pytest
 import torch
 
-from fastlocal.kernels import batch_norm_act, conv3x3, ema_update_, gap_linear_cross_entropy
+from fastlocal.kernels import batch_norm_act, ema_update_, gap_linear_cross_entropy
 from fastlocal.kernels.aux_loss import gap_linear_cross_entropy_ref
 from fastlocal.kernels.ema import ema_update_loop_ref, ema_update_ref
 
@@ -346,66 +346,14 @@ def test_bench_batch_norm_launch_shapes(benchmark, monkeypatch, shape_name, laun
     benchmark.extra_info["launch_shape"] = launch_shape_name(launch)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The few-channel 3x3 convolution (system.triton_conv), forward + both gradients
-# ----------------------------------------------------------------------------------------------------
-
-CONV_SHAPES = {
-    # name: (N, C, H, W) at batch 1024, and the CPU smoke size; C channels in and out
-    "stage1": ((1024, 16, 32, 32), (2, 16, 6, 6)),
-    "stage2": ((1024, 32, 16, 16), (2, 32, 4, 4)),
-}
-
-
-# Pixels per program of the Triton convolution to try; the first is the shipped default.
-CONV_TILES = [128, 64, 256]
-
-
-@pytest.mark.parametrize("pixels", CONV_TILES, ids=lambda p: f"pixels{p}")
-@pytest.mark.parametrize("timing", TIMINGS)
-@pytest.mark.parametrize("implementation", ["eager", "triton"])
-@pytest.mark.parametrize("shape_name", list(CONV_SHAPES))
-def test_bench_conv3x3(benchmark, monkeypatch, shape_name, implementation, timing, pixels):
-    """cuDNN (eager PyTorch) against the Triton convolution; the Triton one under each tile size."""
-    if implementation == "triton" and not TRITON_RUNNABLE:
-        pytest.skip(TRITON_SKIP_REASON)
-    if implementation == "eager" and pixels != CONV_TILES[0]:
-        pytest.skip("the tile size is the Triton kernel's")
-    _skip_timing(timing)
-    from fastlocal.kernels import conv
-
-    monkeypatch.setattr(conv, "CONV_PIXELS", pixels)
-    full, smoke = CONV_SHAPES[shape_name]
-    shape = smoke if SMOKE else full
-    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=generator).to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
-    weight = (torch.randn(shape[1], shape[1], 3, 3, generator=generator) / 12).to(DEVICE, dtype).requires_grad_()
-    dy = torch.randn(shape, generator=generator).to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
-    backend = "triton" if implementation == "triton" else "reference"
-
-    def forward_backward():
-        y = conv3x3(x, weight, backend=backend)
-        torch.autograd.grad(y, (x, weight), dy)
-
-    _benchmark_timed(benchmark, forward_backward, timing, f"conv3x3 {shape_name} {_dtype_name(dtype)} {timing}")
-    benchmark.extra_info.update(_environment(dtype))
-    benchmark.extra_info.update({"shape": shape_name, "implementation": implementation, "timing": timing,
-                                 "x_shape": list(shape), "conv_pixels": pixels})
-    # The floor: forward reads x, writes y; input gradient reads dy, writes dx; weight gradient reads x, dy.
-    _record_speed(benchmark, 6 * x.numel() * x.element_size())
-
-
 def test_bench_launch_shapes_name_constants_of_the_kernels():
-    from fastlocal.kernels import batch_norm, conv
+    from fastlocal.kernels import batch_norm
 
     for overrides in BN_LAUNCH_SHAPES:
         for name, value in overrides.items():
             assert isinstance(getattr(batch_norm, name), int) and getattr(batch_norm, name) != value
     assert launch_shape_name({}) == "default"
     assert launch_shape_name({"PARTIALS_TILE": 2048, "TARGET_PARTIALS": 256}) == "partials_tile2048-target_partials256"
-    assert CONV_TILES[0] == conv.CONV_PIXELS
 
 
 def test_bench_helpers_median():

@@ -11,8 +11,12 @@ import math
 import os
 import tomllib
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+if typing.TYPE_CHECKING:
+    import torch
 
 
 class UserError(Exception):
@@ -138,10 +142,6 @@ class MLAANConfig:
     """copies (the reference: a trainable copy plus a frozen EMA copy of the first leap block) or
     literal (EXPERIMENTAL: the paper's eq. 6-7, one trainable copy per leap block pulled by EMA; the EMA
     runs before the SGD step, where eq. 6-7 read SGD then EMA)."""
-    fuse_pair: bool = False
-    """Compute Aug_i[0](z) + EMA_i[0](z) as one double-width convolution and a grouped one (exact up to
-    summation order; CUDA speed-up to be measured). CIFAR ResNet blocks only (others keep the unfused
-    path); ignored when lam_mode = literal, which has no EMA copy."""
     ema_momentum: float = 0.995
     ema_scope: str = "all"
     """all (the paper) or last (only the last LAM's EMA moves: reproduces the CIFAR reference's bug)."""
@@ -200,10 +200,6 @@ class SystemConfig:
     """Run each residual block's batch norms fused with the ReLU and residual add after them (Triton; CIFAR
     ResNets): auto (on where system.kernels resolves to Triton on a CUDA device), true, false. Same math,
     fewer memory passes; true without the Triton kernels warns."""
-    triton_conv: bool = False
-    """Experimental: run the 16-channel 3x3 convolutions of the CIFAR ResNet blocks (the first stage, where
-    cuDNN was slow on an H200) with the Triton convolution of fastlocal.kernels.conv. Same math up to
-    summation order; off until a GPU run shows it pays; true without the Triton kernels warns."""
     parallel: str = "auto"
     """How several processes share the training: auto (data under torchrun, none otherwise), none (one
     process), data (data parallel: `torchrun --nproc_per_node=N -m fastlocal.train ...`; every rank holds the
@@ -523,6 +519,19 @@ def parse_overrides(args: typing.Sequence[str]) -> list[str]:
         else:
             raise UserError(f"override {item!r} has no value; write {item}=VALUE")
     return overrides
+
+
+def cuda_option_on(option: str, setting: str, device: torch.device, instead: str) -> bool:
+    """Whether a CUDA-only auto | true | false option is on for `device`: auto and true mean on with CUDA;
+    true elsewhere warns, saying what happens `instead`."""
+    if setting == "false":
+        return False
+    if device.type != "cuda":
+        if setting == "true":
+            warnings.warn(f"{option}=true needs a CUDA device, but the run is on {device}; {instead} (set "
+                          f"{option}=false or auto to silence this)", stacklevel=3)
+        return False
+    return True
 
 
 def to_dict(cfg: Config) -> dict:

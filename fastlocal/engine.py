@@ -1,20 +1,11 @@
-"""The training engine: the local backward schedule, evaluation, checkpoints, logging, timing.
+"""The trainer: epochs, evaluation, checkpoints, logging, timing, the LR and the optimizer.
 
-The schedule (SPEC 3.5) runs one forward per module. Module i's loss is back-propagated into the
-heads and into a cotangent at a_i at once; a cascaded part travels W-1 modules further down through
-input-only vector-Jacobian products; once a module has every cotangent it will get, one weight VJP
-restricted to its parameters runs and its graph is freed. With W = 1 (BP, DGL) a module's graph is
-freed before the next module runs forward, so activation memory is that of the largest module.
-
-On CUDA, `system.cuda_streams` moves each module's loss (heads, LAM, decoders: forward and backward) to
-a side stream, where it runs while the main stream computes the next module's forward; see
-`local_train_step`. The kernels and their order on each tensor are those of the one-stream schedule.
+One step's forward and backward through the local schedule is `fastlocal.schedule.local_train_step`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -24,18 +15,18 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
 from fastlocal import distributed
-from fastlocal.config import Config, UserError, to_dict, to_toml
-from fastlocal.graphs import GraphedStep, cuda_option_on, set_learning_rate
+from fastlocal.config import Config, UserError, cuda_option_on, to_dict, to_toml
+from fastlocal.graphs import GraphedStep
 from fastlocal.measure import SavedTensorAccountant, cuda_peak, parameter_storages, reset_peak
 from fastlocal.methods import Batch, LocalMethod
+from fastlocal.schedule import forward_context_for, local_train_step
 from fastlocal.split import LocalModule
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -58,234 +49,11 @@ class RunInterrupted(Exception):
         self.signum = signum
 
 
-def _accumulate(cotangents: list, index: int, value: torch.Tensor | None) -> None:
-    if value is None:
-        return
-    cotangents[index] = value if cotangents[index] is None else cotangents[index] + value
-
-
-def _module_input(batch: Batch, previous: torch.Tensor | None, window: int) -> torch.Tensor:
-    """The batch for the first module; the previous module's output, detached, for the others."""
-    if previous is None:
-        return batch.x
-    inputs = previous.detach()
-    # An input gradient is needed only when a cascaded loss will travel through this module.
-    return inputs.requires_grad_(window > 1)
-
-
-class _Cotangents:
-    """The module graphs kept for vector-Jacobian products, and the cotangents gathered at each module's
-    output (SPEC 3.5); shared by the one-stream and the side-stream schedules."""
-
-    def __init__(self, modules: list[LocalModule], window: int,
-                 after_flush: Callable[[int], None] | None = None):
-        self.modules, self.window = modules, window
-        self.after_flush = after_flush
-        self.graphs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(modules)  # (input leaf, output)
-        self.sums: list[torch.Tensor | None] = [None] * len(modules)
-
-    def add_loss_gradients(self, i: int, own_grad: torch.Tensor | None, cascade_grad: torch.Tensor | None) -> None:
-        """Module i's loss gave these gradients at a_i: both train module i; the cascaded one also travels
-        down to modules i-W+1 .. i-1 through input-only VJPs."""
-        _accumulate(self.sums, i, own_grad)
-        _accumulate(self.sums, i, cascade_grad)
-        carried = cascade_grad
-        for j in range(i, i - self.window + 1, -1):
-            if carried is None or j == 0:
-                break
-            module_input, module_output = self.graphs[j]
-            (carried,) = torch.autograd.grad(module_output, module_input, carried, retain_graph=True)
-            _accumulate(self.sums, j - 1, carried)
-
-    def flush(self, j: int) -> None:
-        """Module j has received all its cotangents: one VJP w.r.t. its parameters only, then free it."""
-        _, output = self.graphs[j]
-        if self.sums[j] is not None:  # None only for a module whose loss weights are all 0 (warned at build)
-            torch.autograd.backward(output, self.sums[j], inputs=self.modules[j].trainable_parameters)
-        self.graphs[j] = None
-        self.sums[j] = None
-        if self.after_flush is not None:  # data parallel: module j's gradients are final, average them
-            self.after_flush(j)
-
-
-def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Batch,
-                     forward_context: Callable[[], AbstractContextManager] = nullcontext, *,
-                     side_stream: torch.cuda.Stream | None = None,
-                     after_flush: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Forward and backward of one batch through the local schedule; fills `.grad` of the backbone
-    and method parameters (no optimizer step). Returns the last module's loss, detached.
-
-    `forward_context` wraps every forward and loss computation, never a backward (autocast for bf16).
-
-    `side_stream` (CUDA only; `Trainer` makes one when `system.cuda_streams` is on): module i's loss,
-    forward and backward, runs on this stream while the current ("main") stream runs module i+1's
-    forward; the main stream waits for it (an event) before it reads the loss's cotangents at a_i, for
-    the cascade VJPs and the weight VJPs. Same kernels on the same data in the same order per tensor, so
-    the gradients are bitwise those of `side_stream=None`. Everything is joined back to the main stream
-    before `method.before_optimizer_step()` (EMA) and before returning. Works eagerly and inside CUDA
-    graph capture (the side stream first waits on the capturing stream, and is joined back to it).
-
-    Memory bound with a side stream: the main stream waits for module i's loss before it queues module
-    i+2's forward, so at most two losses are in flight (loss i, and loss i+1 queued behind it on the side
-    stream). Their graphs (heads, LAM, decoders) are never both alive: they run in order on one stream,
-    which reuses its own freed memory in stream order; the cotangents at a_i of both are. Module i-W+1's
-    graph is freed after module i+1's forward instead of before it, since its last cotangent comes from
-    loss i. So the peak is the one-stream peak plus at most one module graph, one loss graph and two
-    cotangents the size of a module output (and the side stream's cached blocks are not shared with the
-    main stream's).
-
-    Modules and losses must not write their inputs in place (none do): with a side stream such a write
-    would race with the loss still reading a_i.
-
-    `after_flush(j)` (data parallel, `fastlocal.distributed.GradientAverager`) is called right after module j
-    received its last cotangent and its weight VJP ran, on the main stream; module K-1 is flushed last."""
-    if side_stream is not None:
-        if batch.x.device.type != "cuda":
-            raise ValueError(f"side_stream needs the batch on a CUDA device, but it is on {batch.x.device}; "
-                             "pass side_stream=None")
-        streams = _LossStream(side_stream, torch.cuda.current_stream(batch.x.device))
-        return _overlapped_train_step(modules, method, batch, forward_context, streams, after_flush)
-    num_modules, window = len(modules), method.window
-    cotangents = _Cotangents(modules, window, after_flush)
-    last_loss = None
-    previous = None
-    for i in range(num_modules):
-        inputs = _module_input(batch, previous, window)
-        with forward_context():
-            output = modules[i](inputs)
-        cotangents.graphs[i] = (inputs, output)
-        own = output.detach().requires_grad_()
-        cascade = output.detach().requires_grad_()
-        with forward_context():
-            loss = method.module_loss(i, own, cascade, batch)
-        if loss is not None:
-            loss.backward()  # heads, decoders and LAMs get their gradients; the graph above a_i is freed
-            cotangents.add_loss_gradients(i, own.grad, cascade.grad)
-            if i == num_modules - 1:
-                last_loss = loss.detach()
-        done = i - window + 1
-        if done >= 0:
-            cotangents.flush(done)
-        previous = output
-    for j in range(max(0, num_modules - window + 1), num_modules):
-        cotangents.flush(j)
-    method.before_optimizer_step()
-    return last_loss
-
-
-class _LossStream:
-    """Fork and join of the loss work between the main stream and a side stream, by events only (no host
-    synchronisation, so it is legal inside CUDA graph capture)."""
-
-    def __init__(self, side: torch.cuda.Stream, main: torch.cuda.Stream):
-        self.side, self.main = side, main
-
-    @contextmanager
-    def forked(self) -> Iterator[None]:
-        """Run the body on the side stream, after all the work the main stream has queued so far. Under
-        capture this wait is also what brings the side stream into the capture."""
-        self.side.wait_stream(self.main)
-        with torch.cuda.stream(self.side):
-            yield
-
-    def done(self) -> torch.cuda.Event:
-        """An event on the side stream after the work queued so far (call inside `forked`)."""
-        return self.side.record_event()
-
-    def wait(self, done: torch.cuda.Event) -> None:
-        self.main.wait_event(done)
-
-    def join(self) -> None:
-        self.main.wait_stream(self.side)
-
-
-class _LossInFlight(NamedTuple):
-    index: int
-    own: torch.Tensor
-    cascade: torch.Tensor
-    loss: torch.Tensor | None
-    done: object
-    """What `_LossStream.done` returned after the loss's backward."""
-
-
-def _overlapped_train_step(modules: list[LocalModule], method: LocalMethod, batch: Batch,
-                           forward_context: Callable[[], AbstractContextManager],
-                           streams: _LossStream,
-                           after_flush: Callable[[int], None] | None = None) -> torch.Tensor:
-    """`local_train_step` with each loss on the side stream of `streams` (see there). The operations are
-    those of the one-stream schedule; only module i+1's forward moves ahead of the processing of loss i
-    (accumulation, cascade VJPs, the flush it allows), which touches neither its inputs nor its outputs.
-
-    Cross-stream memory, without `record_stream` (under capture it would keep every such block out of
-    reuse until the capture ends): a_i (allocated on the main stream, read by loss i through
-    `own`/`cascade`) stays referenced by `cotangents.graphs[i]` until module i is flushed, which is after the main
-    stream waited for loss i. The cotangents at a_i (allocated on the side stream, read by the main
-    stream) are dropped only by the main-stream code (`finish`, `flush`, the end of the step), and every
-    later side-stream allocation follows a `forked()` wait on the main stream, so the side stream can
-    reuse their memory only after the main stream's reads of them."""
-    num_modules, window = len(modules), method.window
-    cotangents = _Cotangents(modules, window, after_flush)
-    last_loss = None
-
-    def launch(i: int, output: torch.Tensor) -> _LossInFlight:
-        # Queued on the side stream behind module i's forward (and behind the previous loss).
-        with streams.forked():
-            own = output.detach().requires_grad_()
-            cascade = output.detach().requires_grad_()
-            with forward_context():
-                loss = method.module_loss(i, own, cascade, batch)
-            if loss is not None:
-                loss.backward()  # on the side stream: autograd runs each backward op on its forward's stream
-            return _LossInFlight(i, own, cascade, loss, streams.done())
-
-    def finish(pending: _LossInFlight) -> None:
-        # The one-stream schedule's work after loss i's backward, on the main stream, in the same order.
-        nonlocal last_loss
-        i = pending.index
-        if pending.loss is not None:
-            streams.wait(pending.done)  # own.grad and cascade.grad are read from here on
-            cotangents.add_loss_gradients(i, pending.own.grad, pending.cascade.grad)
-            if i == num_modules - 1:
-                last_loss = pending.loss.detach()
-        done = i - window + 1
-        if done >= 0:
-            cotangents.flush(done)
-
-    pending: _LossInFlight | None = None  # the loss the main stream has not waited for yet: one at most
-    previous = None
-    try:
-        for i in range(num_modules):
-            inputs = _module_input(batch, previous, window)
-            with forward_context():
-                output = modules[i](inputs)  # overlaps loss i-1 on the side stream
-            cotangents.graphs[i] = (inputs, output)
-            launched = launch(i, output)  # queued behind loss i-1: at most two losses in flight
-            if pending is not None:
-                finish(pending)  # waits for loss i-1 before module i+1's forward is queued
-            pending, previous = launched, output
-        finish(pending)
-        for j in range(max(0, num_modules - window + 1), num_modules):
-            cotangents.flush(j)
-    finally:
-        streams.join()  # also on an error, so a capture never ends with the side stream unjoined
-    method.before_optimizer_step()
-    return last_loss
-
-
-def forward_context_for(device: torch.device, precision: str,
-                        cache_casts: bool = True) -> Callable[[], AbstractContextManager]:
-    """bf16: autocast the forwards (weights, gradients, optimizer and EMA stay fp32); fp32: nothing."""
-    if precision == "bf16":
-        return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16,
-                                 cache_enabled=cache_casts)
-    return nullcontext
-
-
 def build_optimizer(params: list[torch.nn.Parameter], cfg: Config, device: torch.device | None = None,
                     lr_on_device: bool = False) -> torch.optim.SGD:
     """SGD with Nesterov momentum and weight decay on all parameters. One fused kernel for the whole
     update on CUDA, the multi-tensor (foreach) path elsewhere; `lr_on_device` keeps the LR in a device
-    tensor (a CUDA graph reads it; `fastlocal.graphs.set_learning_rate` fills it)."""
+    tensor (a CUDA graph reads it; `set_learning_rate` fills it)."""
     fused = device is not None and device.type == "cuda"
     lr = torch.tensor(cfg.optim.lr, device=device) if lr_on_device else cfg.optim.lr
     return torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
@@ -310,6 +78,15 @@ def learning_rate(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: 
     if step < warmup:
         return lr0 * (step + 1) / warmup
     return 0.5 * lr0 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the LR of every group: in place when it is a device tensor (a captured graph reads it)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 @torch.no_grad()

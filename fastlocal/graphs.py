@@ -7,7 +7,7 @@ removes the per-kernel CPU cost. What capture needs, and how it is met here:
 - static inputs: the batch is copied into buffers the graph reads;
 - no host synchronisation inside the step: the engine's step has none (the loss stays on the device);
 - a learning rate the graph can read: the optimizer's LR is a device tensor, filled before each replay
-  (`set_learning_rate`);
+  (`fastlocal.engine.set_learning_rate`);
 - warm-up before capture: a few eager steps on a side stream (cudnn autotuning, Triton compilation,
   the EMA kernel's pointer table, the optimizer's momentum buffers);
 - gradients owned by the graph: set to None before capture, so backward allocates them in the graph's
@@ -24,28 +24,6 @@ import warnings
 from collections.abc import Callable
 
 import torch
-
-
-def cuda_option_on(option: str, setting: str, device: torch.device, instead: str) -> bool:
-    """Whether a CUDA-only auto | true | false option is on for `device`: auto and true mean on with CUDA;
-    true elsewhere warns, saying what happens `instead`."""
-    if setting == "false":
-        return False
-    if device.type != "cuda":
-        if setting == "true":
-            warnings.warn(f"{option}=true needs a CUDA device, but the run is on {device}; {instead} (set "
-                          f"{option}=false or auto to silence this)", stacklevel=3)
-        return False
-    return True
-
-
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the LR of every group: in place when it is a device tensor (a captured graph reads it)."""
-    for group in optimizer.param_groups:
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
 
 
 class GraphedStep:

@@ -9,7 +9,7 @@
         optimizer.step()
     learner.eval(); logits = learner(x) # evaluation is the backbone's plain forward
 
-`step` runs the same schedule the command-line trainer runs (`fastlocal.engine.local_train_step`), and the
+`step` runs the same schedule the command-line trainer runs (`fastlocal.schedule.local_train_step`), and the
 trainer builds its learner with `LocalLearner.from_config`. docs/any_model.md has the details.
 """
 
@@ -117,9 +117,9 @@ class LocalLearner(nn.Module):
         into existing gradients, like `loss.backward()`), then moves MLAAN's EMA copies toward the live
         blocks; call the optimizer's step after it. Returns the last module's loss, detached.
         `forward_context`: a context-manager factory wrapping every forward (e.g. bf16 autocast)."""
-        from fastlocal.engine import local_train_step
         from fastlocal.kernels import resolve_backend
         from fastlocal.methods import Batch
+        from fastlocal.schedule import local_train_step
 
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[-1] != self.backbone.input_size:
             raise ConfigError(f"step takes images (batch, 3, {self.backbone.input_size}, {self.backbone.input_size})"

@@ -73,7 +73,7 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
     from fastlocal import distributed
     from fastlocal.data import build_data
     from fastlocal.engine import Trainer
-    from fastlocal.models.cifar_resnet import use_fused_batch_norm, use_triton_conv
+    from fastlocal.models.cifar_resnet import use_fused_batch_norm
     from fastlocal.plan import build_model, describe_leaps
     from fastlocal.split import describe_split
 
@@ -107,9 +107,6 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
     elif (cfg.system.fused_batch_norm == "auto" and device.type == "cuda" and method.kernels == "triton"
           and not (parallel is not None and cfg.system.sync_batch_norm)):
         use_fused_batch_norm([backbone, method], "triton")  # nothing happens for backbones without CIFAR blocks
-    if cfg.system.triton_conv:
-        enable_on_blocks("system.triton_conv", use_triton_conv, backbone, method, method.kernels, cfg.model.arch,
-                         "the blocks run PyTorch's convolutions")
     memory_format = torch.channels_last if cfg.system.channels_last else torch.preserve_format
     backbone.to(device, memory_format=memory_format)
     method.to(device, memory_format=memory_format)

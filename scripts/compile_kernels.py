@@ -11,7 +11,7 @@ target, and reads registers and local memory (spills, if above 0) with cuobjdump
 as Triton's launcher specialises them (ints equal to 1 become constants; 16-divisible pointers and ints say
 so), so the code should be the GPU's, up to the Triton version.
 
-`--sweep`: also the launch shapes the kernel benchmarks try (BN_LAUNCH_SHAPES, CONV_TILES in
+`--sweep`: also the launch shapes the kernel benchmarks try (BN_LAUNCH_SHAPES in
 bench/test_bench_kernels.py). `--quick`: bf16 channels-last only (what the fast path runs). Exit status 1
 when a kernel does not compile. Must run without TRITON_INTERPRET (it replaces the kernels).
 """
@@ -39,7 +39,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from fastlocal.kernels import aux_loss, batch_norm, conv, ema  # noqa: E402
+from fastlocal.kernels import aux_loss, batch_norm, ema  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int64: "*i64",
@@ -134,14 +134,6 @@ def batch_norm_launches(dtype: torch.dtype, channels_last: bool) -> None:
             _forward_backward(y, [t for t in (x, weight, bias, res) if t is not None])
 
 
-def conv_launches(dtype: torch.dtype) -> None:
-    for name in ("stage1", "stage2"):
-        channels, size = STAGES[name]
-        x = _activation(channels, size, dtype, True).requires_grad_()
-        weight = torch.empty(channels, channels, 3, 3, dtype=dtype, requires_grad=True)
-        _forward_backward(conv.conv3x3(x, weight), [x, weight])
-
-
 def ema_launches(dtype: torch.dtype) -> None:
     # Tensors of the sizes of a LAM block copy: convolution weights and batch-norm vectors.
     shapes = [(64, 64, 3, 3), (64, 32, 3, 3), (64,), (32, 16, 1, 1), (7,)]
@@ -168,7 +160,7 @@ def _bench_lists():
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(ROOT / "bench"))
     spec.loader.exec_module(module)
-    return module.BN_LAUNCH_SHAPES, module.CONV_TILES
+    return module.BN_LAUNCH_SHAPES
 
 
 def record_all(quick: bool, sweep: bool) -> list[Launch]:
@@ -177,25 +169,19 @@ def record_all(quick: bool, sweep: bool) -> list[Launch]:
     with recorded_launches(launches):
         for dtype, channels_last in layouts:
             batch_norm_launches(dtype, channels_last)
-            conv_launches(dtype)
             ema_launches(dtype)
             aux_loss_launches(dtype, channels_last)
         if sweep:
-            bn_shapes, conv_tiles = _bench_lists()
+            bn_shapes = _bench_lists()
             defaults = {name: getattr(batch_norm, name) for overrides in bn_shapes for name in overrides}
-            default_pixels = conv.CONV_PIXELS
             try:
                 for overrides in bn_shapes:
                     for name, value in {**defaults, **overrides}.items():
                         setattr(batch_norm, name, value)
                     batch_norm_launches(torch.bfloat16, True)
-                for pixels in conv_tiles:
-                    conv.CONV_PIXELS = pixels
-                    conv_launches(torch.bfloat16)
             finally:
                 for name, value in defaults.items():
                     setattr(batch_norm, name, value)
-                conv.CONV_PIXELS = default_pixels
     return list(launches.values())
 
 

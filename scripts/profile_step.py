@@ -5,8 +5,8 @@
 
 1. Graphed step time (bf16 + channels_last, the step replayed from a CUDA graph) of a set of variants:
    `--set ablations`: BP, DGL, MLAAN without LAM, MLAAN, MLAAN with the PyTorch (reference) kernels (the
-   deltas say what each part costs); `--set fast` (default): BP and MLAAN with the fused batch norm, the
-   LAM pair fusion and the side stream, one at a time and together.
+   deltas say what each part costs); `--set fast` (default): BP and MLAAN with the fused batch norm and
+   the side stream, one at a time and together.
 2. Whether concurrency could pay (`--probe`): one module's LAM forward+backward and the next module's
    forward, captured in one graph, serially and on two streams.
 3. The eager MLAAN step under torch.profiler (`--profile plain|fbn`): the top CUDA kernels by device time.
@@ -22,11 +22,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from fastlocal.config import build_config
-from fastlocal.engine import build_optimizer, forward_context_for, local_train_step
+from fastlocal.engine import build_optimizer
 from fastlocal.graphs import GraphedStep
 from fastlocal.methods import METHODS, Batch, build_method
 from fastlocal.models import build_backbone
 from fastlocal.models.cifar_resnet import use_fused_batch_norm
+from fastlocal.schedule import forward_context_for, local_train_step
 from fastlocal.split import split_backbone
 
 MEAN_STD = ((0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616))
@@ -194,14 +195,11 @@ def main() -> None:
                     (f"mlaan K={k}", "mlaan", k, (), {}),
                     (f"mlaan K={k} reference kernels", "mlaan", k, (), {"kernels": "reference"})]
     else:
-        pair = ("mlaan.fuse_pair=true",)
         variants = [("bp", "bp", 1, (), {}), ("bp fbn", "bp", 1, (), {"fused_bn": True}),
                     (f"mlaan K={k}", "mlaan", k, (), {}),
                     (f"mlaan K={k} fbn", "mlaan", k, (), {"fused_bn": True}),
-                    (f"mlaan K={k} pair", "mlaan", k, pair, {}),
                     (f"mlaan K={k} streams", "mlaan", k, (), {"streams": True}),
-                    (f"mlaan K={k} fbn+pair", "mlaan", k, pair, {"fused_bn": True}),
-                    (f"mlaan K={k} fbn+pair+streams", "mlaan", k, pair, {"fused_bn": True, "streams": True})]
+                    (f"mlaan K={k} fbn+streams", "mlaan", k, (), {"fused_bn": True, "streams": True})]
     for name, method, kk, extra, options in variants:
         _, _, _, x, y, step, zero = build(arch, method, kk, batch, extra, **options)
         print(f"{name:36s} {graphed_ms(step, zero, x, y):8.2f} ms", flush=True)

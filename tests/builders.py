@@ -38,8 +38,9 @@ class LossScaler:
 def short_mlaan_run(device, overrides=(), prepare=None, steps: int = 3):
     """Losses of `steps` SGD steps of MLAAN resnet20 K=3 (16x16 random batches of 6, fixed seeds) on
     `device`, and the method; `prepare(backbone, method)` runs after the move to the device."""
-    from fastlocal.engine import build_optimizer, local_train_step
+    from fastlocal.engine import build_optimizer
     from fastlocal.methods import Batch
+    from fastlocal.schedule import local_train_step
 
     cfg, backbone, modules, method = build("mlaan", "resnet20", 3, overrides, dtype=torch.float32, input_size=16)
     backbone.to(device)

@@ -13,10 +13,10 @@ from torch import nn
 
 import fastlocal
 from fastlocal.config import ConfigError, build_config
-from fastlocal.engine import local_train_step
 from fastlocal.methods import METHODS, Batch
 from fastlocal.methods.leaps import check_leaps
 from fastlocal.methods.objectives import Decoder
+from fastlocal.schedule import local_train_step
 from fastlocal.split import part_saved_bytes, split_parts
 
 SIZE = 32

@@ -189,3 +189,36 @@ def mlaan_losses(fused: bool, device: str):
 def test_mlaan_training_with_fused_batch_norm_follows_the_plain_run(device, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # only the batch-norm arithmetic differs
     assert mlaan_losses(True, device) == pytest.approx(mlaan_losses(False, device), rel=1e-4)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_custom_ops_and_compile(residual):
+    # Registered like the aux loss's and the EMA's: opcheck the ops, then a compiled call against eager.
+    device = DEVICES[-1]
+    x, weight, bias, res = inputs((2, 5, 3, 4), True, residual, device)
+    running = (torch.zeros(5, device=device), torch.ones(5, device=device))
+    torch.library.opcheck(bn_kernel._forward_op, (x, weight, bias, res, *running, 0.1, 1e-5, True))
+    y, stats = bn_kernel._forward_impl(x, weight, bias, res, None, None, 0.1, 1e-5, True)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(bn_kernel._backward_op,
+                          (dy, x, y, weight, stats, True, True, residual, torch.float32, True))
+
+    def call(*args):
+        return bn_kernel.batch_norm_act(*args)
+
+    compiled = torch.compile(call, backend="aot_eager", fullgraph=True)
+    for fn in (call, compiled):
+        got = run_with(fn, x, weight, bias, res)
+        if fn is call:
+            expected = got
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def run_with(fn, x, weight, bias, residual):
+    """Output, gradients and running statistics of one call of `fn` (batch_norm_act's Triton path)."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, bias, residual)]
+    running_mean, running_var = torch.zeros(x.shape[1], device=x.device), torch.ones(x.shape[1], device=x.device)
+    y = fn(leaves[0], leaves[1], leaves[2], running_mean, running_var, 0.1, 1e-5, leaves[3], True)
+    y.backward(torch.ones_like(y))
+    return [y, *(t.grad for t in leaves if t is not None), running_mean, running_var]

@@ -22,8 +22,9 @@ from builders import build
 from fastlocal import distributed
 from fastlocal.config import ConfigError, build_config
 from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
-from fastlocal.engine import CHECKPOINT_NAME, Trainer, build_optimizer, evaluate, local_train_step
+from fastlocal.engine import CHECKPOINT_NAME, Trainer, build_optimizer, evaluate
 from fastlocal.methods import METHODS, Batch
+from fastlocal.schedule import local_train_step
 
 WORLD = 2
 GLOBAL_BATCH = 8

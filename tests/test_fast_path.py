@@ -1,17 +1,16 @@
 """GPU fast-path options checked on CPU: bf16 autocast, channels_last, the optimizer implementation,
 the side stream for the losses."""
 
-from contextlib import nullcontext
-
 import pytest
 import torch
 from builders import build
 
 from fastlocal.config import ConfigError, build_config
-from fastlocal.engine import _overlapped_train_step, build_optimizer, forward_context_for, local_train_step
+from fastlocal.engine import build_optimizer
 from fastlocal.graphs import GraphedStep
 from fastlocal.methods import METHODS, Batch, build_method
 from fastlocal.models import build_backbone
+from fastlocal.schedule import LossFork, forward_context_for, local_train_step
 from fastlocal.split import split_backbone
 
 
@@ -146,20 +145,10 @@ def test_side_stream_with_a_cpu_batch_is_a_clear_error():
         local_train_step(modules, method, b, side_stream=object())
 
 
-class OneStream:
-    """The `_LossStream` interface with no second stream: the side-stream schedule's order, run serially."""
+class OneStream(LossFork):
+    """The side-stream schedule's order (one loss left in flight), run serially on one stream."""
 
-    def forked(self):
-        return nullcontext()
-
-    def done(self):
-        return None
-
-    def wait(self, done):
-        pass
-
-    def join(self):
-        pass
+    in_flight = 1
 
 
 def step_results(method, overrides, step):
@@ -185,7 +174,7 @@ def test_side_stream_schedule_computes_bitwise_the_one_stream_step(method, overr
     i+1's forward before loss i's cascade VJPs and flush) gives the same bits."""
     one_stream = step_results(method, overrides, local_train_step)
     reordered = step_results(method, overrides,
-                             lambda modules, m, b: _overlapped_train_step(modules, m, b, nullcontext, OneStream()))
+                             lambda modules, m, b: local_train_step(modules, m, b, side_stream=OneStream()))
     assert len(one_stream) == len(reordered)
     assert all(torch.equal(a, b) for a, b in zip(one_stream, reordered))
 
@@ -284,7 +273,7 @@ def test_switches_take_toml_booleans(tmp_path):
     assert (cfg.system.cuda_graphs, cfg.system.cuda_streams, cfg.system.fused_batch_norm) == ("false", "true", "auto")
 
 
-@pytest.mark.parametrize("option", ["system.fused_batch_norm", "system.triton_conv"])
+@pytest.mark.parametrize("option", ["system.fused_batch_norm"])
 def test_triton_block_options_without_triton_warn_and_train(option, tmp_path):
     from fastlocal.train import main
 

@@ -12,11 +12,10 @@ import torch
 triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-# The fused batch norm's kernels and the aux loss's (the convolution is experimental: its fp32 32-channel
-# version, which the model never runs, spills).
-CHECKED_KERNELS = ("_stats_partials_kernel", "_stats_finalize_kernel", "_apply_kernel", "_grad_partials_kernel",
-                   "_grad_sums_kernel", "_grad_input_kernel", "_logits_kernel", "_grad_kernel", "_backward_kernel",
-                   "_pool_kernel")
+# The fused batch norm's kernels and the aux loss's.
+CHECKED_KERNELS = ("bn_stats_partials_kernel", "bn_stats_finalize_kernel", "bn_apply_kernel", "bn_grad_partials_kernel",
+                   "bn_grad_sums_kernel", "bn_grad_input_kernel", "aux_loss_logits_kernel", "aux_loss_grad_kernel",
+                   "aux_loss_backward_kernel", "aux_loss_pool_kernel")
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this triton has no bundled ptxas")
@@ -29,7 +28,7 @@ def test_the_fast_path_kernels_compile_and_do_not_spill(arch):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = re.findall(r"^regs\s+(\d+)\s+local\s+(\d+)\s+warps\s+\d+\s+(\w+)", run.stdout, re.MULTILINE)
     compiled = {name for _, _, name in rows}
-    assert set(CHECKED_KERNELS) | {"_conv3x3_kernel", "_wgrad_kernel", "_ema_kernel"} <= compiled
+    assert set(CHECKED_KERNELS) | {"ema_update_kernel"} <= compiled
     spilling = [(name, local) for _, local, name in rows if name in CHECKED_KERNELS and int(local) > 0]
     assert not spilling, f"kernels spill registers to local memory on sm_{arch}: {spilling}"
 

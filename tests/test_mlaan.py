@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from builders import build
 
-from fastlocal.engine import local_train_step
 from fastlocal.measure import SavedTensorAccountant, parameter_storages
 from fastlocal.methods import Batch
 from fastlocal.methods.leaps import check_leaps, leap_lists
 from fastlocal.models import build_backbone
+from fastlocal.schedule import local_train_step
 from fastlocal.split import max_modules, split_parts
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)

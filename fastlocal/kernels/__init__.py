@@ -24,8 +24,7 @@ from torch import Tensor
 
 KERNEL_BACKENDS = ("auto", "triton", "reference")
 
-__all__ = ["KERNEL_BACKENDS", "batch_norm_act", "conv3x3", "ema_update_", "gap_linear_cross_entropy",
-           "resolve_backend"]
+__all__ = ["KERNEL_BACKENDS", "batch_norm_act", "ema_update_", "gap_linear_cross_entropy", "resolve_backend"]
 
 
 def _interpreting() -> bool:
@@ -151,24 +150,3 @@ def batch_norm_act(
     from fastlocal.kernels.batch_norm import batch_norm_act_ref
 
     return batch_norm_act_ref(x, weight, bias, running_mean, running_var, momentum, eps, residual, relu)
-
-
-def conv3x3(x: Tensor, weight: Tensor, backend: str = "auto") -> Tensor:
-    """``conv2d(x, weight, padding=1)`` for a (CO, CI, 3, 3) weight, stride 1, no bias, under autocast like
-    ``F.conv2d`` (both cast to the autocast dtype). The Triton path (16, 32 or 64 channels in and out;
-    output channels_last) is a few-channel convolution written for the first stage of the CIFAR ResNets
-    (see ``fastlocal.kernels.conv``); it raises ``ValueError`` for other shapes."""
-    if resolve_backend(backend, x.device) == "reference":
-        from fastlocal.kernels.conv import conv3x3_ref
-
-        return conv3x3_ref(x, weight)
-    from fastlocal.kernels import conv as conv_kernel
-
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
-    problem = conv_kernel.supports(x, weight)
-    if problem is not None:
-        raise ValueError(f"conv3x3 (Triton): {problem}; use the reference backend for this convolution")
-    return conv_kernel.conv3x3(x, weight)

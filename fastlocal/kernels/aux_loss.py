@@ -1,23 +1,23 @@
 """Fused auxiliary loss: global average pool + Linear + cross-entropy, forward and backward.
 
-What is fused: the GAP+Linear head of DGL/MLAAN (``Gx_i``/``Gy_i``, SPEC 3.4) and its mean cross-entropy.
-As in Liger-Kernel's fused linear cross-entropy, the gradients are computed during the forward pass,
-so neither the pooled features nor the logits are kept for the backward. Because ``dL/dx`` is a
-broadcast of ``dL/dpooled / (H*W)`` over the spatial dims, the forward saves that (B, C) fp32 matrix
+What is fused: the GAP+Linear head of DGL/MLAAN (``Gx_i``/``Gy_i``, docs/method.md#heads-and-decoders) and
+its mean cross-entropy. As in Liger-Kernel's fused linear cross-entropy, the gradients are computed during
+the forward pass, so neither the pooled features nor the logits are kept for the backward. Because
+``dL/dx`` is a broadcast of ``dL/dpooled / (H*W)`` over the spatial dims, the forward saves that (B, C) fp32 matrix
 instead of a (B, C, H, W) tensor; the backward writes ``dx`` once, with the incoming gradient folded in.
 
 Launches (forward 2 or 3, backward 1; eager PyTorch needs about 15 for the same work):
 
-1. ``_pool_kernel`` x (B, C, H, W) -> pooled (B, C) fp32. Skipped when the logits fit one tile of
+1. ``aux_loss_pool_kernel`` x (B, C, H, W) -> pooled (B, C) fp32. Skipped when the logits fit one tile of
    ``BLOCK_N`` columns and a row of x is small (the CIFAR heads): then kernel 2 pools its own rows.
-2. ``_logits_kernel`` per (row tile, class tile): logits = pooled @ W^T + b, plus each tile's row max
+2. ``aux_loss_logits_kernel`` per (row tile, class tile): logits = pooled @ W^T + b, plus each tile's row max
    and sum of exponentials (a split log-sum-exp, so class tiles run in parallel).
-3. ``_grad_kernel`` one launch, three kinds of programs: dW tiles (dlogits^T @ pooled, and db = column
+3. ``aux_loss_grad_kernel`` one launch, three kinds of programs: dW tiles (dlogits^T @ pooled, and db = column
    sums of dlogits; for small heads each over one split of the batch, so the reduction runs in parallel
    and the backward adds the few partial sums), dpooled tiles (dlogits @ W), and one program for the
    loss. Each recomputes dlogits = (softmax - onehot) / B from the logits and the combined log-sum-exp,
    so dlogits is never written; every reduction runs in a fixed order (deterministic, no atomics).
-4. ``_backward_kernel`` (backward): dx = broadcast(dpooled * g / HW) in x's dtype and layout, and
+4. ``aux_loss_backward_kernel`` (backward): dx = broadcast(dpooled * g / HW) in x's dtype and layout, and
    dW * g, db * g (summing the splits) in the parameters' dtypes, where g is the 0-d grad_output read
    on the device (no host synchronisation, so the step can be captured in a CUDA graph).
 
@@ -45,13 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the reference below works without triton
-    triton = None
-    tl = None
-
+from fastlocal.kernels._triton import tl, triton
 
 # ----------------------------------------------------------------------------------------------------
 # Reference
@@ -101,7 +95,7 @@ if triton is not None:
         return acc * inv_hw
 
     @triton.jit
-    def _pool_kernel(
+    def aux_loss_pool_kernel(
         x_ptr,  # (B, C, H, W), NCHW or NHWC in memory
         pooled_ptr,  # out (B, C) fp32
         B,
@@ -125,7 +119,7 @@ if triton is not None:
         tl.store(pooled_ptr + rows[:, None] * C + chans[None, :], pooled, mask=mask)
 
     @triton.jit
-    def _logits_kernel(
+    def aux_loss_logits_kernel(
         x_ptr,  # (B, C, H, W), read only when FUSE_POOL
         pooled_ptr,  # (B, C) fp32: written when FUSE_POOL, else read
         w_ptr,  # (N, C) contiguous, any float dtype
@@ -205,7 +199,7 @@ if triton is not None:
         return tl.where(mask, (probs - onehot) * inv_b, 0.0)
 
     @triton.jit
-    def _grad_kernel(
+    def aux_loss_grad_kernel(
         pooled_ptr,  # (B, C) fp32
         w_ptr,  # (N, C) contiguous
         target_ptr,  # (B,) int64
@@ -296,7 +290,7 @@ if triton is not None:
             tl.store(loss_ptr, tl.sum(total, axis=0) * inv_b)
 
     @triton.jit
-    def _backward_kernel(
+    def aux_loss_backward_kernel(
         grad_ptr,  # () incoming dL_total/dloss
         dpooled_ptr,  # (B, C) fp32 saved by the forward
         dx_ptr,  # out (B, C, H, W) in x's dtype and memory layout
@@ -517,13 +511,13 @@ def _forward_impl(
     else:
         block_hw = min(_pow2(spatial), 128)
         pool_block_c = min(_pow2(channels), max(1, 8192 // block_hw), max_block)
-        _pool_kernel[(batch, triton.cdiv(channels, pool_block_c))](
+        aux_loss_pool_kernel[(batch, triton.cdiv(channels, pool_block_c))](
             x, pooled, batch, channels, spatial, inv_hw,
             CHANNELS_LAST=channels_last, BLOCK_B=1, BLOCK_C=pool_block_c, BLOCK_HW=block_hw, num_warps=4,
         )  # fmt: skip
         block_c = _clamp_block(channels, min(_TILE, max_block))
         num_warps = 4
-    _logits_kernel[(triton.cdiv(batch, _ROWS), num_n_tiles)](
+    aux_loss_logits_kernel[(triton.cdiv(batch, _ROWS), num_n_tiles)](
         x, pooled, weight, bias if has_bias else weight, logits, tile_max, tile_sum,
         batch, channels, spatial, num_classes, num_n_tiles, inv_hw,
         CHANNELS_LAST=channels_last, HAS_BIAS=has_bias, FUSE_POOL=fuse, BLOCK_B=_ROWS, BLOCK_N=block_n,
@@ -536,7 +530,7 @@ def _forward_impl(
     loss, dpooled, dw, db = _forward_outputs(x, weight, bias, need_dx, need_dwb, splits)
     num_dw_programs = num_dw_tiles * splits if need_dwb else 0
     num_dpooled_programs = triton.cdiv(batch, block_b3) * num_c_tiles if need_dx else 0
-    _grad_kernel[(num_dw_programs + num_dpooled_programs + 1,)](
+    aux_loss_grad_kernel[(num_dw_programs + num_dpooled_programs + 1,)](
         pooled, weight, target, logits, tile_max, tile_sum,
         dpooled if need_dx else loss, dw if need_dwb else loss, db if db.numel() else loss, loss,
         batch, channels, num_classes, num_n_tiles, 1.0 / batch, num_c_tiles, num_dw_tiles, rows_per_split,
@@ -573,7 +567,7 @@ def _backward_impl(
     num_db_programs = triton.cdiv(db_out.numel(), _BLOCK_FLAT)
     num_programs = num_dx_programs + num_dw_programs + num_db_programs
     if num_programs > 0:
-        _backward_kernel[(num_programs,)](
+        aux_loss_backward_kernel[(num_programs,)](
             grad, dpooled if need_dx else grad, dx if need_dx else grad, dw if need_dw else grad,
             dw_out if need_dw else grad, db if need_db else grad, db_out if need_db else grad,
             channels, spatial, db_out.numel(), dw_out.numel(), num_splits, 1.0 / spatial, num_c_tiles,

@@ -30,12 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the reference below works without triton
-    triton = None
-    tl = None
+from fastlocal.kernels._triton import tl, triton
 
 # Elements of one tile of the elementwise passes, and of one loop step of the partial-sums kernels (smaller:
 # they keep two fp32 accumulator tiles and up to three input tiles live); programs of the partial sums.
@@ -72,6 +67,13 @@ def batch_norm_act_ref(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Te
 
 if triton is not None:
 
+    # Stride legend. Every 4-d tensor is read as an (M, C) matrix, M = N*H*W, through three strides named
+    # s<tensor><dim>: <dim> is n (image), c (channel) or hw (pixel within an image, H and W merged); <tensor> is
+    #   x: the input, r: the residual (forward) or its gradient (backward), y: the output,
+    #   d: the output's gradient dy, z: dz (the masked dy, stored as the residual's gradient), g: dx.
+    # M, C: the matrix; hw_size: H*W; rows_per_program: rows of the (M, C) view one partial-sum program sums.
+    # Pointers of tensors a launch does not use are a valid dummy (x); the constexpr flags say so.
+
     @triton.jit
     def _tile_offsets(rows, cols, hw_size, stride_n, stride_c, stride_hw):
         # Row m of the (M, C) view is image m // HW, pixel m % HW; int64 so large batches cannot overflow.
@@ -80,8 +82,8 @@ if triton is not None:
         return n[:, None] * stride_n + hw[:, None] * stride_hw + cols[None, :].to(tl.int64) * stride_c
 
     @triton.jit
-    def _stats_partials_kernel(x_ptr, partial_ptr, M, C, hw_size, sxn, sxc, sxhw, rows_per_program,
-                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def bn_stats_partials_kernel(x_ptr, partial_ptr, M, C, hw_size, sxn, sxc, sxhw, rows_per_program,
+                                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         pid_m, pid_c = tl.program_id(0), tl.program_id(1)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         col_mask = cols < C
@@ -122,10 +124,10 @@ if triton is not None:
         return tl.sum(a1, axis=0), tl.sum(a2, axis=0)
 
     @triton.jit
-    def _stats_finalize_kernel(x_ptr, partial_ptr, num_partials, weight_ptr, bias_ptr, running_mean_ptr,
-                               running_var_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, M, C, sxc, eps,
-                               momentum, UPDATE_RUNNING: tl.constexpr, BLOCK_P: tl.constexpr,
-                               BLOCK_C: tl.constexpr):
+    def bn_stats_finalize_kernel(x_ptr, partial_ptr, num_partials, weight_ptr, bias_ptr, running_mean_ptr,
+                                 running_var_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, M, C, sxc, eps,
+                                 momentum, UPDATE_RUNNING: tl.constexpr, BLOCK_P: tl.constexpr,
+                                 BLOCK_C: tl.constexpr):
         cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         col_mask = cols < C
         k = tl.load(x_ptr + cols.to(tl.int64) * sxc, mask=col_mask, other=0.0).to(tl.float32)
@@ -151,9 +153,9 @@ if triton is not None:
             tl.store(running_var_ptr + cols, rv_new.to(running_var_ptr.dtype.element_ty), mask=col_mask)
 
     @triton.jit
-    def _apply_kernel(x_ptr, res_ptr, y_ptr, scale_ptr, shift_ptr, M, C, hw_size, sxn, sxc, sxhw, srn, src,
-                      srhw, syn, syc, syhw, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def bn_apply_kernel(x_ptr, res_ptr, y_ptr, scale_ptr, shift_ptr, M, C, hw_size, sxn, sxc, sxhw, srn, src,
+                        srhw, syn, syc, syhw, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         col_mask = cols < C
@@ -182,10 +184,10 @@ if triton is not None:
         return dz
 
     @triton.jit
-    def _grad_partials_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, partial_ptr, dz_ptr, M, C, hw_size,
-                              sdn, sdc, sdhw, syn, syc, syhw, sxn, sxc, sxhw, szn, szc, szhw, rows_per_program,
-                              RELU: tl.constexpr, STORE_DZ: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_C: tl.constexpr):
+    def bn_grad_partials_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, partial_ptr, dz_ptr, M, C, hw_size,
+                                sdn, sdc, sdhw, syn, syc, syhw, sxn, sxc, sxhw, szn, szc, szhw, rows_per_program,
+                                RELU: tl.constexpr, STORE_DZ: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_C: tl.constexpr):
         # STORE_DZ: also write dz (the residual's gradient), so the dx pass reads it instead of dy and y.
         pid_m, pid_c = tl.program_id(0), tl.program_id(1)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -209,7 +211,7 @@ if triton is not None:
         _store_partials(partial_ptr, pid_m, cols, col_mask, C, s1, s2)
 
     @triton.jit
-    def _grad_sums_kernel(partial_ptr, num_partials, sums_ptr, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    def bn_grad_sums_kernel(partial_ptr, num_partials, sums_ptr, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         # sums (2, C): the bias gradient sum(dz) and the weight gradient sum(dz * x_hat).
         cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         col_mask = cols < C
@@ -218,10 +220,10 @@ if triton is not None:
         tl.store(sums_ptr + C + cols, s2, mask=col_mask)
 
     @triton.jit
-    def _grad_input_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, sums_ptr, dx_ptr, dres_ptr,
-                           M, C, hw_size, sdn, sdc, sdhw, syn, syc, syhw, sxn, sxc, sxhw, sgn, sgc, sghw, srn,
-                           src, srhw, RELU: tl.constexpr, DZ_STORED: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                           WANT_DX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def bn_grad_input_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, sums_ptr, dx_ptr, dres_ptr,
+                             M, C, hw_size, sdn, sdc, sdhw, syn, syc, syhw, sxn, sxc, sxhw, sgn, sgc, sghw, srn,
+                             src, srhw, RELU: tl.constexpr, DZ_STORED: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                             WANT_DX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         # DZ_STORED: the partial-sums pass already wrote dz into dres; read it back (one tensor, not two).
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -248,7 +250,7 @@ if triton is not None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launch helpers and the autograd function
+# Launch helpers and launchers
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -305,78 +307,146 @@ def _grid(rows: int, num_channels: int) -> _Grid:
                  max(4, min(16, FINALIZE_ROWS * block_c_finalize // 256)))
 
 
+def _forward_impl(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, running_mean: Tensor | None,
+                  running_var: Tensor | None, momentum: float, eps: float, relu: bool) -> tuple[Tensor, Tensor]:
+    """(y, stats (2, C): the batch mean and 1/std); updates the running statistics in place when given."""
+    x, sx = _dense(x, x)
+    n, c, h, w = x.shape
+    rows, hw = n * h * w, h * w
+    device = x.device
+    g = _grid(rows, c)
+    partials = torch.empty(g.programs_m, 2, c, device=device, dtype=torch.float32)
+    bn_stats_partials_kernel[(g.programs_m, g.programs_c)](x, partials, rows, c, hw, *sx, g.rows_per_program,
+                                                           BLOCK_M=g.block_m, BLOCK_C=g.block_c,
+                                                           num_warps=g.partials_warps)
+    stats = torch.empty(2, c, device=device, dtype=torch.float32)
+    mean, invstd = stats.unbind(0)
+    scale, shift = torch.empty(2, c, device=device, dtype=torch.float32).unbind(0)
+    update = running_mean is not None
+    bn_stats_finalize_kernel[(g.programs_c_finalize,)](
+        x, partials, g.programs_m, weight, bias, running_mean if update else mean,
+        running_var if update else mean, mean, invstd, scale, shift, rows, c, sx[1], eps,
+        momentum, UPDATE_RUNNING=update, BLOCK_P=FINALIZE_ROWS,
+        BLOCK_C=g.block_c_finalize, num_warps=g.finalize_warps)
+    y = torch.empty_like(x)
+    sy = _nchw_strides(y)
+    grid = (triton.cdiv(rows, g.tile_m), g.programs_c)
+    if residual is not None:
+        residual, sr = _dense(residual, x)
+    else:
+        sr = sx
+    bn_apply_kernel[grid](x, residual if residual is not None else x, y, scale, shift, rows, c, hw, *sx, *sr,
+                          *sy, HAS_RESIDUAL=residual is not None, RELU=relu, BLOCK_M=g.tile_m, BLOCK_C=g.block_c,
+                          num_warps=ELEMENTWISE_WARPS)
+    return y, stats
+
+
+def _forward_outputs(x: Tensor) -> tuple[Tensor, Tensor]:
+    y = torch.empty_like(x, memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
+    return y, x.new_empty(2, x.shape[1], dtype=torch.float32)
+
+
+def _backward_impl(dy: Tensor, x: Tensor, y: Tensor | None, weight: Tensor, stats: Tensor,
+                   relu: bool, want_dx: bool, want_dres: bool, residual_dtype: torch.dtype,
+                   residual_channels_last: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx or an empty tensor, the residual's gradient or an empty tensor, sums (2, C): the bias gradient
+    sum(dz) and the weight gradient sum(dz * x_hat))."""
+    x, sx = _dense(x, x)  # the forward ran on this layout (a no-op for the dense x a convolution writes)
+    mean, invstd = stats.unbind(0)
+    dy, sd = _dense(dy, x)
+    n, c, h, w = x.shape
+    rows, hw = n * h * w, h * w
+    sy = _nchw_strides(y) if y is not None else sx
+    g = _grid(rows, c)
+    dx, dres = _backward_outputs(x, want_dx, want_dres, residual_dtype, residual_channels_last)
+    sg = _nchw_strides(dx) if want_dx else sx
+    sr = _nchw_strides(dres) if want_dres else sx
+    # dz is a masked copy of dy: stored in dres's dtype it is exact when that is dy's dtype.
+    store_dz = want_dres and dres.dtype == dy.dtype
+    partials = torch.empty(g.programs_m, 2, c, device=x.device, dtype=torch.float32)
+    bn_grad_partials_kernel[(g.programs_m, g.programs_c)](
+        dy, y if y is not None else x, x, mean, invstd, partials, dres if store_dz else x, rows, c, hw, *sd,
+        *sy, *sx, *sr, g.rows_per_program, RELU=relu, STORE_DZ=store_dz, BLOCK_M=g.block_m,
+        BLOCK_C=g.block_c, num_warps=g.partials_warps)
+    sums = torch.empty(2, c, device=x.device, dtype=torch.float32)
+    bn_grad_sums_kernel[(g.programs_c_finalize,)](partials, g.programs_m, sums, c, BLOCK_P=FINALIZE_ROWS,
+                                                  BLOCK_C=g.block_c_finalize, num_warps=g.finalize_warps)
+    if want_dx or (want_dres and not store_dz):
+        grid = (triton.cdiv(rows, g.tile_m), g.programs_c)
+        bn_grad_input_kernel[grid](
+            dy, y if y is not None else x, x, mean, invstd, weight, sums, dx if want_dx else x,
+            dres if want_dres else x, rows, c, hw, *sd, *sy, *sx, *sg, *sr, RELU=relu,
+            DZ_STORED=store_dz, HAS_RESIDUAL=want_dres, WANT_DX=want_dx, BLOCK_M=g.tile_m,
+            BLOCK_C=g.block_c, num_warps=ELEMENTWISE_WARPS)
+    return dx, dres, sums
+
+
+def _backward_outputs(x: Tensor, want_dx: bool, want_dres: bool, residual_dtype: torch.dtype,
+                      residual_channels_last: bool) -> tuple[Tensor, Tensor]:
+    dx = torch.empty_like(x) if want_dx else x.new_empty(0)
+    fmt = torch.channels_last if residual_channels_last else torch.contiguous_format
+    dres = (torch.empty(x.shape, device=x.device, dtype=residual_dtype, memory_format=fmt) if want_dres
+            else x.new_empty(0))
+    return dx, dres
+
+
+def _backward_fake(dy, x, y, weight, stats, relu, want_dx, want_dres, residual_dtype, residual_channels_last):
+    x = x.contiguous(memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
+    dx, dres = _backward_outputs(x, want_dx, want_dres, residual_dtype, residual_channels_last)
+    return dx, dres, x.new_empty(2, x.shape[1], dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registration: custom ops, as in aux_loss.py and ema.py, so torch.compile treats the passes as opaque ops
+# (the kernels read raw strides). Eager calls skip the dispatcher (its host cost is that of a launch).
+# ----------------------------------------------------------------------------------------------------
+
+
+# Explicit schemas: annotation inference differs between torch versions. The ops wrap the launchers
+# themselves; the fakes only allocate the outputs.
+_forward_op = torch.library.custom_op(
+    "fastlocal::batch_norm_act_fwd", _forward_impl, mutates_args={"running_mean", "running_var"},
+    schema="(Tensor x, Tensor weight, Tensor bias, Tensor? residual, Tensor(a!)? running_mean, "
+    "Tensor(b!)? running_var, float momentum, float eps, bool relu) -> (Tensor, Tensor)",
+)
+
+
+@_forward_op.register_fake
+def _forward_fake(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu):
+    return _forward_outputs(x)
+
+
+_backward_op = torch.library.custom_op(
+    "fastlocal::batch_norm_act_bwd", _backward_impl, mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor? y, Tensor weight, Tensor stats, bool relu, bool want_dx, "
+    "bool want_dres, ScalarType residual_dtype, bool residual_channels_last) -> (Tensor, Tensor, Tensor)",
+)
+_backward_op.register_fake(_backward_fake)
+
+
 class _BatchNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, momentum, eps, relu):
-        x, sx = _dense(x, x)
-        n, c, h, w = x.shape
-        rows, hw = n * h * w, h * w
-        device = x.device
-        g = _grid(rows, c)
-        partials = torch.empty(g.programs_m, 2, c, device=device, dtype=torch.float32)
-        _stats_partials_kernel[(g.programs_m, g.programs_c)](x, partials, rows, c, hw, *sx, g.rows_per_program,
-                                                             BLOCK_M=g.block_m, BLOCK_C=g.block_c,
-                                                             num_warps=g.partials_warps)
-        mean, invstd, scale, shift = torch.empty(4, c, device=device, dtype=torch.float32).unbind(0)
-        update = running_mean is not None
-        _stats_finalize_kernel[(g.programs_c_finalize,)](
-            x, partials, g.programs_m, weight, bias, running_mean if update else mean,
-            running_var if update else mean, mean, invstd, scale, shift, rows, c, sx[1], eps,
-            momentum if momentum is not None else 0.0, UPDATE_RUNNING=update, BLOCK_P=FINALIZE_ROWS,
-            BLOCK_C=g.block_c_finalize, num_warps=g.finalize_warps)
-        y = torch.empty_like(x)
-        sy = _nchw_strides(y)
-        grid = (triton.cdiv(rows, g.tile_m), g.programs_c)
-        if residual is not None:
-            residual, sr = _dense(residual, x)
-        else:
-            sr = sx
-        _apply_kernel[grid](x, residual if residual is not None else x, y, scale, shift, rows, c, hw, *sx, *sr,
-                            *sy, HAS_RESIDUAL=residual is not None, RELU=relu, BLOCK_M=g.tile_m, BLOCK_C=g.block_c,
-                            num_warps=ELEMENTWISE_WARPS)
-        ctx.save_for_backward(x, y if relu else None, weight, mean, invstd)
+        forward = _forward_op if torch.compiler.is_compiling() else _forward_impl
+        y, stats = forward(x, weight, bias, residual, running_mean, running_var,
+                           momentum if momentum is not None else 0.0, eps, relu)
+        ctx.save_for_backward(x, y if relu else None, weight, stats)
         ctx.relu = relu
         ctx.residual_like = (residual.dtype, _channels_last(residual)) if residual is not None else None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, y, weight, mean, invstd = ctx.saved_tensors
-        dy, sd = _dense(dy, x)
-        n, c, h, w = x.shape
-        rows, hw = n * h * w, h * w
-        sx = _nchw_strides(x)
-        sy = _nchw_strides(y) if y is not None else sx
-        g = _grid(rows, c)
+        x, y, weight, stats = ctx.saved_tensors
         want_dx = ctx.needs_input_grad[0]
-        dx = torch.empty_like(x) if want_dx else None
-        dres = None
-        if ctx.residual_like is not None and ctx.needs_input_grad[3]:
-            dtype, channels_last = ctx.residual_like
-            fmt = torch.channels_last if channels_last else torch.contiguous_format
-            dres = torch.empty(x.shape, device=x.device, dtype=dtype, memory_format=fmt)
-        sg = _nchw_strides(dx) if dx is not None else sx
-        sr = _nchw_strides(dres) if dres is not None else sx
-        # dz is a masked copy of dy: stored in dres's dtype it is exact when that is dy's dtype.
-        store_dz = dres is not None and dres.dtype == dy.dtype
-        partials = torch.empty(g.programs_m, 2, c, device=x.device, dtype=torch.float32)
-        _grad_partials_kernel[(g.programs_m, g.programs_c)](
-            dy, y if y is not None else x, x, mean, invstd, partials, dres if store_dz else x, rows, c, hw, *sd,
-            *sy, *sx, *sr, g.rows_per_program, RELU=ctx.relu, STORE_DZ=store_dz, BLOCK_M=g.block_m,
-            BLOCK_C=g.block_c, num_warps=g.partials_warps)
-        sums = torch.empty(2, c, device=x.device, dtype=torch.float32)  # sum of dz, sum of dz * x_hat
-        _grad_sums_kernel[(g.programs_c_finalize,)](partials, g.programs_m, sums, c, BLOCK_P=FINALIZE_ROWS,
-                                                    BLOCK_C=g.block_c_finalize, num_warps=g.finalize_warps)
-        if want_dx or (dres is not None and not store_dz):
-            grid = (triton.cdiv(rows, g.tile_m), g.programs_c)
-            _grad_input_kernel[grid](
-                dy, y if y is not None else x, x, mean, invstd, weight, sums, dx if dx is not None else x,
-                dres if dres is not None else x, rows, c, hw, *sd, *sy, *sx, *sg, *sr, RELU=ctx.relu,
-                DZ_STORED=store_dz, HAS_RESIDUAL=dres is not None, WANT_DX=want_dx, BLOCK_M=g.tile_m,
-                BLOCK_C=g.block_c, num_warps=ELEMENTWISE_WARPS)
+        want_dres = ctx.residual_like is not None and ctx.needs_input_grad[3]
+        residual_dtype, residual_channels_last = ctx.residual_like or (x.dtype, False)
+        backward = _backward_op if torch.compiler.is_compiling() else _backward_impl
+        dx, dres, sums = backward(dy, x, y, weight, stats, ctx.relu, want_dx, want_dres, residual_dtype,
+                                  residual_channels_last)
         dweight = sums[1].to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = sums[0].to(weight.dtype) if ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, dres, None, None, None, None, None
+        return (dx if want_dx else None), dweight, dbias, (dres if want_dres else None), None, None, None, None, None
 
 
 def batch_norm_act(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None,

@@ -1,8 +1,8 @@
 """Multi-tensor EMA update: ``ema <- m * ema + (1 - m) * live`` for a whole list of tensors in one launch.
 
 What is fused: MLAAN moves every LAM's frozen EMA copy toward the live backbone block once per step
-(SPEC 3.4). The authors' code loops over parameters in Python (3 kernels per tensor: mul_, mul, add_);
-``torch._foreach_lerp_`` needs one kernel per ~100 tensors and one per dtype. Here a single Triton
+(docs/method.md#methods). The authors' code loops over parameters in Python (3 kernels per tensor: mul_,
+mul, add_); ``torch._foreach_lerp_`` needs one kernel per ~100 tensors and one per dtype. Here a single Triton
 launch per (ema dtype, live dtype, 16-byte alignment) group updates every tensor: the host packs, once
 per list pair, one row ``(ema_address, live_address, length)`` per chunk of ``BLOCK`` elements into a
 device int64 table, and program ``i`` of the grid updates chunk ``i``. A step then does no host work
@@ -37,12 +37,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the reference functions below work without triton
-    triton = None
-    tl = None
+from fastlocal.kernels._triton import tl, triton
 
 # Elements per program. 2048 fp32 = 8 KiB per operand: 16 elements (four 16-byte vectors) per thread
 # with 4 warps, enough bytes in flight per SM, and at most 2047 wasted lanes on each tensor's tail.
@@ -114,7 +109,7 @@ if triton is not None:
         tl.store(ema_ptr + offsets, out.to(EMA_DTYPE), mask=mask)
 
     @triton.jit
-    def _ema_kernel(
+    def ema_update_kernel(
         table_ptr,  # int64 (num_chunks, 4): ema address, live address, length (<= BLOCK), unused
         weight_value,  # fp32 scalar 1 - m, used when WEIGHT_FROM_PTR is False
         momentum_ptr,  # 0-d momentum tensor, read when WEIGHT_FROM_PTR is True
@@ -335,7 +330,7 @@ def ema_update_triton_(
         # 1 - m in double, then fp32: the same weight _foreach_lerp_ receives from the reference.
         weight_value, momentum_arg, from_ptr = 1.0 - momentum, None, False
     for group in plan.groups:
-        _ema_kernel[(group.num_chunks,)](
+        ema_update_kernel[(group.num_chunks,)](
             group.table,
             weight_value,
             group.table if momentum_arg is None else momentum_arg,
@@ -358,14 +353,7 @@ def ema_update_triton_(
 # ----------------------------------------------------------------------------------------------------
 
 
-# An explicit schema: annotation inference of list[Tensor] differs between torch versions.
-@torch.library.custom_op(
-    "fastlocal::ema_update_",
-    mutates_args={"ema_tensors"},
-    schema="(Tensor(a!)[] ema_tensors, Tensor[] live_tensors, float momentum_value, "
-    "Tensor? momentum_tensor) -> ()",
-)
-def _ema_update_op(
+def _ema_update_impl(
     ema_tensors: list[Tensor],
     live_tensors: list[Tensor],
     momentum_value: float,
@@ -377,6 +365,14 @@ def _ema_update_op(
         momentum_value if momentum_tensor is None else momentum_tensor,
         by_elements=True,
     )
+
+
+# An explicit schema: annotation inference (of list[Tensor] here) differs between torch versions. The op
+# wraps the launcher itself; the fake has nothing to allocate.
+_ema_update_op = torch.library.custom_op(
+    "fastlocal::ema_update_", _ema_update_impl, mutates_args={"ema_tensors"},
+    schema="(Tensor(a!)[] ema_tensors, Tensor[] live_tensors, float momentum_value, Tensor? momentum_tensor) -> ()",
+)
 
 
 @_ema_update_op.register_fake

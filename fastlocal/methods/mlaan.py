@@ -21,7 +21,6 @@ from torch import nn
 
 from fastlocal.heads import classification_loss
 from fastlocal.methods.base import LocalMethod, register_method
-from fastlocal.methods.fused_pair import fused_pair_forward, modes_match, pair_is_fusable
 from fastlocal.methods.leaps import leap_lists
 from fastlocal.methods.objectives import build_objective, objective_is_zero, warn_untrained
 
@@ -34,29 +33,21 @@ class LeapAugmentedModule(nn.Module):
     the optimizer step (the copy moves toward the live block's pre-step weight, then takes its own SGD
     step), where eq. 6-7 read SGD then EMA. Either order is defensible; this one keeps a single EMA point
     per step for both modes (the `copies` mode's target is the pre-step weight too), so the two modes
-    differ only in which tensors the EMA moves.
+    differ only in which tensors the EMA moves."""
 
-    `fuse_pair`: compute Aug_i[0](z) + EMA_i[0](z) as one double-width block (see `fused_pair`); exact up
-    to summation order, same parameters and state. Used only where both copies are CIFAR BasicBlocks;
-    ignored for other blocks and in `literal` mode (no EMA copy to pair with)."""
-
-    def __init__(self, live_blocks: list[nn.Module], literal: bool = False, fuse_pair: bool = False):
+    def __init__(self, live_blocks: list[nn.Module], literal: bool = False):
         super().__init__()
         self.literal = literal
         self.aug = nn.ModuleList(copy.deepcopy(b) for b in live_blocks)
         self.ema_first = None
         if not literal:
             self.ema_first = copy.deepcopy(live_blocks[0]).requires_grad_(False)
-        # A plain bool, decided once from the blocks' structure: not part of the state_dict.
-        self.fuse_pair = fuse_pair and self.ema_first is not None and pair_is_fusable(self.aug[0], self.ema_first)
         # The live blocks are the backbone's; keep them out of this module's parameters and state.
         object.__setattr__(self, "live_blocks", live_blocks)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.ema_first is None:
             z = self.aug[0](z)
-        elif self.fuse_pair and modes_match(self.aug[0], self.ema_first):
-            z = fused_pair_forward(self.aug[0], self.ema_first, z)
         else:
             z = self.aug[0](z) + self.ema_first(z)
         for block in self.aug[1:]:
@@ -107,7 +98,7 @@ class MLAAN(LocalMethod):
             own[str(i)] = objective(info, i)
             if opts.lam:
                 blocks = [backbone.parts[p] for p in leaps[i]]
-                lams[str(i)] = LeapAugmentedModule(blocks, opts.lam_mode == "literal", opts.fuse_pair)
+                lams[str(i)] = LeapAugmentedModule(blocks, opts.lam_mode == "literal")
                 info = backbone.part_info[leaps[i][-1]]
             cascaded[str(i)] = objective(info, i)
         self.own_objectives = nn.ModuleDict(own)

@@ -14,9 +14,6 @@ from fastlocal.models.backbone import Backbone
 
 DEPTH_BLOCKS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
 STAGE_WIDTHS = (16, 32, 64)
-# The widest 3x3 convolutions `triton_conv` takes: cuDNN ran the 16-channel first stage slowly on an H200
-# (see fastlocal.kernels.conv), the wider stages at full speed.
-TRITON_CONV_CHANNELS = 16
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -28,9 +25,6 @@ class BasicBlock(nn.Module):
     """None: PyTorch's batch norm, ReLU and add. A kernels backend ("triton", "reference"): in training mode
     each batch norm runs fused with the ReLU and the residual add after it (`fastlocal.kernels.batch_norm_act`);
     set with `use_fused_batch_norm`."""
-    triton_conv: str | None = None
-    """None: PyTorch's convolutions. A kernels backend: the 3x3 stride-1 convolutions of at most
-    TRITON_CONV_CHANNELS channels run through `fastlocal.kernels.conv3x3`; set with `use_triton_conv`."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
@@ -48,21 +42,15 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         if self.fused_batch_norm is not None and self.training:
             return self._forward_fused(x, self.fused_batch_norm)
-        out = self.relu(self.bn1(self._conv(self.conv1, x)))
-        out = self.bn2(self._conv(self.conv2, out))
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
         return self.relu(out + self.shortcut(x))
 
     def _forward_fused(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        out = batch_norm_act(self._conv(self.conv1, x), self.bn1, backend)
+        out = batch_norm_act(self.conv1(x), self.bn1, backend)
         shortcut = x if len(self.shortcut) == 0 else batch_norm_act(self.shortcut[0](x), self.shortcut[1], backend,
                                                                     relu=False)
-        return batch_norm_act(self._conv(self.conv2, out), self.bn2, backend, residual=shortcut)
-
-    def _conv(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        if (self.triton_conv is not None and conv.stride == (1, 1)
-                and max(conv.in_channels, conv.out_channels) <= TRITON_CONV_CHANNELS):
-            return kernels.conv3x3(x, conv.weight, backend=self.triton_conv)
-        return conv(x)
+        return batch_norm_act(self.conv2(out), self.bn2, backend, residual=shortcut)
 
 
 def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, backend: str, residual: torch.Tensor | None = None,
@@ -80,11 +68,6 @@ def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, backend: str, residual: 
 def use_fused_batch_norm(modules: Iterable[nn.Module], backend: str | None) -> int:
     """Set `fused_batch_norm` on every BasicBlock inside `modules` (None switches it off); returns how many."""
     return _set_on_blocks(modules, "fused_batch_norm", backend)
-
-
-def use_triton_conv(modules: Iterable[nn.Module], backend: str | None) -> int:
-    """Set `triton_conv` on every BasicBlock inside `modules` (None switches it off); returns how many."""
-    return _set_on_blocks(modules, "triton_conv", backend)
 
 
 def _set_on_blocks(modules: Iterable[nn.Module], attribute: str, value: str | None) -> int:

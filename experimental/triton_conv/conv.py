@@ -4,8 +4,8 @@ Why: on an H200, in a bf16 channels-last MLAAN ResNet-32 K=15 step, cuDNN ran th
 16-channel first stage with sm80 kernels taking 56 us (forward), 128 us (input gradient) and 141 us
 (weight gradient) per call at batch 1024, 0.5 to 1.2 TB/s of the tensors' bytes, while the other stages'
 convolutions ran at about 20 us. With 16 channels the convolution is a thin matrix product (K = 144, N = 16),
-bound by memory, not by tensor-core throughput. Experimental: `system.triton_conv`, off by default until a
-GPU run shows it pays (`bench/test_bench_kernels.py::test_bench_conv3x3`).
+bound by memory, not by tensor-core throughput. Experimental: kept out of the `fastlocal` package until a
+GPU run shows it pays (see README.md here); `use_triton_conv` switches it on in the CIFAR ResNet blocks.
 
 The input x is viewed as an (M, CI) matrix, M = N*H*W pixels in NHWC order; a program takes BLOCK_P
 pixels and, for each of the 9 taps, loads the shifted (BLOCK_P, CI) tile (zeros outside the image) and
@@ -24,10 +24,14 @@ from 16 to 64 (``tl.dot`` needs 16 at least; more channels are where cuDNN is fa
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from fastlocal.kernels import resolve_backend
+from fastlocal.models.cifar_resnet import BasicBlock
 
 try:
     import triton
@@ -180,6 +184,64 @@ class _Conv3x3(torch.autograd.Function):
         return dx, dweight
 
 
-def conv3x3(x: Tensor, weight: Tensor) -> Tensor:
-    """The Triton path of ``fastlocal.kernels.conv3x3`` (see there)."""
+def conv3x3_triton(x: Tensor, weight: Tensor) -> Tensor:
+    """The Triton path of `conv3x3` (see there)."""
     return _Conv3x3.apply(x, weight)
+
+
+def conv3x3(x: Tensor, weight: Tensor, backend: str = "auto") -> Tensor:
+    """``conv2d(x, weight, padding=1)`` for a (CO, CI, 3, 3) weight, stride 1, no bias, under autocast like
+    ``F.conv2d`` (both cast to the autocast dtype). The Triton path (16, 32 or 64 channels in and out;
+    output channels_last) raises ``ValueError`` for other shapes. Backends as in `fastlocal.kernels`."""
+    if resolve_backend(backend, x.device) == "reference":
+        return conv3x3_ref(x, weight)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    problem = supports(x, weight)
+    if problem is not None:
+        raise ValueError(f"conv3x3 (Triton): {problem}; use the reference backend for this convolution")
+    return conv3x3_triton(x, weight)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The switch in the CIFAR ResNet blocks
+# ----------------------------------------------------------------------------------------------------
+
+# The widest 3x3 convolutions taken: cuDNN ran the 16-channel first stage slowly on an H200, the wider
+# stages at full speed.
+TRITON_CONV_CHANNELS = 16
+
+
+class TritonConv3x3(nn.Conv2d):
+    """A block's nn.Conv2d with its forward through `conv3x3` (same parameters, same state_dict)."""
+
+    kernels_backend = "triton"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return conv3x3(x, self.weight, backend=self.kernels_backend)
+
+
+def _takes_triton_conv(conv: nn.Module) -> bool:
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.bias is None
+            and max(conv.in_channels, conv.out_channels) <= TRITON_CONV_CHANNELS)
+
+
+def use_triton_conv(modules: Iterable[nn.Module], backend: str | None) -> int:
+    """Route the 3x3 stride-1 convolutions of at most TRITON_CONV_CHANNELS channels of every BasicBlock
+    inside `modules` through `conv3x3` with `backend` (None switches back to PyTorch's); returns how many
+    blocks were visited."""
+    blocks = {id(b): b for m in modules for b in m.modules() if isinstance(b, BasicBlock)}
+    for block in blocks.values():
+        for conv in (block.conv1, block.conv2):
+            if not _takes_triton_conv(conv):
+                continue
+            if backend is None:
+                conv.__class__ = nn.Conv2d
+                conv.__dict__.pop("kernels_backend", None)
+            else:
+                conv.__class__ = TritonConv3x3
+                conv.kernels_backend = backend
+    return len(blocks)

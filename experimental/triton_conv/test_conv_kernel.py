@@ -1,15 +1,15 @@
-"""The few-channel 3x3 convolution kernel against PyTorch's convolution in float64."""
+"""The few-channel 3x3 convolution kernel against PyTorch's convolution in float64 (see README.md)."""
 
 import os
 
+import conv as conv_module
 import pytest
 import torch
 import torch.nn.functional as F
 from builders import assert_same_forward_backward, forward_backward, short_mlaan_run
+from conv import conv3x3, use_triton_conv
 
-from fastlocal.kernels import conv as conv_module
-from fastlocal.kernels import conv3x3
-from fastlocal.models.cifar_resnet import BasicBlock, use_fused_batch_norm, use_triton_conv
+from fastlocal.models.cifar_resnet import BasicBlock, use_fused_batch_norm
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
@@ -108,7 +108,8 @@ def test_blocks_with_triton_conv_follow_the_plain_blocks(fused_batch_norm, devic
 
 def test_only_narrow_stride_one_convolutions_take_the_triton_path(monkeypatch):
     calls = []
-    monkeypatch.setattr(conv_module, "conv3x3", lambda x, w: calls.append(tuple(w.shape)) or F.conv2d(x, w, padding=1))
+    monkeypatch.setattr(conv_module, "conv3x3_triton",
+                        lambda x, w: calls.append(tuple(w.shape)) or F.conv2d(x, w, padding=1))
     blocks = [BasicBlock(16, 16, 1), BasicBlock(16, 32, 2), BasicBlock(32, 32, 1)]
     use_triton_conv(blocks, "triton")
     x = torch.randn(2, 16, 8, 8)
