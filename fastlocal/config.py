@@ -26,10 +26,9 @@ class DataConfig:
     source: str = "bundled"
     """Dataset: bundled (a CIFAR-10 subset shipped in the package), cifar10, svhn, stl10, imagefolder."""
     root: str = ""
-    """Where the dataset lives: the torchvision folder for cifar10/svhn/stl10, or for imagefolder a
-    folder or .tar/.tar.gz archive holding train/<class>/* and test/<class>/*."""
-    download: bool = True
-    """Download cifar10/svhn/stl10 into `root` when missing (needs internet)."""
+    """Where the dataset lives: the folder holding torchvision's files for cifar10/svhn/stl10 (never
+    downloaded: copy them there), or for imagefolder a folder or .tar/.tar.gz archive holding
+    train/<class>/* and test/<class>/*."""
     max_train: int = 0
     """Use only the first N training images, class-balanced (0 = all)."""
     max_test: int = 0
@@ -37,7 +36,7 @@ class DataConfig:
     image_size: int = 0
     """imagefolder only: resize every image to this square size (0 = keep; all must then match)."""
     normalize: str = "auto"
-    """auto (per source, SPEC section 5), cifar10, half (mean=std=0.5), imagenet, dataset (train stats)."""
+    """auto (per source, docs/method.md#recipes), cifar10, half (mean=std=0.5), imagenet, dataset (train stats)."""
     pad: int = -1
     """Random-crop padding in pixels (-1 = per source: CIFAR 4, SVHN 2, STL-10 4, imagefolder size/8)."""
     pad_mode: str = "auto"
@@ -47,7 +46,7 @@ class DataConfig:
     on_bad_image: str = "error"
     """An unreadable image in an imagefolder: error (stop and name it) or skip (warn and leave it out)."""
     cache_dir: str = ""
-    """Where decoded uint8 caches go ('' = $FASTLOCAL_CACHE or ~/.cache/fastlocal)."""
+    """Where decoded uint8 caches and extracted archives go ('' = $FASTLOCAL_CACHE or ~/.cache/fastlocal)."""
     loader: str = "auto"
     """How batches are made: device (the whole dataset as uint8 on the device, augmented there), torch (PIL
     decoding in DataLoader workers), dali (NVIDIA DALI, JPEG decoding on the GPU; pip install 'fastlocal[dali]'),
@@ -59,10 +58,34 @@ class DataConfig:
     resize_size: int = 256
     """torch/dali loaders: evaluation resizes the shorter side to this, then center-crops crop_size."""
     num_workers: int = 4
-    """torch loader: DataLoader worker processes (0 = decode in the main process); dali: CPU threads."""
+    """torch loader: DataLoader worker processes (0 = decode in the main process); dali: CPU threads; also
+    the threads that check or decode images up front."""
     dali_decoder: str = "auto"
     """dali loader: where JPEGs are decoded: auto (mixed on CUDA, cpu otherwise), mixed (nvJPEG on the GPU),
     cpu."""
+
+
+def validate_data(data: DataConfig, device: str) -> None:
+    """The data options that depend on each other (single values are checked by CHOICES and MINIMUMS)."""
+    if data.pad < -1:
+        raise ConfigError(f"data.pad = {data.pad} is not valid; use -1 (per source) or a padding >= 0")
+    if data.resize_size < data.crop_size:
+        raise ConfigError(
+            f"data.resize_size = {data.resize_size} is smaller than data.crop_size = {data.crop_size}; evaluation "
+            f"resizes the shorter side to resize_size and then center-crops crop_size, so set resize_size >= "
+            f"crop_size (ImageNet: 256 and 224)"
+        )
+    if data.loader in ("torch", "dali") and data.source not in ("imagefolder", "bundled"):
+        raise ConfigError(
+            f"data.loader = {data.loader} reads image folders (data.source = imagefolder or bundled), not "
+            f"{data.source}; use data.loader=device (or auto) for {data.source}"
+        )
+    if data.dali_decoder == "mixed" and (data.loader != "dali" or device == "cpu"):
+        raise ConfigError(
+            f"data.dali_decoder = mixed decodes JPEGs on the GPU with DALI, but data.loader = {data.loader} and "
+            f"system.device = {device}; set data.loader=dali and system.device=cuda (or auto on a GPU machine), "
+            f"or data.dali_decoder=auto"
+        )
 
 
 @dataclass
@@ -392,6 +415,7 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
             "data.source = imagefolder needs data.root: a folder or .tar/.tar.gz archive holding "
             "train/<class>/* and test/<class>/*"
         )
+    validate_data(cfg.data, cfg.system.device)
     if cfg.method.num_modules == 0:
         cfg.method.num_modules = 1 if cfg.method.name == "bp" else DEFAULT_NUM_MODULES
     if len(cfg.infopro.weights) != 4 or min(cfg.infopro.weights) < 0:
@@ -401,8 +425,6 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
         raise ConfigError(f"mlaan.final_weights = {list(cfg.mlaan.final_weights)} is not valid; give [c_own, c_prop]")
     if not 0 <= cfg.mlaan.ema_momentum <= 1:
         raise ConfigError(f"mlaan.ema_momentum = {cfg.mlaan.ema_momentum} is not valid; it must be in [0, 1]")
-    if cfg.data.pad < -1:
-        raise ConfigError(f"data.pad = {cfg.data.pad} is not valid; use -1 (per source) or a padding >= 0")
     return cfg
 
 

@@ -1,13 +1,18 @@
-"""Datasets as device-resident uint8 tensors with on-device augmentation.
+"""Datasets and loaders: one path per image size.
 
-:func:`build_data` reads a dataset (see :mod:`fastlocal.data.sources`), moves both splits to the device
-once and returns a shuffled, augmented training :class:`DeviceLoader` and an ordered test loader, with
-the per-source augmentation and normalisation recipe in :class:`DatasetInfo`.
+- Small images (cifar10, svhn, stl10, the bundled subset, image folders of small images): decoded once
+  into a uint8 cache (:mod:`fastlocal.data.sources`), moved to the device, served by
+  :class:`~fastlocal.data.loader.DeviceLoader` with on-device augmentation.
+- Large images (ImageNet-style image folders): streamed from the files by
+  :class:`~fastlocal.data.streaming.TorchImageLoader` (DataLoader + torchvision.transforms.v2) or, as
+  the fast path, :class:`~fastlocal.data.dali.DaliLoader`.
+
+Every loader follows :class:`~fastlocal.data.loader.Loader` and reads its share of each epoch from
+:func:`~fastlocal.data.sharding.shard_indices`. Options are validated in :mod:`fastlocal.config`.
 """
 
 from __future__ import annotations
 
-import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,26 +20,34 @@ import numpy as np
 import torch
 
 from fastlocal.config import DataConfig
-from fastlocal.data.loader import DeviceLoader
+from fastlocal.data.loader import DeviceLoader, Loader
 from fastlocal.data.sources import (
-    NATIVE_READERS,
+    NATIVE,
     DataError,
     SplitData,
+    bundled_path,
     cache_dir,
+    choose_images,
+    extract_archive,
+    find_base,
+    first_image_size,
     read_imagefolder,
-    subset_split,
+    read_native,
 )
 
-__all__ = ["DataBundle", "DataError", "DatasetInfo", "DeviceLoader", "build_data", "bundled_path", "read_splits"]
+__all__ = ["DataBundle", "DataError", "DatasetInfo", "DeviceLoader", "Loader", "build_data", "bundled_path",
+           "read_splits"]
 
-BUNDLED_FILE = "cifar10-subset.tar.gz"
 DEFAULT_NATIVE_ROOT = "data"
-
-CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
-CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
-HALF = (0.5, 0.5, 0.5)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# data.loader = auto streams image folders whose images are at least this large (shorter side, pixels).
+STREAMING_MIN_SIZE = 128
+# Per-channel (mean, std) in [0, 1] units by data.normalize; "dataset" is measured on the training images.
+NORMALIZATIONS = {
+    "cifar10": ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)),
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+IMAGENET_MEAN, IMAGENET_STD = NORMALIZATIONS["imagenet"]
 
 
 @dataclass
@@ -43,7 +56,7 @@ class DatasetInfo:
     """cifar10, svhn, stl10, imagefolder or bundled."""
     num_classes: int
     image_size: int
-    """Height == width of every image."""
+    """Height == width of every image the model sees."""
     class_names: list[str]
     mean: tuple[float, float, float]
     """Per-channel mean in [0, 1] units, subtracted before dividing by std."""
@@ -58,9 +71,9 @@ class DatasetInfo:
 
 @dataclass
 class DataBundle:
-    train: DeviceLoader
+    train: Loader
     """Shuffled and augmented."""
-    test: DeviceLoader
+    test: Loader
     """In order, not augmented, never drops a batch."""
     info: DatasetInfo
 
@@ -73,7 +86,7 @@ class _Recipe:
     normalize: str
 
 
-# The paper's per-source recipes, used where the config says auto / -1.
+# The paper's per-source recipes (docs/method.md#recipes), used where the config says auto / -1.
 RECIPES = {
     "cifar10": _Recipe(4, "reflect", True, "cifar10"),
     "bundled": _Recipe(4, "reflect", True, "cifar10"),
@@ -83,64 +96,69 @@ RECIPES = {
 }
 
 
-def bundled_path() -> Path:
-    """The CIFAR-10 subset shipped inside the package (1000 train / 200 test JPEGs per class)."""
-    path = importlib.resources.files("fastlocal.data").joinpath("bundled", BUNDLED_FILE)
-    if not path.is_file():
-        raise DataError(
-            f"the bundled dataset {path} is missing from this installation; reinstall fastlocal (the "
-            f"package data must include fastlocal/data/bundled/{BUNDLED_FILE}) or recreate it with "
-            f"scripts/make_bundled_subset.py, or set data.source to another dataset"
-        )
-    return Path(str(path))
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Exact per-channel mean and std (population) of uint8 (N, 3, H, W) images, in [0, 1] units."""
+    values = np.arange(256, dtype=np.float64) / 255
+    means, stds = [], []
+    for channel in range(3):
+        histogram = np.bincount(images[:, channel].reshape(-1), minlength=256).astype(np.float64)
+        mean = float((histogram * values).sum() / histogram.sum())
+        means.append(mean)
+        stds.append(max(float((histogram * (values - mean) ** 2).sum() / histogram.sum()), 1e-12) ** 0.5)
+    return (means[0], means[1], means[2]), (stds[0], stds[1], stds[2])
+
+
+def normalization(normalize: str, sample) -> tuple[tuple, tuple]:
+    """(mean, std) for data.normalize (auto already resolved); `sample()` gives uint8 (N, 3, H, W) training
+    images for "dataset"."""
+    return channel_stats(sample()) if normalize == "dataset" else NORMALIZATIONS[normalize]
+
+
+def root_folder(cfg: DataConfig) -> Path:
+    """The image folder or archive the config reads (the bundled archive for source = bundled)."""
+    return bundled_path() if cfg.source == "bundled" else Path(cfg.root)
+
+
+def choose_loader(cfg: DataConfig) -> str:
+    """The loader `cfg` selects: device, torch or dali (resolving data.loader = auto).
+
+    auto streams with ``torch`` an imagefolder whose images are large (data.image_size >= 128, or with
+    data.image_size = 0 a first training image whose shorter side is >= 128); everything else uses the
+    in-memory ``device`` loader.
+    """
+    if cfg.loader != "auto":
+        return cfg.loader
+    if cfg.source != "imagefolder":
+        return "device"
+    if cfg.image_size > 0:
+        return "torch" if cfg.image_size >= STREAMING_MIN_SIZE else "device"
+    root = Path(cfg.root).expanduser().absolute()
+    if not root.exists():
+        return "device"  # the reader names the missing folder
+    folder = root if root.is_dir() else extract_archive(root, cache_dir(cfg.cache_dir))
+    size = first_image_size(find_base(root, folder))
+    return "torch" if size is not None and size >= STREAMING_MIN_SIZE else "device"
 
 
 def read_splits(cfg: DataConfig, *, progress: bool = True) -> dict[str, SplitData]:
     """Both splits of the configured dataset as uint8 numpy arrays (on the host), subset as configured."""
-    if cfg.source in NATIVE_READERS:
-        root = Path(cfg.root or DEFAULT_NATIVE_ROOT)
-        reader = NATIVE_READERS[cfg.source]
-        max_n = {"train": cfg.max_train, "test": cfg.max_test}
-        return {
-            split: subset_split(
-                reader(root, split, download=cfg.download), max_n[split], split, f"{cfg.source} in {root}"
-            )
-            for split in ("train", "test")
-        }
-    if cfg.source in ("imagefolder", "bundled"):
-        if cfg.source == "imagefolder" and not cfg.root:
-            raise DataError(
-                "data.source = imagefolder needs data.root: a folder or .tar/.tar.gz archive holding "
-                "train/<class>/* and test/<class>/*"
-            )
-        return read_imagefolder(
-            cfg.root if cfg.source == "imagefolder" else bundled_path(),
-            max_train=cfg.max_train,
-            max_test=cfg.max_test,
-            image_size=cfg.image_size,
-            on_bad_image=cfg.on_bad_image,
-            cache=cache_dir(cfg.cache_dir),
-            progress=progress,
-            name=cfg.source,
-        )
-    raise DataError(
-        f"data.source = {cfg.source!r} is not valid; choose one of: "
-        f"{', '.join(['bundled', *NATIVE_READERS, 'imagefolder'])}"
-    )
-
-
-def channel_stats(images: np.ndarray) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Exact per-channel mean and std (population) of uint8 (N, 3, H, W) images, in [0, 1] units."""
-    means, stds = [], []
-    values = np.arange(256, dtype=np.float64) / 255
-    for channel in range(3):
-        histogram = np.bincount(images[:, channel].reshape(-1), minlength=256).astype(np.float64)
-        total = histogram.sum()
-        mean = float((histogram * values).sum() / total)
-        variance = float((histogram * (values - mean) ** 2).sum() / total)
-        means.append(mean)
-        stds.append(max(variance, 1e-12) ** 0.5)
-    return (means[0], means[1], means[2]), (stds[0], stds[1], stds[2])
+    max_n = {"train": cfg.max_train, "test": cfg.max_test}
+    if cfg.source not in NATIVE:
+        return read_imagefolder(root_folder(cfg), cache=cache_dir(cfg.cache_dir), max_train=cfg.max_train,
+                                max_test=cfg.max_test, image_size=cfg.image_size, on_bad_image=cfg.on_bad_image,
+                                progress=progress, name=cfg.source)
+    root = Path(cfg.root or DEFAULT_NATIVE_ROOT)
+    splits = {}
+    for split in max_n:
+        data = read_native(cfg.source, root, split)
+        if max_n[split] > 0:  # the class-balanced first max_n, in file order
+            per_class = [[str(i) for i in np.flatnonzero(data.labels == k)] for k in range(len(data.class_names))]
+            chosen, _ = choose_images(per_class, max_n[split], lambda name: None, split=split,
+                                      what=f"{cfg.source} in {root}", progress=False)
+            keep = np.sort([int(name) for names in chosen for name, _ in names])
+            data = SplitData(np.ascontiguousarray(data.images[keep]), data.labels[keep], data.class_names)
+        splits[split] = data
+    return splits
 
 
 def resolve_info(cfg: DataConfig, splits: dict[str, SplitData]) -> DatasetInfo:
@@ -162,25 +180,12 @@ def resolve_info(cfg: DataConfig, splits: dict[str, SplitData]) -> DatasetInfo:
     recipe = RECIPES[cfg.source]
     pad = cfg.pad if cfg.pad >= 0 else (recipe.pad if recipe.pad is not None else height // 8)
     pad_mode = recipe.pad_mode if cfg.pad_mode == "auto" else cfg.pad_mode
-    flip = recipe.flip if cfg.flip == "auto" else cfg.flip == "on"
     if pad > 0 and pad_mode == "reflect" and pad >= height:
         raise DataError(
             f"data.pad = {pad} with reflect padding needs images larger than {pad} pixels, but they are "
             f"{height}x{width}; set a smaller data.pad or data.pad_mode=constant"
         )
-    normalize = recipe.normalize if cfg.normalize == "auto" else cfg.normalize
-    if normalize == "cifar10":
-        mean, std = CIFAR10_MEAN, CIFAR10_STD
-    elif normalize == "half":
-        mean, std = HALF, HALF
-    elif normalize == "imagenet":
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    elif normalize == "dataset":
-        mean, std = channel_stats(train.images)
-    else:
-        raise DataError(
-            f"data.normalize = {cfg.normalize!r} is not valid; choose one of: auto, cifar10, half, imagenet, dataset"
-        )
+    mean, std = normalization(recipe.normalize if cfg.normalize == "auto" else cfg.normalize, lambda: train.images)
     return DatasetInfo(
         name=cfg.source,
         num_classes=len(train.class_names),
@@ -190,7 +195,7 @@ def resolve_info(cfg: DataConfig, splits: dict[str, SplitData]) -> DatasetInfo:
         std=std,
         pad=int(pad),
         pad_mode=pad_mode,
-        flip=bool(flip),
+        flip=recipe.flip if cfg.flip == "auto" else cfg.flip == "on",
     )
 
 
@@ -199,33 +204,31 @@ def build_data(
     *,
     batch_size: int,
     eval_batch_size: int,
-    device: torch.device,
+    device: torch.device | str,
     seed: int,
     drop_last: bool = False,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataBundle:
     """Read the configured dataset and return the two loaders (device-resident, or streaming for large images)."""
-    from fastlocal.data.streaming import build_streaming_data, uses_streaming  # DALI is imported only when used
+    kind = choose_loader(cfg)
+    options = dict(seed=seed, rank=rank, world_size=world_size)
+    if kind != "device":
+        from fastlocal.data.streaming import build_streaming_data
 
-    if uses_streaming(cfg):
-        return build_streaming_data(cfg, batch_size=batch_size, eval_batch_size=eval_batch_size, device=device,
-                                    seed=seed, drop_last=drop_last, progress=progress)
+        return build_streaming_data(cfg, kind, batch_size=batch_size, eval_batch_size=eval_batch_size, device=device,
+                                    drop_last=drop_last, progress=progress, **options)
     splits = read_splits(cfg, progress=progress)
     info = resolve_info(cfg, splits)
     device = torch.device(device)
 
     def to_device(data: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.from_numpy(np.ascontiguousarray(data.images)).to(device)
-        labels = torch.from_numpy(np.ascontiguousarray(data.labels, dtype=np.int64)).to(device)
-        return images, labels
+        return torch.from_numpy(data.images).to(device), torch.from_numpy(data.labels.astype(np.int64)).to(device)
 
-    train_images, train_labels = to_device(splits["train"])
-    test_images, test_labels = to_device(splits["test"])
-    augmentation = dict(mean=info.mean, std=info.std, pad=info.pad, pad_mode=info.pad_mode, flip=info.flip)
+    options.update(mean=info.mean, std=info.std, pad=info.pad, pad_mode=info.pad_mode, flip=info.flip)
     return DataBundle(
-        train=DeviceLoader(
-            train_images, train_labels, batch_size, train=True, seed=seed, drop_last=drop_last, **augmentation
-        ),
-        test=DeviceLoader(test_images, test_labels, eval_batch_size, train=False, seed=seed, **augmentation),
+        train=DeviceLoader(*to_device(splits["train"]), batch_size, train=True, drop_last=drop_last, **options),
+        test=DeviceLoader(*to_device(splits["test"]), eval_batch_size, train=False, **options),
         info=info,
     )

@@ -1,34 +1,49 @@
-"""A data loader whose whole dataset lives on the device as uint8 and is augmented there.
+"""The loader protocol, and a loader whose whole dataset lives on the device as uint8 and is augmented there.
 
-A training batch is one index_select of uint8 images and one gather that does the augmentation for the
-whole batch: the random crop is a per-image (row, column) offset into the padded batch and the
-horizontal flip reverses the column index of the same gather, so there is no per-image Python loop.
-Constant (zero) padding pads the batch once with F.pad; reflect padding is folded into the gather's
-indices (padded row r reads source row reflect(r)), which gives the same pixels without materialising
-the padded batch and works for uint8 on every backend. The float32 normalised batch is the only float
-tensor made.
+A training batch of :class:`DeviceLoader` is one index_select of uint8 images and one gather that does the
+augmentation for the whole batch: the random crop is a per-image (row, column) offset into the padded
+batch and the horizontal flip reverses the column index of the same gather, so there is no per-image
+Python loop. Constant (zero) padding pads the batch once with F.pad; reflect padding is folded into the
+gather's indices (padded row r reads source row reflect(r)), which gives the same pixels without
+materialising the padded batch and works for uint8 on every backend. The float32 normalised batch is
+the only float tensor made.
 
-All randomness of an epoch (order, crop offsets, flips) is drawn up front from a ``torch.Generator`` on
-the device seeded from (seed, epoch), so an epoch is a pure function of those two numbers: a resumed run
-sees bit-identical batches, and the global RNG is never used. Iteration slices device tensors with
-Python integers only, so it does not synchronise with the host.
+The order comes from :func:`~fastlocal.data.sharding.shard_indices`, the crop offsets and flips from a
+``torch.Generator`` on the device seeded from (seed, epoch, rank), all drawn up front: an epoch is a pure
+function of those numbers, a resumed run sees bit-identical batches, and the global RNG is never used.
+Iteration slices device tensors with Python integers only, so it does not synchronise with the host.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
+from fastlocal.data.sharding import epoch_seed, shard_indices
+
 PAD_MODES = ("reflect", "constant")
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit generator seed that mixes (seed, epoch), so nearby pairs give unrelated streams."""
-    digest = hashlib.sha256(f"fastlocal-loader:{seed}:{epoch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+@runtime_checkable
+class Loader(Protocol):
+    """What the engine needs from every loader (device-resident, torch workers, DALI).
+
+    Iterating yields (x float32 (B, 3, H, W) normalised on the loader's device, y int64 (B,)); call
+    set_epoch before each epoch; len() is the number of batches; num_images the images one epoch
+    of this rank reads.
+    """
+
+    @property
+    def num_images(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 def batches_per_epoch(num_images: int, batch_size: int, drop_last: bool) -> int:
@@ -50,6 +65,7 @@ class DeviceLoader:
     `pad_mode`, then a horizontal flip with p=0.5 when `flip`); otherwise batches come in order and are
     only normalised. Yields (x float32 (B, 3, H, W) = (images/255 - mean)/std, y int64 (B,)).
     Call :meth:`set_epoch` before iterating each epoch; iterating twice at one epoch repeats it exactly.
+    With `world_size` > 1 this rank reads its :func:`~fastlocal.data.sharding.shard_indices` share.
     """
 
     def __init__(
@@ -66,6 +82,8 @@ class DeviceLoader:
         flip: bool = False,
         seed: int = 0,
         drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -95,6 +113,7 @@ class DeviceLoader:
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.device = images.device
+        self.rank, self.world_size = int(rank), int(world_size)
         self._epoch = 0
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -106,7 +125,7 @@ class DeviceLoader:
 
     @property
     def num_images(self) -> int:
-        return self.images.shape[0]
+        return -(-self.images.shape[0] // self.world_size)
 
     @property
     def epoch(self) -> int:
@@ -157,20 +176,18 @@ class DeviceLoader:
         )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        size, count = self.batch_size, self.num_images
-        if not self.train:
-            for start in range(0, count, size):
-                yield self.normalize(self.images[start : start + size]), self.labels[start : start + size]
-            return
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(epoch_seed(self.seed, self._epoch))
-        # Draw the whole epoch's randomness first, in a fixed order, so each batch is a pure slice.
-        order = torch.randperm(count, generator=generator, device=self.device)
+        size = self.batch_size
+        order = shard_indices(self.images.shape[0], seed=self.seed, epoch=self._epoch, rank=self.rank,
+                              world_size=self.world_size, shuffle=self.train).to(self.device)
         offsets = flips = None
-        if self.pad > 0:
-            offsets = torch.randint(0, 2 * self.pad + 1, (2, count), generator=generator, device=self.device)
-        if self.flip:
-            flips = torch.randint(0, 2, (count,), generator=generator, device=self.device).bool()
+        if self.augments:
+            # The whole epoch's randomness first, in a fixed order, so each batch is a pure slice.
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(epoch_seed(self.seed, self._epoch, self.rank))
+            if self.pad > 0:
+                offsets = torch.randint(0, 2 * self.pad + 1, (2, len(order)), generator=generator, device=self.device)
+            if self.flip:
+                flips = torch.randint(0, 2, (len(order),), generator=generator, device=self.device).bool()
         for step in range(len(self)):
             window = slice(step * size, (step + 1) * size)
             index = order[window]
