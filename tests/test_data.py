@@ -14,10 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fastlocal.config import ConfigError, DataConfig, UserError, build_config
-from fastlocal.data import DataBundle, DataError, DatasetInfo, DeviceLoader, Loader, build_data, read_splits, sources
+from fastlocal.config import DataConfig, UserError
+from fastlocal.data import DataBundle, DataError, DatasetInfo, DeviceLoader, build_data, read_splits, sources
 from fastlocal.data.loader import reflect_index
-from fastlocal.data.sharding import shard_indices
 from fastlocal.data.sources import balanced_quotas, read_imagefolder, read_native
 
 SHARED_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg.tar.gz"
