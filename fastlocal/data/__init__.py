@@ -119,7 +119,7 @@ def root_folder(cfg: DataConfig) -> Path:
     return bundled_path() if cfg.source == "bundled" else Path(cfg.root)
 
 
-def choose_loader(cfg: DataConfig) -> str:
+def choose_loader(cfg: DataConfig, progress: bool = True) -> str:
     """The loader `cfg` selects: device, torch or dali (resolving data.loader = auto).
 
     auto streams with ``torch`` an imagefolder whose images are large (data.image_size >= 128, or with
@@ -135,7 +135,7 @@ def choose_loader(cfg: DataConfig) -> str:
     root = Path(cfg.root).expanduser().absolute()
     if not root.exists():
         return "device"  # the reader names the missing folder
-    folder = root if root.is_dir() else extract_archive(root, cache_dir(cfg.cache_dir))
+    folder = root if root.is_dir() else extract_archive(root, cache_dir(cfg.cache_dir), progress=progress)
     size = first_image_size(find_base(root, folder))
     return "torch" if size is not None and size >= STREAMING_MIN_SIZE else "device"
 
@@ -212,7 +212,7 @@ def build_data(
     world_size: int = 1,
 ) -> DataBundle:
     """Read the configured dataset and return the two loaders (device-resident, or streaming for large images)."""
-    kind = choose_loader(cfg)
+    kind = choose_loader(cfg, progress)
     options = dict(seed=seed, rank=rank, world_size=world_size)
     if kind != "device":
         from fastlocal.data.streaming import build_streaming_data

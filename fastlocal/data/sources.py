@@ -264,7 +264,7 @@ def extract_archive(archive: Path, cache: Path, *, progress: bool = True) -> Pat
             if progress:
                 from tqdm.auto import tqdm
 
-                members = tqdm(tar, desc=f"extracting {archive.name}", unit="file", leave=False)
+                members = tqdm(tar, desc=f"extracting {archive.name}", unit="file", leave=False, delay=1)
             # One pass, front to back; the "data" filter refuses members that would land outside `tmp`.
             tar.extractall(tmp, members=members, filter="data")
             # tarfile ends its iteration quietly when the file stops at a member boundary; a complete
