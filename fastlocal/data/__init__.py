@@ -20,20 +20,9 @@ import numpy as np
 import torch
 
 from fastlocal.config import DataConfig
+from fastlocal.data import sources
 from fastlocal.data.loader import DeviceLoader, Loader
-from fastlocal.data.sources import (
-    NATIVE,
-    DataError,
-    SplitData,
-    bundled_path,
-    cache_dir,
-    choose_images,
-    extract_archive,
-    find_base,
-    first_image_size,
-    read_imagefolder,
-    read_native,
-)
+from fastlocal.data.sources import DataError, SplitData, bundled_path
 
 __all__ = ["DataBundle", "DataError", "DatasetInfo", "DeviceLoader", "Loader", "build_data", "bundled_path",
            "read_splits"]
@@ -135,25 +124,25 @@ def choose_loader(cfg: DataConfig, progress: bool = True) -> str:
     root = Path(cfg.root).expanduser().absolute()
     if not root.exists():
         return "device"  # the reader names the missing folder
-    folder = root if root.is_dir() else extract_archive(root, cache_dir(cfg.cache_dir), progress=progress)
-    size = first_image_size(find_base(root, folder))
+    folder = root if root.is_dir() else sources.extract_archive(root, sources.cache_dir(cfg.cache_dir), progress=progress)
+    size = sources.first_image_size(sources.find_base(root, folder))
     return "torch" if size is not None and size >= STREAMING_MIN_SIZE else "device"
 
 
 def read_splits(cfg: DataConfig, *, progress: bool = True) -> dict[str, SplitData]:
     """Both splits of the configured dataset as uint8 numpy arrays (on the host), subset as configured."""
     max_n = {"train": cfg.max_train, "test": cfg.max_test}
-    if cfg.source not in NATIVE:
-        return read_imagefolder(root_folder(cfg), cache=cache_dir(cfg.cache_dir), max_train=cfg.max_train,
+    if cfg.source not in sources.NATIVE:
+        return sources.read_imagefolder(root_folder(cfg), cache=sources.cache_dir(cfg.cache_dir), max_train=cfg.max_train,
                                 max_test=cfg.max_test, image_size=cfg.image_size, on_bad_image=cfg.on_bad_image,
                                 progress=progress, name=cfg.source)
     root = Path(cfg.root or DEFAULT_NATIVE_ROOT)
     splits = {}
     for split in max_n:
-        data = read_native(cfg.source, root, split)
+        data = sources.read_native(cfg.source, root, split)
         if max_n[split] > 0:  # the class-balanced first max_n, in file order
             per_class = [[str(i) for i in np.flatnonzero(data.labels == k)] for k in range(len(data.class_names))]
-            chosen, _ = choose_images(per_class, max_n[split], lambda name: None, split=split,
+            chosen, _ = sources.choose_images(per_class, max_n[split], lambda name: None, split=split,
                                       what=f"{cfg.source} in {root}", progress=False)
             keep = np.sort([int(name) for names in chosen for name, _ in names])
             data = SplitData(np.ascontiguousarray(data.images[keep]), data.labels[keep], data.class_names)
@@ -168,49 +157,25 @@ def resolve_info(cfg: DataConfig, splits: dict[str, SplitData]) -> DatasetInfo:
         raise DataError(f"the {cfg.source} training split is empty; check data.root and data.max_train")
     height, width = train.images.shape[2:]
     if height != width:
-        raise DataError(
-            f"{cfg.source} images are {width}x{height}, but the models need square images; set "
-            f"data.image_size=N to resize every image to NxN"
-        )
+        raise DataError(f"{cfg.source} images are {width}x{height}, but the models need square images; set "
+                        f"data.image_size=N to resize every image to NxN")
     if len(test.labels) and test.images.shape[2:] != train.images.shape[2:]:
-        raise DataError(
-            f"{cfg.source} test images are {test.images.shape[3]}x{test.images.shape[2]} but training images "
-            f"{width}x{height}; set data.image_size=N to resize both to NxN"
-        )
+        raise DataError(f"{cfg.source} test images are {test.images.shape[3]}x{test.images.shape[2]} but training "
+                        f"images {width}x{height}; set data.image_size=N to resize both to NxN")
     recipe = RECIPES[cfg.source]
     pad = cfg.pad if cfg.pad >= 0 else (recipe.pad if recipe.pad is not None else height // 8)
     pad_mode = recipe.pad_mode if cfg.pad_mode == "auto" else cfg.pad_mode
     if pad > 0 and pad_mode == "reflect" and pad >= height:
-        raise DataError(
-            f"data.pad = {pad} with reflect padding needs images larger than {pad} pixels, but they are "
-            f"{height}x{width}; set a smaller data.pad or data.pad_mode=constant"
-        )
+        raise DataError(f"data.pad = {pad} with reflect padding needs images larger than {pad} pixels, but they are "
+                        f"{height}x{width}; set a smaller data.pad or data.pad_mode=constant")
     mean, std = normalization(recipe.normalize if cfg.normalize == "auto" else cfg.normalize, lambda: train.images)
-    return DatasetInfo(
-        name=cfg.source,
-        num_classes=len(train.class_names),
-        image_size=int(height),
-        class_names=list(train.class_names),
-        mean=mean,
-        std=std,
-        pad=int(pad),
-        pad_mode=pad_mode,
-        flip=recipe.flip if cfg.flip == "auto" else cfg.flip == "on",
-    )
+    return DatasetInfo(name=cfg.source, num_classes=len(train.class_names), image_size=int(height),
+                       class_names=list(train.class_names), mean=mean, std=std, pad=int(pad), pad_mode=pad_mode,
+                       flip=recipe.flip if cfg.flip == "auto" else cfg.flip == "on")
 
 
-def build_data(
-    cfg: DataConfig,
-    *,
-    batch_size: int,
-    eval_batch_size: int,
-    device: torch.device | str,
-    seed: int,
-    drop_last: bool = False,
-    progress: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-) -> DataBundle:
+def build_data(cfg: DataConfig, *, batch_size: int, eval_batch_size: int, device: torch.device | str, seed: int,
+               drop_last: bool = False, progress: bool = True, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Read the configured dataset and return the two loaders (device-resident, or streaming for large images)."""
     kind = choose_loader(cfg, progress)
     options = dict(seed=seed, rank=rank, world_size=world_size)

@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from fastlocal.data.loader import batches_per_epoch
-from fastlocal.data.sharding import epoch_seed, shard_indices
+from fastlocal.data.loader import EpochBatches
+from fastlocal.data.sharding import epoch_seed
 from fastlocal.data.sources import DataError, ImageList
 
 MISSING_DALI = "data.loader = dali needs NVIDIA DALI: pip install 'fastlocal[dali]' (nvidia-dali-cuda130)"
@@ -69,7 +69,7 @@ def image_pipeline():
     return pipeline
 
 
-class DaliLoader:
+class DaliLoader(EpochBatches):
     """Batches from a DALI pipeline over an :class:`~fastlocal.data.sources.ImageList`.
 
     Yields (x float32 (B, 3, crop, crop) normalised, on `device`; y int64 (B,)). `decoder`: auto (mixed on
@@ -81,48 +81,33 @@ class DaliLoader:
                  device: torch.device | str = "cpu", decoder: str = "auto", num_threads: int = 4, rank: int = 0,
                  world_size: int = 1):
         import_dali()
-        self.images, self.batch_size, self.train = images, int(batch_size), bool(train)
-        self.drop_last = self.train and bool(drop_last)
-        self.device = torch.device(device)
+        super().__init__(len(images), batch_size, train=train, drop_last=drop_last, seed=seed, rank=rank,
+                         world_size=world_size)
+        self.images, self.device = images, torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         on_cuda = self.device.type == "cuda"
         if decoder == "mixed" and not on_cuda:
-            raise DataError(
-                f"data.dali_decoder = mixed decodes on the GPU, but the run's device is {self.device.type}; use "
-                f"data.dali_decoder=cpu (or auto), or system.device=cuda on a machine with a GPU"
-            )
-        self.seed, self.rank, self.world_size, self.num_threads = int(seed), rank, world_size, max(1, num_threads)
-        self.epoch = 0
+            raise DataError(f"data.dali_decoder = mixed decodes on the GPU, but the run's device is "
+                            f"{self.device.type}; use data.dali_decoder=cpu (or auto), or system.device=cuda on a "
+                            f"machine with a GPU")
+        self.num_threads = max(1, num_threads)
         self._options = dict(
             file_root=str(images.base), train=self.train, crop=int(crop_size), resize=int(resize_size),
             mean=[255 * m for m in mean], std=[255 * s for s in std], flip=bool(flip), on_cuda=on_cuda,
             decoder="mixed" if decoder == "mixed" or (decoder == "auto" and on_cuda) else "cpu",
         )
 
-    @property
-    def num_images(self) -> int:
-        return -(-len(self.images) // self.world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return batches_per_epoch(self.num_images, self.batch_size, self.drop_last)
-
     def _error(self, err: Exception) -> DataError:
         detail = " ".join(str(err).split())[:600]
-        return DataError(
-            f"the DALI pipeline over {self.images.base} failed: {detail}. The files were checked before the "
-            f"pipeline was built, so one changed since, or DALI cannot decode a file PIL can; remove it or use "
-            f"data.loader=torch"
-        )
+        return DataError(f"the DALI pipeline over {self.images.base} failed: {detail}. The files were checked before "
+                         f"the pipeline was built, so one changed since, or DALI cannot decode a file PIL can; "
+                         f"remove it or use data.loader=torch")
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        order = shard_indices(len(self.images), seed=self.seed, epoch=self.epoch, rank=self.rank,
-                              world_size=self.world_size, shuffle=self.train).tolist()
+        order = self.order().tolist()
         try:
             pipe = image_pipeline()(
                 files=[self.images.paths[i] for i in order], labels=[int(self.images.labels[i]) for i in order],

@@ -46,9 +46,35 @@ class Loader(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
-def batches_per_epoch(num_images: int, batch_size: int, drop_last: bool) -> int:
-    """Batches in an epoch: every image once, the last batch partial unless dropped. Every loader's len()."""
-    return num_images // batch_size if drop_last else -(-num_images // batch_size)
+class EpochBatches:
+    """What every loader shares: this rank's share of `num_items` per epoch (:meth:`order`), in batches.
+
+    Training epochs are shuffled and may drop the last partial batch; evaluation keeps the order and
+    never drops a batch.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, *, train: bool, drop_last: bool = False, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.num_items, self.batch_size, self.train, self.drop_last = num_items, int(batch_size), train, train and drop_last
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+
+    @property
+    def num_images(self) -> int:
+        return -(-self.num_items // self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and augmentation the next iteration gives."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_images // self.batch_size if self.drop_last else -(-self.num_images // self.batch_size)
+
+    def order(self) -> torch.Tensor:
+        """int64 (num_images,): the items of this epoch, in reading order."""
+        return shard_indices(self.num_items, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                             world_size=self.world_size, shuffle=self.train)
 
 
 def reflect_index(size: int, pad: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -57,7 +83,7 @@ def reflect_index(size: int, pad: int, device: torch.device | str | None = None)
     return (size - 1) - ((size - 1) - index).abs()
 
 
-class DeviceLoader:
+class DeviceLoader(EpochBatches):
     """Batches of a device-resident uint8 dataset.
 
     images: uint8 (N, 3, H, W) on the device; labels: int64 (N,) on the same device.
@@ -68,53 +94,26 @@ class DeviceLoader:
     With `world_size` > 1 this rank reads its :func:`~fastlocal.data.sharding.shard_indices` share.
     """
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        batch_size: int,
-        *,
-        train: bool,
-        mean: Sequence[float],
-        std: Sequence[float],
-        pad: int = 0,
-        pad_mode: str = "reflect",
-        flip: bool = False,
-        seed: int = 0,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, train: bool,
+                 mean: Sequence[float], std: Sequence[float], pad: int = 0, pad_mode: str = "reflect",
+                 flip: bool = False, seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
-            raise ValueError(f"labels must be int64 ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
-        if labels.device != images.device:
-            raise ValueError(f"images are on {images.device} but labels on {labels.device}; move both")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if labels.dtype != torch.int64 or labels.shape != images.shape[:1] or labels.device != images.device:
+            raise ValueError(f"labels must be int64 ({images.shape[0]},) on {images.device}, got {labels.dtype} "
+                             f"{tuple(labels.shape)} on {labels.device}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 values each, std positive; got {mean}, {std}")
         if pad < 0 or pad_mode not in PAD_MODES:
             raise ValueError(f"pad must be >= 0 and pad_mode one of {PAD_MODES}; got {pad}, {pad_mode!r}")
         height, width = images.shape[2], images.shape[3]
         if train and pad > 0 and pad_mode == "reflect" and pad >= min(height, width):
-            raise ValueError(
-                f"reflect padding needs pad < image size, got pad {pad} for {height}x{width} images; "
-                f"use a smaller pad or pad_mode='constant'"
-            )
-        self.images = images
-        self.labels = labels
-        self.batch_size = int(batch_size)
-        self.train = bool(train)
-        self.pad = int(pad)
-        self.pad_mode = pad_mode
-        self.flip = bool(flip)
-        self.seed = int(seed)
-        self.drop_last = bool(drop_last)
-        self.device = images.device
-        self.rank, self.world_size = int(rank), int(world_size)
-        self._epoch = 0
+            raise ValueError(f"reflect padding needs pad < image size, got pad {pad} for {height}x{width} images; "
+                             f"use a smaller pad or pad_mode='constant'")
+        super().__init__(images.shape[0], batch_size, train=train, drop_last=drop_last, seed=seed, rank=rank,
+                         world_size=world_size)
+        self.images, self.labels, self.device = images, labels, images.device
+        self.pad, self.pad_mode, self.flip = int(pad), pad_mode, bool(flip)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._rows = torch.arange(height, device=self.device)
@@ -124,23 +123,8 @@ class DeviceLoader:
             self._reflect_cols = reflect_index(width, self.pad, self.device)
 
     @property
-    def num_images(self) -> int:
-        return -(-self.images.shape[0] // self.world_size)
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    @property
     def augments(self) -> bool:
         return self.train and (self.pad > 0 or self.flip)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentation the next iteration gives."""
-        self._epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return batches_per_epoch(self.num_images, self.batch_size, self.train and self.drop_last)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float32 (images/255 - mean)/std."""
@@ -177,13 +161,12 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         size = self.batch_size
-        order = shard_indices(self.images.shape[0], seed=self.seed, epoch=self._epoch, rank=self.rank,
-                              world_size=self.world_size, shuffle=self.train).to(self.device)
+        order = self.order().to(self.device)
         offsets = flips = None
         if self.augments:
             # The whole epoch's randomness first, in a fixed order, so each batch is a pure slice.
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(epoch_seed(self.seed, self._epoch, self.rank))
+            generator.manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
             if self.pad > 0:
                 offsets = torch.randint(0, 2 * self.pad + 1, (2, len(order)), generator=generator, device=self.device)
             if self.flip:
@@ -199,10 +182,3 @@ class DeviceLoader:
                     None if flips is None else flips[window],
                 )
             yield self.normalize(images), self.labels.index_select(0, index)
-
-    def __repr__(self) -> str:
-        return (
-            f"DeviceLoader({self.num_images} images {tuple(self.images.shape[1:])} on {self.device}, "
-            f"batch_size={self.batch_size}, train={self.train}, pad={self.pad} {self.pad_mode}, "
-            f"flip={self.flip}, seed={self.seed}, drop_last={self.drop_last})"
-        )

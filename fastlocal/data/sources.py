@@ -59,12 +59,10 @@ class BadImage(Exception):
 
 @dataclass
 class SplitData:
-    """One split of a dataset, in the reader's order."""
+    """One split of a dataset, in the reader's order: images uint8 (N, 3, H, W), labels int64 (N,)."""
 
     images: np.ndarray
-    """uint8 (N, 3, H, W)."""
     labels: np.ndarray
-    """int64 (N,), indices into class_names."""
     class_names: list[str]
 
 
@@ -77,11 +75,9 @@ def bundled_path() -> Path:
     """The CIFAR-10 subset shipped inside the package (1000 train / 200 test JPEGs per class)."""
     path = importlib.resources.files("fastlocal.data").joinpath("bundled", BUNDLED_FILE)
     if not path.is_file():
-        raise DataError(
-            f"the bundled dataset {path} is missing from this installation; reinstall fastlocal (the package "
-            f"data must include fastlocal/data/bundled/{BUNDLED_FILE}) or recreate it with "
-            f"scripts/make_bundled_subset.py, or set data.source to another dataset"
-        )
+        raise DataError(f"the bundled dataset {path} is missing from this installation; reinstall fastlocal (the "
+                        f"package data must include fastlocal/data/bundled/{BUNDLED_FILE}) or recreate it with "
+                        f"scripts/make_bundled_subset.py, or set data.source to another dataset")
     return Path(str(path))
 
 
@@ -105,12 +101,11 @@ def read_native(source: str, root: str | Path, split: str) -> SplitData:
             dataset = dataset_class(str(root), split=split, download=False)
             images, labels = dataset.data, dataset.labels
     except Exception as err:  # noqa: BLE001 -- torchvision raises RuntimeError when missing, others when corrupt
-        raise DataError(
-            f"{source}: cannot read {where} under {root} ({type(err).__name__}: {err}). fastlocal never "
-            f"downloads: on a machine with internet run torchvision.datasets.{class_name}(root, download=True) "
-            f"and copy {where} into {root}, or set data.root to the folder that holds it, or use "
-            f"data.source=imagefolder with data.root set to an image folder or archive (train/<class>/*, ...)"
-        ) from None
+        raise DataError(f"{source}: cannot read {where} under {root} ({type(err).__name__}: {err}). fastlocal never "
+                        f"downloads: on a machine with internet run torchvision.datasets.{class_name}(root, "
+                        f"download=True) and copy {where} into {root}, or set data.root to the folder that holds it, "
+                        f"or use data.source=imagefolder with data.root set to an image folder or archive "
+                        f"(train/<class>/*, ...)") from None
     class_names = list(getattr(dataset, "classes", None) or [str(k) for k in range(10)])
     return SplitData(np.ascontiguousarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64), class_names)
 
@@ -146,25 +141,15 @@ def balanced_quotas(counts: Sequence[int], total: int) -> list[int]:
     return quotas
 
 
-def choose_images(
-    per_class: Sequence[Sequence[str]],
-    max_n: int,
-    read: Callable[[str], object],
-    *,
-    split: str,
-    what: str,
-    on_bad_image: str = "error",
-    progress: bool = True,
-    num_threads: int = 8,
-) -> tuple[list[list[tuple[str, object]]], list[str]]:
+def choose_images(per_class: Sequence[Sequence[str]], max_n: int, read: Callable[[str], object], *, split: str,
+                  what: str, on_bad_image: str = "error", progress: bool = True,
+                  num_threads: int = 8) -> tuple[list[list[tuple[str, object]]], list[str]]:
     """Per class, [(name, read(name))] for all names or the class-balanced first `max_n` readable ones,
     and the sorted names skipped as unreadable. `read` raises BadImage for an unreadable image."""
     total = sum(len(names) for names in per_class)
     if max_n > total:
-        raise DataError(
-            f"data.max_{split} = {max_n} is larger than the {split} split of {what}, which has {total} images; "
-            f"set data.max_{split} to at most {total} (or 0 for all of them)"
-        )
+        raise DataError(f"data.max_{split} = {max_n} is larger than the {split} split of {what}, which has {total} "
+                        f"images; set data.max_{split} to at most {total} (or 0 for all of them)")
     values: dict[str, object] = {}
     bad: dict[str, str] = {}
     bar = None
@@ -183,10 +168,8 @@ def choose_images(
             available = sum(len(g) for g in good)
             wanted = max_n if max_n > 0 else available
             if wanted > available:
-                raise DataError(
-                    f"data.max_{split} = {max_n} needs {max_n} readable {split} images in {what}, but only "
-                    f"{available} of {total} are readable ({len(bad)} skipped); lower data.max_{split}"
-                )
+                raise DataError(f"data.max_{split} = {max_n} needs {max_n} readable {split} images in {what}, but only "
+                                f"{available} of {total} are readable ({len(bad)} skipped); lower data.max_{split}")
             quotas = balanced_quotas([len(g) for g in good], wanted)
             chosen = [g[:q] for g, q in zip(good, quotas, strict=True)]
             todo = [n for names in chosen for n in names if n not in values]
@@ -202,10 +185,8 @@ def choose_images(
                 elif on_bad_image == "skip":
                     bad[name] = error
                 else:
-                    raise DataError(
-                        f"cannot read image {name} in {what} ({error}); delete or replace the file, or set "
-                        f"data.on_bad_image=skip to leave unreadable images out"
-                    )
+                    raise DataError(f"cannot read image {name} in {what} ({error}); delete or replace the file, or set "
+                                    f"data.on_bad_image=skip to leave unreadable images out")
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -214,25 +195,8 @@ def choose_images(
             bar.close()
 
 
-def warn_skipped(name: str, split: str, what: str, skipped: Sequence[str]) -> None:
-    if len(skipped):
-        warnings.warn(
-            f"{name}: skipped {len(skipped)} unreadable {split} image(s) in {what} (data.on_bad_image=skip), "
-            f"e.g. {skipped[0]}",
-            stacklevel=3,
-        )
-
-
 # --------------------------------------------------------------------------------------------------
 # Image folders and archives
-
-
-def _archive_error(archive: Path, err: BaseException) -> DataError:
-    return DataError(
-        f"cannot read the archive {archive}: it is truncated, corrupt or not a .tar/.tar.gz/.tgz archive "
-        f"({type(err).__name__}: {err}); re-download or re-create it (compare its size with the original), "
-        f"or extract it and set data.root to the extracted folder"
-    )
 
 
 def extract_archive(archive: Path, cache: Path, *, progress: bool = True) -> Path:
@@ -253,11 +217,9 @@ def extract_archive(archive: Path, cache: Path, *, progress: bool = True) -> Pat
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f"{target.name}.", suffix=".tmp"))
     except OSError as err:
-        raise DataError(
-            f"cannot create the extraction folder under {parent} ({err}); set data.cache_dir or $FASTLOCAL_CACHE "
-            f"to a writable folder with room for the extracted images, or extract {archive} yourself and set "
-            f"data.root to the folder"
-        ) from None
+        raise DataError(f"cannot create the extraction folder under {parent} ({err}); set data.cache_dir or "
+                        f"$FASTLOCAL_CACHE to a writable folder with room for the extracted images, or extract "
+                        f"{archive} yourself and set data.root to the folder") from None
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar
@@ -281,18 +243,17 @@ def extract_archive(archive: Path, cache: Path, *, progress: bool = True) -> Pat
                 shutil.rmtree(target, ignore_errors=True)
                 os.rename(tmp, target)
     except tarfile.FilterError as err:
-        raise DataError(
-            f"the archive {archive} holds {err.tarinfo.name!r}, which would write or link outside the folder it "
-            f"is extracted to ({err}); nothing was extracted. Re-create the archive with relative paths and no "
-            f"links leaving it"
-        ) from None
+        raise DataError(f"the archive {archive} holds {err.tarinfo.name!r}, which would write or link outside the "
+                        f"folder it is extracted to ({err}); nothing was extracted. Re-create the archive with "
+                        f"relative paths and no links leaving it") from None
     except (tarfile.TarError, EOFError, zlib.error) as err:
-        raise _archive_error(archive, err) from None
+        raise DataError(f"cannot read the archive {archive}: it is truncated, corrupt or not a .tar/.tar.gz/.tgz "
+                        f"archive ({type(err).__name__}: {err}); re-download or re-create it (compare its size with "
+                        f"the original), or extract it and set data.root to the extracted folder") from None
     except OSError as err:
-        raise DataError(
-            f"cannot extract {archive} into {parent} ({type(err).__name__}: {err}); free disk space or set "
-            f"data.cache_dir to a folder with room, or extract it yourself and set data.root to the folder"
-        ) from None
+        raise DataError(f"cannot extract {archive} into {parent} ({type(err).__name__}: {err}); free disk space or "
+                        f"set data.cache_dir to a folder with room, or extract it yourself and set data.root to the "
+                        f"folder") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -316,48 +277,40 @@ def find_base(origin: Path, folder: Path) -> Path:
         if not {"train", "test"} & set(inner):
             found = sorted([d + "/" for d in top] + [e.name for e in os.scandir(folder) if e.is_file()])
             found = [f for f in found if f != EXTRACTED_MARKER]
-            raise DataError(
-                f"{origin}: no train/ and test/ folders; found top-level entries: {', '.join(found) or '(none)'}. "
-                f"Expected the image-folder layout train/<class>/<image> and test/<class>/<image>, optionally under "
-                f"one top-level folder (e.g. cifar10-jpeg/train/airplane/0000.jpg)"
-            )
+            raise DataError(f"{origin}: no train/ and test/ folders; found top-level entries: "
+                            f"{', '.join(found) or '(none)'}. Expected the image-folder layout train/<class>/<image> "
+                            f"and test/<class>/<image>, optionally under one top-level folder (e.g. "
+                            f"cifar10-jpeg/train/airplane/0000.jpg)")
         base, top = folder / top[0], inner
     for split in SPLITS:
         if split not in top:
             where = f"{base.name}/" if base != folder else "the top level"
             others = ", ".join(d + "/" for d in top if d != split) or "nothing"
-            raise DataError(
-                f"{origin}: no {split}/ folder at {where} (it holds: {others}); put the images in "
-                f"train/<class>/<image> and test/<class>/<image>"
-            )
+            raise DataError(f"{origin}: no {split}/ folder at {where} (it holds: {others}); put the images in "
+                            f"train/<class>/<image> and test/<class>/<image>")
     return base
 
 
 @dataclass
 class ImageFolder:
-    """The image files of an image-folder dataset, per split and class, sorted."""
+    """The image files of an image-folder dataset: `files`[split][label] are sorted paths relative to `base`
+    (the folder holding train/ and test/), labels index the sorted train/ class folders `class_names`;
+    `identity` changes with any file's name, size or modification time (the cache key)."""
 
-    origin: Path
-    """data.root as given (folder or archive), for messages."""
+    origin: Path  # data.root as given (a folder or an archive), for messages
     base: Path
-    """The folder on disk that holds train/ and test/ (inside the extraction for an archive)."""
     class_names: list[str]
-    """Sorted train/ class folder names; a label is an index into this list."""
     files: dict[str, list[list[str]]]
-    """split -> per class (label order) -> sorted paths relative to `base`."""
     identity: str
-    """Depends on every file's name, size and modification time: the cache key."""
 
 
 @dataclass
 class ImageList:
-    """The files one loader reads, in the reader's order (class by class, sorted names)."""
+    """The files one streaming loader reads: paths relative to `base`, labels int64 (N,), in reading order."""
 
     base: Path
     paths: list[str]
-    """Relative posix paths under `base`."""
     labels: np.ndarray
-    """int64 (N,)."""
     class_names: list[str]
 
     def __len__(self) -> int:
@@ -368,10 +321,8 @@ def list_imagefolder(root: str | Path, *, cache: Path, progress: bool = True) ->
     """The image files under `root` (a folder, or an archive extracted once into `cache`)."""
     origin = Path(root).expanduser().absolute()
     if not origin.exists():
-        raise DataError(
-            f"data.root {origin} does not exist; set data.root to a folder or .tar/.tar.gz archive holding "
-            f"train/<class>/* and test/<class>/*"
-        )
+        raise DataError(f"data.root {origin} does not exist; set data.root to a folder or .tar/.tar.gz archive holding "
+                        f"train/<class>/* and test/<class>/*")
     from torchvision.datasets.folder import make_dataset
 
     folder = origin if origin.is_dir() else extract_archive(origin, cache, progress=progress)
@@ -381,10 +332,8 @@ def list_imagefolder(root: str | Path, *, cache: Path, progress: bool = True) ->
         raise DataError(f"{origin}: train/ has no class folders; put the training images in train/<class>/<image>")
     extra = sorted(set(_subfolders(base / "test")) - set(class_names))
     if extra:
-        raise DataError(
-            f"{origin}: test/ has classes that are not in train/: {', '.join(extra)}; every test class needs a "
-            f"train/ folder of the same name (labels are the sorted train/ folder names)"
-        )
+        raise DataError(f"{origin}: test/ has classes that are not in train/: {', '.join(extra)}; every test class "
+                        f"needs a train/ folder of the same name (labels are the sorted train/ folder names)")
     digest = hashlib.sha256(f"folder:{base.resolve()}".encode())
     files: dict[str, list[list[str]]] = {}
     for split in SPLITS:
@@ -398,10 +347,8 @@ def list_imagefolder(root: str | Path, *, cache: Path, progress: bool = True) ->
             per_class[label].append(relative)
         for name, names in zip(class_names, per_class, strict=True):
             if not names and (base / split / name).is_dir():
-                raise DataError(
-                    f"{origin}: class folder {split}/{name}/ has no images (files ending in "
-                    f"{', '.join(IMAGE_EXTENSIONS)}); add images to it or remove the folder"
-                )
+                raise DataError(f"{origin}: class folder {split}/{name}/ has no images (files ending in "
+                                f"{', '.join(IMAGE_EXTENSIONS)}); add images to it or remove the folder")
         files[split] = per_class
     if not any(files["test"]):
         raise DataError(f"{origin}: test/ has no images; put the test images in test/<class>/<image>")
@@ -409,18 +356,16 @@ def list_imagefolder(root: str | Path, *, cache: Path, progress: bool = True) ->
 
 
 def first_image_size(base: Path) -> int | None:
-    """Shorter side of the first training image under `base` (None when it cannot be read)."""
+    """Shorter side of the first training image under `base` (None when there is none to read)."""
     from PIL import Image
 
     try:
-        train = base / "train"
-        for class_name in _subfolders(train):
-            for dirpath, dirnames, filenames in os.walk(train / class_name):
-                dirnames.sort()
-                image = next((f for f in sorted(filenames) if _is_image(f)), None)
-                if image is not None:
-                    with Image.open(Path(dirpath) / image) as img:
-                        return min(img.size)
+        for dirpath, dirnames, filenames in os.walk(base / "train"):
+            dirnames.sort()
+            image = next((f for f in sorted(filenames) if _is_image(f)), None)
+            if image is not None:
+                with Image.open(Path(dirpath) / image) as img:
+                    return min(img.size)
     except Exception:  # noqa: BLE001 -- the chosen reader reports the file properly
         return None
     return None
@@ -445,10 +390,8 @@ def _decode(path: Path, image_size: int) -> np.ndarray:
         raise BadImage(f"{type(err).__name__}: {err}") from None
 
 
-def cached(cache: Path | None, name: str, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict:
+def cached(cache: Path, name: str, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict:
     """The arrays stored under `key` in `cache`/`name`-<hash>.npz, else compute() (and store them)."""
-    if cache is None:
-        return compute()
     path = Path(cache) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -468,52 +411,51 @@ def cached(cache: Path | None, name: str, key: str, compute: Callable[[], dict[s
         finally:
             Path(tmp).unlink(missing_ok=True)
     except OSError as err:
-        warnings.warn(
-            f"could not write the cache {path} ({err}); it is computed again next run. Set data.cache_dir or "
-            f"$FASTLOCAL_CACHE to a writable folder",
-            stacklevel=2,
-        )
+        warnings.warn(f"could not write the cache {path} ({err}); it is computed again next run. Set data.cache_dir "
+                      f"or $FASTLOCAL_CACHE to a writable folder", stacklevel=2)
     return arrays
 
 
-def read_imagefolder(
-    root: str | Path,
-    *,
-    cache: Path,
-    max_train: int = 0,
-    max_test: int = 0,
-    image_size: int = 0,
-    on_bad_image: str = "error",
-    progress: bool = True,
-    name: str = "imagefolder",
-) -> dict[str, SplitData]:
-    """Both splits of an image-folder dataset as uint8 arrays, decoded once and cached in `cache`."""
+def read_split(folder: ImageFolder, split: str, max_n: int, read: Callable[[Path], object], *, cache: Path,
+               name: str, variant: str, on_bad_image: str = "error", progress: bool = True, num_threads: int = 8):
+    """The chosen images of `split` (see :func:`choose_images`) as arrays: paths (relative to folder.base),
+    labels int64 and, when `read` returns pixels, images uint8 (N, 3, H, W). Read once, then loaded from the
+    cache, whose key holds everything they depend on (`variant`: how they were read)."""
+
+    def compute() -> dict[str, np.ndarray]:
+        chosen, skipped = choose_images(folder.files[split], max_n, lambda rel: read(folder.base / rel), split=split,
+                                        what=str(folder.origin), on_bad_image=on_bad_image, progress=progress,
+                                        num_threads=num_threads)
+        entries = [entry for names in chosen for entry in names]
+        if not entries:
+            raise DataError(f"{folder.origin}: no readable {split} images; check data.root and data.max_{split}")
+        arrays = dict(paths=np.array([rel for rel, _ in entries], dtype=str), skipped=np.array(skipped, dtype=str),
+                      labels=np.array([k for k, names in enumerate(chosen) for _ in names], np.int64))
+        if isinstance(entries[0][1], np.ndarray):
+            (first, pixels), shape = entries[0], entries[0][1].shape
+            odd, odd_pixels = next((e for e in entries if e[1].shape != shape), (None, pixels))
+            if odd is not None:
+                raise DataError(f"images in {folder.origin} differ in size: {first} is {shape[2]}x{shape[1]} but "
+                                f"{odd} is {odd_pixels.shape[2]}x{odd_pixels.shape[1]}; set data.image_size=N to "
+                                f"resize every image to NxN")
+            arrays["images"] = np.stack([pixels for _, pixels in entries])
+        return arrays
+
+    key = f"v{CACHE_VERSION}|{folder.identity}|{split}|{max_n}|{variant}|{on_bad_image}"
+    arrays = cached(cache, f"{name}-{split}", key, compute)
+    if len(arrays["skipped"]):
+        warnings.warn(f"{name}: skipped {len(arrays['skipped'])} unreadable {split} image(s) in {folder.origin} "
+                      f"(data.on_bad_image=skip), e.g. {arrays['skipped'][0]}", stacklevel=3)
+    return arrays
+
+
+def read_imagefolder(root: str | Path, *, cache: Path, max_train: int = 0, max_test: int = 0, image_size: int = 0,
+                     on_bad_image: str = "error", progress: bool = True, name: str = "imagefolder") -> dict:
+    """{split: SplitData} of an image-folder dataset, decoded once and cached in `cache`."""
     folder = list_imagefolder(root, cache=Path(cache), progress=progress)
     result = {}
     for split, max_n in zip(SPLITS, (max_train, max_test), strict=True):
-
-        def decode(split=split, max_n=max_n) -> dict[str, np.ndarray]:
-            chosen, skipped = choose_images(
-                folder.files[split], max_n, lambda rel: _decode(folder.base / rel, image_size), split=split,
-                what=str(folder.origin), on_bad_image=on_bad_image, progress=progress,
-            )
-            entries = [entry for names in chosen for entry in names]
-            if not entries:
-                raise DataError(f"{folder.origin}: no readable {split} images; check data.root and data.max_{split}")
-            first = entries[0]
-            for rel, pixels in entries:
-                if pixels.shape != first[1].shape:
-                    raise DataError(
-                        f"images in {folder.origin} differ in size: {first[0]} is {first[1].shape[2]}x"
-                        f"{first[1].shape[1]} but {rel} is {pixels.shape[2]}x{pixels.shape[1]}; set "
-                        f"data.image_size=N to resize every image to NxN"
-                    )
-            labels = [k for k, names in enumerate(chosen) for _ in names]
-            return dict(images=np.stack([pixels for _, pixels in entries]), labels=np.array(labels, np.int64),
-                        skipped=np.array(skipped, dtype=str))
-
-        key = f"v{CACHE_VERSION}|{folder.identity}|{split}|{max_n}|{image_size}|{on_bad_image}"
-        arrays = cached(Path(cache), f"{name}-{split}", key, decode)
-        warn_skipped(name, split, str(folder.origin), arrays["skipped"].tolist())
-        result[split] = SplitData(arrays["images"], arrays["labels"].astype(np.int64), list(folder.class_names))
+        arrays = read_split(folder, split, max_n, lambda path: _decode(path, image_size), cache=Path(cache), name=name,
+                            variant=f"PIL {image_size}", on_bad_image=on_bad_image, progress=progress)
+        result[split] = SplitData(arrays["images"], arrays["labels"].astype(np.int64), folder.class_names)
     return result

@@ -24,21 +24,10 @@ import numpy as np
 import torch
 
 from fastlocal.config import DataConfig
-from fastlocal.data import DataBundle, DatasetInfo, normalization, root_folder
-from fastlocal.data.loader import batches_per_epoch
-from fastlocal.data.sharding import epoch_seed, shard_indices
-from fastlocal.data.sources import (
-    CACHE_VERSION,
-    BadImage,
-    DataError,
-    ImageList,
-    cache_dir,
-    cached,
-    choose_images,
-    first_image_size,
-    list_imagefolder,
-    warn_skipped,
-)
+from fastlocal.data import DataBundle, DatasetInfo, normalization, root_folder, sources
+from fastlocal.data.loader import EpochBatches
+from fastlocal.data.sharding import epoch_seed
+from fastlocal.data.sources import BadImage, DataError, ImageList
 
 # data.normalize = dataset estimates the statistics from this many training images (evaluation view).
 STATS_MAX_IMAGES = 1024
@@ -67,23 +56,12 @@ def check_image(path: Path, formats: frozenset[str] | None = None) -> bool:
 
 def select_images(cfg: DataConfig, split: str, *, formats=None, progress: bool = True) -> ImageList:
     """The checked files of `split` to stream (all, or the class-balanced first data.max_<split>), cached."""
-    cache = cache_dir(cfg.cache_dir)
-    folder = list_imagefolder(root_folder(cfg), cache=cache, progress=progress)
-    max_n = cfg.max_train if split == "train" else cfg.max_test
-
-    def check() -> dict[str, np.ndarray]:
-        chosen, skipped = choose_images(
-            folder.files[split], max_n, lambda rel: check_image(folder.base / rel, formats), split=split,
-            what=str(folder.origin), on_bad_image=cfg.on_bad_image, progress=progress,
-            num_threads=max(1, cfg.num_workers),
-        )
-        return dict(paths=np.array([rel for names in chosen for rel, _ in names], dtype=str),
-                    labels=np.array([k for k, names in enumerate(chosen) for _ in names], np.int64),
-                    skipped=np.array(skipped, dtype=str))
-
-    key = f"v{CACHE_VERSION}|{folder.identity}|{split}|{max_n}|{cfg.on_bad_image}|{sorted(formats or ['PIL'])}"
-    arrays = cached(cache / "checked", f"{cfg.source}-{split}", key, check)
-    warn_skipped(cfg.source, split, str(folder.origin), arrays["skipped"].tolist())
+    cache = sources.cache_dir(cfg.cache_dir)
+    folder = sources.list_imagefolder(root_folder(cfg), cache=cache, progress=progress)
+    arrays = sources.read_split(folder, split, cfg.max_train if split == "train" else cfg.max_test,
+                                lambda path: check_image(path, formats), cache=cache / "checked", name=cfg.source,
+                                variant=f"checked {sorted(formats or ['PIL'])}", on_bad_image=cfg.on_bad_image,
+                                progress=progress, num_threads=max(1, cfg.num_workers))
     return ImageList(folder.base, arrays["paths"].tolist(), arrays["labels"].astype(np.int64), folder.class_names)
 
 
@@ -127,35 +105,25 @@ class _ImageFiles(torch.utils.data.Dataset):
             return self.transform(image), int(self.labels[index])
 
 
-class _EpochKeys(torch.utils.data.Sampler):
-    """Yields the (index, per-image seed) keys of this rank's share of the current epoch, in reading order.
+class _Keys(torch.utils.data.Sampler):
+    """The (index, per-image seed) keys of one epoch, set by the loader before each iteration.
 
-    It holds the epoch itself rather than a reference to its loader: a loader <-> sampler cycle would
-    leave the DataLoader's worker shutdown to the cyclic garbage collector, which can close the worker
-    queues first and then wait seconds per worker for a shutdown message that never arrives.
+    It holds the keys rather than a reference to its loader: a loader <-> sampler cycle would leave the
+    DataLoader's worker shutdown to the cyclic garbage collector, which can close the worker queues first
+    and then wait seconds per worker for a shutdown message that never arrives.
     """
 
-    def __init__(self, count: int, *, train: bool, seed: int, rank: int, world_size: int):
-        self.count, self.train, self.seed, self.rank, self.world_size = count, train, seed, rank, world_size
-        self.epoch = 0
-
-    def keys(self) -> list[tuple[int, int]]:
-        order = shard_indices(self.count, seed=self.seed, epoch=self.epoch, rank=self.rank,
-                              world_size=self.world_size, shuffle=self.train)
-        if not self.train:
-            return [(i, -1) for i in order.tolist()]
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, 1))
-        seeds = torch.randint(0, 1 << 62, (self.count,), generator=generator)
-        return list(zip(order.tolist(), seeds[order].tolist(), strict=True))
+    def __init__(self, count: int):
+        self.keys: list[tuple[int, int]] = [(0, -1)] * count
 
     def __len__(self) -> int:
-        return -(-self.count // self.world_size)
+        return len(self.keys)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(self.keys())
+        return iter(self.keys)
 
 
-class TorchImageLoader:
+class TorchImageLoader(EpochBatches):
     """Batches decoded by PIL and transformed by torchvision.transforms.v2 in DataLoader workers.
 
     Workers send uint8 (B, 3, crop, crop) batches (pinned on CUDA), copied with non_blocking and
@@ -166,52 +134,37 @@ class TorchImageLoader:
     def __init__(self, images: ImageList, batch_size: int, *, train: bool, crop_size: int, resize_size: int,
                  mean: Sequence[float], std: Sequence[float], flip: bool = True, seed: int = 0, drop_last: bool = False,
                  device: torch.device | str = "cpu", num_workers: int = 0, rank: int = 0, world_size: int = 1):
-        self.images, self.batch_size, self.train = images, int(batch_size), bool(train)
-        self.drop_last = self.train and bool(drop_last)
-        self.device = torch.device(device)
+        super().__init__(len(images), batch_size, train=train, drop_last=drop_last, seed=seed, rank=rank,
+                         world_size=world_size)
+        self.images, self.device = images, torch.device(device)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._keys = _EpochKeys(len(images), train=self.train, seed=seed, rank=rank, world_size=world_size)
+        self._keys = _Keys(self.num_images)
         self._loader = torch.utils.data.DataLoader(
-            _ImageFiles(images, image_transform(train, crop_size, resize_size, flip)),
-            batch_size=self.batch_size,
-            sampler=self._keys,
-            num_workers=num_workers,
-            pin_memory=self.device.type == "cuda",
-            drop_last=self.drop_last,
-            persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None,
-        )
+            _ImageFiles(images, image_transform(train, crop_size, resize_size, flip)), batch_size=self.batch_size,
+            sampler=self._keys, num_workers=num_workers, pin_memory=self.device.type == "cuda",
+            drop_last=self.drop_last, persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None)
 
-    @property
-    def num_images(self) -> int:
-        return len(self._keys)
-
-    def set_epoch(self, epoch: int) -> None:
-        self._keys.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return batches_per_epoch(self.num_images, self.batch_size, self.drop_last)
+    def keys(self) -> list[tuple[int, int]]:
+        """(index, per-image augmentation seed, -1 for none) of this epoch, in reading order."""
+        order = self.order()
+        if not self.train:
+            return [(i, -1) for i in order.tolist()]
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, 1))
+        seeds = torch.randint(0, 1 << 62, (self.num_items,), generator=generator)
+        return list(zip(order.tolist(), seeds[order].tolist(), strict=True))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._keys.keys = self.keys()
         for images, labels in self._loader:
             images = images.to(self.device, non_blocking=True).float().div_(255).sub_(self._mean).div_(self._std)
             yield images, labels.to(self.device, non_blocking=True)
 
 
-def build_streaming_data(
-    cfg: DataConfig,
-    kind: str,
-    *,
-    batch_size: int,
-    eval_batch_size: int,
-    device: torch.device | str,
-    seed: int,
-    drop_last: bool = False,
-    progress: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-) -> DataBundle:
+def build_streaming_data(cfg: DataConfig, kind: str, *, batch_size: int, eval_batch_size: int,
+                         device: torch.device | str, seed: int, drop_last: bool = False, progress: bool = True,
+                         rank: int = 0, world_size: int = 1) -> DataBundle:
     """The streaming loaders (`kind` = torch or dali) for an image folder or archive; see build_data."""
     formats = None
     if kind == "dali":
@@ -222,7 +175,7 @@ def build_streaming_data(
     crop, resize = cfg.crop_size, cfg.resize_size
     train = select_images(cfg, "train", formats=formats, progress=progress)
     test = select_images(cfg, "test", formats=formats, progress=progress)
-    size = first_image_size(train.base)
+    size = sources.first_image_size(train.base)
     if size is not None and 2 * size <= crop:
         # Upscaling every image 2x or more (e.g. 32 px CIFAR to the default 224) is almost always a mistake.
         warnings.warn(
