@@ -1,14 +1,10 @@
-"""Datasets and loaders: one path per image size.
+"""Datasets and loaders, one path per image size (options are validated in :mod:`fastlocal.config`).
 
-- Small images (cifar10, svhn, stl10, the bundled subset, image folders of small images): decoded once
-  into a uint8 cache (:mod:`fastlocal.data.sources`), moved to the device, served by
-  :class:`~fastlocal.data.loader.DeviceLoader` with on-device augmentation.
-- Large images (ImageNet-style image folders): streamed from the files by
-  :class:`~fastlocal.data.streaming.TorchImageLoader` (DataLoader + torchvision.transforms.v2) or, as
-  the fast path, :class:`~fastlocal.data.dali.DaliLoader`.
-
-Every loader follows :class:`~fastlocal.data.loader.Loader` and reads its share of each epoch from
-:func:`~fastlocal.data.sharding.shard_indices`. Options are validated in :mod:`fastlocal.config`.
+Small images (cifar10, svhn, stl10, the bundled subset, image folders of small images) are decoded once
+into a uint8 cache and served from the device by :class:`DeviceLoader`. Large images (ImageNet-style
+image folders) stream through :class:`~fastlocal.data.streaming.TorchImageLoader` or, the fast path,
+:class:`~fastlocal.data.dali.DaliLoader`. Every loader is a :class:`Loader` reading its share of each
+epoch from :func:`~fastlocal.data.sharding.shard_indices`.
 """
 
 from __future__ import annotations
@@ -41,47 +37,32 @@ IMAGENET_MEAN, IMAGENET_STD = NORMALIZATIONS["imagenet"]
 
 @dataclass
 class DatasetInfo:
-    name: str
-    """cifar10, svhn, stl10, imagefolder or bundled."""
+    name: str  # data.source
     num_classes: int
-    image_size: int
-    """Height == width of every image the model sees."""
+    image_size: int  # height == width of every image the model sees
     class_names: list[str]
-    mean: tuple[float, float, float]
-    """Per-channel mean in [0, 1] units, subtracted before dividing by std."""
+    mean: tuple[float, float, float]  # per channel, in [0, 1] units, subtracted before dividing by std
     std: tuple[float, float, float]
-    pad: int
-    """Random-crop padding in pixels (0 = no crop)."""
-    pad_mode: str
-    """reflect or constant (zeros)."""
-    flip: bool
-    """Random horizontal flip."""
+    pad: int  # random-crop padding in pixels (0 = no crop)
+    pad_mode: str  # reflect or constant (zeros)
+    flip: bool  # random horizontal flip
 
 
 @dataclass
 class DataBundle:
-    train: Loader
-    """Shuffled and augmented."""
-    test: Loader
-    """In order, not augmented, never drops a batch."""
+    train: Loader  # shuffled and augmented
+    test: Loader  # in order, not augmented, never drops a batch
     info: DatasetInfo
 
 
-@dataclass(frozen=True)
-class _Recipe:
-    pad: int | None  # None: image_size // 8
-    pad_mode: str
-    flip: bool
-    normalize: str
-
-
-# The paper's per-source recipes (docs/method.md#recipes), used where the config says auto / -1.
+# The paper's per-source recipes (docs/method.md#recipes), used where the config says auto / -1:
+# (pad, None = image_size // 8; pad_mode; flip; normalize).
 RECIPES = {
-    "cifar10": _Recipe(4, "reflect", True, "cifar10"),
-    "bundled": _Recipe(4, "reflect", True, "cifar10"),
-    "svhn": _Recipe(2, "constant", False, "half"),
-    "stl10": _Recipe(4, "constant", True, "half"),
-    "imagefolder": _Recipe(None, "reflect", True, "dataset"),
+    "cifar10": (4, "reflect", True, "cifar10"),
+    "bundled": (4, "reflect", True, "cifar10"),
+    "svhn": (2, "constant", False, "half"),
+    "stl10": (4, "constant", True, "half"),
+    "imagefolder": (None, "reflect", True, "dataset"),
 }
 
 
@@ -109,12 +90,8 @@ def root_folder(cfg: DataConfig) -> Path:
 
 
 def choose_loader(cfg: DataConfig, progress: bool = True) -> str:
-    """The loader `cfg` selects: device, torch or dali (resolving data.loader = auto).
-
-    auto streams with ``torch`` an imagefolder whose images are large (data.image_size >= 128, or with
-    data.image_size = 0 a first training image whose shorter side is >= 128); everything else uses the
-    in-memory ``device`` loader.
-    """
+    """device, torch or dali; data.loader = auto streams with torch an image folder of large images
+    (data.image_size, else the first training image's shorter side, >= STREAMING_MIN_SIZE)."""
     if cfg.loader != "auto":
         return cfg.loader
     if cfg.source != "imagefolder":
@@ -124,7 +101,8 @@ def choose_loader(cfg: DataConfig, progress: bool = True) -> str:
     root = Path(cfg.root).expanduser().absolute()
     if not root.exists():
         return "device"  # the reader names the missing folder
-    folder = root if root.is_dir() else sources.extract_archive(root, sources.cache_dir(cfg.cache_dir), progress=progress)
+    cache = sources.cache_dir(cfg.cache_dir)
+    folder = root if root.is_dir() else sources.extract_archive(root, cache, progress=progress)
     size = sources.first_image_size(sources.find_base(root, folder))
     return "torch" if size is not None and size >= STREAMING_MIN_SIZE else "device"
 
@@ -133,9 +111,9 @@ def read_splits(cfg: DataConfig, *, progress: bool = True) -> dict[str, SplitDat
     """Both splits of the configured dataset as uint8 numpy arrays (on the host), subset as configured."""
     max_n = {"train": cfg.max_train, "test": cfg.max_test}
     if cfg.source not in sources.NATIVE:
-        return sources.read_imagefolder(root_folder(cfg), cache=sources.cache_dir(cfg.cache_dir), max_train=cfg.max_train,
-                                max_test=cfg.max_test, image_size=cfg.image_size, on_bad_image=cfg.on_bad_image,
-                                progress=progress, name=cfg.source)
+        return sources.read_imagefolder(root_folder(cfg), cache=sources.cache_dir(cfg.cache_dir), name=cfg.source,
+                                        max_train=cfg.max_train, max_test=cfg.max_test, image_size=cfg.image_size,
+                                        on_bad_image=cfg.on_bad_image, progress=progress)
     root = Path(cfg.root or DEFAULT_NATIVE_ROOT)
     splits = {}
     for split in max_n:
@@ -143,7 +121,7 @@ def read_splits(cfg: DataConfig, *, progress: bool = True) -> dict[str, SplitDat
         if max_n[split] > 0:  # the class-balanced first max_n, in file order
             per_class = [[str(i) for i in np.flatnonzero(data.labels == k)] for k in range(len(data.class_names))]
             chosen, _ = sources.choose_images(per_class, max_n[split], lambda name: None, split=split,
-                                      what=f"{cfg.source} in {root}", progress=False)
+                                              what=f"{cfg.source} in {root}", progress=False)
             keep = np.sort([int(name) for names in chosen for name, _ in names])
             data = SplitData(np.ascontiguousarray(data.images[keep]), data.labels[keep], data.class_names)
         splits[split] = data
@@ -162,16 +140,16 @@ def resolve_info(cfg: DataConfig, splits: dict[str, SplitData]) -> DatasetInfo:
     if len(test.labels) and test.images.shape[2:] != train.images.shape[2:]:
         raise DataError(f"{cfg.source} test images are {test.images.shape[3]}x{test.images.shape[2]} but training "
                         f"images {width}x{height}; set data.image_size=N to resize both to NxN")
-    recipe = RECIPES[cfg.source]
-    pad = cfg.pad if cfg.pad >= 0 else (recipe.pad if recipe.pad is not None else height // 8)
-    pad_mode = recipe.pad_mode if cfg.pad_mode == "auto" else cfg.pad_mode
+    recipe_pad, recipe_pad_mode, recipe_flip, recipe_normalize = RECIPES[cfg.source]
+    pad = cfg.pad if cfg.pad >= 0 else (recipe_pad if recipe_pad is not None else height // 8)
+    pad_mode = recipe_pad_mode if cfg.pad_mode == "auto" else cfg.pad_mode
     if pad > 0 and pad_mode == "reflect" and pad >= height:
         raise DataError(f"data.pad = {pad} with reflect padding needs images larger than {pad} pixels, but they are "
                         f"{height}x{width}; set a smaller data.pad or data.pad_mode=constant")
-    mean, std = normalization(recipe.normalize if cfg.normalize == "auto" else cfg.normalize, lambda: train.images)
+    mean, std = normalization(recipe_normalize if cfg.normalize == "auto" else cfg.normalize, lambda: train.images)
     return DatasetInfo(name=cfg.source, num_classes=len(train.class_names), image_size=int(height),
                        class_names=list(train.class_names), mean=mean, std=std, pad=int(pad), pad_mode=pad_mode,
-                       flip=recipe.flip if cfg.flip == "auto" else cfg.flip == "on")
+                       flip=recipe_flip if cfg.flip == "auto" else cfg.flip == "on")
 
 
 def build_data(cfg: DataConfig, *, batch_size: int, eval_batch_size: int, device: torch.device | str, seed: int,
@@ -187,13 +165,7 @@ def build_data(cfg: DataConfig, *, batch_size: int, eval_batch_size: int, device
     splits = read_splits(cfg, progress=progress)
     info = resolve_info(cfg, splits)
     device = torch.device(device)
-
-    def to_device(data: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(data.images).to(device), torch.from_numpy(data.labels.astype(np.int64)).to(device)
-
+    to_device = lambda data: (torch.from_numpy(data.images).to(device), torch.from_numpy(data.labels).to(device))  # noqa: E731
     options.update(mean=info.mean, std=info.std, pad=info.pad, pad_mode=info.pad_mode, flip=info.flip)
-    return DataBundle(
-        train=DeviceLoader(*to_device(splits["train"]), batch_size, train=True, drop_last=drop_last, **options),
-        test=DeviceLoader(*to_device(splits["test"]), eval_batch_size, train=False, **options),
-        info=info,
-    )
+    return DataBundle(DeviceLoader(*to_device(splits["train"]), batch_size, train=True, drop_last=drop_last, **options),
+                      DeviceLoader(*to_device(splits["test"]), eval_batch_size, train=False, **options), info)

@@ -1,16 +1,11 @@
 """NVIDIA DALI pipelines for image folders: JPEG decoding on the GPU (``mixed``) or the CPU (``cpu``).
 
-Training: the file reader, a fused decode + RandomResizedCrop (area (0.08, 1), aspect (3/4, 4/3); with
-``mixed`` nvJPEG decodes only the crop's region), a resize to crop x crop, a coin-flip mirror and the
-normalisation in one ``crop_mirror_normalize`` that writes float32 CHW. Evaluation: decode, resize the
-shorter side to ``resize_size``, center crop ``crop_size``, normalise. With a CUDA device the output is
-a CUDA tensor already (the CPU decoder's uint8 crops are copied to the GPU before normalising); on a
-CPU-only machine the whole pipeline runs on the CPU (``device_id=None``).
-
-Each epoch builds a pipeline whose file list is this rank's :func:`~fastlocal.data.sharding.shard_indices`
-share in reading order, with ``random_shuffle`` off, so the labels of every batch are those of the torch
-loader. DALI is imported only when a loader is made; without it :func:`import_dali` raises a DataError
-that names the pip extra.
+Training fuses decoding with RandomResizedCrop (with ``mixed`` nvJPEG decodes only the crop's region),
+then resizes, mirrors and normalises in one ``crop_mirror_normalize`` writing float32 CHW; evaluation
+resizes the shorter side and center-crops. Without CUDA the whole pipeline runs on the CPU
+(``device_id=None``). Each epoch builds a pipeline over this rank's files in :meth:`Loader.order`
+(``random_shuffle`` off). DALI is imported only when a loader is made; without it the DataError names
+the pip extra.
 """
 
 from __future__ import annotations
@@ -20,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from fastlocal.data.loader import EpochBatches
+from fastlocal.data.loader import Loader
 from fastlocal.data.sharding import epoch_seed
 from fastlocal.data.sources import DataError, ImageList
 
@@ -69,7 +64,7 @@ def image_pipeline():
     return pipeline
 
 
-class DaliLoader(EpochBatches):
+class DaliLoader(Loader):
     """Batches from a DALI pipeline over an :class:`~fastlocal.data.sources.ImageList`.
 
     Yields (x float32 (B, 3, crop, crop) normalised, on `device`; y int64 (B,)). `decoder`: auto (mixed on

@@ -1,23 +1,17 @@
-"""The loader protocol, and a loader whose whole dataset lives on the device as uint8 and is augmented there.
+"""The loader interface, and the loader whose whole dataset lives on the device as uint8.
 
-A training batch of :class:`DeviceLoader` is one index_select of uint8 images and one gather that does the
-augmentation for the whole batch: the random crop is a per-image (row, column) offset into the padded
-batch and the horizontal flip reverses the column index of the same gather, so there is no per-image
-Python loop. Constant (zero) padding pads the batch once with F.pad; reflect padding is folded into the
-gather's indices (padded row r reads source row reflect(r)), which gives the same pixels without
-materialising the padded batch and works for uint8 on every backend. The float32 normalised batch is
-the only float tensor made.
-
-The order comes from :func:`~fastlocal.data.sharding.shard_indices`, the crop offsets and flips from a
-``torch.Generator`` on the device seeded from (seed, epoch, rank), all drawn up front: an epoch is a pure
-function of those numbers, a resumed run sees bit-identical batches, and the global RNG is never used.
-Iteration slices device tensors with Python integers only, so it does not synchronise with the host.
+A :class:`DeviceLoader` training batch is one index_select and one gather that does the augmentation of
+the whole batch: the random crop is a per-image (row, column) offset into the padded batch, the flip
+reverses the column index of the same gather. Zero padding pads the batch with F.pad; reflect padding is
+folded into the gather's indices, so the padded batch is never materialised (and uint8 works on every
+backend). The order, crop offsets and flips of an epoch are drawn up front from (seed, epoch, rank):
+a resumed run sees bit-identical batches, the global RNG is never used, and iterating slices device
+tensors with Python integers only, without synchronising with the host.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -27,38 +21,21 @@ from fastlocal.data.sharding import epoch_seed, shard_indices
 PAD_MODES = ("reflect", "constant")
 
 
-@runtime_checkable
-class Loader(Protocol):
-    """What the engine needs from every loader (device-resident, torch workers, DALI).
+class Loader:
+    """What the engine needs from every loader (device-resident, torch workers, DALI), and their shared part.
 
-    Iterating yields (x float32 (B, 3, H, W) normalised on the loader's device, y int64 (B,)); call
-    set_epoch before each epoch; len() is the number of batches; num_images the images one epoch
-    of this rank reads.
-    """
-
-    @property
-    def num_images(self) -> int: ...
-
-    def set_epoch(self, epoch: int) -> None: ...
-
-    def __len__(self) -> int: ...
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
-
-
-class EpochBatches:
-    """What every loader shares: this rank's share of `num_items` per epoch (:meth:`order`), in batches.
-
-    Training epochs are shuffled and may drop the last partial batch; evaluation keeps the order and
-    never drops a batch.
+    Iterating yields (x float32 (B, 3, H, W) normalised on the loader's device, y int64 (B,)) for this
+    rank's share of `num_items` (:meth:`order`), num_images of them; call set_epoch before each epoch;
+    len() is the number of batches. Training epochs are shuffled and may drop the last partial batch;
+    evaluation keeps the order and never drops one.
     """
 
     def __init__(self, num_items: int, batch_size: int, *, train: bool, drop_last: bool = False, seed: int = 0,
                  rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.num_items, self.batch_size, self.train, self.drop_last = num_items, int(batch_size), train, train and drop_last
-        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.num_items, self.batch_size, self.train, self.seed = num_items, int(batch_size), train, seed
+        self.drop_last, self.rank, self.world_size, self.epoch = train and drop_last, rank, world_size, 0
 
     @property
     def num_images(self) -> int:
@@ -76,6 +53,9 @@ class EpochBatches:
         return shard_indices(self.num_items, seed=self.seed, epoch=self.epoch, rank=self.rank,
                              world_size=self.world_size, shuffle=self.train)
 
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
 
 def reflect_index(size: int, pad: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Source index of each of the size + 2*pad positions of a reflect-padded axis (edge not repeated)."""
@@ -83,7 +63,7 @@ def reflect_index(size: int, pad: int, device: torch.device | str | None = None)
     return (size - 1) - ((size - 1) - index).abs()
 
 
-class DeviceLoader(EpochBatches):
+class DeviceLoader(Loader):
     """Batches of a device-resident uint8 dataset.
 
     images: uint8 (N, 3, H, W) on the device; labels: int64 (N,) on the same device.

@@ -1,15 +1,9 @@
-"""Reading datasets into uint8 arrays or file lists, each image decoded or checked once, up front.
+"""Datasets read once: uint8 arrays or checked file lists, with the class-balanced choice and the cache.
 
-- cifar10, svhn, stl10: torchvision's dataset classes over files already in ``data.root`` (never a
-  download: the error says where the files go).
-- image folders: ``train/<class>/*`` and ``test/<class>/*``, optionally under one top-level folder; labels
-  index the sorted train/ class folders (torchvision's ``find_classes`` / ``make_dataset``). A .tar /
-  .tar.gz / .tgz archive is extracted once into the cache with tarfile's ``data`` filter, so no member
-  (``../x``, an absolute path, a link pointing out) writes outside the extraction folder.
-
-:func:`choose_images` picks the images of a split (all, or the class-balanced first ``max_n``) and reads
-each once: with ``data.on_bad_image = skip`` an unreadable one is counted, named in a warning and
-replaced by the next image of its class; otherwise the DataError names it. Results are cached as .npz.
+cifar10, svhn, stl10 come from torchvision's classes over files in ``data.root`` (never downloaded);
+image folders hold ``train/<class>/*`` and ``test/<class>/*``, optionally under one top-level folder,
+listed by torchvision's ``make_dataset``. An archive is extracted once into the cache with tarfile's
+``data`` filter: no member (``../x``, an absolute path, a link pointing out) writes outside it.
 """
 
 from __future__ import annotations
@@ -29,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from fastlocal.config import UserError
 
@@ -39,8 +34,6 @@ BUNDLED_FILE = "cifar10-subset.tar.gz"
 CACHE_VERSION = 2
 # Written inside an extracted archive's folder last, so a folder without it is an interrupted extraction.
 EXTRACTED_MARKER = ".fastlocal-extracted"
-# Reading fewer images than this shows no progress bar.
-PROGRESS_MIN_IMAGES = 1000
 # torchvision class and the file or folder it reads under data.root.
 NATIVE = {
     "cifar10": ("CIFAR10", "cifar-10-batches-py/ (the python version)"),
@@ -152,8 +145,9 @@ def choose_images(per_class: Sequence[Sequence[str]], max_n: int, read: Callable
                         f"images; set data.max_{split} to at most {total} (or 0 for all of them)")
     values: dict[str, object] = {}
     bad: dict[str, str] = {}
-    bar = None
-    # PIL releases the GIL while decoding, so threads read images in parallel.
+    # A bar only for reads that last more than a second; PIL releases the GIL, so threads read in parallel.
+    bar = tqdm(desc=f"reading {split} images of {Path(what).name}", unit="img", leave=False, delay=1,
+               disable=not progress)
     pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads))
 
     def attempt(name: str) -> tuple[object, str | None]:
@@ -175,10 +169,6 @@ def choose_images(per_class: Sequence[Sequence[str]], max_n: int, read: Callable
             todo = [n for names in chosen for n in names if n not in values]
             if not todo:
                 return [[(n, values[n]) for n in names] for names in chosen], sorted(bad)
-            if bar is None and progress and len(todo) >= PROGRESS_MIN_IMAGES:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(desc=f"reading {split} images of {Path(what).name}", unit="img", leave=False)
             for name, (value, error) in zip(todo, pool.map(attempt, todo), strict=True):
                 if error is None:
                     values[name] = value
@@ -187,12 +177,10 @@ def choose_images(per_class: Sequence[Sequence[str]], max_n: int, read: Callable
                 else:
                     raise DataError(f"cannot read image {name} in {what} ({error}); delete or replace the file, or set "
                                     f"data.on_bad_image=skip to leave unreadable images out")
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,11 +188,10 @@ def choose_images(per_class: Sequence[Sequence[str]], max_n: int, read: Callable
 
 
 def extract_archive(archive: Path, cache: Path, *, progress: bool = True) -> Path:
-    """Extract `archive` once into `cache`/extracted/ and return the folder; later calls reuse it.
+    """Extract `archive` once into `cache`/extracted/ (keyed by its path, size and mtime) and return the folder.
 
-    The folder is keyed by the archive's path, size and modification time. Extraction goes to a
-    temporary folder, the marker file is written last, and one rename publishes it, so an interrupted
-    run or several processes extracting at once never leave a half-written folder that looks done.
+    Extraction goes to a temporary folder, the marker is written last, and one rename publishes it, so
+    an interrupted run or concurrent processes never leave a half-written folder that looks done.
     """
     archive = archive.resolve()
     st = archive.stat()
@@ -213,20 +200,13 @@ def extract_archive(archive: Path, cache: Path, *, progress: bool = True) -> Pat
     target = parent / f"{archive.name.split('.')[0] or 'archive'}-{key}"
     if (target / EXTRACTED_MARKER).is_file():
         return target
+    tmp = None
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f"{target.name}.", suffix=".tmp"))
-    except OSError as err:
-        raise DataError(f"cannot create the extraction folder under {parent} ({err}); set data.cache_dir or "
-                        f"$FASTLOCAL_CACHE to a writable folder with room for the extracted images, or extract "
-                        f"{archive} yourself and set data.root to the folder") from None
-    try:
         with tarfile.open(archive, "r:*") as tar:
-            members = tar
-            if progress:
-                from tqdm.auto import tqdm
-
-                members = tqdm(tar, desc=f"extracting {archive.name}", unit="file", leave=False, delay=1)
+            members = tqdm(tar, desc=f"extracting {archive.name}", unit="file", leave=False, delay=1,
+                           disable=not progress)
             # One pass, front to back; the "data" filter refuses members that would land outside `tmp`.
             tar.extractall(tmp, members=members, filter="data")
             # tarfile ends its iteration quietly when the file stops at a member boundary; a complete
@@ -252,10 +232,11 @@ def extract_archive(archive: Path, cache: Path, *, progress: bool = True) -> Pat
                         f"the original), or extract it and set data.root to the extracted folder") from None
     except OSError as err:
         raise DataError(f"cannot extract {archive} into {parent} ({type(err).__name__}: {err}); free disk space or "
-                        f"set data.cache_dir to a folder with room, or extract it yourself and set data.root to the "
-                        f"folder") from None
+                        f"set data.cache_dir or $FASTLOCAL_CACHE to a writable folder with room, or extract it "
+                        f"yourself and set data.root to the folder") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

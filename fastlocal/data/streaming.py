@@ -1,17 +1,11 @@
-"""Streaming loaders for large images (ImageNet): a torch DataLoader with torchvision.transforms.v2, or DALI.
+"""Streaming loaders for large images (ImageNet): a DataLoader with torchvision.transforms.v2, or DALI.
 
-The in-memory :class:`~fastlocal.data.loader.DeviceLoader` holds a whole dataset as uint8 on the device,
-which fits CIFAR-sized images but not ImageNet at 224 px. The loaders here decode every batch from the
-files instead, with the ImageNet recipe (docs/method.md#recipes):
-
-- train: RandomResizedCrop(crop, scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal flip + normalise;
-- eval: resize the shorter side to ``resize_size``, center crop ``crop_size``, normalise.
-
-Both read one file list (:func:`select_images`): the listing of :mod:`fastlocal.data.sources`, the
-class-balanced first-N subsets and an up-front check that every chosen file decodes (cached), so
-``data.on_bad_image`` acts before the first batch and a corrupt file never stalls a worker or a DALI
-pipeline mid-epoch. They share the order (:func:`~fastlocal.data.sharding.shard_indices`) and hence the
-labels of every batch, not the pixels: each library crops and resizes its own way.
+They decode every batch from the files with the ImageNet recipe (docs/method.md#recipes): for training
+RandomResizedCrop(crop, scale=(0.08, 1), ratio=(3/4, 4/3)) + flip, for evaluation a resize of the shorter
+side to ``resize_size`` and a center crop; normalised on the device. Both read one checked file list
+(:func:`select_images`), so ``data.on_bad_image`` acts before the first batch and a corrupt file never
+stalls a worker or a DALI pipeline, and one order (:meth:`Loader.order`), so batches hold the same labels;
+the pixels differ, as each library crops and resizes its own way.
 """
 
 from __future__ import annotations
@@ -25,7 +19,7 @@ import torch
 
 from fastlocal.config import DataConfig
 from fastlocal.data import DataBundle, DatasetInfo, normalization, root_folder, sources
-from fastlocal.data.loader import EpochBatches
+from fastlocal.data.loader import Loader
 from fastlocal.data.sharding import epoch_seed
 from fastlocal.data.sources import BadImage, DataError, ImageList
 
@@ -105,25 +99,7 @@ class _ImageFiles(torch.utils.data.Dataset):
             return self.transform(image), int(self.labels[index])
 
 
-class _Keys(torch.utils.data.Sampler):
-    """The (index, per-image seed) keys of one epoch, set by the loader before each iteration.
-
-    It holds the keys rather than a reference to its loader: a loader <-> sampler cycle would leave the
-    DataLoader's worker shutdown to the cyclic garbage collector, which can close the worker queues first
-    and then wait seconds per worker for a shutdown message that never arrives.
-    """
-
-    def __init__(self, count: int):
-        self.keys: list[tuple[int, int]] = [(0, -1)] * count
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(self.keys)
-
-
-class TorchImageLoader(EpochBatches):
+class TorchImageLoader(Loader):
     """Batches decoded by PIL and transformed by torchvision.transforms.v2 in DataLoader workers.
 
     Workers send uint8 (B, 3, crop, crop) batches (pinned on CUDA), copied with non_blocking and
@@ -139,7 +115,10 @@ class TorchImageLoader(EpochBatches):
         self.images, self.device = images, torch.device(device)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._keys = _Keys(self.num_images)
+        # The sampler is a plain list of (index, seed) keys, refilled before each epoch: a sampler holding the
+        # loader would make a cycle, leaving the workers' shutdown to the garbage collector, which can close
+        # their queues first and then wait seconds per worker for a message that never arrives.
+        self._keys: list[tuple[int, int]] = []
         self._loader = torch.utils.data.DataLoader(
             _ImageFiles(images, image_transform(train, crop_size, resize_size, flip)), batch_size=self.batch_size,
             sampler=self._keys, num_workers=num_workers, pin_memory=self.device.type == "cuda",
@@ -156,7 +135,7 @@ class TorchImageLoader(EpochBatches):
         return list(zip(order.tolist(), seeds[order].tolist(), strict=True))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self._keys.keys = self.keys()
+        self._keys[:] = self.keys()
         for images, labels in self._loader:
             images = images.to(self.device, non_blocking=True).float().div_(255).sub_(self._mean).div_(self._std)
             yield images, labels.to(self.device, non_blocking=True)
@@ -178,12 +157,9 @@ def build_streaming_data(cfg: DataConfig, kind: str, *, batch_size: int, eval_ba
     size = sources.first_image_size(train.base)
     if size is not None and 2 * size <= crop:
         # Upscaling every image 2x or more (e.g. 32 px CIFAR to the default 224) is almost always a mistake.
-        warnings.warn(
-            f"the {kind} loader crops data.crop_size = {crop} pixels, but the images are {size} px, so every crop "
-            f"is upscaled; set data.crop_size (and data.resize_size) to at most {size}, or use data.loader=device, "
-            "the in-memory loader made for small images",
-            stacklevel=2,
-        )
+        warnings.warn(f"the {kind} loader crops data.crop_size = {crop} pixels, but the images are {size} px, so "
+                      f"every crop is upscaled; set data.crop_size (and data.resize_size) to at most {size}, or use "
+                      f"data.loader=device, the in-memory loader made for small images", stacklevel=3)
 
     def sample() -> np.ndarray:  # evaluation views of up to STATS_MAX_IMAGES training images, spread evenly
         picks = np.unique(np.linspace(0, len(train) - 1, min(len(train), STATS_MAX_IMAGES)).round().astype(int))
@@ -194,15 +170,10 @@ def build_streaming_data(cfg: DataConfig, kind: str, *, batch_size: int, eval_ba
     flip = cfg.flip != "off"
     common = dict(crop_size=crop, resize_size=resize, mean=mean, std=std, flip=flip, seed=seed, device=device,
                   rank=rank, world_size=world_size)
-    if kind == "dali":
-        common.update(decoder=cfg.dali_decoder, num_threads=max(1, cfg.num_workers))
-        loaders = DaliLoader(train, batch_size, train=True, drop_last=drop_last, **common), DaliLoader(
-            test, eval_batch_size, train=False, **common)
-    else:
-        common.update(num_workers=cfg.num_workers)
-        loaders = TorchImageLoader(train, batch_size, train=True, drop_last=drop_last, **common), TorchImageLoader(
-            test, eval_batch_size, train=False, **common)
-    info = DatasetInfo(name=cfg.source, num_classes=len(train.class_names), image_size=crop,
-                       class_names=list(train.class_names), mean=tuple(mean), std=tuple(std), pad=0,
-                       pad_mode="constant", flip=flip)
-    return DataBundle(train=loaders[0], test=loaders[1], info=info)
+    loader_class = DaliLoader if kind == "dali" else TorchImageLoader
+    common.update(dict(decoder=cfg.dali_decoder, num_threads=max(1, cfg.num_workers)) if kind == "dali"
+                  else dict(num_workers=cfg.num_workers))
+    info = DatasetInfo(cfg.source, len(train.class_names), crop, train.class_names, tuple(mean), tuple(std), 0,
+                       "constant", flip)
+    return DataBundle(loader_class(train, batch_size, train=True, drop_last=drop_last, **common),
+                      loader_class(test, eval_batch_size, train=False, **common), info)
