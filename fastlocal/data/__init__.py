@@ -66,16 +66,14 @@ RECIPES = {
 }
 
 
-def channel_stats(images: np.ndarray) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Exact per-channel mean and std (population) of uint8 (N, 3, H, W) images, in [0, 1] units."""
-    values = np.arange(256, dtype=np.float64) / 255
-    means, stds = [], []
-    for channel in range(3):
-        histogram = np.bincount(images[:, channel].reshape(-1), minlength=256).astype(np.float64)
-        mean = float((histogram * values).sum() / histogram.sum())
-        means.append(mean)
-        stds.append(max(float((histogram * (values - mean) ** 2).sum() / histogram.sum()), 1e-12) ** 0.5)
-    return (means[0], means[1], means[2]), (stds[0], stds[1], stds[2])
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel mean and std (population) of uint8 (N, 3, H, W) images, in [0, 1] units, from
+    histograms: no float copy of the images."""
+    values = np.arange(256) / 255
+    frequencies = [np.bincount(images[:, c].reshape(-1), minlength=256) / images[:, c].size for c in range(3)]
+    means = [float(f @ values) for f in frequencies]
+    stds = [max(float(f @ (values - m) ** 2), 1e-12) ** 0.5 for f, m in zip(frequencies, means, strict=True)]
+    return tuple(means), tuple(stds)
 
 
 def normalization(normalize: str, sample) -> tuple[tuple, tuple]:
@@ -164,8 +162,7 @@ def build_data(cfg: DataConfig, *, batch_size: int, eval_batch_size: int, device
                                     drop_last=drop_last, progress=progress, **options)
     splits = read_splits(cfg, progress=progress)
     info = resolve_info(cfg, splits)
-    device = torch.device(device)
-    to_device = lambda data: (torch.from_numpy(data.images).to(device), torch.from_numpy(data.labels).to(device))  # noqa: E731
+    tensors = {k: [torch.from_numpy(a).to(device) for a in (d.images, d.labels)] for k, d in splits.items()}
     options.update(mean=info.mean, std=info.std, pad=info.pad, pad_mode=info.pad_mode, flip=info.flip)
-    return DataBundle(DeviceLoader(*to_device(splits["train"]), batch_size, train=True, drop_last=drop_last, **options),
-                      DeviceLoader(*to_device(splits["test"]), eval_batch_size, train=False, **options), info)
+    return DataBundle(DeviceLoader(*tensors["train"], batch_size, train=True, drop_last=drop_last, **options),
+                      DeviceLoader(*tensors["test"], eval_batch_size, train=False, **options), info)

@@ -19,7 +19,6 @@ from fastlocal.data.loader import Loader
 from fastlocal.data.sharding import epoch_seed
 from fastlocal.data.sources import DataError, ImageList
 
-MISSING_DALI = "data.loader = dali needs NVIDIA DALI: pip install 'fastlocal[dali]' (nvidia-dali-cuda130)"
 READER_NAME = "reader"
 # Image formats DALI's decoders read (PIL's names); a GIF, say, would fail inside the pipeline.
 DALI_FORMATS = frozenset({"JPEG", "PNG", "TIFF", "BMP", "PPM", "JPEG2000", "WEBP", "MPO"})
@@ -31,7 +30,8 @@ def import_dali():
         import nvidia.dali as dali
         import nvidia.dali.plugin.pytorch  # noqa: F401
     except ImportError as err:
-        raise DataError(f"{MISSING_DALI} (importing it failed: {err})") from None
+        raise DataError(f"data.loader = dali needs NVIDIA DALI: pip install 'fastlocal[dali]' (nvidia-dali-cuda130) "
+                        f"(importing it failed: {err})") from None
     return dali
 
 

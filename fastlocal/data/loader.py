@@ -134,13 +134,10 @@ class DeviceLoader(Loader):
         # One gather along the flattened spatial axis; on CPU it is ~5x faster than 4-tensor indexing.
         padded_width = images.shape[3]
         flat = (rows[:, :, None] * padded_width + cols[:, None, :]).view(batch, 1, height * width)
-        source = images.reshape(batch, channels, -1)
-        return torch.gather(source, 2, flat.expand(batch, channels, height * width)).view(
-            batch, channels, height, width
-        )
+        gathered = torch.gather(images.reshape(batch, channels, -1), 2, flat.expand(batch, channels, height * width))
+        return gathered.view(batch, channels, height, width)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        size = self.batch_size
         order = self.order().to(self.device)
         offsets = flips = None
         if self.augments:
@@ -152,13 +149,10 @@ class DeviceLoader(Loader):
             if self.flip:
                 flips = torch.randint(0, 2, (len(order),), generator=generator, device=self.device).bool()
         for step in range(len(self)):
-            window = slice(step * size, (step + 1) * size)
+            window = slice(step * self.batch_size, (step + 1) * self.batch_size)
             index = order[window]
             images = self.images.index_select(0, index)
             if self.augments:
-                images = self.augment(
-                    images,
-                    None if offsets is None else offsets[:, window],
-                    None if flips is None else flips[window],
-                )
+                images = self.augment(images, None if offsets is None else offsets[:, window],
+                                      None if flips is None else flips[window])
             yield self.normalize(images), self.labels.index_select(0, index)

@@ -74,10 +74,6 @@ def bundled_path() -> Path:
     return Path(str(path))
 
 
-# --------------------------------------------------------------------------------------------------
-# torchvision's formats
-
-
 def read_native(source: str, root: str | Path, split: str) -> SplitData:
     """One split of cifar10, svhn or stl10 from the files under `root` (torchvision's layout)."""
     import torchvision.datasets
@@ -101,10 +97,6 @@ def read_native(source: str, root: str | Path, split: str) -> SplitData:
                         f"(train/<class>/*, ...)") from None
     class_names = list(getattr(dataset, "classes", None) or [str(k) for k in range(10)])
     return SplitData(np.ascontiguousarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64), class_names)
-
-
-# --------------------------------------------------------------------------------------------------
-# Class-balanced choice with replacement of unreadable images
 
 
 def balanced_quotas(counts: Sequence[int], total: int) -> list[int]:
@@ -181,10 +173,6 @@ def choose_images(per_class: Sequence[Sequence[str]], max_n: int, read: Callable
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         bar.close()
-
-
-# --------------------------------------------------------------------------------------------------
-# Image folders and archives
 
 
 def extract_archive(archive: Path, cache: Path, *, progress: bool = True) -> Path:
@@ -350,10 +338,6 @@ def first_image_size(base: Path) -> int | None:
     except Exception:  # noqa: BLE001 -- the chosen reader reports the file properly
         return None
     return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Decoding into uint8 arrays, and the .npz cache
 
 
 def _decode(path: Path, image_size: int) -> np.ndarray:

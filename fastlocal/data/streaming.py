@@ -37,14 +37,13 @@ def check_image(path: Path, formats: frozenset[str] | None = None) -> bool:
 
     try:
         with Image.open(path) as img:
-            if formats is not None and img.format not in formats:
-                raise BadImage(f"{img.format} images are not decoded by DALI (it reads {', '.join(sorted(formats))})")
+            image_format = img.format
             img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
-    except BadImage:
-        raise
     except Exception as err:  # noqa: BLE001 -- PIL raises many types on bad data
         raise BadImage(f"{type(err).__name__}: {err}") from None
+    if formats is not None and image_format not in formats:
+        raise BadImage(f"{image_format} images are not decoded by DALI (it reads {', '.join(sorted(formats))})")
     return True
 
 
