@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from fastlocal.config import DataConfig, UserError
-from fastlocal.data import DataBundle, DataError, DatasetInfo, DeviceLoader, build_data, read_splits, sources
+from fastlocal.data import DataBundle, DataError, DatasetInfo, DeviceLoader, Loader, build_data, read_splits, sources
 from fastlocal.data.loader import reflect_index
+from fastlocal.data.sharding import shard_indices
 from fastlocal.data.sources import balanced_quotas, read_imagefolder, read_native
 
 SHARED_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg.tar.gz"
@@ -401,6 +402,46 @@ def test_corrupt_image_is_skipped_and_replaced(tmp_path):
             read_imagefolder(root, on_bad_image="skip", cache=cache, progress=False)
 
 
+def test_zero_byte_image_is_named_or_counted(tmp_path):
+    spec = make_spec(per_class={"cat": 2, "dog": 2})
+    spec["train"]["dog"]["00.jpg"] = b""
+    root = write_folder(tmp_path / "d", spec)
+    with pytest.raises(DataError, match=r"cannot read image train/dog/00.jpg .*data\.on_bad_image=skip"):
+        read_imagefolder(root, cache=tmp_path / "cache", progress=False)
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable train image\(s\).*train/dog/00.jpg"):
+        splits = read_imagefolder(root, on_bad_image="skip", cache=tmp_path / "cache", progress=False)
+    assert splits["train"].labels.tolist() == [0, 0, 1, 1]
+
+
+def files_under(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()}
+
+
+@pytest.mark.parametrize("kind", ["parent", "symlink", "hardlink", "absolute"])
+def test_archive_members_never_write_outside_the_extraction(tmp_path, kind):
+    archive = write_tar(tmp_path / "d.tar", make_spec())
+    outside = tmp_path / "outside.txt"
+    with tarfile.open(archive, "a") as tar:
+        info = tarfile.TarInfo({"parent": "../../outside.txt", "absolute": str(outside)}.get(kind, "train/apple/x.png"))
+        if kind in ("symlink", "hardlink"):
+            info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+            info.linkname = str(outside) if kind == "hardlink" else "../../../../outside.txt"
+            tar.addfile(info)
+        else:
+            info.size = 7
+            tar.addfile(info, io.BytesIO(b"escaped"))
+    before = files_under(tmp_path)
+    cache = tmp_path / "cache"
+    if kind == "absolute":  # the data filter strips the leading slash: the file lands inside the extraction
+        read_imagefolder(archive, cache=cache, progress=False)
+        assert [p for p in cache.rglob("outside.txt")][0].is_relative_to(cache / "extracted")
+    else:
+        with pytest.raises(DataError, match=r"would write or link outside the folder it is extracted to"):
+            read_imagefolder(archive, cache=cache, progress=False)
+        assert files_under(tmp_path) == before  # nothing written anywhere, the partial extraction removed
+    assert not outside.exists()
+
+
 def test_missing_test_folder(tmp_path):
     spec = make_spec()
     del spec["test"]
@@ -664,6 +705,35 @@ def test_flip_only():
             np.testing.assert_array_equal(out, images[i][:, :, ::-1])
             flips.append(True)
     assert 16 < sum(flips) < 48
+
+
+@pytest.mark.parametrize("num_items, world_size", [(10, 1), (10, 3), (7, 4), (2, 5)])
+def test_shard_indices_follow_distributed_sampler(num_items, world_size):
+    from torch.utils.data import DistributedSampler
+
+    permutation = shard_indices(num_items, seed=3, epoch=2)
+    assert sorted(permutation.tolist()) == list(range(num_items))
+    for rank in range(world_size):
+        # torch's rule applied to the epoch's permutation: padded by wrapping around, every world_size-th item.
+        expected = list(DistributedSampler(range(num_items), num_replicas=world_size, rank=rank, shuffle=False))
+        shard = shard_indices(num_items, seed=3, epoch=2, rank=rank, world_size=world_size)
+        assert shard.tolist() == permutation[expected].tolist()
+        unshuffled = shard_indices(num_items, seed=3, epoch=2, rank=rank, world_size=world_size, shuffle=False)
+        assert unshuffled.tolist() == expected
+    assert not torch.equal(shard_indices(50, seed=3, epoch=2), shard_indices(50, seed=3, epoch=3))
+    assert not torch.equal(shard_indices(50, seed=3, epoch=2), shard_indices(50, seed=4, epoch=2))
+    with pytest.raises(ValueError, match="rank"):
+        shard_indices(5, seed=0, epoch=0, rank=2, world_size=2)
+
+
+def test_device_loader_ranks_read_their_shard():
+    loaders = [make_loader(count=10, batch_size=3, pad=1, flip=True, rank=r, world_size=3) for r in range(3)]
+    assert all(isinstance(loader, Loader) for loader in loaders)
+    assert [loader.num_images for loader in loaders] == [4, 4, 4] and [len(loader) for loader in loaders] == [2] * 3
+    order = shard_indices(10, seed=0, epoch=0).tolist()
+    padded = order + order[:2]
+    for rank, loader in enumerate(loaders):
+        assert torch.cat(collect(loader)[1]).tolist() == padded[rank::3]  # labels are the image indices
 
 
 def test_loader_rejects_bad_inputs():

@@ -25,7 +25,16 @@ import torch
 from PIL import Image
 
 from fastlocal.config import ConfigError, DataConfig, build_config
-from fastlocal.data import IMAGENET_MEAN, IMAGENET_STD, DataBundle, DataError, build_data, choose_loader, streaming
+from fastlocal.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataBundle,
+    DataError,
+    Loader,
+    build_data,
+    choose_loader,
+    streaming,
+)
 from fastlocal.data.sharding import shard_indices
 from fastlocal.data.sources import EXTRACTED_MARKER, extract_archive, read_imagefolder
 from fastlocal.data.streaming import TorchImageLoader, select_images
@@ -330,6 +339,7 @@ def test_build_data_dispatches_to_the_streaming_loaders(tmp_path):
 def test_epochs_are_a_function_of_seed_and_epoch(large_jpegs, loader):
     bundle = build(data_config(large_jpegs, loader, crop_size=24, resize_size=28), batch_size=3)
     train = bundle.train
+    assert isinstance(train, Loader) and isinstance(bundle.test, Loader)
     assert len(train) == 3 and train.num_images == 8
     first, labels = collect(train)
     assert first.shape == (8, 3, 24, 24) and first.dtype == torch.float32 and labels.dtype == torch.int64
