@@ -319,7 +319,7 @@ def test_missing_dali_names_the_pip_extra(tmp_path, monkeypatch):
 def test_mixed_decoder_without_cuda_is_clear(tmp_path):
     folder = write_jpeg_folder(tmp_path / "d", [(8, 8)])
     with pytest.raises(DataError, match=r"dali_decoder = mixed decodes on the GPU, but the run's device is cpu"):
-        build(data_config(folder, "dali", dali_decoder="mixed"))
+        build(data_config(folder, "dali", dali_decoder="mixed", crop_size=8, resize_size=8))
 
 
 def test_build_data_dispatches_to_the_streaming_loaders(tmp_path):
