@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from fastlocal.config import DataConfig  # noqa: E402
-from fastlocal.data.streaming import build_streaming_data  # noqa: E402
+from fastlocal.data import build_data  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
@@ -100,13 +100,8 @@ def make_jpeg_folder(
 
 def bench_config(root, case: str, *, crop: int, resize: int, workers: int, max_train=0, max_test=0, cache_dir=""):
     loader, decoder = CASES[case]
-    cfg = DataConfig(source="imagefolder", root=str(root), max_train=max_train, max_test=max_test, cache_dir=cache_dir)
-    # Set as attributes: they are read with getattr until config.py declares them.
-    for name, value in dict(
-        loader=loader, dali_decoder=decoder, crop_size=crop, resize_size=resize, num_workers=workers
-    ).items():
-        setattr(cfg, name, value)
-    return cfg
+    return DataConfig(source="imagefolder", root=str(root), max_train=max_train, max_test=max_test, cache_dir=cache_dir,
+                      loader=loader, dali_decoder=decoder, crop_size=crop, resize_size=resize, num_workers=workers)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,7 +208,7 @@ def test_loader_throughput(benchmark, dataset, tmp_path_factory, case, split):
         workers=BENCH["workers"],
         cache_dir=str(tmp_path_factory.getbasetemp() / "cache"),
     )
-    bundle = build_streaming_data(
+    bundle = build_data(
         cfg, batch_size=BENCH["batch"], eval_batch_size=BENCH["batch"], device=DEVICE, seed=0, progress=False
     )
     loader = bundle.train if split == "train" else bundle.test
@@ -296,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir=args.cache_dir,
         )
         start = time.perf_counter()
-        bundle = build_streaming_data(
+        bundle = build_data(
             cfg, batch_size=args.batch_size, eval_batch_size=args.batch_size, device=DEVICE, seed=0, progress=False
         )
         setup = time.perf_counter() - start

@@ -34,10 +34,9 @@ class DataConfig:
     cifar10 reads CIFAR's python-pickle batch files, and unpickling can run code: it trusts the files in
     data.root (use ones you downloaded from the CIFAR site or through torchvision)."""
     root: str = ""
-    """Where the dataset lives: the torchvision folder for cifar10/svhn/stl10, or for imagefolder a
-    folder or .tar/.tar.gz archive holding train/<class>/* and test/<class>/*."""
-    download: bool = True
-    """Download cifar10/svhn/stl10 into `root` when missing (needs internet)."""
+    """Where the dataset lives: the folder holding torchvision's files for cifar10/svhn/stl10 (never
+    downloaded: copy them there), or for imagefolder a folder or .tar/.tar.gz archive holding
+    train/<class>/* and test/<class>/*."""
     max_train: int = 0
     """Use only the first N training images, class-balanced (0 = all)."""
     max_test: int = 0
@@ -55,7 +54,7 @@ class DataConfig:
     on_bad_image: str = "error"
     """An unreadable image in an imagefolder: error (stop and name it) or skip (warn and leave it out)."""
     cache_dir: str = ""
-    """Where decoded uint8 caches go ('' = $FASTLOCAL_CACHE or ~/.cache/fastlocal)."""
+    """Where decoded uint8 caches and extracted archives go ('' = $FASTLOCAL_CACHE or ~/.cache/fastlocal)."""
     loader: str = "auto"
     """How batches are made: device (the whole dataset as uint8 on the device, augmented there), torch (PIL
     decoding in DataLoader workers), dali (NVIDIA DALI, JPEG decoding on the GPU; pip install 'fastlocal[dali]'),
@@ -67,10 +66,34 @@ class DataConfig:
     resize_size: int = 256
     """torch/dali loaders: evaluation resizes the shorter side to this, then center-crops crop_size."""
     num_workers: int = 4
-    """torch loader: DataLoader worker processes (0 = decode in the main process); dali: CPU threads."""
+    """torch loader: DataLoader worker processes (0 = decode in the main process); dali: CPU threads; also
+    the threads that check or decode images up front."""
     dali_decoder: str = "auto"
     """dali loader: where JPEGs are decoded: auto (mixed on CUDA, cpu otherwise), mixed (nvJPEG on the GPU),
     cpu."""
+
+
+def validate_data(data: DataConfig, device: str) -> None:
+    """The data options that depend on each other (single values are checked by CHOICES and MINIMUMS)."""
+    if data.pad < -1:
+        raise ConfigError(f"data.pad = {data.pad} is not valid; use -1 (per source) or a padding >= 0")
+    if data.resize_size < data.crop_size:
+        raise ConfigError(
+            f"data.resize_size = {data.resize_size} is smaller than data.crop_size = {data.crop_size}; evaluation "
+            f"resizes the shorter side to resize_size and then center-crops crop_size, so set resize_size >= "
+            f"crop_size (ImageNet: 256 and 224)"
+        )
+    if data.loader in ("torch", "dali") and data.source not in ("imagefolder", "bundled"):
+        raise ConfigError(
+            f"data.loader = {data.loader} reads image folders (data.source = imagefolder or bundled), not "
+            f"{data.source}; use data.loader=device (or auto) for {data.source}"
+        )
+    if data.dali_decoder == "mixed" and (data.loader != "dali" or device == "cpu"):
+        raise ConfigError(
+            f"data.dali_decoder = mixed decodes JPEGs on the GPU with DALI, but data.loader = {data.loader} and "
+            f"system.device = {device}; set data.loader=dali and system.device=cuda (or auto on a GPU machine), "
+            f"or data.dali_decoder=auto"
+        )
 
 
 @dataclass
@@ -375,6 +398,15 @@ def load_toml(path: str | Path) -> dict:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
 
 
+# Keys older versions wrote into config.toml and checkpoints; none changed the math (beyond summation
+# order), so a saved run that names one still resumes: the key is ignored with a warning.
+REMOVED_KEYS = {
+    "data.download": "datasets are never downloaded; copy the files into data.root",
+    "mlaan.fuse_pair": "the LAM pair fusion measured no gain and was removed",
+    "system.triton_conv": "the Triton convolution moved to experimental/triton_conv/",
+}
+
+
 def apply_mapping(cfg: Config, mapping: dict, origin: str) -> None:
     """Apply a nested {section: {key: value}} mapping (a TOML document) to `cfg`."""
     for section, values in mapping.items():
@@ -384,6 +416,10 @@ def apply_mapping(cfg: Config, mapping: dict, origin: str) -> None:
                 f"{', '.join(section_names(cfg))}"
             )
         for key, value in values.items():
+            if f"{section}.{key}" in REMOVED_KEYS:
+                warnings.warn(f"{origin}: {section}.{key} is ignored ({REMOVED_KEYS[f'{section}.{key}']})",
+                              stacklevel=2)
+                continue
             set_value(cfg, f"{section}.{key}", value)
 
 
@@ -423,6 +459,7 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
             "data.source = imagefolder needs data.root: a folder or .tar/.tar.gz archive holding "
             "train/<class>/* and test/<class>/*"
         )
+    validate_data(cfg.data, cfg.system.device)
     if cfg.method.num_modules == 0:
         cfg.method.num_modules = 1 if cfg.method.name == "bp" else DEFAULT_NUM_MODULES
     if len(cfg.infopro.weights) != 4 or min(cfg.infopro.weights) < 0:
@@ -440,8 +477,6 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
     if cfg.system.parallel in ("modules", "hybrid"):
         raise ConfigError(f"system.parallel = {cfg.system.parallel} (local modules on different devices) is not "
                           "implemented yet; use system.parallel=data (or auto) under torchrun, or none")
-    if cfg.data.pad < -1:
-        raise ConfigError(f"data.pad = {cfg.data.pad} is not valid; use -1 (per source) or a padding >= 0")
     return cfg
 
 
@@ -477,7 +512,7 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> None:
 
 # What `--resume` may change: keys that do not change what the epochs already run computed, and
 # train.epochs (which changes the LR schedule of the remaining epochs; the CLI says so).
-RESUME_OVERRIDABLE = ("log.progress", "log.measure_memory", "data.download", "data.cache_dir", "train.epochs")
+RESUME_OVERRIDABLE = ("log.progress", "log.measure_memory", "data.cache_dir", "train.epochs")
 
 
 def resume_config(saved: dict, overrides: typing.Sequence[str],

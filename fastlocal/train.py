@@ -43,7 +43,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--out", help="run directory (default: runs/<method>_<arch>_<time>)")
     parser.add_argument("--resume", metavar="DIR",
                         help="continue the run in DIR from its last checkpoint, with the config saved in it; only "
-                        "log.*, data.download, data.cache_dir and train.epochs may be overridden")
+                        "log.*, data.cache_dir and train.epochs may be overridden")
     parser.add_argument("--show-config", action="store_true",
                         help="print the resolved config (every section and field) as TOML and exit")
     args, rest = parser.parse_known_args(argv)

@@ -1,4 +1,4 @@
-"""Tests for fastlocal/data: readers on tiny hand-written files, the cache, errors, the device loader."""
+"""Tests for fastlocal/data: readers on tiny hand-written files, the cache, errors, sharding, the device loader."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 
 from fastlocal.config import DataConfig, UserError
-from fastlocal.data import DataBundle, DataError, DatasetInfo, DeviceLoader, build_data, read_splits, sources
+from fastlocal.data import DataBundle, DataError, DatasetInfo, DeviceLoader, Loader, build_data, read_splits, sources
 from fastlocal.data.loader import reflect_index
-from fastlocal.data.sources import balanced_quotas, read_cifar10, read_imagefolder, read_stl10, read_svhn
+from fastlocal.data.sharding import shard_indices
+from fastlocal.data.sources import balanced_quotas, read_imagefolder, read_native
 
 SHARED_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg.tar.gz"
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -31,11 +32,19 @@ def build(cfg: DataConfig, **kwargs) -> DataBundle:
 
 
 # --------------------------------------------------------------------------------------------------
-# Native formats
+# Native formats (torchvision's readers; their md5 checks would reject hand-written files)
+
+
+@pytest.fixture
+def unchecked_md5(monkeypatch):
+    import torchvision.datasets
+
+    for module in (torchvision.datasets.cifar, torchvision.datasets.svhn, torchvision.datasets.stl10):
+        monkeypatch.setattr(module, "check_integrity", lambda *args, **kwargs: True)
 
 
 def write_cifar(root: Path, labels_per_batch: list[list[int]]) -> list[np.ndarray]:
-    """Five train batches and a test batch (the last list) as Python-2-style pickles; returns the data."""
+    """Five train batches and a test batch (the last list) as pickles with CIFAR-10's keys; returns the data."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -44,18 +53,18 @@ def write_cifar(root: Path, labels_per_batch: list[list[int]]) -> list[np.ndarra
     for name, labels in zip(names, labels_per_batch, strict=True):
         data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
         with (folder / name).open("wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels}, f)
+            pickle.dump({"batch_label": name, "data": data, "labels": labels}, f)
         arrays.append(data)
     with (folder / "batches.meta").open("wb") as f:
-        pickle.dump({b"label_names": [c.encode() for c in CIFAR_CLASSES], b"num_vis": 3072}, f)
+        pickle.dump({"label_names": CIFAR_CLASSES, "num_vis": 3072}, f)
     return arrays
 
 
-def test_cifar10_reader_reads_pixels_and_labels_exactly(tmp_path):
+def test_cifar10_reader_reads_pixels_and_labels_exactly(tmp_path, unchecked_md5):
     labels = [[i % 10 for i in range(b * 3, b * 3 + 3)] for b in range(5)] + [[9, 0, 4, 4]]
     arrays = write_cifar(tmp_path, labels)
-    train = read_cifar10(tmp_path, "train", download=False)
-    test = read_cifar10(tmp_path, "test", download=False)
+    train = read_native("cifar10", tmp_path, "train")
+    test = read_native("cifar10", tmp_path, "test")
     assert train.images.dtype == np.uint8 and train.images.shape == (15, 3, 32, 32)
     np.testing.assert_array_equal(train.images.reshape(15, -1), np.concatenate(arrays[:5]))
     # CHW order: the first 1024 bytes are the red plane, row-major.
@@ -67,14 +76,14 @@ def test_cifar10_reader_reads_pixels_and_labels_exactly(tmp_path):
     assert train.class_names == CIFAR_CLASSES
 
 
-def test_svhn_reader_maps_label_10_to_0(tmp_path):
+def test_svhn_reader_maps_label_10_to_0(tmp_path, unchecked_md5):
     scipy_io = pytest.importorskip("scipy.io", reason="SVHN's .mat files need scipy (a dependency of fastlocal)")
 
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (32, 32, 3, 5), dtype=np.uint8)
     y = np.array([[10], [1], [2], [10], [9]], dtype=np.uint8)
     scipy_io.savemat(tmp_path / "train_32x32.mat", {"X": x, "y": y})
-    data = read_svhn(tmp_path, "train", download=False)
+    data = read_native("svhn", tmp_path, "train")
     assert data.images.shape == (5, 3, 32, 32) and data.images.dtype == np.uint8
     assert data.labels.tolist() == [0, 1, 2, 0, 9]
     for i in range(5):
@@ -82,7 +91,7 @@ def test_svhn_reader_maps_label_10_to_0(tmp_path):
     assert data.images[3, 1, 4, 6] == x[4, 6, 1, 3]  # (row, column, channel, image)
 
 
-def test_stl10_reader_transposes_column_major_pixels(tmp_path):
+def test_stl10_reader_transposes_column_major_pixels(tmp_path, unchecked_md5):
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (3, 3, 96, 96), dtype=np.uint8)
     folder = tmp_path / "stl10_binary"
@@ -91,7 +100,7 @@ def test_stl10_reader_transposes_column_major_pixels(tmp_path):
     raw = images.transpose(0, 1, 3, 2).tobytes()
     (folder / "test_X.bin").write_bytes(raw)
     (folder / "test_y.bin").write_bytes(bytes([1, 10, 5]))
-    data = read_stl10(tmp_path, "test", download=False)
+    data = read_native("stl10", tmp_path, "test")
     np.testing.assert_array_equal(data.images, images)
     assert data.labels.tolist() == [0, 9, 4]
     # The same convention spelled out on raw bytes: image 1, channel 2, row 3, column 70.
@@ -99,10 +108,10 @@ def test_stl10_reader_transposes_column_major_pixels(tmp_path):
     assert len(data.class_names) == 10
 
 
-def test_native_max_train_is_class_balanced_in_file_order(tmp_path):
+def test_native_max_train_is_class_balanced_in_file_order(tmp_path, unchecked_md5):
     labels = [[i % 10 for i in range(b * 12, b * 12 + 12)] for b in range(5)] + [[k for k in range(10)]]
     arrays = write_cifar(tmp_path, labels)
-    bundle = build(DataConfig(source="cifar10", root=str(tmp_path), download=False, max_train=25, max_test=10))
+    bundle = build(DataConfig(source="cifar10", root=str(tmp_path), max_train=25, max_test=10))
     all_labels = np.array([label for batch in labels[:5] for label in batch])
     # 25 over 10 classes: 3 each for classes 0..4, 2 each for 5..9, each class's first images.
     quotas = [3] * 5 + [2] * 5
@@ -125,27 +134,19 @@ def test_balanced_quotas():
         balanced_quotas([1, 1], 3)
 
 
-def test_cifar10_missing_without_download(tmp_path):
-    with pytest.raises(DataError, match=r"cifar-10-batches-py/data_batch_1.*not found.*data\.download") as info:
-        build(DataConfig(source="cifar10", root=str(tmp_path), download=False))
-    assert isinstance(info.value, UserError)
-    assert "data.root" in str(info.value) and "imagefolder" in str(info.value)
+def test_native_sources_never_download_and_say_where_files_go(tmp_path, monkeypatch):
+    import torchvision.datasets
 
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
 
-def test_cifar10_download_failure_names_the_reason(tmp_path, monkeypatch):
-    import torchvision
-
-    def offline(*args, **kwargs):
-        raise OSError("no route to host")
-
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(DataError, match=r"download failed \(OSError: no route to host\).*data\.root"):
-        build(DataConfig(source="cifar10", root=str(tmp_path), download=True))
-
-
-def test_svhn_missing_without_download(tmp_path):
-    with pytest.raises(DataError, match=r"train_32x32.mat not found"):
-        read_svhn(tmp_path, "train", download=False)
+    for name in ("CIFAR10", "SVHN", "STL10"):
+        monkeypatch.setattr(getattr(torchvision.datasets, name), "download", no_download)
+    for source, where in (("cifar10", "cifar-10-batches-py/"), ("svhn", "train_32x32.mat"), ("stl10", "stl10_binary/")):
+        with pytest.raises(DataError, match=rf"{source}: cannot read {where}.*never downloads.*copy") as info:
+            build(DataConfig(source=source, root=str(tmp_path)))
+        assert isinstance(info.value, UserError) and str(tmp_path) in str(info.value)
+        assert "data.root" in str(info.value) and "imagefolder" in str(info.value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,7 +215,7 @@ def test_imagefolder_reads_folders_and_archives(tmp_path, kind, prefix):
         write_folder(root / prefix, spec)
     else:
         root = write_tar(tmp_path / f"data.{kind}", spec, prefix)
-    splits = read_imagefolder(root, cache=None, progress=False)
+    splits = read_imagefolder(root, cache=tmp_path / "cache", progress=False)
     assert splits["train"].class_names == ["apple", "mango", "zebra"]
     for split in ("train", "test"):
         images, labels = expected_split(spec, split)
@@ -226,7 +227,7 @@ def test_imagefolder_reads_folders_and_archives(tmp_path, kind, prefix):
 def test_imagefolder_max_train_is_class_balanced_in_sorted_name_order(tmp_path):
     spec = make_spec()
     root = write_tar(tmp_path / "data.tar.gz", spec, "top/")
-    splits = read_imagefolder(root, max_train=5, max_test=4, cache=None, progress=False)
+    splits = read_imagefolder(root, max_train=5, max_test=4, cache=tmp_path / "cache", progress=False)
     train, test = splits["train"], splits["test"]
     assert train.labels.tolist() == [0, 0, 1, 1, 2]
     first = [("apple", "00.png"), ("apple", "01.png"), ("mango", "00.png"), ("mango", "01.png"), ("zebra", "00.png")]
@@ -234,7 +235,7 @@ def test_imagefolder_max_train_is_class_balanced_in_sorted_name_order(tmp_path):
     np.testing.assert_array_equal(train.images, np.stack(expected))
     assert test.labels.tolist() == [0, 0, 1, 2]
     with pytest.raises(DataError, match=r"data.max_train = 10 is larger .* has 9 images"):
-        read_imagefolder(root, max_train=10, cache=None, progress=False)
+        read_imagefolder(root, max_train=10, cache=tmp_path / "cache", progress=False)
 
 
 def test_imagefolder_decodes_jpeg_and_resizes(tmp_path):
@@ -248,10 +249,10 @@ def test_imagefolder_decodes_jpeg_and_resizes(tmp_path):
     }
     root = write_folder(tmp_path / "d", spec)
     with pytest.raises(DataError, match=r"differ in size: .*24x24.*12x12.*data\.image_size"):
-        read_imagefolder(root, cache=None, progress=False)
-    splits = read_imagefolder(root, image_size=8, cache=None, progress=False)
+        read_imagefolder(root, cache=tmp_path / "cache", progress=False)
+    splits = read_imagefolder(root, image_size=8, cache=tmp_path / "cache", progress=False)
     assert splits["train"].images.shape == (2, 3, 8, 8)
-    splits = read_imagefolder(root, image_size=24, cache=None, progress=False)
+    splits = read_imagefolder(root, image_size=24, cache=tmp_path / "cache", progress=False)
     decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
     np.testing.assert_array_equal(splits["train"].images[0], decoded.transpose(2, 0, 1))
     assert np.abs(decoded.astype(int) - smooth).mean() < 16  # lossy, but the same picture
@@ -295,10 +296,13 @@ def test_bundled_subset_matches_the_shared_archive(bundled_splits):
     np.testing.assert_array_equal(train.images[2000], pixels.transpose(2, 0, 1))
 
 
-def test_shared_archive_class_balanced_subset():
+def test_shared_archive_class_balanced_subset(tmp_path_factory):
     if not SHARED_ARCHIVE.is_file():
         pytest.skip(f"shared archive {SHARED_ARCHIVE} not present")
-    splits = read_imagefolder(SHARED_ARCHIVE, max_train=200, max_test=100, cache=None, progress=False)
+    # Extracting its 60,000 files takes a while: keep the extraction (keyed by the archive's path, size and
+    # mtime, published only when complete) beside pytest's per-run folders for later runs.
+    cache = tmp_path_factory.getbasetemp().parent / "fastlocal-test-extracted"
+    splits = read_imagefolder(SHARED_ARCHIVE, max_train=200, max_test=100, cache=cache, progress=False)
     train, test = splits["train"], splits["test"]
     assert train.class_names == CIFAR_CLASSES
     assert train.images.shape == (200, 3, 32, 32) and test.images.shape == (100, 3, 32, 32)
@@ -356,14 +360,14 @@ def test_truncated_archive(tmp_path, suffix):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=rf"data\.{suffix}: it is truncated, corrupt"):
-        read_imagefolder(path, cache=None, progress=False)
+        read_imagefolder(path, cache=tmp_path / "cache", progress=False)
 
 
 def test_not_an_archive(tmp_path):
     path = tmp_path / "data.tar.gz"
     path.write_bytes(b"\x1f\x8b" + bytes(100))
     with pytest.raises(DataError, match=r"truncated, corrupt or not a \.tar"):
-        read_imagefolder(path, cache=None, progress=False)
+        read_imagefolder(path, cache=tmp_path / "cache", progress=False)
 
 
 def corrupt_spec() -> dict:
@@ -375,19 +379,19 @@ def corrupt_spec() -> dict:
 def test_corrupt_image_is_an_error_by_default(tmp_path):
     root = write_folder(tmp_path / "d", corrupt_spec())
     with pytest.raises(DataError, match=r"cannot read image train/cat/01.jpg .*data\.on_bad_image=skip"):
-        read_imagefolder(root, cache=None, progress=False)
+        read_imagefolder(root, cache=tmp_path / "cache", progress=False)
 
 
 def test_corrupt_image_is_skipped_and_replaced(tmp_path):
     spec = corrupt_spec()
     root = write_tar(tmp_path / "d.tar.gz", spec)
-    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\).*train/cat/01.jpg"):
-        splits = read_imagefolder(root, on_bad_image="skip", cache=None, progress=False)
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable train image\(s\).*train/cat/01.jpg"):
+        splits = read_imagefolder(root, on_bad_image="skip", cache=tmp_path / "cache", progress=False)
     # cat: 00.png 01.jpg (unreadable) 01.png 02.png
     assert splits["train"].labels.tolist() == [0, 0, 0, 1, 1, 1]
     # Class-balanced subset: the unreadable file is replaced by the next one of its class.
     with pytest.warns(UserWarning, match="skipped 1"):
-        splits = read_imagefolder(root, on_bad_image="skip", max_train=4, cache=None, progress=False)
+        splits = read_imagefolder(root, on_bad_image="skip", max_train=4, cache=tmp_path / "cache", progress=False)
     cats = spec["train"]["cat"]
     np.testing.assert_array_equal(splits["train"].images[1], cats["01.png"].transpose(2, 0, 1))
     assert splits["train"].labels.tolist() == [0, 0, 1, 1]
@@ -398,22 +402,62 @@ def test_corrupt_image_is_skipped_and_replaced(tmp_path):
             read_imagefolder(root, on_bad_image="skip", cache=cache, progress=False)
 
 
+def test_zero_byte_image_is_named_or_counted(tmp_path):
+    spec = make_spec(per_class={"cat": 2, "dog": 2})
+    spec["train"]["dog"]["00.jpg"] = b""
+    root = write_folder(tmp_path / "d", spec)
+    with pytest.raises(DataError, match=r"cannot read image train/dog/00.jpg .*data\.on_bad_image=skip"):
+        read_imagefolder(root, cache=tmp_path / "cache", progress=False)
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable train image\(s\).*train/dog/00.jpg"):
+        splits = read_imagefolder(root, on_bad_image="skip", cache=tmp_path / "cache", progress=False)
+    assert splits["train"].labels.tolist() == [0, 0, 1, 1]
+
+
+def files_under(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()}
+
+
+@pytest.mark.parametrize("kind", ["parent", "symlink", "hardlink", "absolute"])
+def test_archive_members_never_write_outside_the_extraction(tmp_path, kind):
+    archive = write_tar(tmp_path / "d.tar", make_spec())
+    outside = tmp_path / "outside.txt"
+    with tarfile.open(archive, "a") as tar:
+        info = tarfile.TarInfo({"parent": "../../outside.txt", "absolute": str(outside)}.get(kind, "train/apple/x.png"))
+        if kind in ("symlink", "hardlink"):
+            info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+            info.linkname = str(outside) if kind == "hardlink" else "../../../../outside.txt"
+            tar.addfile(info)
+        else:
+            info.size = 7
+            tar.addfile(info, io.BytesIO(b"escaped"))
+    before = files_under(tmp_path)
+    cache = tmp_path / "cache"
+    if kind == "absolute":  # the data filter strips the leading slash: the file lands inside the extraction
+        read_imagefolder(archive, cache=cache, progress=False)
+        assert [p for p in cache.rglob("outside.txt")][0].is_relative_to(cache / "extracted")
+    else:
+        with pytest.raises(DataError, match=r"would write or link outside the folder it is extracted to"):
+            read_imagefolder(archive, cache=cache, progress=False)
+        assert files_under(tmp_path) == before  # nothing written anywhere, the partial extraction removed
+    assert not outside.exists()
+
+
 def test_missing_test_folder(tmp_path):
     spec = make_spec()
     del spec["test"]
     root = write_folder(tmp_path / "d", spec)
     with pytest.raises(DataError, match=r"no test/ folder at the top level \(it holds: train/\).*test/<class>"):
-        read_imagefolder(root, cache=None, progress=False)
+        read_imagefolder(root, cache=tmp_path / "cache", progress=False)
     archive = write_tar(tmp_path / "d.tar", spec, "top/")
     with pytest.raises(DataError, match=r"no test/ folder at top/"):
-        read_imagefolder(archive, cache=None, progress=False)
+        read_imagefolder(archive, cache=tmp_path / "cache", progress=False)
 
 
 def test_no_split_folders_at_all(tmp_path):
     (tmp_path / "d" / "cats").mkdir(parents=True)
     (tmp_path / "d" / "dogs").mkdir(parents=True)
     with pytest.raises(DataError, match=r"no train/ and test/ folders; found top-level entries: cats/, dogs/"):
-        read_imagefolder(tmp_path / "d", cache=None, progress=False)
+        read_imagefolder(tmp_path / "d", cache=tmp_path / "cache", progress=False)
 
 
 def test_empty_class_folder(tmp_path):
@@ -421,7 +465,7 @@ def test_empty_class_folder(tmp_path):
     (root / "train" / "kiwi").mkdir()
     (root / "train" / "kiwi" / "notes.txt").write_text("no images here")
     with pytest.raises(DataError, match=r"class folder train/kiwi/ has no images"):
-        read_imagefolder(root, cache=None, progress=False)
+        read_imagefolder(root, cache=tmp_path / "cache", progress=False)
 
 
 def test_test_classes_must_be_train_classes(tmp_path):
@@ -429,7 +473,7 @@ def test_test_classes_must_be_train_classes(tmp_path):
     spec["test"]["kiwi"] = {"0.png": np.zeros((16, 16, 3), np.uint8)}
     root = write_folder(tmp_path / "d", spec)
     with pytest.raises(DataError, match=r"test/ has classes that are not in train/: kiwi"):
-        read_imagefolder(root, cache=None, progress=False)
+        read_imagefolder(root, cache=tmp_path / "cache", progress=False)
 
 
 def test_missing_root(tmp_path):
@@ -448,9 +492,9 @@ def test_non_square_images_need_image_size(tmp_path):
 # build_data recipes
 
 
-def test_recipe_defaults_and_overrides(tmp_path):
+def test_recipe_defaults_and_overrides(tmp_path, unchecked_md5):
     write_cifar(tmp_path, [[i % 10 for i in range(10)]] * 5 + [[0, 1]])
-    cfg = DataConfig(source="cifar10", root=str(tmp_path), download=False)
+    cfg = DataConfig(source="cifar10", root=str(tmp_path))
     bundle = build(cfg, drop_last=True, batch_size=8, eval_batch_size=3)
     info = bundle.info
     assert (info.name, info.num_classes, info.image_size) == ("cifar10", 10, 32)
@@ -463,7 +507,6 @@ def test_recipe_defaults_and_overrides(tmp_path):
     cfg = DataConfig(
         source="cifar10",
         root=str(tmp_path),
-        download=False,
         normalize="imagenet",
         pad=2,
         pad_mode="constant",
@@ -472,24 +515,24 @@ def test_recipe_defaults_and_overrides(tmp_path):
     info = build(cfg).info
     assert (info.pad, info.pad_mode, info.flip) == (2, "constant", False)
     assert info.mean == (0.485, 0.456, 0.406) and info.std == (0.229, 0.224, 0.225)
-    half = build(DataConfig(source="cifar10", root=str(tmp_path), download=False, normalize="half")).info
+    half = build(DataConfig(source="cifar10", root=str(tmp_path), normalize="half")).info
     assert half.mean == half.std == (0.5, 0.5, 0.5)
 
 
-def test_svhn_and_stl10_recipes(tmp_path):
+def test_svhn_and_stl10_recipes(tmp_path, unchecked_md5):
     scipy_io = pytest.importorskip("scipy.io", reason="SVHN's .mat files need scipy (a dependency of fastlocal)")
 
     x = np.zeros((32, 32, 3, 4), np.uint8)
     for split in ("train", "test"):
         scipy_io.savemat(tmp_path / f"{split}_32x32.mat", {"X": x, "y": np.array([[10], [1], [2], [3]])})
-    info = build(DataConfig(source="svhn", root=str(tmp_path), download=False)).info
+    info = build(DataConfig(source="svhn", root=str(tmp_path))).info
     assert (info.pad, info.pad_mode, info.flip, info.mean, info.std) == (2, "constant", False, (0.5,) * 3, (0.5,) * 3)
     folder = tmp_path / "stl10_binary"
     folder.mkdir()
     for split in ("train", "test"):
         (folder / f"{split}_X.bin").write_bytes(bytes(2 * 3 * 96 * 96))
         (folder / f"{split}_y.bin").write_bytes(bytes([1, 2]))
-    info = build(DataConfig(source="stl10", root=str(tmp_path), download=False)).info
+    info = build(DataConfig(source="stl10", root=str(tmp_path))).info
     assert (info.image_size, info.pad, info.pad_mode, info.flip, info.mean) == (96, 4, "constant", True, (0.5,) * 3)
 
 
@@ -662,6 +705,35 @@ def test_flip_only():
             np.testing.assert_array_equal(out, images[i][:, :, ::-1])
             flips.append(True)
     assert 16 < sum(flips) < 48
+
+
+@pytest.mark.parametrize("num_items, world_size", [(10, 1), (10, 3), (7, 4), (2, 5)])
+def test_shard_indices_follow_distributed_sampler(num_items, world_size):
+    from torch.utils.data import DistributedSampler
+
+    permutation = shard_indices(num_items, seed=3, epoch=2)
+    assert sorted(permutation.tolist()) == list(range(num_items))
+    for rank in range(world_size):
+        # torch's rule applied to the epoch's permutation: padded by wrapping around, every world_size-th item.
+        expected = list(DistributedSampler(range(num_items), num_replicas=world_size, rank=rank, shuffle=False))
+        shard = shard_indices(num_items, seed=3, epoch=2, rank=rank, world_size=world_size)
+        assert shard.tolist() == permutation[expected].tolist()
+        unshuffled = shard_indices(num_items, seed=3, epoch=2, rank=rank, world_size=world_size, shuffle=False)
+        assert unshuffled.tolist() == expected
+    assert not torch.equal(shard_indices(50, seed=3, epoch=2), shard_indices(50, seed=3, epoch=3))
+    assert not torch.equal(shard_indices(50, seed=3, epoch=2), shard_indices(50, seed=4, epoch=2))
+    with pytest.raises(ValueError, match="rank"):
+        shard_indices(5, seed=0, epoch=0, rank=2, world_size=2)
+
+
+def test_device_loader_ranks_read_their_shard():
+    loaders = [make_loader(count=10, batch_size=3, pad=1, flip=True, rank=r, world_size=3) for r in range(3)]
+    assert all(isinstance(loader, Loader) for loader in loaders)
+    assert [loader.num_images for loader in loaders] == [4, 4, 4] and [len(loader) for loader in loaders] == [2] * 3
+    order = shard_indices(10, seed=0, epoch=0).tolist()
+    padded = order + order[:2]
+    for rank, loader in enumerate(loaders):
+        assert torch.cat(collect(loader)[1]).tolist() == padded[rank::3]  # labels are the image indices
 
 
 def test_loader_rejects_bad_inputs():

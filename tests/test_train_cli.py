@@ -115,7 +115,7 @@ def test_missing_data(capsys, tmp_path):
 
 
 def test_cifar10_offline_message_says_how_to_point_at_a_local_copy(capsys, tmp_path):
-    expect_user_error(["--data.source=cifar10", f"--data.root={tmp_path}", "--data.download=false",
+    expect_user_error(["--data.source=cifar10", f"--data.root={tmp_path}",
                        "--out", tmp_path / "r"], capsys, "data.root")
 
 

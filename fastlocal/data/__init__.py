@@ -1,13 +1,14 @@
-"""Datasets as device-resident uint8 tensors with on-device augmentation.
+"""Datasets and loaders, one path per image size (options are validated in :mod:`fastlocal.config`).
 
-:func:`build_data` reads a dataset (see :mod:`fastlocal.data.sources`), moves both splits to the device
-once and returns a shuffled, augmented training :class:`DeviceLoader` and an ordered test loader, with
-the per-source augmentation and normalisation recipe in :class:`DatasetInfo`.
+Small images (cifar10, svhn, stl10, the bundled subset, image folders of small images) are decoded once
+into a uint8 cache and served from the device by :class:`DeviceLoader`. Large images (ImageNet-style
+image folders) stream through :class:`~fastlocal.data.streaming.TorchImageLoader` or, the fast path,
+:class:`~fastlocal.data.dali.DaliLoader`. Every loader is a :class:`Loader` reading its share of each
+epoch from :func:`~fastlocal.data.sharding.shard_indices`.
 """
 
 from __future__ import annotations
 
-import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,132 +16,114 @@ import numpy as np
 import torch
 
 from fastlocal.config import DataConfig
-from fastlocal.data.loader import DeviceLoader
-from fastlocal.data.sources import (
-    NATIVE_READERS,
-    DataError,
-    SplitData,
-    cache_dir,
-    read_imagefolder,
-    subset_split,
-)
+from fastlocal.data import sources
+from fastlocal.data.loader import DeviceLoader, Loader
+from fastlocal.data.sources import DataError, SplitData, bundled_path
 
-__all__ = ["DataBundle", "DataError", "DatasetInfo", "DeviceLoader", "build_data", "bundled_path", "read_splits"]
+__all__ = ["DataBundle", "DataError", "DatasetInfo", "DeviceLoader", "Loader", "build_data", "bundled_path",
+           "read_splits"]
 
-BUNDLED_FILE = "cifar10-subset.tar.gz"
 DEFAULT_NATIVE_ROOT = "data"
-
-CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
-CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
-HALF = (0.5, 0.5, 0.5)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# data.loader = auto streams image folders whose images are at least this large (shorter side, pixels).
+STREAMING_MIN_SIZE = 128
+# Per-channel (mean, std) in [0, 1] units by data.normalize; "dataset" is measured on the training images.
+NORMALIZATIONS = {
+    "cifar10": ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)),
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+IMAGENET_MEAN, IMAGENET_STD = NORMALIZATIONS["imagenet"]
 
 
 @dataclass
 class DatasetInfo:
-    name: str
-    """cifar10, svhn, stl10, imagefolder or bundled."""
+    name: str  # data.source
     num_classes: int
-    image_size: int
-    """Height == width of every image."""
+    image_size: int  # height == width of every image the model sees
     class_names: list[str]
-    mean: tuple[float, float, float]
-    """Per-channel mean in [0, 1] units, subtracted before dividing by std."""
+    mean: tuple[float, float, float]  # per channel, in [0, 1] units, subtracted before dividing by std
     std: tuple[float, float, float]
-    pad: int
-    """Random-crop padding in pixels (0 = no crop)."""
-    pad_mode: str
-    """reflect or constant (zeros)."""
-    flip: bool
-    """Random horizontal flip."""
+    pad: int  # random-crop padding in pixels (0 = no crop)
+    pad_mode: str  # reflect or constant (zeros)
+    flip: bool  # random horizontal flip
 
 
 @dataclass
 class DataBundle:
-    train: DeviceLoader
-    """Shuffled and augmented."""
-    test: DeviceLoader
-    """In order, not augmented, never drops a batch."""
+    train: Loader  # shuffled and augmented
+    test: Loader  # in order, not augmented, never drops a batch
     info: DatasetInfo
 
 
-@dataclass(frozen=True)
-class _Recipe:
-    pad: int | None  # None: image_size // 8
-    pad_mode: str
-    flip: bool
-    normalize: str
-
-
-# The paper's per-source recipes, used where the config says auto / -1.
+# The paper's per-source recipes (docs/method.md#recipes), used where the config says auto / -1:
+# (pad, None = image_size // 8; pad_mode; flip; normalize).
 RECIPES = {
-    "cifar10": _Recipe(4, "reflect", True, "cifar10"),
-    "bundled": _Recipe(4, "reflect", True, "cifar10"),
-    "svhn": _Recipe(2, "constant", False, "half"),
-    "stl10": _Recipe(4, "constant", True, "half"),
-    "imagefolder": _Recipe(None, "reflect", True, "dataset"),
+    "cifar10": (4, "reflect", True, "cifar10"),
+    "bundled": (4, "reflect", True, "cifar10"),
+    "svhn": (2, "constant", False, "half"),
+    "stl10": (4, "constant", True, "half"),
+    "imagefolder": (None, "reflect", True, "dataset"),
 }
 
 
-def bundled_path() -> Path:
-    """The CIFAR-10 subset shipped inside the package (1000 train / 200 test JPEGs per class)."""
-    path = importlib.resources.files("fastlocal.data").joinpath("bundled", BUNDLED_FILE)
-    if not path.is_file():
-        raise DataError(
-            f"the bundled dataset {path} is missing from this installation; reinstall fastlocal (the "
-            f"package data must include fastlocal/data/bundled/{BUNDLED_FILE}) or recreate it with "
-            f"scripts/make_bundled_subset.py, or set data.source to another dataset"
-        )
-    return Path(str(path))
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel mean and std (population) of uint8 (N, 3, H, W) images, in [0, 1] units, from
+    histograms: no float copy of the images."""
+    values = np.arange(256) / 255
+    frequencies = [np.bincount(images[:, c].reshape(-1), minlength=256) / images[:, c].size for c in range(3)]
+    means = [float(f @ values) for f in frequencies]
+    stds = [max(float(f @ (values - m) ** 2), 1e-12) ** 0.5 for f, m in zip(frequencies, means, strict=True)]
+    return tuple(means), tuple(stds)
+
+
+def normalization(normalize: str, sample) -> tuple[tuple, tuple]:
+    """(mean, std) for data.normalize (auto already resolved); `sample()` gives uint8 (N, 3, H, W) training
+    images for "dataset"."""
+    return channel_stats(sample()) if normalize == "dataset" else NORMALIZATIONS[normalize]
+
+
+def root_folder(cfg: DataConfig) -> Path:
+    """The image folder or archive the config reads (the bundled archive for source = bundled)."""
+    return bundled_path() if cfg.source == "bundled" else Path(cfg.root)
+
+
+def choose_loader(cfg: DataConfig, progress: bool = True) -> str:
+    """device, torch or dali; data.loader = auto streams with torch an image folder of large images
+    (data.image_size, else the first training image's shorter side, >= STREAMING_MIN_SIZE)."""
+    if cfg.loader != "auto":
+        return cfg.loader
+    if cfg.source != "imagefolder":
+        return "device"
+    if cfg.image_size > 0:
+        return "torch" if cfg.image_size >= STREAMING_MIN_SIZE else "device"
+    root = Path(cfg.root).expanduser().absolute()
+    if not root.exists():
+        return "device"  # the reader names the missing folder
+    cache = sources.cache_dir(cfg.cache_dir)
+    folder = root if root.is_dir() else sources.extract_archive(root, cache, progress=progress)
+    size = sources.first_image_size(sources.find_base(root, folder))
+    return "torch" if size is not None and size >= STREAMING_MIN_SIZE else "device"
 
 
 def read_splits(cfg: DataConfig, *, progress: bool = True) -> dict[str, SplitData]:
     """Both splits of the configured dataset as uint8 numpy arrays (on the host), subset as configured."""
-    if cfg.source in NATIVE_READERS:
-        root = Path(cfg.root or DEFAULT_NATIVE_ROOT)
-        reader = NATIVE_READERS[cfg.source]
-        max_n = {"train": cfg.max_train, "test": cfg.max_test}
-        return {
-            split: subset_split(
-                reader(root, split, download=cfg.download), max_n[split], split, f"{cfg.source} in {root}"
-            )
-            for split in ("train", "test")
-        }
-    if cfg.source in ("imagefolder", "bundled"):
-        if cfg.source == "imagefolder" and not cfg.root:
-            raise DataError(
-                "data.source = imagefolder needs data.root: a folder or .tar/.tar.gz archive holding "
-                "train/<class>/* and test/<class>/*"
-            )
-        return read_imagefolder(
-            cfg.root if cfg.source == "imagefolder" else bundled_path(),
-            max_train=cfg.max_train,
-            max_test=cfg.max_test,
-            image_size=cfg.image_size,
-            on_bad_image=cfg.on_bad_image,
-            cache=cache_dir(cfg.cache_dir),
-            progress=progress,
-            name=cfg.source,
-        )
-    raise DataError(
-        f"data.source = {cfg.source!r} is not valid; choose one of: "
-        f"{', '.join(['bundled', *NATIVE_READERS, 'imagefolder'])}"
-    )
-
-
-def channel_stats(images: np.ndarray) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Exact per-channel mean and std (population) of uint8 (N, 3, H, W) images, in [0, 1] units."""
-    means, stds = [], []
-    values = np.arange(256, dtype=np.float64) / 255
-    for channel in range(3):
-        histogram = np.bincount(images[:, channel].reshape(-1), minlength=256).astype(np.float64)
-        total = histogram.sum()
-        mean = float((histogram * values).sum() / total)
-        variance = float((histogram * (values - mean) ** 2).sum() / total)
-        means.append(mean)
-        stds.append(max(variance, 1e-12) ** 0.5)
-    return (means[0], means[1], means[2]), (stds[0], stds[1], stds[2])
+    max_n = {"train": cfg.max_train, "test": cfg.max_test}
+    if cfg.source not in sources.NATIVE:
+        return sources.read_imagefolder(root_folder(cfg), cache=sources.cache_dir(cfg.cache_dir), name=cfg.source,
+                                        max_train=cfg.max_train, max_test=cfg.max_test, image_size=cfg.image_size,
+                                        on_bad_image=cfg.on_bad_image, progress=progress)
+    root = Path(cfg.root or DEFAULT_NATIVE_ROOT)
+    splits = {}
+    for split in max_n:
+        data = sources.read_native(cfg.source, root, split)
+        if max_n[split] > 0:  # the class-balanced first max_n, in file order
+            per_class = [[str(i) for i in np.flatnonzero(data.labels == k)] for k in range(len(data.class_names))]
+            chosen, _ = sources.choose_images(per_class, max_n[split], lambda name: None, split=split,
+                                              what=f"{cfg.source} in {root}", progress=False)
+            keep = np.sort([int(name) for names in chosen for name, _ in names])
+            data = SplitData(np.ascontiguousarray(data.images[keep]), data.labels[keep], data.class_names)
+        splits[split] = data
+    return splits
 
 
 def resolve_info(cfg: DataConfig, splits: dict[str, SplitData]) -> DatasetInfo:
@@ -150,88 +133,36 @@ def resolve_info(cfg: DataConfig, splits: dict[str, SplitData]) -> DatasetInfo:
         raise DataError(f"the {cfg.source} training split is empty; check data.root and data.max_train")
     height, width = train.images.shape[2:]
     if height != width:
-        raise DataError(
-            f"{cfg.source} images are {width}x{height}, but the models need square images; set "
-            f"data.image_size=N to resize every image to NxN"
-        )
+        raise DataError(f"{cfg.source} images are {width}x{height}, but the models need square images; set "
+                        f"data.image_size=N to resize every image to NxN")
     if len(test.labels) and test.images.shape[2:] != train.images.shape[2:]:
-        raise DataError(
-            f"{cfg.source} test images are {test.images.shape[3]}x{test.images.shape[2]} but training images "
-            f"{width}x{height}; set data.image_size=N to resize both to NxN"
-        )
-    recipe = RECIPES[cfg.source]
-    pad = cfg.pad if cfg.pad >= 0 else (recipe.pad if recipe.pad is not None else height // 8)
-    pad_mode = recipe.pad_mode if cfg.pad_mode == "auto" else cfg.pad_mode
-    flip = recipe.flip if cfg.flip == "auto" else cfg.flip == "on"
+        raise DataError(f"{cfg.source} test images are {test.images.shape[3]}x{test.images.shape[2]} but training "
+                        f"images {width}x{height}; set data.image_size=N to resize both to NxN")
+    recipe_pad, recipe_pad_mode, recipe_flip, recipe_normalize = RECIPES[cfg.source]
+    pad = cfg.pad if cfg.pad >= 0 else (recipe_pad if recipe_pad is not None else height // 8)
+    pad_mode = recipe_pad_mode if cfg.pad_mode == "auto" else cfg.pad_mode
     if pad > 0 and pad_mode == "reflect" and pad >= height:
-        raise DataError(
-            f"data.pad = {pad} with reflect padding needs images larger than {pad} pixels, but they are "
-            f"{height}x{width}; set a smaller data.pad or data.pad_mode=constant"
-        )
-    normalize = recipe.normalize if cfg.normalize == "auto" else cfg.normalize
-    if normalize == "cifar10":
-        mean, std = CIFAR10_MEAN, CIFAR10_STD
-    elif normalize == "half":
-        mean, std = HALF, HALF
-    elif normalize == "imagenet":
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    elif normalize == "dataset":
-        mean, std = channel_stats(train.images)
-    else:
-        raise DataError(
-            f"data.normalize = {cfg.normalize!r} is not valid; choose one of: auto, cifar10, half, imagenet, dataset"
-        )
-    return DatasetInfo(
-        name=cfg.source,
-        num_classes=len(train.class_names),
-        image_size=int(height),
-        class_names=list(train.class_names),
-        mean=mean,
-        std=std,
-        pad=int(pad),
-        pad_mode=pad_mode,
-        flip=bool(flip),
-    )
+        raise DataError(f"data.pad = {pad} with reflect padding needs images larger than {pad} pixels, but they are "
+                        f"{height}x{width}; set a smaller data.pad or data.pad_mode=constant")
+    mean, std = normalization(recipe_normalize if cfg.normalize == "auto" else cfg.normalize, lambda: train.images)
+    return DatasetInfo(name=cfg.source, num_classes=len(train.class_names), image_size=int(height),
+                       class_names=list(train.class_names), mean=mean, std=std, pad=int(pad), pad_mode=pad_mode,
+                       flip=recipe_flip if cfg.flip == "auto" else cfg.flip == "on")
 
 
-def build_data(
-    cfg: DataConfig,
-    *,
-    batch_size: int,
-    eval_batch_size: int,
-    device: torch.device,
-    seed: int,
-    drop_last: bool = False,
-    progress: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-) -> DataBundle:
-    """Read the configured dataset and return the two loaders (device-resident, or streaming for large images).
+def build_data(cfg: DataConfig, *, batch_size: int, eval_batch_size: int, device: torch.device | str, seed: int,
+               drop_last: bool = False, progress: bool = True, rank: int = 0, world_size: int = 1) -> DataBundle:
+    """Read the configured dataset and return the two loaders (device-resident, or streaming for large images)."""
+    kind = choose_loader(cfg, progress)
+    options = dict(seed=seed, rank=rank, world_size=world_size)
+    if kind != "device":
+        from fastlocal.data.streaming import build_streaming_data
 
-    Data parallel: `batch_size` and `eval_batch_size` are per rank, and each loader reads this rank's shard
-    (the streaming loaders take theirs from torch.distributed, see `streaming.shard_info`)."""
-    from fastlocal.data.streaming import build_streaming_data, uses_streaming  # DALI is imported only when used
-
-    if uses_streaming(cfg):
-        return build_streaming_data(cfg, batch_size=batch_size, eval_batch_size=eval_batch_size, device=device,
-                                    seed=seed, drop_last=drop_last, progress=progress)
+        return build_streaming_data(cfg, kind, batch_size=batch_size, eval_batch_size=eval_batch_size, device=device,
+                                    drop_last=drop_last, progress=progress, **options)
     splits = read_splits(cfg, progress=progress)
     info = resolve_info(cfg, splits)
-    device = torch.device(device)
-
-    def to_device(data: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.from_numpy(np.ascontiguousarray(data.images)).to(device)
-        labels = torch.from_numpy(np.ascontiguousarray(data.labels, dtype=np.int64)).to(device)
-        return images, labels
-
-    train_images, train_labels = to_device(splits["train"])
-    test_images, test_labels = to_device(splits["test"])
-    augmentation = dict(mean=info.mean, std=info.std, pad=info.pad, pad_mode=info.pad_mode, flip=info.flip,
-                        rank=rank, world_size=world_size)
-    return DataBundle(
-        train=DeviceLoader(
-            train_images, train_labels, batch_size, train=True, seed=seed, drop_last=drop_last, **augmentation
-        ),
-        test=DeviceLoader(test_images, test_labels, eval_batch_size, train=False, seed=seed, **augmentation),
-        info=info,
-    )
+    tensors = {k: [torch.from_numpy(a).to(device) for a in (d.images, d.labels)] for k, d in splits.items()}
+    options.update(mean=info.mean, std=info.std, pad=info.pad, pad_mode=info.pad_mode, flip=info.flip)
+    return DataBundle(DeviceLoader(*tensors["train"], batch_size, train=True, drop_last=drop_last, **options),
+                      DeviceLoader(*tensors["test"], eval_batch_size, train=False, **options), info)

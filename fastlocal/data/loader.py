@@ -1,47 +1,64 @@
-"""A data loader whose whole dataset lives on the device as uint8 and is augmented there.
+"""The loader interface, and the loader whose whole dataset lives on the device as uint8.
 
-A training batch is one index_select of uint8 images and one gather that does the augmentation for the
-whole batch: the random crop is a per-image (row, column) offset into the padded batch and the
-horizontal flip reverses the column index of the same gather, so there is no per-image Python loop.
-Constant (zero) padding pads the batch once with F.pad; reflect padding is folded into the gather's
-indices (padded row r reads source row reflect(r)), which gives the same pixels without materialising
-the padded batch and works for uint8 on every backend. The float32 normalised batch is the only float
-tensor made.
-
-All randomness of an epoch (order, crop offsets, flips) is drawn up front from a ``torch.Generator`` on
-the device seeded from (seed, epoch), so an epoch is a pure function of those two numbers: a resumed run
-sees bit-identical batches, and the global RNG is never used. Iteration slices device tensors with
-Python integers only, so it does not synchronise with the host.
-
-Under data parallelism (`rank`, `world_size`) a training epoch's order and augmentation are drawn as
-above, the same on every rank, and each rank reads its positions of that order by the rule of
-:mod:`fastlocal.data.sharding` (padded by wrapping, strided); `batch_size` is then the per-rank batch.
-Evaluation splits the images without padding (rank r reads images r, r + world_size, ...), so summing
-the per-rank counts counts every test image once.
+A :class:`DeviceLoader` training batch is one index_select and one gather that does the augmentation of
+the whole batch: the random crop is a per-image (row, column) offset into the padded batch, the flip
+reverses the column index of the same gather. Zero padding pads the batch with F.pad; reflect padding is
+folded into the gather's indices, so the padded batch is never materialised (and uint8 works on every
+backend). The order, crop offsets and flips of an epoch are drawn up front from (seed, epoch, rank):
+a resumed run sees bit-identical batches, the global RNG is never used, and iterating slices device
+tensors with Python integers only, without synchronising with the host.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from fastlocal.data.sharding import shard_positions
+from fastlocal.data.sharding import epoch_seed, shard_indices
 
 PAD_MODES = ("reflect", "constant")
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit generator seed that mixes (seed, epoch), so nearby pairs give unrelated streams."""
-    digest = hashlib.sha256(f"fastlocal-loader:{seed}:{epoch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+class Loader:
+    """What the engine needs from every loader (device-resident, torch workers, DALI), and their shared part.
 
+    Iterating yields (x float32 (B, 3, H, W) normalised on the loader's device, y int64 (B,)) for this
+    rank's share of `num_items` (:meth:`order`), num_images of them; call set_epoch before each epoch;
+    len() is the number of batches. Training epochs are shuffled and may drop the last partial batch;
+    evaluation keeps the order and never drops one.
+    """
 
-def batches_per_epoch(num_images: int, batch_size: int, drop_last: bool) -> int:
-    """Batches in an epoch: every image once, the last batch partial unless dropped. Every loader's len()."""
-    return num_images // batch_size if drop_last else -(-num_images // batch_size)
+    def __init__(self, num_items: int, batch_size: int, *, train: bool, drop_last: bool = False, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.num_items, self.batch_size, self.train, self.seed = num_items, int(batch_size), train, seed
+        self.drop_last, self.rank, self.world_size, self.epoch = train and drop_last, rank, world_size, 0
+
+    @property
+    def num_images(self) -> int:
+        if not self.train:
+            return len(range(self.rank, self.num_items, self.world_size))
+        return -(-self.num_items // self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and augmentation the next iteration gives."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_images // self.batch_size if self.drop_last else -(-self.num_images // self.batch_size)
+
+    def order(self) -> torch.Tensor:
+        """int64 (num_images,): the items of this epoch, in reading order."""
+        if not self.train:  # evaluation: each image once over all ranks (no wrap-around), so summed counts are exact
+            return torch.arange(self.rank, self.num_items, self.world_size)
+        return shard_indices(self.num_items, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                             world_size=self.world_size, shuffle=self.train)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
 
 
 def reflect_index(size: int, pad: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -50,7 +67,7 @@ def reflect_index(size: int, pad: int, device: torch.device | str | None = None)
     return (size - 1) - ((size - 1) - index).abs()
 
 
-class DeviceLoader:
+class DeviceLoader(Loader):
     """Batches of a device-resident uint8 dataset.
 
     images: uint8 (N, 3, H, W) on the device; labels: int64 (N,) on the same device.
@@ -58,63 +75,29 @@ class DeviceLoader:
     `pad_mode`, then a horizontal flip with p=0.5 when `flip`); otherwise batches come in order and are
     only normalised. Yields (x float32 (B, 3, H, W) = (images/255 - mean)/std, y int64 (B,)).
     Call :meth:`set_epoch` before iterating each epoch; iterating twice at one epoch repeats it exactly.
+    With `world_size` > 1 this rank reads its :func:`~fastlocal.data.sharding.shard_indices` share.
     """
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        batch_size: int,
-        *,
-        train: bool,
-        mean: Sequence[float],
-        std: Sequence[float],
-        pad: int = 0,
-        pad_mode: str = "reflect",
-        flip: bool = False,
-        seed: int = 0,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, train: bool,
+                 mean: Sequence[float], std: Sequence[float], pad: int = 0, pad_mode: str = "reflect",
+                 flip: bool = False, seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
-            raise ValueError(f"labels must be int64 ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
-        if labels.device != images.device:
-            raise ValueError(f"images are on {images.device} but labels on {labels.device}; move both")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if labels.dtype != torch.int64 or labels.shape != images.shape[:1] or labels.device != images.device:
+            raise ValueError(f"labels must be int64 ({images.shape[0]},) on {images.device}, got {labels.dtype} "
+                             f"{tuple(labels.shape)} on {labels.device}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 values each, std positive; got {mean}, {std}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
         if pad < 0 or pad_mode not in PAD_MODES:
             raise ValueError(f"pad must be >= 0 and pad_mode one of {PAD_MODES}; got {pad}, {pad_mode!r}")
         height, width = images.shape[2], images.shape[3]
         if train and pad > 0 and pad_mode == "reflect" and pad >= min(height, width):
-            raise ValueError(
-                f"reflect padding needs pad < image size, got pad {pad} for {height}x{width} images; "
-                f"use a smaller pad or pad_mode='constant'"
-            )
-        self.images = images
-        self.labels = labels
-        self.batch_size = int(batch_size)
-        self.train = bool(train)
-        self.pad = int(pad)
-        self.pad_mode = pad_mode
-        self.flip = bool(flip)
-        self.seed = int(seed)
-        self.drop_last = bool(drop_last)
-        self.device = images.device
-        self.rank, self.world_size = int(rank), int(world_size)
-        self._epoch = 0
-        # This rank's positions in an epoch's order (training) or its images (evaluation); None: all, in order.
-        self._positions = None
-        if self.world_size > 1:
-            count = images.shape[0]
-            self._positions = (shard_positions(count, rank=self.rank, world_size=self.world_size) if self.train
-                               else torch.arange(self.rank, count, self.world_size)).to(self.device)
+            raise ValueError(f"reflect padding needs pad < image size, got pad {pad} for {height}x{width} images; "
+                             f"use a smaller pad or pad_mode='constant'")
+        super().__init__(images.shape[0], batch_size, train=train, drop_last=drop_last, seed=seed, rank=rank,
+                         world_size=world_size)
+        self.images, self.labels, self.device = images, labels, images.device
+        self.pad, self.pad_mode, self.flip = int(pad), pad_mode, bool(flip)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._rows = torch.arange(height, device=self.device)
@@ -124,24 +107,8 @@ class DeviceLoader:
             self._reflect_cols = reflect_index(width, self.pad, self.device)
 
     @property
-    def num_images(self) -> int:
-        """Images this rank reads per epoch (all of them with one process)."""
-        return self.images.shape[0] if self._positions is None else self._positions.numel()
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    @property
     def augments(self) -> bool:
         return self.train and (self.pad > 0 or self.flip)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentation the next iteration gives."""
-        self._epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return batches_per_epoch(self.num_images, self.batch_size, self.train and self.drop_last)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float32 (images/255 - mean)/std."""
@@ -171,49 +138,25 @@ class DeviceLoader:
         # One gather along the flattened spatial axis; on CPU it is ~5x faster than 4-tensor indexing.
         padded_width = images.shape[3]
         flat = (rows[:, :, None] * padded_width + cols[:, None, :]).view(batch, 1, height * width)
-        source = images.reshape(batch, channels, -1)
-        return torch.gather(source, 2, flat.expand(batch, channels, height * width)).view(
-            batch, channels, height, width
-        )
+        gathered = torch.gather(images.reshape(batch, channels, -1), 2, flat.expand(batch, channels, height * width))
+        return gathered.view(batch, channels, height, width)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        size, count = self.batch_size, self.images.shape[0]
-        if not self.train:
-            for start in range(0, self.num_images, size):
-                if self._positions is None:
-                    yield self.normalize(self.images[start : start + size]), self.labels[start : start + size]
-                else:
-                    index = self._positions[start : start + size]
-                    yield self.normalize(self.images.index_select(0, index)), self.labels.index_select(0, index)
-            return
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(epoch_seed(self.seed, self._epoch))
-        # Draw the whole epoch's randomness first, in a fixed order, so each batch is a pure slice.
-        order = torch.randperm(count, generator=generator, device=self.device)
+        order = self.order().to(self.device)
         offsets = flips = None
-        if self.pad > 0:
-            offsets = torch.randint(0, 2 * self.pad + 1, (2, count), generator=generator, device=self.device)
-        if self.flip:
-            flips = torch.randint(0, 2, (count,), generator=generator, device=self.device).bool()
-        if self._positions is not None:  # this rank's share of the epoch, drawn alike on every rank
-            order = order[self._positions]
-            offsets = None if offsets is None else offsets[:, self._positions]
-            flips = None if flips is None else flips[self._positions]
+        if self.augments:
+            # The whole epoch's randomness first, in a fixed order, so each batch is a pure slice.
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
+            if self.pad > 0:
+                offsets = torch.randint(0, 2 * self.pad + 1, (2, len(order)), generator=generator, device=self.device)
+            if self.flip:
+                flips = torch.randint(0, 2, (len(order),), generator=generator, device=self.device).bool()
         for step in range(len(self)):
-            window = slice(step * size, (step + 1) * size)
+            window = slice(step * self.batch_size, (step + 1) * self.batch_size)
             index = order[window]
             images = self.images.index_select(0, index)
             if self.augments:
-                images = self.augment(
-                    images,
-                    None if offsets is None else offsets[:, window],
-                    None if flips is None else flips[window],
-                )
+                images = self.augment(images, None if offsets is None else offsets[:, window],
+                                      None if flips is None else flips[window])
             yield self.normalize(images), self.labels.index_select(0, index)
-
-    def __repr__(self) -> str:
-        return (
-            f"DeviceLoader({self.num_images} images {tuple(self.images.shape[1:])} on {self.device}, "
-            f"batch_size={self.batch_size}, train={self.train}, pad={self.pad} {self.pad_mode}, "
-            f"flip={self.flip}, seed={self.seed}, drop_last={self.drop_last}, rank {self.rank}/{self.world_size})"
-        )

@@ -1,66 +1,102 @@
-"""Dataset readers that return uint8 images ``(N, 3, H, W)`` and int64 labels ``(N,)``.
+"""Datasets read once: uint8 arrays or checked file lists, with the class-balanced choice and the cache.
 
-Readers are written from the file formats rather than through torchvision's dataset classes (whose md5
-checks reject small hand-written files); torchvision is imported only to download a missing dataset.
-
-- cifar10: ``root/cifar-10-batches-py/`` python pickles. Unpickling can run code, so these files are
-  trusted: use the ones downloaded from the CIFAR site or by torchvision, never files from an unknown source.
-- svhn: ``root/{train,test}_32x32.mat`` (label 10 is digit 0).
-- stl10: ``root/stl10_binary/{train,test}_{X,y}.bin`` (column-major pixels, labels 1..10).
-- imagefolder: a folder or .tar/.tar.gz/.tgz archive holding ``train/<class>/*`` and ``test/<class>/*``,
-  optionally under one top-level folder; decoded with PIL to RGB. Decoded splits are cached as .npz.
-
-``max_n > 0`` keeps the first N images of a split, class-balanced (see :func:`balanced_quotas`).
+cifar10, svhn, stl10 come from torchvision's classes over files in ``data.root`` (never downloaded);
+image folders hold ``train/<class>/*`` and ``test/<class>/*``, optionally under one top-level folder,
+listed by torchvision's ``make_dataset``. An archive is extracted once into the cache with tarfile's
+``data`` filter: no member (``../x``, an absolute path, a link pointing out) writes outside it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
-import io
+import importlib.resources
 import os
-import pickle
+import shutil
 import stat
 import tarfile
 import tempfile
 import warnings
 import zlib
-from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import TypeVar
+from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from fastlocal.config import UserError
 
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
-# Bumped whenever the decoded content for the same key could change (decoder, resize, layout rules).
-CACHE_VERSION = 1
-# Decoding fewer images than this shows no progress bar.
-PROGRESS_MIN_IMAGES = 1000
-
-_Candidate = TypeVar("_Candidate", bound=Hashable)
+BUNDLED_FILE = "cifar10-subset.tar.gz"
+# Bumped whenever cached content for the same key could change (decoder, resize, layout rules).
+CACHE_VERSION = 2
+# Written inside an extracted archive's folder last, so a folder without it is an interrupted extraction.
+EXTRACTED_MARKER = ".fastlocal-extracted"
+# torchvision class and the file or folder it reads under data.root.
+NATIVE = {
+    "cifar10": ("CIFAR10", "cifar-10-batches-py/ (the python version)"),
+    "svhn": ("SVHN", "{split}_32x32.mat"),
+    "stl10": ("STL10", "stl10_binary/"),
+}
 
 
 class DataError(UserError):
     """A dataset that cannot be found or read: the message names the file and the fix."""
 
 
+class BadImage(Exception):
+    """An image file that does not decode; the message says why."""
+
+
 @dataclass
 class SplitData:
-    """One split of a dataset, in the reader's order."""
+    """One split of a dataset, in the reader's order: images uint8 (N, 3, H, W), labels int64 (N,)."""
 
     images: np.ndarray
-    """uint8 (N, 3, H, W)."""
     labels: np.ndarray
-    """int64 (N,), indices into class_names."""
     class_names: list[str]
 
 
-# --------------------------------------------------------------------------------------------------
-# Class-balanced subsetting
+def cache_dir(configured: str = "") -> Path:
+    """data.cache_dir, else $FASTLOCAL_CACHE, else ~/.cache/fastlocal."""
+    return Path(configured or os.environ.get("FASTLOCAL_CACHE") or Path.home() / ".cache" / "fastlocal").expanduser()
+
+
+def bundled_path() -> Path:
+    """The CIFAR-10 subset shipped inside the package (1000 train / 200 test JPEGs per class)."""
+    path = importlib.resources.files("fastlocal.data").joinpath("bundled", BUNDLED_FILE)
+    if not path.is_file():
+        raise DataError(f"the bundled dataset {path} is missing from this installation; reinstall fastlocal (the "
+                        f"package data must include fastlocal/data/bundled/{BUNDLED_FILE}) or recreate it with "
+                        f"scripts/make_bundled_subset.py, or set data.source to another dataset")
+    return Path(str(path))
+
+
+def read_native(source: str, root: str | Path, split: str) -> SplitData:
+    """One split of cifar10, svhn or stl10 from the files under `root` (torchvision's layout)."""
+    import torchvision.datasets
+
+    root = Path(root).expanduser().absolute()
+    class_name, where = NATIVE[source]
+    where = where.format(split=split)
+    dataset_class = getattr(torchvision.datasets, class_name)
+    try:
+        if source == "cifar10":
+            dataset = dataset_class(str(root), train=split == "train", download=False)
+            images, labels = dataset.data.transpose(0, 3, 1, 2), dataset.targets  # NHWC -> NCHW
+        else:
+            dataset = dataset_class(str(root), split=split, download=False)
+            images, labels = dataset.data, dataset.labels
+    except Exception as err:  # noqa: BLE001 -- torchvision raises RuntimeError when missing, others when corrupt
+        raise DataError(f"{source}: cannot read {where} under {root} ({type(err).__name__}: {err}). fastlocal never "
+                        f"downloads: on a machine with internet run torchvision.datasets.{class_name}(root, "
+                        f"download=True) and copy {where} into {root}, or set data.root to the folder that holds it, "
+                        f"or use data.source=imagefolder with data.root set to an image folder or archive "
+                        f"(train/<class>/*, ...)") from None
+    class_names = list(getattr(dataset, "classes", None) or [str(k) for k in range(10)])
+    return SplitData(np.ascontiguousarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64), class_names)
 
 
 def balanced_quotas(counts: Sequence[int], total: int) -> list[int]:
@@ -90,670 +126,301 @@ def balanced_quotas(counts: Sequence[int], total: int) -> list[int]:
     return quotas
 
 
-def _check_max_n(max_n: int, available: int, split: str, what: str) -> None:
-    if max_n > available:
-        setting = f"data.max_{split}"
-        raise DataError(
-            f"{setting} = {max_n} is larger than the {split} split of {what}, which has {available} "
-            f"images; set {setting} to at most {available} (or 0 for all of them)"
-        )
+def choose_images(per_class: Sequence[Sequence[str]], max_n: int, read: Callable[[str], object], *, split: str,
+                  what: str, on_bad_image: str = "error", progress: bool = True,
+                  num_threads: int = 8) -> tuple[list[list[tuple[str, object]]], list[str]]:
+    """Per class, [(name, read(name))] for all names or the class-balanced first `max_n` readable ones,
+    and the sorted names skipped as unreadable. `read` raises BadImage for an unreadable image."""
+    total = sum(len(names) for names in per_class)
+    if max_n > total:
+        raise DataError(f"data.max_{split} = {max_n} is larger than the {split} split of {what}, which has {total} "
+                        f"images; set data.max_{split} to at most {total} (or 0 for all of them)")
+    values: dict[str, object] = {}
+    bad: dict[str, str] = {}
+    # A bar only for reads that last more than a second; PIL releases the GIL, so threads read in parallel.
+    bar = tqdm(desc=f"reading {split} images of {Path(what).name}", unit="img", leave=False, delay=1,
+               disable=not progress)
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads))
 
-
-def balanced_subset(labels: np.ndarray, num_classes: int, max_n: int, split: str, what: str) -> np.ndarray:
-    """Indices (ascending, so the reader's order is kept) of the first `max_n` images, class-balanced."""
-    _check_max_n(max_n, len(labels), split, what)
-    per_class = [np.flatnonzero(labels == k) for k in range(num_classes)]
-    quotas = balanced_quotas([len(p) for p in per_class], max_n)
-    chosen = np.concatenate([p[:q] for p, q in zip(per_class, quotas, strict=True)] + [np.zeros(0, np.int64)])
-    return np.sort(chosen)
-
-
-def _choose_readable(
-    per_class: Sequence[Sequence[_Candidate]],
-    max_n: int,
-    check: Callable[[list[_Candidate]], Iterable[_Candidate]],
-    *,
-    split: str,
-    what: str,
-    bad: Collection[_Candidate] = (),
-) -> list[list[_Candidate]]:
-    """Per class, the chosen candidates: all, or the class-balanced first `max_n`, none of them bad.
-
-    `check` is given each chosen candidate once, in class order, and returns those that are bad
-    (or raises); `bad` are known to be bad already.
-    """
-    total = sum(len(candidates) for candidates in per_class)
-    bad = set(bad)
-    checked: set[_Candidate] = set()
-    # Rounds: pick the balanced subset among candidates not known to be bad and check what is new; a bad
-    # one is replaced by the next one of its class in the following round.
-    while True:
-        good = [[c for c in candidates if c not in bad] for candidates in per_class]
-        available = sum(len(g) for g in good)
-        wanted = max_n if max_n > 0 else available
-        if wanted > available:
-            raise DataError(
-                f"data.max_{split} = {max_n} needs {max_n} readable {split} images in {what}, "
-                f"but only {available} of {total} are readable ({len(bad)} skipped); lower data.max_{split}"
-            )
-        quotas = balanced_quotas([len(g) for g in good], wanted)
-        chosen = [g[:q] for g, q in zip(good, quotas, strict=True)]
-        new = [c for candidates in chosen for c in candidates if c not in checked]
-        if not new:
-            return chosen
-        checked.update(new)
-        bad.update(check(new))
-
-
-def subset_split(data: SplitData, max_n: int, split: str, what: str) -> SplitData:
-    if max_n <= 0:
-        return data
-    keep = balanced_subset(data.labels, len(data.class_names), max_n, split, what)
-    return SplitData(np.ascontiguousarray(data.images[keep]), data.labels[keep], data.class_names)
-
-
-# --------------------------------------------------------------------------------------------------
-# Native formats (cifar10, svhn, stl10)
-
-_IMAGEFOLDER_HINT = (
-    "or use data.source=imagefolder with data.root set to an image-folder folder or archive "
-    "(train/<class>/*, test/<class>/*)"
-)
-
-
-def _ensure_files(
-    source: str, root: Path, required: list[Path], folder_hint: str, download: bool, fetch: Callable[[], None]
-) -> None:
-    """Make sure `required` exist, downloading with `fetch` when allowed; else raise a DataError."""
-    missing = [p for p in required if not p.is_file()]
-    if not missing:
-        return
-    names = ", ".join(str(p.relative_to(root)) for p in missing)
-    fix = (
-        f"download it on a machine with internet (torchvision.datasets.{source.upper()}(root, "
-        f"download=True)) and copy it into {root}, or set data.root to a folder holding {folder_hint}, "
-        f"{_IMAGEFOLDER_HINT}"
-    )
-    if not download:
-        raise DataError(
-            f"{source}: {names} not found under {root} and data.download is false. "
-            f"Fix: set data.download=true (needs internet), or {fix}"
-        )
-    try:
-        fetch()
-    except Exception as err:  # noqa: BLE001 -- any download failure becomes the same user-facing error
-        raise DataError(
-            f"{source}: {names} not found under {root}, and the download failed "
-            f"({type(err).__name__}: {err}). Fix: {fix}"
-        ) from None
-    still_missing = [p for p in required if not p.is_file()]
-    if still_missing:
-        raise DataError(
-            f"{source}: the download finished but {', '.join(map(str, still_missing))} is still missing. Fix: {fix}"
-        )
-
-
-def _unpickle(path: Path) -> dict:
-    try:
-        with path.open("rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except Exception as err:  # noqa: BLE001 -- unpickling can raise nearly anything on a bad file
-        raise DataError(
-            f"cannot read {path} ({type(err).__name__}: {err}); delete it so it is downloaded again, "
-            f"or replace it with the original CIFAR-10 python-version file"
-        ) from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{path} does not hold a CIFAR-10 batch (a dict); replace it with the original file")
-    # Files pickled by Python 2 have bytes keys, files written by Python 3 str keys.
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
-
-
-def read_cifar10(root: str | Path, split: str, *, download: bool) -> SplitData:
-    root = Path(root).expanduser().absolute()
-    folder = root / "cifar-10-batches-py"
-    batch_names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    required = [folder / name for name in batch_names] + [folder / "batches.meta"]
-
-    def fetch() -> None:
-        import torchvision
-
-        torchvision.datasets.CIFAR10(str(root), train=split == "train", download=True)
-
-    _ensure_files("cifar10", root, required, "cifar-10-batches-py", download, fetch)
-    images, labels = [], []
-    for path in required[:-1]:
-        batch = _unpickle(path)
+    def attempt(name: str) -> tuple[object, str | None]:
         try:
-            data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            batch_labels = np.asarray(batch["labels"], dtype=np.int64)
-        except (KeyError, ValueError) as err:
-            raise DataError(
-                f"{path} is not a CIFAR-10 batch (need 'data' uint8 (N, 3072) and 'labels'): {err}; "
-                f"replace it with the original file"
-            ) from None
-        if len(batch_labels) != len(data):
-            raise DataError(f"{path} has {len(data)} images but {len(batch_labels)} labels; replace it")
-        images.append(data)
-        labels.append(batch_labels)
-    meta = _unpickle(required[-1])
-    class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get("label_names", [])]
-    if not class_names:
-        class_names = [str(k) for k in range(10)]
-    return _checked(SplitData(np.concatenate(images), np.concatenate(labels), class_names), required[0])
-
-
-def read_svhn(root: str | Path, split: str, *, download: bool) -> SplitData:
-    root = Path(root).expanduser().absolute()
-    path = root / f"{split}_32x32.mat"
-
-    def fetch() -> None:
-        import torchvision
-
-        torchvision.datasets.SVHN(str(root), split=split, download=True)
-
-    _ensure_files("svhn", root, [path], f"{split}_32x32.mat", download, fetch)
-    import scipy.io
+            return read(name), None
+        except BadImage as err:
+            return None, str(err)
 
     try:
-        mat = scipy.io.loadmat(str(path))
-        x, y = mat["X"], mat["y"]
-    except Exception as err:  # noqa: BLE001 -- scipy raises various errors on a bad .mat file
-        raise DataError(
-            f"cannot read {path} ({type(err).__name__}: {err}); delete it so it is downloaded again, "
-            f"or replace it with the original SVHN cropped-digits file"
-        ) from None
-    if x.ndim != 4 or x.shape[2] != 3:
-        raise DataError(f"{path}: X has shape {x.shape}, expected (32, 32, 3, N); replace the file")
-    images = np.ascontiguousarray(np.asarray(x, dtype=np.uint8).transpose(3, 2, 0, 1))
-    labels = np.asarray(y, dtype=np.int64).reshape(-1)
-    labels[labels == 10] = 0  # SVHN stores the digit 0 as label 10
-    return _checked(SplitData(images, labels, [str(k) for k in range(10)]), path)
+        while True:  # rounds: choose among names not known to be bad, read the new ones, repeat
+            good = [[n for n in names if n not in bad] for names in per_class]
+            available = sum(len(g) for g in good)
+            wanted = max_n if max_n > 0 else available
+            if wanted > available:
+                raise DataError(f"data.max_{split} = {max_n} needs {max_n} readable {split} images in {what}, but only "
+                                f"{available} of {total} are readable ({len(bad)} skipped); lower data.max_{split}")
+            quotas = balanced_quotas([len(g) for g in good], wanted)
+            chosen = [g[:q] for g, q in zip(good, quotas, strict=True)]
+            todo = [n for names in chosen for n in names if n not in values]
+            if not todo:
+                return [[(n, values[n]) for n in names] for names in chosen], sorted(bad)
+            for name, (value, error) in zip(todo, pool.map(attempt, todo), strict=True):
+                if error is None:
+                    values[name] = value
+                elif on_bad_image == "skip":
+                    bad[name] = error
+                else:
+                    raise DataError(f"cannot read image {name} in {what} ({error}); delete or replace the file, or set "
+                                    f"data.on_bad_image=skip to leave unreadable images out")
+                bar.update(1)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        bar.close()
 
 
-def read_stl10(root: str | Path, split: str, *, download: bool) -> SplitData:
-    root = Path(root).expanduser().absolute()
-    folder = root / "stl10_binary"
-    x_path, y_path = folder / f"{split}_X.bin", folder / f"{split}_y.bin"
+def extract_archive(archive: Path, cache: Path, *, progress: bool = True) -> Path:
+    """Extract `archive` once into `cache`/extracted/ (keyed by its path, size and mtime) and return the folder.
 
-    def fetch() -> None:
-        import torchvision
+    Extraction goes to a temporary folder, the marker is written last, and one rename publishes it, so
+    an interrupted run or concurrent processes never leave a half-written folder that looks done.
+    """
+    archive = archive.resolve()
+    st = archive.stat()
+    key = hashlib.sha256(f"{archive}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    parent = cache / "extracted"
+    target = parent / f"{archive.name.split('.')[0] or 'archive'}-{key}"
+    if (target / EXTRACTED_MARKER).is_file():
+        return target
+    tmp = None
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f"{target.name}.", suffix=".tmp"))
+        with tarfile.open(archive, "r:*") as tar:
+            members = tqdm(tar, desc=f"extracting {archive.name}", unit="file", leave=False, delay=1,
+                           disable=not progress)
+            # One pass, front to back; the "data" filter refuses members that would land outside `tmp`.
+            tar.extractall(tmp, members=members, filter="data")
+            # tarfile ends its iteration quietly when the file stops at a member boundary; a complete
+            # archive ends with a zero block there (POSIX), so a missing one means the file was cut.
+            tar.fileobj.seek(tar.offset)
+            end = tar.fileobj.read(tarfile.BLOCKSIZE)
+            if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("the file ends before the archive's end-of-archive block")
+        (tmp / EXTRACTED_MARKER).write_text(f"{archive}\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / EXTRACTED_MARKER).is_file():  # a stale, unfinished folder: replace it
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(tmp, target)
+    except tarfile.FilterError as err:
+        raise DataError(f"the archive {archive} holds {err.tarinfo.name!r}, which would write or link outside the "
+                        f"folder it is extracted to ({err}); nothing was extracted. Re-create the archive with "
+                        f"relative paths and no links leaving it") from None
+    except (tarfile.TarError, EOFError, zlib.error) as err:
+        raise DataError(f"cannot read the archive {archive}: it is truncated, corrupt or not a .tar/.tar.gz/.tgz "
+                        f"archive ({type(err).__name__}: {err}); re-download or re-create it (compare its size with "
+                        f"the original), or extract it and set data.root to the extracted folder") from None
+    except OSError as err:
+        raise DataError(f"cannot extract {archive} into {parent} ({type(err).__name__}: {err}); free disk space or "
+                        f"set data.cache_dir or $FASTLOCAL_CACHE to a writable folder with room, or extract it "
+                        f"yourself and set data.root to the folder") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
-        torchvision.datasets.STL10(str(root), split=split, download=True)
 
-    _ensure_files("stl10", root, [x_path, y_path], "stl10_binary", download, fetch)
-    raw = np.fromfile(x_path, dtype=np.uint8)
-    image_bytes = 3 * 96 * 96
-    if raw.size % image_bytes:
-        raise DataError(f"{x_path} has {raw.size} bytes, not a multiple of 3*96*96; it is truncated, replace it")
-    # Each channel plane is stored column-major: reshape, then swap the two spatial axes.
-    images = np.ascontiguousarray(raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2))
-    labels = np.fromfile(y_path, dtype=np.uint8).astype(np.int64) - 1
-    class_names = STL10_CLASSES
-    names_file = folder / "class_names.txt"
-    if names_file.is_file():
-        lines = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
-        if len(lines) == 10:
-            class_names = lines
-    if len(labels) != len(images):
-        raise DataError(f"{x_path} holds {len(images)} images but {y_path} {len(labels)} labels; replace them")
-    return _checked(SplitData(images, labels, list(class_names)), y_path)
+def _is_image(path: str) -> bool:
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _checked(data: SplitData, path: Path) -> SplitData:
-    if len(data.labels) and (data.labels.min() < 0 or data.labels.max() >= len(data.class_names)):
-        raise DataError(
-            f"{path}: labels range over {data.labels.min()}..{data.labels.max()}, expected "
-            f"0..{len(data.class_names) - 1}; replace the file with the original"
-        )
-    return data
+def _subfolders(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith((".", "__MACOSX")))
 
 
-NATIVE_READERS: dict[str, Callable[..., SplitData]] = {
-    "cifar10": read_cifar10,
-    "svhn": read_svhn,
-    "stl10": read_stl10,
-}
-
-
-# --------------------------------------------------------------------------------------------------
-# Image folders and archives
+def find_base(origin: Path, folder: Path) -> Path:
+    """The folder holding train/ and test/: `folder` or its single subfolder, else a DataError."""
+    top = _subfolders(folder)
+    base = folder
+    if "train" not in top and "test" not in top:
+        inner = _subfolders(folder / top[0]) if len(top) == 1 else []
+        if not {"train", "test"} & set(inner):
+            found = sorted([d + "/" for d in top] + [e.name for e in os.scandir(folder) if e.is_file()])
+            found = [f for f in found if f != EXTRACTED_MARKER]
+            raise DataError(f"{origin}: no train/ and test/ folders; found top-level entries: "
+                            f"{', '.join(found) or '(none)'}. Expected the image-folder layout train/<class>/<image> "
+                            f"and test/<class>/<image>, optionally under one top-level folder (e.g. "
+                            f"cifar10-jpeg/train/airplane/0000.jpg)")
+        base, top = folder / top[0], inner
+    for split in SPLITS:
+        if split not in top:
+            where = f"{base.name}/" if base != folder else "the top level"
+            others = ", ".join(d + "/" for d in top if d != split) or "nothing"
+            raise DataError(f"{origin}: no {split}/ folder at {where} (it holds: {others}); put the images in "
+                            f"train/<class>/<image> and test/<class>/<image>")
+    return base
 
 
 @dataclass
-class _Listing:
-    """The image files of one image-folder dataset, per split and class, sorted by path."""
+class ImageFolder:
+    """The image files of an image-folder dataset: `files`[split][label] are sorted paths relative to `base`
+    (the folder holding train/ and test/), labels index the sorted train/ class folders `class_names`;
+    `identity` changes with any file's name, size or modification time (the cache key)."""
 
+    origin: Path  # data.root as given (a folder or an archive), for messages
+    base: Path
     class_names: list[str]
-    """Sorted train/ class folder names; a label is an index into this list."""
-    files: dict[str, list[list[tuple[str, object]]]]
-    """split -> per class (label order) -> [(relative path for messages, reader handle)]."""
+    files: dict[str, list[list[str]]]
     identity: str
-    """What the decoded content depends on (file names, sizes, mtimes), for the cache key."""
 
 
-def _is_image(name: str) -> bool:
-    base = PurePosixPath(name).name
-    return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
+@dataclass
+class ImageList:
+    """The files one streaming loader reads: paths relative to `base`, labels int64 (N,), in reading order."""
+
+    base: Path
+    paths: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
 
-def _layout_error(root: Path, found: Iterable[str], detail: str) -> DataError:
-    shown = sorted(found)
-    listing = ", ".join(shown[:10]) + (f", ... ({len(shown)} in all)" if len(shown) > 10 else "")
-    return DataError(
-        f"{root}: {detail}; found top-level entries: {listing or '(none)'}. Expected the image-folder layout "
-        f"train/<class>/<image> and test/<class>/<image>, optionally under one top-level folder "
-        f"(e.g. cifar10-jpeg/train/airplane/0000.jpg). Put the images in that layout, or point data.root "
-        f"at the folder or archive that holds train/ and test/"
-    )
+def list_imagefolder(root: str | Path, *, cache: Path, progress: bool = True) -> ImageFolder:
+    """The image files under `root` (a folder, or an archive extracted once into `cache`)."""
+    origin = Path(root).expanduser().absolute()
+    if not origin.exists():
+        raise DataError(f"data.root {origin} does not exist; set data.root to a folder or .tar/.tar.gz archive holding "
+                        f"train/<class>/* and test/<class>/*")
+    from torchvision.datasets.folder import make_dataset
 
-
-def _find_prefix(root: Path, top_dirs: dict[str, set[str]], top_files: set[str]) -> str:
-    """The folder that holds train/ and test/: '' or the single top-level folder.
-
-    top_dirs maps each top-level folder to the names of the folders inside it.
-    """
-    found = {d + "/" for d in top_dirs} | top_files
-    if "train" in top_dirs or "test" in top_dirs:
-        prefix = ""
-        present = set(top_dirs)
-    else:
-        candidates = [d for d in top_dirs if not d.startswith((".", "__MACOSX"))]
-        if len(candidates) != 1 or not ({"train", "test"} & top_dirs[candidates[0]]):
-            raise _layout_error(root, found, "no train/ and test/ folders")
-        prefix = candidates[0]
-        present = top_dirs[prefix]
-    for split in SPLITS:
-        if split not in present:
-            where = f"{prefix}/" if prefix else "the top level"
-            others = sorted(present - {split})
-            raise _layout_error(
-                root,
-                found,
-                f"no {split}/ folder at {where} (it holds: {', '.join(d + '/' for d in others) or 'nothing'})",
-            )
-    return prefix
-
-
-def _build_listing(
-    root: Path, per_split: dict[str, dict[str, list[tuple[str, object]]]], identity: str, base: str
-) -> _Listing:
-    """Check classes (non-empty, test subset of train) and order everything."""
-    train_classes = sorted(per_split["train"])
-    if not train_classes:
-        raise DataError(f"{root}: {base}train/ has no class folders; put the training images in train/<class>/<image>")
-    for split in SPLITS:
-        for class_name, entries in per_split[split].items():
-            if not entries:
-                raise DataError(
-                    f"{root}: class folder {base}{split}/{class_name}/ has no images (files ending in "
-                    f"{', '.join(IMAGE_EXTENSIONS)}); add images to it or remove the folder"
-                )
-    if not any(per_split["test"].values()):
-        raise DataError(
-            f"{root}: {base}test/ has no class folders with images; put the test images in "
-            f"test/<class>/<image>, with class folder names as in train/"
-        )
-    extra = sorted(set(per_split["test"]) - set(train_classes))
+    folder = origin if origin.is_dir() else extract_archive(origin, cache, progress=progress)
+    base = find_base(origin, folder)
+    class_names = _subfolders(base / "train")
+    if not class_names:
+        raise DataError(f"{origin}: train/ has no class folders; put the training images in train/<class>/<image>")
+    extra = sorted(set(_subfolders(base / "test")) - set(class_names))
     if extra:
-        raise DataError(
-            f"{root}: {base}test/ has classes that are not in {base}train/: {', '.join(extra)}; every "
-            f"test class needs a train/ folder of the same name (labels are the sorted train/ folder names)"
-        )
-    files = {
-        split: [sorted(per_split[split].get(c, []), key=lambda e: e[0]) for c in train_classes] for split in SPLITS
-    }
-    return _Listing(train_classes, files, identity)
+        raise DataError(f"{origin}: test/ has classes that are not in train/: {', '.join(extra)}; every test class "
+                        f"needs a train/ folder of the same name (labels are the sorted train/ folder names)")
+    digest = hashlib.sha256(f"folder:{base.resolve()}".encode())
+    files: dict[str, list[list[str]]] = {}
+    for split in SPLITS:
+        per_class: list[list[str]] = [[] for _ in class_names]
+        samples = make_dataset(str(base / split), {c: k for k, c in enumerate(class_names)},
+                               is_valid_file=_is_image, allow_empty=True)
+        for path, label in samples:
+            relative = Path(path).relative_to(base).as_posix()
+            st = os.stat(path)
+            digest.update(f"{relative}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            per_class[label].append(relative)
+        for name, names in zip(class_names, per_class, strict=True):
+            if not names and (base / split / name).is_dir():
+                raise DataError(f"{origin}: class folder {split}/{name}/ has no images (files ending in "
+                                f"{', '.join(IMAGE_EXTENSIONS)}); add images to it or remove the folder")
+        files[split] = per_class
+    if not any(files["test"]):
+        raise DataError(f"{origin}: test/ has no images; put the test images in test/<class>/<image>")
+    return ImageFolder(origin, base, class_names, files, digest.hexdigest())
 
 
-class _FolderSource:
-    """An image-folder dataset on disk."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self._listing: _Listing | None = None
-
-    def close(self) -> None:
-        pass
-
-    def identity(self) -> str:
-        return self.listing().identity
-
-    def listing(self) -> _Listing:
-        if self._listing is not None:
-            return self._listing
-        top_dirs: dict[str, set[str]] = {}
-        top_files: set[str] = set()
-        for entry in os.scandir(self.root):
-            if entry.is_dir():
-                top_dirs[entry.name] = {e.name for e in os.scandir(entry.path) if e.is_dir()}
-            else:
-                top_files.add(entry.name)
-        prefix = _find_prefix(self.root, top_dirs, top_files)
-        base = self.root / prefix if prefix else self.root
-        digest = hashlib.sha256(f"folder:{base.resolve()}".encode())
-        per_split: dict[str, dict[str, list[tuple[str, object]]]] = {}
-        for split in SPLITS:
-            classes: dict[str, list[tuple[str, object]]] = {}
-            # Sorted walk, so the digest does not depend on the file system's listing order.
-            for class_entry in sorted(os.scandir(base / split), key=lambda e: e.name):
-                if not class_entry.is_dir() or class_entry.name.startswith("."):
-                    continue
-                entries = classes.setdefault(class_entry.name, [])
-                for dirpath, dirnames, filenames in os.walk(class_entry.path):
-                    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                    for filename in sorted(filenames):
-                        if not _is_image(filename):
-                            continue
-                        path = Path(dirpath) / filename
-                        rel = path.relative_to(self.root).as_posix()
-                        st = path.stat()
-                        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-                        entries.append((rel, path))
-            per_split[split] = classes
-        self._listing = _build_listing(self.root, per_split, digest.hexdigest(), f"{prefix}/" if prefix else "")
-        return self._listing
-
-    def read(self, handles: Sequence[object]) -> Iterable[bytes]:
-        for path in handles:
-            yield Path(path).read_bytes()  # type: ignore[arg-type]
-
-
-class _TarSource:
-    """An image-folder dataset inside a .tar / .tar.gz / .tgz archive."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        st = root.stat()
-        self._identity = f"archive:{root.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        self._archive: tarfile.TarFile | None = None
-        self._listing: _Listing | None = None
-
-    def identity(self) -> str:
-        return self._identity
-
-    def _open(self) -> tarfile.TarFile:
-        if self._archive is None:
-            self._archive = tarfile.open(self.root, "r:*")
-        return self._archive
-
-    def close(self) -> None:
-        if self._archive is not None:
-            self._archive.close()
-            self._archive = None
-
-    def listing(self) -> _Listing:
-        if self._listing is not None:
-            return self._listing
-        members = self._open().getmembers()
-        paths: list[tuple[tuple[str, ...], tarfile.TarInfo | None]] = []
-        top_dirs: dict[str, set[str]] = {}
-        top_files: set[str] = set()
-        for member in members:
-            parts = tuple(p for p in member.name.split("/") if p not in ("", "."))
-            if not parts or not (member.isdir() or member.isfile()):
-                continue
-            if member.isfile() and len(parts) == 1:
-                top_files.add(parts[0])
-                continue
-            top_dirs.setdefault(parts[0], set())
-            if len(parts) >= 3 or (len(parts) == 2 and member.isdir()):
-                top_dirs[parts[0]].add(parts[1])
-            paths.append((parts, member if member.isfile() else None))
-        prefix = _find_prefix(self.root, top_dirs, top_files)
-        skip = 1 if prefix else 0
-        per_split: dict[str, dict[str, list[tuple[str, object]]]] = {s: {} for s in SPLITS}
-        for parts, member in paths:
-            if skip and parts[0] != prefix:
-                continue
-            inner = parts[skip:]
-            if len(inner) < 2 or inner[0] not in per_split or inner[1].startswith("."):
-                continue
-            entries = per_split[inner[0]].setdefault(inner[1], [])
-            if member is not None and len(inner) >= 3 and _is_image(inner[-1]):
-                entries.append(("/".join(parts), member))
-        self._listing = _build_listing(self.root, per_split, self._identity, f"{prefix}/" if prefix else "")
-        return self._listing
-
-    def read(self, handles: Sequence[object]) -> Iterable[bytes]:
-        archive = self._open()
-        for member in handles:
-            f = archive.extractfile(member)  # type: ignore[arg-type]
-            if f is None:
-                raise tarfile.ReadError(f"member {member.name} has no data")  # type: ignore[attr-defined]
-            yield f.read()
-
-
-class _BadImage(Exception):
-    pass
-
-
-def _decode(data: bytes, image_size: int) -> np.ndarray:
-    """JPEG/PNG/... bytes -> uint8 (H, W, 3); resized to (image_size, image_size) when > 0."""
+def first_image_size(base: Path) -> int | None:
+    """Shorter side of the first training image under `base` (None when there is none to read)."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        for dirpath, dirnames, filenames in os.walk(base / "train"):
+            dirnames.sort()
+            image = next((f for f in sorted(filenames) if _is_image(f)), None)
+            if image is not None:
+                with Image.open(Path(dirpath) / image) as img:
+                    return min(img.size)
+    except Exception:  # noqa: BLE001 -- the chosen reader reports the file properly
+        return None
+    return None
+
+
+def _decode(path: Path, image_size: int) -> np.ndarray:
+    """An image file -> uint8 (3, H, W) RGB; resized to (image_size, image_size) when > 0."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
             img = img.convert("RGB")
             if image_size > 0 and img.size != (image_size, image_size):
                 # PIL's bilinear filter widens its support when shrinking, i.e. it antialiases.
                 img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
+            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
     except Exception as err:  # noqa: BLE001 -- PIL raises many types on bad data
-        raise _BadImage(f"{type(err).__name__}: {err}") from None
+        raise BadImage(f"{type(err).__name__}: {err}") from None
 
 
-def _read_order(handle: object) -> int:
-    # Archive members are read in archive order so a compressed stream is never rewound.
-    return getattr(handle, "offset", 0)
-
-
-def _decode_split(
-    source: _FolderSource | _TarSource,
-    split: str,
-    max_n: int,
-    *,
-    image_size: int,
-    on_bad_image: str,
-    progress: bool,
-    name: str,
-) -> tuple[SplitData, list[str]]:
-    """Decode one split (class-balanced first max_n when > 0); returns the data and skipped files."""
-    listing = source.listing()
-    per_class = listing.files[split]
-    _check_max_n(max_n, sum(len(entries) for entries in per_class), split, str(source.root))
-    decoded: dict[str, np.ndarray] = {}
-    bad: dict[str, str] = {}
-    first: tuple[str, tuple[int, ...]] | None = None
-    bar = None
-
-    def decode(new: list[tuple[str, object]]) -> list[tuple[str, object]]:
-        nonlocal first, bar
-        todo = sorted(new, key=lambda e: _read_order(e[1]))
-        if bar is None and progress and len(todo) >= PROGRESS_MIN_IMAGES:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(todo), desc=f"decoding {name} {split}", unit="img", leave=False)
-        elif bar is not None:
-            bar.total += len(todo)
-        unreadable = []
-        for (rel, handle), data in zip(todo, source.read([handle for _, handle in todo]), strict=True):
-            try:
-                pixels = _decode(data, image_size)
-            except _BadImage as err:
-                if on_bad_image != "skip":
-                    raise DataError(
-                        f"cannot read image {rel} in {source.root} ({err}); delete or replace the file, "
-                        f"or set data.on_bad_image=skip to leave unreadable images out"
-                    ) from None
-                bad[rel] = str(err)
-                unreadable.append((rel, handle))
-                continue
-            finally:
-                if bar is not None:
-                    bar.update(1)
-            if first is None:
-                first = (rel, pixels.shape)
-            elif pixels.shape != first[1]:
-                raise DataError(
-                    f"images in {source.root} differ in size: {first[0]} is {first[1][1]}x{first[1][0]} "
-                    f"but {rel} is {pixels.shape[1]}x{pixels.shape[0]}; set data.image_size=N to resize "
-                    f"every image to NxN"
-                )
-            decoded[rel] = pixels
-        return unreadable
-
-    try:
-        chosen = _choose_readable(per_class, max_n, decode, split=split, what=str(source.root))
-    finally:
-        if bar is not None:
-            bar.close()
-    entries = [e for class_entries in chosen for e in class_entries]
-    labels = np.concatenate(
-        [np.full(len(c), k, dtype=np.int64) for k, c in enumerate(chosen)] + [np.zeros(0, np.int64)]
-    )
-    if entries:
-        images = np.stack([decoded[rel].transpose(2, 0, 1) for rel, _ in entries])
-    else:
-        size = image_size if image_size > 0 else 0
-        images = np.zeros((0, 3, size, size), dtype=np.uint8)
-    return SplitData(images, labels, list(listing.class_names)), sorted(bad)
-
-
-# --------------------------------------------------------------------------------------------------
-# Decoded-uint8 cache
-
-
-def cache_dir(configured: str = "") -> Path:
-    """cfg.data.cache_dir, else $FASTLOCAL_CACHE, else ~/.cache/fastlocal."""
-    return Path(configured or os.environ.get("FASTLOCAL_CACHE") or Path.home() / ".cache" / "fastlocal").expanduser()
-
-
-def _cache_key(identity: str, split: str, max_n: int, image_size: int, on_bad_image: str) -> str:
-    return f"v{CACHE_VERSION}|{identity}|{split}|{max_n}|{image_size}|{on_bad_image}"
-
-
-def _cache_path(directory: Path, name: str, split: str, key: str) -> Path:
-    return directory / f"{name}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
-
-
-def _load_cache(path: Path, key: str) -> tuple[SplitData, list[str]] | None:
-    """The cached split, or None when absent, unreadable or for another key."""
-    if not path.is_file():
-        return None
+def cached(cache: Path, name: str, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict:
+    """The arrays stored under `key` in `cache`/`name`-<hash>.npz, else compute() (and store them)."""
+    path = Path(cache) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
     try:
         with np.load(path, allow_pickle=False) as npz:
-            if str(npz["key"]) != key:
-                return None
-            images, labels = npz["images"], npz["labels"]
-            class_names = [str(c) for c in npz["class_names"]]
-            skipped = [str(s) for s in npz["skipped"]]
-        if images.dtype != np.uint8 or images.ndim != 4 or labels.shape != (len(images),):
-            return None
-        return SplitData(images, labels.astype(np.int64, copy=False), class_names), skipped
-    except Exception:  # noqa: BLE001 -- a broken cache is ignored and rewritten
-        return None
-
-
-def save_npz_atomic(path: Path, what: str, redo: str, **arrays: np.ndarray) -> None:
-    """Write `arrays` to `path` atomically (temporary file + rename); a cache that cannot be written only
-    warns (`what` names it, `redo` says what happens next run)."""
+            if str(npz["key"]) == key:
+                return {k: npz[k] for k in npz.files}
+    except Exception:  # noqa: BLE001 -- absent, broken or another key: computed again and rewritten
+        pass
+    arrays = compute()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
+                np.savez(f, key=np.array(key), **arrays)
             os.chmod(tmp, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as err:
-        warnings.warn(
-            f"could not write the {what} {path} ({err}); {redo} next run. Set data.cache_dir or "
-            f"$FASTLOCAL_CACHE to a writable folder",
-            stacklevel=4,
-        )
-
-
-def _save_cache(path: Path, key: str, data: SplitData, skipped: list[str]) -> None:
-    save_npz_atomic(path, "decoded-image cache", "the images will be decoded again", key=np.array(key),
-                    images=data.images, labels=data.labels, class_names=np.array(data.class_names, dtype=str),
-                    skipped=np.array(skipped, dtype=str))
-
-
-def read_imagefolder(
-    root: str | Path,
-    *,
-    max_train: int = 0,
-    max_test: int = 0,
-    image_size: int = 0,
-    on_bad_image: str = "error",
-    cache: str | Path | None = None,
-    progress: bool = True,
-    name: str = "imagefolder",
-) -> dict[str, SplitData]:
-    """Both splits of an image-folder dataset, decoded (or loaded from the cache when `cache` is set).
-
-    root: a folder or .tar/.tar.gz/.tgz archive with train/<class>/* and test/<class>/*, optionally
-    under one top-level folder. Returns {"train": ..., "test": ...}; labels index the sorted train/
-    class folder names.
-    """
-    root = Path(root).expanduser().absolute()
-    if not root.exists():
-        raise DataError(
-            f"data.root {root} does not exist; set data.root to a folder or .tar/.tar.gz archive holding "
-            f"train/<class>/* and test/<class>/*"
-        )
-    max_n = {"train": max_train, "test": max_test}
-    source: _FolderSource | _TarSource
-    try:
-        source = _FolderSource(root) if root.is_dir() else _TarSource(root)
-        result: dict[str, SplitData] = {}
-        skipped: dict[str, list[str]] = {}
-        keys = {}
-        for split in SPLITS:
-            if cache is None:
-                continue
-            keys[split] = _cache_key(source.identity(), split, max_n[split], image_size, on_bad_image)
-            hit = _load_cache(_cache_path(Path(cache), name, split, keys[split]), keys[split])
-            if hit is not None:
-                result[split], skipped[split] = hit
-        try:
-            for split in SPLITS:
-                if split in result:
-                    continue
-                result[split], skipped[split] = _decode_split(
-                    source,
-                    split,
-                    max_n[split],
-                    image_size=image_size,
-                    on_bad_image=on_bad_image,
-                    progress=progress,
-                    name=name,
-                )
-                if cache is not None:
-                    _save_cache(
-                        _cache_path(Path(cache), name, split, keys[split]), keys[split], result[split], skipped[split]
-                    )
         finally:
-            source.close()
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-        if root.is_dir():
-            raise DataError(
-                f"cannot read the image folder {root} ({type(err).__name__}: {err}); check that the files "
-                f"under it are readable"
-            ) from None
-        raise DataError(
-            f"cannot read the archive {root}: it is truncated, corrupt or not a .tar/.tar.gz/.tgz archive "
-            f"({type(err).__name__}: {err}); re-download or re-create it (compare its size with the "
-            f"original), or extract it and set data.root to the extracted folder"
-        ) from None
-    all_skipped = [s for split in SPLITS for s in skipped.get(split, [])]
-    if all_skipped:
-        warnings.warn(
-            f"{name}: skipped {len(all_skipped)} unreadable image(s) in {root} (data.on_bad_image=skip), "
-            f"e.g. {all_skipped[0]}",
-            stacklevel=2,
-        )
+            Path(tmp).unlink(missing_ok=True)
+    except OSError as err:
+        warnings.warn(f"could not write the cache {path} ({err}); it is computed again next run. Set data.cache_dir "
+                      f"or $FASTLOCAL_CACHE to a writable folder", stacklevel=2)
+    return arrays
+
+
+def read_split(folder: ImageFolder, split: str, max_n: int, read: Callable[[Path], object], *, cache: Path,
+               name: str, variant: str, on_bad_image: str = "error", progress: bool = True, num_threads: int = 8):
+    """The chosen images of `split` (see :func:`choose_images`) as arrays: paths (relative to folder.base),
+    labels int64 and, when `read` returns pixels, images uint8 (N, 3, H, W). Read once, then loaded from the
+    cache, whose key holds everything they depend on (`variant`: how they were read)."""
+
+    def compute() -> dict[str, np.ndarray]:
+        chosen, skipped = choose_images(folder.files[split], max_n, lambda rel: read(folder.base / rel), split=split,
+                                        what=str(folder.origin), on_bad_image=on_bad_image, progress=progress,
+                                        num_threads=num_threads)
+        entries = [entry for names in chosen for entry in names]
+        if not entries:
+            raise DataError(f"{folder.origin}: no readable {split} images; check data.root and data.max_{split}")
+        arrays = dict(paths=np.array([rel for rel, _ in entries], dtype=str), skipped=np.array(skipped, dtype=str),
+                      labels=np.array([k for k, names in enumerate(chosen) for _ in names], np.int64))
+        if isinstance(entries[0][1], np.ndarray):
+            (first, pixels), shape = entries[0], entries[0][1].shape
+            odd, odd_pixels = next((e for e in entries if e[1].shape != shape), (None, pixels))
+            if odd is not None:
+                raise DataError(f"images in {folder.origin} differ in size: {first} is {shape[2]}x{shape[1]} but "
+                                f"{odd} is {odd_pixels.shape[2]}x{odd_pixels.shape[1]}; set data.image_size=N to "
+                                f"resize every image to NxN")
+            arrays["images"] = np.stack([pixels for _, pixels in entries])
+        return arrays
+
+    key = f"v{CACHE_VERSION}|{folder.identity}|{split}|{max_n}|{variant}|{on_bad_image}"
+    arrays = cached(cache, f"{name}-{split}", key, compute)
+    if len(arrays["skipped"]):
+        warnings.warn(f"{name}: skipped {len(arrays['skipped'])} unreadable {split} image(s) in {folder.origin} "
+                      f"(data.on_bad_image=skip), e.g. {arrays['skipped'][0]}", stacklevel=3)
+    return arrays
+
+
+def read_imagefolder(root: str | Path, *, cache: Path, max_train: int = 0, max_test: int = 0, image_size: int = 0,
+                     on_bad_image: str = "error", progress: bool = True, name: str = "imagefolder") -> dict:
+    """{split: SplitData} of an image-folder dataset, decoded once and cached in `cache`."""
+    folder = list_imagefolder(root, cache=Path(cache), progress=progress)
+    result = {}
+    for split, max_n in zip(SPLITS, (max_train, max_test), strict=True):
+        arrays = read_split(folder, split, max_n, lambda path: _decode(path, image_size), cache=Path(cache), name=name,
+                            variant=f"PIL {image_size}", on_bad_image=on_bad_image, progress=progress)
+        result[split] = SplitData(arrays["images"], arrays["labels"].astype(np.int64), folder.class_names)
     return result
