@@ -46,7 +46,9 @@ def test_multi_tensor_optimizer_leaves_the_loss_sequence_identical():
 
 
 def test_channels_last_follows_the_contiguous_run():
-    assert losses(channels_last=True) == pytest.approx(losses(), rel=1e-5)
+    # fp32 with another convolution algorithm per layout: summation order differs, and how much depends on the
+    # thread count (5e-5 relative after a few steps with one thread); a layout bug is off by far more.
+    assert losses(channels_last=True) == pytest.approx(losses(), rel=2e-4)
 
 
 def test_bf16_autocast_follows_fp32_within_bf16_noise():
