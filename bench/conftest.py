@@ -30,27 +30,48 @@ def _seconds(text: str) -> float:
 
 def pytest_addoption(parser):
     group = parser.getgroup("fastlocal bench")
-    group.addoption("--bench-mode", choices=common.MODES, default=None,
-                    help="case sizes: gpu (the paper's), cpu (small batches), smoke (tiny, seconds); "
-                    "default gpu with CUDA, else cpu")
-    group.addoption("--bench-rounds", type=_positive_int, default=None,
-                    help="timed rounds per case (default: per mode)")
-    group.addoption("--bench-threads", type=_positive_int, default=None,
-                    help="torch intra-op threads (default 1 on CPU, torch's default on CUDA)")
-    group.addoption("--bench-kernels", choices=("auto", "reference", "triton"), default="auto",
-                    help="the methods' kernel backend (system.kernels)")
-    group.addoption("--bench-budget-s", type=_seconds, default=None,
-                    help="soft time budget: cases that would start later are skipped, so the run ends normally")
-    group.addoption("--bench-data", default=None,
-                    help="image folder or archive for the loader benchmark (default: synthetic JPEGs)")
+    group.addoption(
+        "--bench-mode",
+        choices=common.MODES,
+        default=None,
+        help="case sizes: gpu (the paper's), cpu (small batches), smoke (tiny, seconds); "
+        "default gpu with CUDA, else cpu",
+    )
+    group.addoption(
+        "--bench-rounds", type=_positive_int, default=None, help="timed rounds per case (default: per mode)"
+    )
+    group.addoption(
+        "--bench-threads",
+        type=_positive_int,
+        default=None,
+        help="torch intra-op threads (default 1 on CPU, torch's default on CUDA)",
+    )
+    group.addoption(
+        "--bench-kernels",
+        choices=("auto", "reference", "triton"),
+        default="auto",
+        help="the methods' kernel backend (system.kernels)",
+    )
+    group.addoption(
+        "--bench-budget-s",
+        type=_seconds,
+        default=None,
+        help="soft time budget: cases that would start later are skipped, so the run ends normally",
+    )
+    group.addoption(
+        "--bench-data", default=None, help="image folder or archive for the loader benchmark (default: synthetic JPEGs)"
+    )
 
 
 def pytest_configure(config):
     mode = config.getoption("--bench-mode") or ("gpu" if torch.cuda.is_available() else "cpu")
     if mode == "gpu" and not torch.cuda.is_available():
         raise pytest.UsageError("--bench-mode=gpu needs a CUDA device; use --bench-mode=cpu or smoke")
-    common.OPTIONS = common.Options(mode=mode, rounds=config.getoption("--bench-rounds"),
-                                    threads=config.getoption("--bench-threads"),
-                                    kernels=config.getoption("--bench-kernels"),
-                                    budget_s=config.getoption("--bench-budget-s"),
-                                    data=config.getoption("--bench-data"))
+    common.OPTIONS = common.Options(
+        mode=mode,
+        rounds=config.getoption("--bench-rounds"),
+        threads=config.getoption("--bench-threads"),
+        kernels=config.getoption("--bench-kernels"),
+        budget_s=config.getoption("--bench-budget-s"),
+        data=config.getoption("--bench-data"),
+    )

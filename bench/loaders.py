@@ -86,8 +86,18 @@ def make_jpeg_folder(
 
 def bench_config(root, case: str, *, crop: int, resize: int, workers: int, max_train=0, max_test=0, cache_dir=""):
     loader, decoder = CASES[case]
-    return DataConfig(source="imagefolder", root=str(root), max_train=max_train, max_test=max_test, cache_dir=cache_dir,
-                      loader=loader, dali_decoder=decoder, crop_size=crop, resize_size=resize, num_workers=workers)
+    return DataConfig(
+        source="imagefolder",
+        root=str(root),
+        max_train=max_train,
+        max_test=max_test,
+        cache_dir=cache_dir,
+        loader=loader,
+        dali_decoder=decoder,
+        crop_size=crop,
+        resize_size=resize,
+        num_workers=workers,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,9 +251,20 @@ def print_table(paths: list[str]) -> None:
     """The short table of one or more JSON files written by main()."""
     rows = [row for p in paths for row in json.loads(Path(p).read_text())]
     header = ["dataset", "loader", "split", "crop", "images", "img/s", "min", "max", "1st batch s"]
-    cells = [[r["dataset"], r["case"], r["split"], r["crop"], r["images_per_epoch"], f"{r['images_per_s_median']:.0f}",
-              f"{r['images_per_s_min']:.0f}", f"{r['images_per_s_max']:.0f}", f"{r['first_batch_s_median']:.2f}"]
-             for r in rows]
+    cells = [
+        [
+            r["dataset"],
+            r["case"],
+            r["split"],
+            r["crop"],
+            r["images_per_epoch"],
+            f"{r['images_per_s_median']:.0f}",
+            f"{r['images_per_s_min']:.0f}",
+            f"{r['images_per_s_max']:.0f}",
+            f"{r['first_batch_s_median']:.2f}",
+        ]
+        for r in rows
+    ]
     print("\n".join(markdown_table(header, cells)))
     if rows:
         print(
