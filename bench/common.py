@@ -1,12 +1,12 @@
 """Shared pieces of the step and memory benchmarks: size modes, cases, builders, the timed step, memory.
 
-Size modes, chosen by ``FASTLOCAL_BENCH_MODE`` (default ``gpu`` when CUDA is available, else ``cpu``):
+Size modes, chosen by ``--bench-mode`` (default ``gpu`` when CUDA is available, else ``cpu``):
 
 - ``gpu``: the paper's sizes: batch 1024 at 32x32 for the CIFAR ResNets, ImageNet ResNet-34 at batch 32
   and 224x224; several timed rounds after an untimed warm-up (cudnn.benchmark autotuning happens there).
 - ``cpu``: the same cases at a small batch (8 for CIFAR sizes, 2 for ImageNet at 224x224), three timed
   rounds per case after the untimed memory step (which doubles as the warm-up), one intra-op thread
-  unless ``FASTLOCAL_BENCH_THREADS`` says otherwise; the whole suite runs in minutes.
+  unless ``--bench-threads`` says otherwise; the whole suite runs in minutes.
 - ``smoke``: tiny archs (ResNet-20 at 16x16 for the CIFAR cases, ResNet-18 at 32x32 for the ImageNet
   ones), batch 2: it checks in seconds that the harness still runs (CI: ``--benchmark-disable``).
 
@@ -25,11 +25,8 @@ Memory, per device convention:
 Ratios to BP come from one session: the BP case of the same backbone, batch and input size records its
 figures in a module-level cache as it runs; a case whose BP was deselected measures it lazily, once.
 
-Environment overrides: ``FASTLOCAL_BENCH_ROUNDS`` (timed rounds per case), ``FASTLOCAL_BENCH_THREADS``
-(torch intra-op threads; default 1 on CPU, torch's default on CUDA), ``FASTLOCAL_BENCH_KERNELS`` (``auto``,
-``reference`` or ``triton``: the kernel backend of the methods, default ``auto``), ``FASTLOCAL_BENCH_BUDGET_S``
-(a soft time budget: cases that would start after this many seconds of the session are skipped, so a
-run with a hard deadline still ends normally and writes its JSON).
+The other options (``--bench-rounds``, ``--bench-threads``, ``--bench-kernels``, ``--bench-budget-s``,
+``--bench-data``) are pytest options, defined and explained in bench/conftest.py.
 """
 
 from __future__ import annotations
@@ -37,33 +34,26 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.metadata
-import importlib.util
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-# `pytest bench/` without an installed fastlocal: pytest puts bench/ on sys.path (to import this file),
-# not the repository root, so add the root here.
-if importlib.util.find_spec("fastlocal") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
-
-from fastlocal.config import CIFAR_ARCHS, build_config  # noqa: E402
-from fastlocal.engine import build_optimizer  # noqa: E402
-from fastlocal.measure import SavedTensorAccountant, cuda_peak, parameter_storages, reset_peak  # noqa: E402
-from fastlocal.methods import METHODS, Batch, build_method  # noqa: E402
-from fastlocal.models import build_backbone  # noqa: E402
-from fastlocal.schedule import forward_context_for, local_train_step  # noqa: E402
-from fastlocal.split import split_backbone  # noqa: E402
+from fastlocal.bench.report import ratio
+from fastlocal.config import CIFAR_ARCHS, build_config
+from fastlocal.engine import build_optimizer
+from fastlocal.measure import SavedTensorAccountant, cuda_peak, parameter_storages, reset_peak
+from fastlocal.methods import METHODS, Batch, build_method
+from fastlocal.models import build_backbone
+from fastlocal.schedule import forward_context_for, local_train_step
+from fastlocal.split import split_backbone
 
 MODES = ("smoke", "cpu", "gpu")
 SESSION_START = time.monotonic()
@@ -76,14 +66,23 @@ NUM_BLOCKS = {"resnet20": 9, "resnet32": 15, "resnet44": 21, "resnet56": 27, "re
               "resnet18": 8, "resnet34": 16, "resnet50": 16, "resnet101": 33, "resnet152": 50}
 
 
+@dataclass(frozen=True)
+class Options:
+    """The suite's pytest options (bench/conftest.py), read once when pytest starts."""
+
+    mode: str = "gpu" if HAS_CUDA else "cpu"
+    rounds: int | None = None
+    threads: int | None = None
+    kernels: str = "auto"
+    budget_s: float | None = None
+    data: str | None = None
+
+
+OPTIONS = Options()  # replaced by bench/conftest.py's pytest_configure
+
+
 def bench_mode() -> str:
-    """The size mode from FASTLOCAL_BENCH_MODE; a bad value stops the session with the valid ones."""
-    mode = os.environ.get("FASTLOCAL_BENCH_MODE", "").strip().lower() or ("gpu" if HAS_CUDA else "cpu")
-    if mode not in MODES:
-        raise pytest.UsageError(f"FASTLOCAL_BENCH_MODE={mode!r} is not valid; choose one of: {', '.join(MODES)}")
-    if mode == "gpu" and not HAS_CUDA:
-        raise pytest.UsageError("FASTLOCAL_BENCH_MODE=gpu needs a CUDA device; use FASTLOCAL_BENCH_MODE=cpu or smoke")
-    return mode
+    return OPTIONS.mode
 
 
 @dataclass(frozen=True)
@@ -114,22 +113,13 @@ SIZES = {
 
 
 def sizes(mode: str) -> Sizes:
-    base = SIZES[mode]
-    rounds = os.environ.get("FASTLOCAL_BENCH_ROUNDS", "").strip()
-    if rounds:
-        if not rounds.isdigit() or int(rounds) < 1:
-            raise pytest.UsageError(f"FASTLOCAL_BENCH_ROUNDS={rounds!r} must be a positive integer")
-        base = replace(base, rounds=int(rounds))
-    return base
+    return SIZES[mode] if OPTIONS.rounds is None else replace(SIZES[mode], rounds=OPTIONS.rounds)
 
 
 def bench_device(mode: str) -> torch.device:
     device = torch.device("cuda" if HAS_CUDA else "cpu")
-    threads = os.environ.get("FASTLOCAL_BENCH_THREADS", "").strip()
-    if threads:
-        if not threads.isdigit() or int(threads) < 1:
-            raise pytest.UsageError(f"FASTLOCAL_BENCH_THREADS={threads!r} must be a positive integer")
-        torch.set_num_threads(int(threads))
+    if OPTIONS.threads:
+        torch.set_num_threads(OPTIONS.threads)
     elif device.type == "cpu":
         # One intra-op thread: at the CPU modes' small batches more threads buy little, and on a shared
         # machine they cost a lot (2 OpenMP threads on 2 busy cores made steps 10x slower and erratic).
@@ -321,7 +311,7 @@ class Built:
 
 
 def kernel_backend(device: torch.device, variant: str) -> str:
-    requested = os.environ.get("FASTLOCAL_BENCH_KERNELS", "auto").strip() or "auto"
+    requested = OPTIONS.kernels
     if variant == "bf16":
         # The fused Triton aux loss is a custom op that autocast does not cast into; BP in bf16 is
         # measured as users run it today: eager PyTorch under autocast.
@@ -333,7 +323,7 @@ def kernel_backend(device: torch.device, variant: str) -> str:
     try:
         return resolve_backend(requested, device)
     except ValueError as err:
-        raise pytest.UsageError(f"FASTLOCAL_BENCH_KERNELS={requested}: {err}") from None
+        raise pytest.UsageError(f"--bench-kernels={requested}: {err}") from None
 
 
 def build(case: Case, device: torch.device, seed: int = 0, extra_items: tuple[str, ...] = ()) -> Built:
@@ -463,12 +453,6 @@ def bp_reference(case: Case, device: torch.device, mode: str, need_time: bool = 
     return _BP_REFERENCE[key]
 
 
-def _ratio(value, reference) -> float | None:
-    if value is None or not reference:
-        return None
-    return round(value / reference, 4)
-
-
 def figures(case: Case, median_s: float | None, memory: dict, reference: dict) -> dict:
     """The numbers of a case for extra_info: time, throughput, memory and the ratios to BP."""
     ref_memory = reference["memory"]
@@ -481,13 +465,13 @@ def figures(case: Case, median_s: float | None, memory: dict, reference: dict) -
         "bp_reference": reference["source"],
         "bp_median_step_ms": None if reference["median_s"] is None else round(reference["median_s"] * 1e3, 3),
         "bp_peak_memory_bytes": ref_memory["peak_bytes"],
-        "time_ratio_vs_bp": _ratio(median_s, reference["median_s"]),
-        "memory_ratio_vs_bp": _ratio(memory["peak_bytes"], ref_memory["peak_bytes"]),
+        "time_ratio_vs_bp": ratio(median_s, reference["median_s"]),
+        "memory_ratio_vs_bp": ratio(memory["peak_bytes"], ref_memory["peak_bytes"]),
     }
     if memory["kind"] == "cuda":
-        out["reserved_ratio_vs_bp"] = _ratio(memory["max_reserved_bytes"], ref_memory["max_reserved_bytes"])
+        out["reserved_ratio_vs_bp"] = ratio(memory["max_reserved_bytes"], ref_memory["max_reserved_bytes"])
         if memory.get("process_total_bytes") and ref_memory.get("process_total_bytes"):
-            out["process_ratio_vs_bp"] = _ratio(memory["process_total_bytes"], ref_memory["process_total_bytes"])
+            out["process_ratio_vs_bp"] = ratio(memory["process_total_bytes"], ref_memory["process_total_bytes"])
     return out
 
 
@@ -521,14 +505,17 @@ def device_name(device: torch.device) -> str:
     return f"{cpu_name()}, {threads} thread{'s' if threads > 1 else ''}"
 
 
-def environment(device: torch.device, mode: str) -> dict:
-    """Device and versions: what a reader needs to know which machine a number came from."""
+def environment(device: torch.device, mode: str | None = None) -> dict:
+    """Device and versions for extra_info, the same in every benchmark: what a reader needs to know which
+    machine a number came from."""
     info = {
-        "mode": mode,
+        "mode": mode or OPTIONS.mode,
         "device": device_name(device),
         "device_type": device.type,
+        "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "triton": _package_version("triton"),
+        "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
         "python": platform.python_version(),
         "num_threads": torch.get_num_threads(),
     }
@@ -564,16 +551,9 @@ def case_info(case: Case, built: Built, mode: str, suite: str) -> dict:
 
 
 def check_budget() -> None:
-    budget = os.environ.get("FASTLOCAL_BENCH_BUDGET_S", "").strip()
-    if not budget:
-        return
-    try:
-        seconds = float(budget)
-    except ValueError:
-        raise pytest.UsageError(f"FASTLOCAL_BENCH_BUDGET_S={budget!r} must be a number of seconds") from None
     elapsed = time.monotonic() - SESSION_START
-    if elapsed > seconds:
-        pytest.skip(f"FASTLOCAL_BENCH_BUDGET_S={budget} spent ({elapsed:.0f} s since the suite was collected)")
+    if OPTIONS.budget_s is not None and elapsed > OPTIONS.budget_s:
+        pytest.skip(f"--bench-budget-s={OPTIONS.budget_s:g} spent ({elapsed:.0f} s since the suite was collected)")
 
 
 def run_case(benchmark, case: Case, device: torch.device, mode: str, rounds: int, group: str,

@@ -67,12 +67,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(results: dict) -> None:
+    from fastlocal.bench.report import markdown_table
+
     names = list(results)
-    print("| epoch | " + " | ".join(f"{n} loss | {n} acc %" for n in names) + " |")
-    print("|---" * (1 + 2 * len(names)) + "|")
-    for epoch in range(len(results[names[0]]["train_loss"])):
-        cells = [f"{results[n]['train_loss'][epoch]:.4f} | {results[n]['test_acc'][epoch]:.2f}" for n in names]
-        print(f"| {epoch + 1} | " + " | ".join(cells) + " |")
+    header = ["epoch", *(f"{n} {what}" for n in names for what in ("loss", "acc %"))]
+    cells = [[epoch + 1, *(cell for n in names for cell in (f"{results[n]['train_loss'][epoch]:.4f}",
+                                                             f"{results[n]['test_acc'][epoch]:.2f}"))]
+             for epoch in range(len(results[names[0]]["train_loss"]))]
+    print("\n".join(markdown_table(header, cells)))
     print("wall seconds: " + ", ".join(f"{n} {results[n]['wall_seconds']}" for n in names))
 
 

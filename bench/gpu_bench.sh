@@ -6,16 +6,17 @@
 # Writes OUT_DIR/bench.json (pytest-benchmark), OUT_DIR/bench.md, memory_vs_k.png, step_time.png,
 # memory_vs_batch.png, OUT_DIR/pytest.log and OUT_DIR/nvidia-smi.txt.
 #
-# Sizes (FASTLOCAL_BENCH_MODE=gpu, bench/common.py): batch 1024 at 32x32 for ResNet-32 / ResNet-110 (every
+# Sizes (--bench-mode=gpu, bench/common.py): batch 1024 at 32x32 for ResNet-32 / ResNet-110 (every
 # method and K of the step grid, BP with per-block checkpointing, BP in bf16), ImageNet ResNet-34 at batch
 # 32 and 224x224, the ResNet-110 K=54 memory sweep at batch 128/256/512/1024, and the kernel benchmarks.
 # Designed for about 5 minutes on one H100: the step cases first, then the sweep, then the kernels; a soft
-# budget (FASTLOCAL_BENCH_BUDGET_S, default 250 s) skips the cases that would start later, so the run
-# still ends normally and writes its JSON, and `timeout` (FASTLOCAL_BENCH_TIMEOUT, default 330 s) is the
-# hard stop. Pass extra pytest arguments after OUT_DIR, e.g. `-k "resnet110 and not infopro"`.
+# budget (--bench-budget-s=$BENCH_BUDGET_S, default 250 s) skips the cases that would start later, so the
+# run still ends normally and writes its JSON, and `timeout` ($BENCH_TIMEOUT_S, default 330 s) is the
+# hard stop. BENCH_MODE (default gpu) is passed as --bench-mode. Pass extra pytest arguments after OUT_DIR,
+# e.g. `-k "resnet110 and not infopro"`.
 #
 # Without a GPU the same script checks its own plumbing at tiny sizes:
-#   FASTLOCAL_BENCH_MODE=smoke bash bench/gpu_bench.sh /tmp/bench-smoke
+#   BENCH_MODE=smoke bash bench/gpu_bench.sh /tmp/bench-smoke
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -23,17 +24,17 @@ OUT_DIR="${1:-${OUT:-bench-results/gpu}}"
 shift || true
 PYTHON="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export FASTLOCAL_BENCH_MODE="${FASTLOCAL_BENCH_MODE:-gpu}"
-export FASTLOCAL_BENCH_BUDGET_S="${FASTLOCAL_BENCH_BUDGET_S:-250}"
-TIMEOUT_S="${FASTLOCAL_BENCH_TIMEOUT:-330}"
+BENCH_MODE="${BENCH_MODE:-gpu}"
+BENCH_BUDGET_S="${BENCH_BUDGET_S:-250}"
+TIMEOUT_S="${BENCH_TIMEOUT_S:-330}"
 mkdir -p "$OUT_DIR"
 
-"$PYTHON" - <<'EOF'
-import importlib.util, os, sys
+"$PYTHON" - "$BENCH_MODE" <<'EOF'
+import importlib.util, sys
 import torch
-mode = os.environ["FASTLOCAL_BENCH_MODE"]
+mode = sys.argv[1]
 if mode == "gpu" and not torch.cuda.is_available():
-    sys.exit("gpu_bench.sh: no CUDA device visible; on a CPU machine run FASTLOCAL_BENCH_MODE=smoke or cpu")
+    sys.exit("gpu_bench.sh: no CUDA device visible; on a CPU machine run BENCH_MODE=smoke or cpu")
 missing = [m for m in ("pytest", "pytest_benchmark") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"gpu_bench.sh: missing {', '.join(missing)}; pip install -e '.[dev]'")
@@ -52,6 +53,7 @@ start=$(date +%s)
 set +e
 timeout --signal=INT --kill-after=15 "$TIMEOUT_S" "$PYTHON" -m pytest \
     bench/test_bench_steps.py bench/test_bench_memory.py bench/test_bench_kernels.py \
+    --bench-mode="$BENCH_MODE" --bench-budget-s="$BENCH_BUDGET_S" \
     --benchmark-only --benchmark-json="$OUT_DIR/bench.json" --benchmark-max-time=0.25 \
     --benchmark-columns=median,iqr,rounds --benchmark-sort=name -p no:cacheprovider -q -rs -k "not launch_shapes" "$@" \
     2>&1 | tee "$OUT_DIR/pytest.log"

@@ -33,14 +33,14 @@ tests_rc=${PIPESTATUS[0]}
 echo "gpu_check.sh: GPU tests exited with $tests_rc"
 
 # A tighter budget than gpu_bench.sh's own, so the whole script stays under the device's 10-minute call.
-FASTLOCAL_BENCH_BUDGET_S="${FASTLOCAL_BENCH_BUDGET_S:-180}" FASTLOCAL_BENCH_TIMEOUT="${FASTLOCAL_BENCH_TIMEOUT:-220}" \
-    bash bench/gpu_bench.sh "$OUT_DIR"
+BENCH_BUDGET_S="${BENCH_BUDGET_S:-180}" BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-220}" bash bench/gpu_bench.sh "$OUT_DIR"
 bench_rc=$?
 
 # The fast path against the fastest BP and the authors' step times.
-FASTLOCAL_BENCH_BUDGET_S=120 timeout --signal=INT --kill-after=10 150 "$PYTHON" -m pytest bench/test_bench_fast_path.py --benchmark-only \
-    --benchmark-json="$OUT_DIR/fast_path.json" -q -p no:cacheprovider 2>&1 | tee "$OUT_DIR/fast-path.log"
-"$PYTHON" bench/fast_path_table.py "$OUT_DIR/fast_path.json" || true
+timeout --signal=INT --kill-after=10 150 "$PYTHON" -m pytest bench/test_bench_fast_path.py --bench-budget-s=120 \
+    --benchmark-only --benchmark-json="$OUT_DIR/fast_path.json" -q -p no:cacheprovider 2>&1 | tee "$OUT_DIR/fast-path.log"
+"$PYTHON" -m fastlocal.bench.report "$OUT_DIR/fast_path.json" --out "$OUT_DIR/fast_path" --no-plots >/dev/null \
+    && cat "$OUT_DIR/fast_path/bench.md" || true
 echo "gpu_check.sh: tests rc $tests_rc, bench rc $bench_rc; results in $OUT_DIR"
 [ -f "$OUT_DIR/bench.md" ] && sed -n '1,60p' "$OUT_DIR/bench.md"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

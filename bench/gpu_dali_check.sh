@@ -82,17 +82,17 @@ else
   SYNTHETIC=(--synthetic 8000 --epochs 3 --batch-size 256)
 fi
 if [ -f .data/cifar10-jpeg.tar.gz ]; then
-  "$PYTHON" bench/test_bench_loaders.py --root .data/cifar10-jpeg.tar.gz --name cifar10-jpeg --crop 32 --resize 36 \
+  "$PYTHON" bench/loaders.py --root .data/cifar10-jpeg.tar.gz --name cifar10-jpeg --crop 32 --resize 36 \
     "${CIFAR_LIMITS[@]}" --workers "$WORKERS" --cache-dir .data/cache --json "$OUT/loaders.json" 2>&1 \
     | tee "$OUT/bench_cifar.txt" || echo "the CIFAR-10 measurement failed (see $OUT/bench_cifar.txt)"
 else
   echo "no .data/cifar10-jpeg.tar.gz: copy ../shared/data/cifar10-jpeg.tar.gz there and carry .data" | tee "$OUT/bench_cifar.txt"
 fi
-"$PYTHON" bench/test_bench_loaders.py "${SYNTHETIC[@]}" --synthetic-dir .data/synthetic-jpegs --crop 224 --resize 256 \
+"$PYTHON" bench/loaders.py "${SYNTHETIC[@]}" --synthetic-dir .data/synthetic-jpegs --crop 224 --resize 256 \
   --workers "$WORKERS" --cache-dir .data/cache --json "$OUT/loaders.json" 2>&1 \
   | tee "$OUT/bench_synthetic.txt" || echo "the synthetic measurement failed (see $OUT/bench_synthetic.txt)"
 
 # -- 4. Table -----------------------------------------------------------------------------------------------
 echo
 if [ -f "$OUT/test_streaming.txt" ]; then grep -E "passed|failed|error" "$OUT/test_streaming.txt" | tail -n 1 || true; fi
-if [ -f "$OUT/loaders.json" ]; then "$PYTHON" bench/test_bench_loaders.py table "$OUT/loaders.json" | tee "$OUT/table.txt"; fi
+if [ -f "$OUT/loaders.json" ]; then "$PYTHON" bench/loaders.py table "$OUT/loaders.json" | tee "$OUT/table.txt"; fi

@@ -34,9 +34,9 @@ run_rc=${PIPESTATUS[0]}
 ('world_size', 'parallel', 'final_test_acc', 'images_per_second', 'device')}); assert s['world_size'] == int(sys.argv[2])" \
     "$OUT_DIR/run/summary.json" "$GPUS" || run_rc=1
 
-FASTLOCAL_BENCH_BUDGET_S="${FASTLOCAL_BENCH_BUDGET_S:-90}" OUT_DIR="$OUT_DIR" timeout --signal=INT --kill-after=10 150 \
+OUT_DIR="$OUT_DIR" timeout --signal=INT --kill-after=10 150 \
     "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" --no-python bash -c \
-    "$PYTHON -m pytest -q -p no:cacheprovider bench/test_bench_distributed.py --benchmark-only \
+    "$PYTHON -m pytest -q -p no:cacheprovider bench/test_bench_distributed.py --bench-budget-s=${BENCH_BUDGET_S:-90} --benchmark-only \
      --benchmark-json=\$OUT_DIR/dp-bench-rank\$RANK.json" 2>&1 | tail -n 30 | tee "$OUT_DIR/dp-bench.log"
 bench_rc=${PIPESTATUS[0]}
 "$PYTHON" - "$OUT_DIR/dp-bench-rank0.json" <<'PY'

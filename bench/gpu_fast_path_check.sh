@@ -4,11 +4,10 @@
 #   1. its CUDA tests (fused batch norm on CUDA, streams bitwise equal to no streams, CUDA-graph training
 #      equal to eager, the Triton training run), hard stop 75 s;
 #   2. bench/test_bench_fast_path.py: BP and MLAAN (ResNet-32 K=15, ResNet-110 K=54) in every variant,
-#      soft budget 140 s, hard stop 175 s, then its table (OUT_DIR/fast_path.md);
+#      soft budget 140 s, hard stop 175 s, then its table (OUT_DIR/fast_path/bench.md);
 #   3. kernel benchmarks, graph-timed: the fused batch norm (eager vs Triton at the three stage shapes, and
-#      the Triton kernels under each launch shape of BN_LAUNCH_SHAPES), hard stop 70 s, then their table
-#      (OUT_DIR/kernels/bench.md)
-#      and what it says to ship (bench/kernel_choices.py: OUT_DIR/kernels/choices.md);
+#      the Triton kernels under each launch shape of BN_LAUNCH_SHAPES), hard stop 70 s, then their report
+#      with what it says to ship (fastlocal.bench.report: OUT_DIR/kernels/bench.md);
 #   4. bench/fast_path_training.py: MLAAN ResNet-32 K=15, 3 epochs of the bundled CIFAR-10 subset with the
 #      fast path off, fp32-fast and on (acceptance: the same accuracy), hard stop 105 s.
 #
@@ -32,12 +31,13 @@ timeout --signal=INT --kill-after=5 "${TESTS_S:-75}" "$PYTHON" -m pytest -q -rs 
     ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT_DIR/gpu-tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 
-FASTLOCAL_BENCH_MODE=gpu FASTLOCAL_BENCH_BUDGET_S="${BENCH_BUDGET_S:-140}" \
-    timeout --signal=INT --kill-after=5 "${BENCH_S:-175}" "$PYTHON" -m pytest \
-    bench/test_bench_fast_path.py --benchmark-only --benchmark-json="$OUT_DIR/fast_path.json" -q -p no:cacheprovider \
+timeout --signal=INT --kill-after=5 "${BENCH_S:-175}" "$PYTHON" -m pytest \
+    bench/test_bench_fast_path.py --bench-mode=gpu --bench-budget-s="${BENCH_BUDGET_S:-140}" \
+    --benchmark-only --benchmark-json="$OUT_DIR/fast_path.json" -q -p no:cacheprovider \
     2>&1 | tee "$OUT_DIR/fast-path.log" | tail -5
 bench_rc=${PIPESTATUS[0]}
-"$PYTHON" bench/fast_path_table.py "$OUT_DIR/fast_path.json" | tee "$OUT_DIR/fast_path.md"
+"$PYTHON" -m fastlocal.bench.report "$OUT_DIR/fast_path.json" --out "$OUT_DIR/fast_path" --no-plots >/dev/null \
+    && cat "$OUT_DIR/fast_path/bench.md"
 
 mkdir -p "$OUT_DIR/kernels"
 timeout --signal=INT --kill-after=5 "${KERNELS_S:-70}" "$PYTHON" -m pytest bench/test_bench_kernels.py \
@@ -45,8 +45,8 @@ timeout --signal=INT --kill-after=5 "${KERNELS_S:-70}" "$PYTHON" -m pytest bench
     --benchmark-only --benchmark-max-time=0.25 --benchmark-json="$OUT_DIR/kernels/kernels.json" -q -p no:cacheprovider \
     2>&1 | tee "$OUT_DIR/kernels.log" | tail -3
 kernels_rc=${PIPESTATUS[0]}
-"$PYTHON" -m fastlocal.bench.report "$OUT_DIR/kernels/kernels.json" --no-plots >/dev/null
-"$PYTHON" bench/kernel_choices.py "$OUT_DIR/kernels/kernels.json" | tee "$OUT_DIR/kernels/choices.md"
+"$PYTHON" -m fastlocal.bench.report "$OUT_DIR/kernels/kernels.json" --no-plots >/dev/null \
+    && grep -A 20 "^## Kernel launch shapes" "$OUT_DIR/kernels/bench.md"
 
 timeout --signal=INT --kill-after=5 "${TRAIN_S:-105}" "$PYTHON" bench/fast_path_training.py --out "$OUT_DIR/training" \
     --epochs 3 --no-plot 2>&1 | tee "$OUT_DIR/training.log" | grep -v "^\["

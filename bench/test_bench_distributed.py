@@ -8,7 +8,7 @@ the communication overlapped the later modules' compute.
 
 Without torchrun the step runs in a process group of one: the byte counts are exact, the time is the cost of
 launching and waiting for the collectives with nothing on the wire. Under torchrun every rank runs the
-cases (each with the sizes of FASTLOCAL_BENCH_MODE as its per-rank batch; see bench/common.py); rank 0's
+cases (each with the sizes of --bench-mode as its per-rank batch; see bench/common.py); rank 0's
 JSON is the one to read. Nothing here asserts a time.
 """
 

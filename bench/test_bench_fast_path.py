@@ -13,6 +13,7 @@ batch) only the eager ones run. Memory is measured on the eager variants (a grap
 allocations).
 
     python -m pytest bench/test_bench_fast_path.py --benchmark-only --benchmark-json=fast.json
+    python -m fastlocal.bench.report fast.json --no-plots       # its table in bench.md
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 from common import (
-    HAS_CUDA,
     Case,
     bench_device,
     bench_mode,
@@ -34,6 +34,7 @@ from common import (
     sizes,
 )
 
+from fastlocal.bench.report import ratio
 from fastlocal.config import build_config
 from fastlocal.engine import build_optimizer
 from fastlocal.graphs import GraphedStep
@@ -121,12 +122,19 @@ def fast_step(built, variant: Variant):
     return step
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+def _variant_param(name: str):
+    """Graph, fbn and streams variants need CUDA; fbn also compiled Triton kernels (conftest.py's markers)."""
+    spec = VARIANTS[name]
+    marks = [pytest.mark.gpu] if spec.needs_cuda else []
+    if spec.fused_bn:
+        marks.append(pytest.mark.triton(compiled=True))
+    return pytest.param(name, marks=marks)
+
+
+@pytest.mark.parametrize("variant", [_variant_param(name) for name in VARIANTS])
 @pytest.mark.parametrize("paper_arch,label,num_modules", CASES, ids=[f"{a}-{m}-K{k}" for a, m, k in CASES])
 def test_bench_fast_path(benchmark, paper_arch, label, num_modules, variant):
     spec = VARIANTS[variant]
-    if spec.needs_cuda and not HAS_CUDA:
-        pytest.skip("CUDA graphs, the Triton batch norm and streams are measured on a CUDA device")
     if spec.mlaan_only and label != "mlaan":
         pytest.skip("streams change nothing in BP")
     check_budget()
@@ -158,17 +166,15 @@ def test_bench_fast_path(benchmark, paper_arch, label, num_modules, variant):
             if variant == BP_GRAPH_VARIANT:
                 BP_GRAPH[paper_arch] = median
         else:
-            if paper_arch in FASTEST_BP:
-                info["time_ratio_vs_fastest_bp"] = round(median / FASTEST_BP[paper_arch], 3)
-            if paper_arch in BP_GRAPH:
-                info["time_ratio_vs_bp_graph"] = round(median / BP_GRAPH[paper_arch], 3)
+            info["time_ratio_vs_fastest_bp"] = ratio(median, FASTEST_BP.get(paper_arch))
+            info["time_ratio_vs_bp_graph"] = ratio(median, BP_GRAPH.get(paper_arch))
         if MODE == "gpu":
-            info["speedup_vs_authors"] = round(AUTHORS_STEP_MS[(paper_arch, label)] / (median * 1e3), 2)
+            info["speedup_vs_authors"] = ratio(AUTHORS_STEP_MS[(paper_arch, label)], median * 1e3)
     if memory is not None:
         info["peak_memory_bytes"] = memory["peak_bytes"]
         if label == "bp":
             BP_MEMORY[(paper_arch, precision)] = memory["peak_bytes"]
-        elif (paper_arch, precision) in BP_MEMORY:
-            bp_bytes = BP_MEMORY[(paper_arch, precision)]
-            info["memory_ratio_vs_bp_same_precision"] = round(memory["peak_bytes"] / bp_bytes, 4)
+        else:
+            bp_bytes = BP_MEMORY.get((paper_arch, precision))
+            info["memory_ratio_vs_bp_same_precision"] = ratio(memory["peak_bytes"], bp_bytes)
     benchmark.extra_info.update(info)

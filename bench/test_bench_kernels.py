@@ -19,32 +19,34 @@ system.channels_last=true`; the Triton kernel is also timed under other launch s
 defaults.
 
 Without CUDA the same tests run as a smoke check of the harness on tiny shapes (widths / 8, tiny heads):
-the references always, the Triton paths only with ``TRITON_INTERPRET=1``:
+the references always, the Triton paths (marked ``triton``) only with ``TRITON_INTERPRET=1``:
 
     TRITON_INTERPRET=1 python -m pytest bench/test_bench_kernels.py --benchmark-disable
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 import torch
+from common import environment
 
 from fastlocal.kernels import batch_norm_act, ema_update_, gap_linear_cross_entropy
 from fastlocal.kernels.aux_loss import gap_linear_cross_entropy_ref
 from fastlocal.kernels.ema import ema_update_loop_ref, ema_update_ref
 
-HAS_CUDA = torch.cuda.is_available()
+# Under the interpreter the kernels' tensors stay on the CPU (tests/test_kernels.py says why).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-DEVICE = torch.device("cuda" if HAS_CUDA and not INTERPRET else "cpu")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
 SMOKE = DEVICE.type != "cuda"  # tiny shapes: only the harness is being checked
-TRITON_RUNNABLE = HAS_TRITON and (DEVICE.type == "cuda" or INTERPRET)
-TRITON_SKIP_REASON = "Triton needs a CUDA device, or TRITON_INTERPRET=1 for the CPU smoke run"
+TRITON = pytest.param("triton", marks=pytest.mark.triton)
 WARMUP_CALLS = 1 if SMOKE else 5
 EMA_MOMENTUM = 0.995
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _synchronize() -> None:
@@ -53,19 +55,7 @@ def _synchronize() -> None:
 
 
 def _environment(dtype: torch.dtype) -> dict:
-    triton_version = None
-    if HAS_TRITON:
-        import triton
-
-        triton_version = triton.__version__
-    return {
-        "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
-        "smoke": SMOKE,
-        "interpreter": INTERPRET,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
+    return {**environment(DEVICE), "smoke": SMOKE, "dtype": _dtype_name(dtype)}
 
 
 def _timed(step, timing: str):
@@ -84,11 +74,7 @@ def _timed(step, timing: str):
     return graph.replay
 
 
-TIMINGS = ["call", "graph"]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+TIMINGS = ["call", pytest.param("graph", marks=pytest.mark.gpu)]
 
 
 def _benchmark_timed(benchmark, forward_backward, timing: str, group: str) -> None:
@@ -103,11 +89,6 @@ def _benchmark_timed(benchmark, forward_backward, timing: str, group: str) -> No
         step()
     benchmark.group = group
     benchmark(step)
-
-
-def _skip_timing(timing: str) -> None:
-    if timing == "graph" and DEVICE.type != "cuda":
-        pytest.skip("graph timing needs a CUDA device")
 
 
 def _record_speed(benchmark, bytes_moved: int) -> None:
@@ -161,11 +142,9 @@ EMA_IMPLEMENTATIONS = {
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("implementation", list(EMA_IMPLEMENTATIONS))
+@pytest.mark.parametrize("implementation", ["loop", "foreach_lerp", TRITON])
 @pytest.mark.parametrize("preset", list(EMA_MODELS))
 def test_bench_ema(benchmark, preset, implementation, dtype):
-    if implementation == "triton" and not TRITON_RUNNABLE:
-        pytest.skip(TRITON_SKIP_REASON)
     shapes = lam_ema_tensor_shapes(preset, width_divisor=8 if SMOKE else 1)
     generator = torch.Generator().manual_seed(0)
     ema = [torch.randn(shape, generator=generator).to(DEVICE, dtype) for shape in shapes]
@@ -217,12 +196,9 @@ AUX_IMPLEMENTATIONS = {"eager": gap_linear_cross_entropy_ref, "triton": _fused_a
 
 @pytest.mark.parametrize("timing", TIMINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("implementation", list(AUX_IMPLEMENTATIONS))
+@pytest.mark.parametrize("implementation", ["eager", TRITON])
 @pytest.mark.parametrize("shape_name", list(AUX_SHAPES))
 def test_bench_aux_loss(benchmark, shape_name, implementation, dtype, timing):
-    if implementation == "triton" and not TRITON_RUNNABLE:
-        pytest.skip(TRITON_SKIP_REASON)
-    _skip_timing(timing)
     full, smoke = AUX_SHAPES[shape_name]
     batch, channels, height, width, classes = smoke if SMOKE else full
     generator = torch.Generator().manual_seed(0)
@@ -298,12 +274,9 @@ def _bench_batch_norm(benchmark, shape_name: str, implementation: str, timing: s
 
 
 @pytest.mark.parametrize("timing", TIMINGS)
-@pytest.mark.parametrize("implementation", ["eager", "triton"])
+@pytest.mark.parametrize("implementation", ["eager", TRITON])
 @pytest.mark.parametrize("shape_name", list(BN_SHAPES))
 def test_bench_batch_norm(benchmark, shape_name, implementation, timing):
-    if implementation == "triton" and not TRITON_RUNNABLE:
-        pytest.skip(TRITON_SKIP_REASON)
-    _skip_timing(timing)
     _bench_batch_norm(benchmark, shape_name, implementation, timing)
 
 
@@ -331,12 +304,11 @@ def launch_shape_name(overrides: dict) -> str:
     return "-".join(f"{name.lower()}{value}" for name, value in overrides.items()) or "default"
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("launch", BN_LAUNCH_SHAPES, ids=launch_shape_name)
 @pytest.mark.parametrize("shape_name", ["stage1", "stage3"])
 def test_bench_batch_norm_launch_shapes(benchmark, monkeypatch, shape_name, launch):
     """The Triton batch norm under each launch shape (graph-timed on CUDA): which default to ship."""
-    if not TRITON_RUNNABLE:
-        pytest.skip(TRITON_SKIP_REASON)
     from fastlocal.kernels import batch_norm
 
     for name, value in launch.items():

@@ -10,7 +10,7 @@ A memory ratio is a property of the computation, so asserting it is fair; times 
 from __future__ import annotations
 
 import pytest
-from common import Case, bench_device, bench_mode, bp_reference, run_case, sizes
+from common import Case, bench_device, bench_mode, run_case, sizes
 
 MODE = bench_mode()
 DEVICE = bench_device(MODE)
@@ -27,8 +27,7 @@ SWEEP = [Case(label, ARCH, 1 if label == "bp" else NUM_MODULES, batch, 32, ARCH)
 def test_memory_sweep(benchmark, case):
     group = f"memory sweep {ARCH} K={NUM_MODULES}"
     result = run_case(benchmark, case, DEVICE, MODE, SIZES.sweep_rounds, group, suite="fastlocal-memory-sweep")
-    reference = bp_reference(case, DEVICE, MODE, need_time=False)
-    ratio = result["peak_memory_bytes"] / reference["memory"]["peak_bytes"]
+    ratio = result["memory_ratio_vs_bp"]
     if case.label in CPU_BOUNDS and DEVICE.type == "cpu":
         assert ratio < CPU_BOUNDS[case.label], (
             f"{case.label} ResNet-110 K=54 at batch {case.batch}: peak {ratio:.3f} of BP's, "

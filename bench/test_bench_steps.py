@@ -5,7 +5,7 @@ backbone, batch and input size measured in this session.
     python -m pytest bench/test_bench_steps.py --benchmark-only --benchmark-json=RESULTS.json
     python -m fastlocal.bench.report RESULTS.json --out DIR
 
-Sizes follow FASTLOCAL_BENCH_MODE (gpu, cpu, smoke: see bench/common.py). Nothing here asserts a time.
+Sizes follow --bench-mode (gpu, cpu, smoke: see bench/common.py). Nothing here asserts a time.
 """
 
 from __future__ import annotations

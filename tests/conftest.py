@@ -1,3 +1,5 @@
+"""Fixtures of the tests; the markers that gate them (gpu, triton, dali, slow) are in ../conftest.py."""
+
 import os
 
 import pytest

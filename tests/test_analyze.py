@@ -126,7 +126,6 @@ def test_minibatch_cka_memory_is_per_batch():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cka_on_cuda_matches_cpu():
     x, y = related_features(n=512)
     assert minibatch_cka(x.float().cuda(), y.float().cuda(), 128) == pytest.approx(

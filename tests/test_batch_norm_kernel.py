@@ -1,6 +1,5 @@
 """The fused batch norm + residual add + ReLU kernel against PyTorch's batch norm in float64."""
 
-import os
 import warnings
 
 import pytest
@@ -12,11 +11,8 @@ from fastlocal.kernels import batch_norm as bn_kernel
 from fastlocal.kernels import batch_norm_act
 from fastlocal.models.cifar_resnet import BasicBlock, use_fused_batch_norm
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py on CPU)",
-)
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+pytestmark = pytest.mark.triton
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def run(backend, x, weight, bias, residual, relu, grad_seed=3):
@@ -194,7 +190,7 @@ def test_mlaan_training_with_fused_batch_norm_follows_the_plain_run(device, monk
 @pytest.mark.parametrize("residual", [True, False])
 def test_custom_ops_and_compile(residual):
     # Registered like the aux loss's and the EMA's: opcheck the ops, then a compiled call against eager.
-    device = DEVICES[-1]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     x, weight, bias, res = inputs((2, 5, 3, 4), True, residual, device)
     running = (torch.zeros(5, device=device), torch.ones(5, device=device))
     torch.library.opcheck(bn_kernel._forward_op, (x, weight, bias, res, *running, 0.1, 1e-5, True))

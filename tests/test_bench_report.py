@@ -158,13 +158,7 @@ def _kernel_bench(median_s, **info):
     return {"name": "x", "stats": {"median": median_s}, "extra_info": info}
 
 
-def test_kernel_choices_pick_the_fastest_launch_shape_and_compare_the_convolution(tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("kernel_choices",
-                                                  Path(__file__).parents[1] / "bench" / "kernel_choices.py")
-    choices = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(choices)
+def test_kernel_choices_pick_the_fastest_launch_shape_and_compare_the_convolution(tmp_path):
     benchmarks = [
         _kernel_bench(20e-6, shape="stage1", launch_shape="default"),
         _kernel_bench(15e-6, shape="stage1", launch_shape="partials_tile4096"),
@@ -175,10 +169,26 @@ def test_kernel_choices_pick_the_fastest_launch_shape_and_compare_the_convolutio
         _kernel_bench(30e-6, shape="stage1", implementation="triton", timing="graph", conv_pixels=256),
         _kernel_bench(1.0, shape="stage1", timing="graph"),  # another benchmark: ignored
     ]
-    path = tmp_path / "kernels.json"
-    path.write_text(json.dumps({"benchmarks": benchmarks}))
-    choices.main(str(path))
-    out = capsys.readouterr().out
+    path = write_json(tmp_path / "kernels.json", benchmarks)
+    assert report.main([str(path), "--no-plots"]) == 0
+    out = (tmp_path / "bench.md").read_text()
     assert "| stage1 | 20.0 | partials_tile4096 | 15.0 | 1.33 |" in out
     assert "| stage3 | 9.0 | default | 9.0 | 1.00 |" in out
     assert "| stage1 | graph | 60.0 | 256 pixels | 30.0 | 2.00 |" in out
+
+
+def test_fast_path_rows_get_their_own_table(tmp_path):
+    info = {"suite": "fastlocal-fast-path", "case": "resnet20-mlaan-K8-bf16-cl", "median_step_ms": 12.5,
+            "time_ratio_vs_fastest_bp": 3.2, "memory_ratio_vs_bp_same_precision": 0.45, "device": "Test CPU"}
+    path = write_json(tmp_path / "fast.json", [{"name": "test_bench_fast_path[x]", "extra_info": info,
+                                                "stats": {"median": 0.0125}}])
+    assert report.main([str(path), "--no-plots"]) == 0
+    text = (tmp_path / "bench.md").read_text()
+    assert "| resnet20-mlaan-K8-bf16-cl | 12.5 | 3.2 | - | - | 0.45 |" in text
+    assert "Other benchmarks" not in text  # listed once, in its own table
+
+
+def test_ratio():
+    assert report.ratio(3.0, 2.0) == 1.5
+    assert report.ratio(1.0, 3.0) == 0.3333
+    assert report.ratio(None, 2.0) is None and report.ratio(1.0, 0) is None and report.ratio(1.0, None) is None

@@ -747,7 +747,7 @@ def test_loader_rejects_bad_inputs():
         DeviceLoader(images, labels, 2, train=True, mean=(0,) * 3, std=(1,) * 3, pad=8)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_loader_on_cuda_matches_cpu_semantics():
     loader = make_loader(count=40, size=8, batch_size=16, pad=2, flip=True, mean=(0, 0, 0), std=(1, 1, 1))
     cuda = DeviceLoader(

@@ -345,8 +345,7 @@ def _sync_batch_norm_step(rank: int, out: Path) -> None:
     torch.save({k: v.cpu() for k, v in weights(backbone, method).items()}, out / f"sync-rank{rank}.pt")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="SyncBatchNorm across ranks needs 2 CUDA devices")
+@pytest.mark.gpu(devices=2)  # SyncBatchNorm across ranks
 def test_sync_batch_norm_step_equals_one_process_on_the_global_batch(tmp_path, exact_cuda_math):
     """With synchronised statistics a data-parallel step is the one-process step on the global batch."""
     assert launch(_sync_batch_norm_step, tmp_path, timeout_s=180, device_type="cuda") == [0, 0]

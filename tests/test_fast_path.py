@@ -62,7 +62,7 @@ def test_bad_precision_is_a_clear_error():
         build_config(None, ["system.precision=fp16"], METHODS)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused SGD step is used on CUDA only")
+@pytest.mark.gpu
 def test_fused_optimizer_on_cuda_matches_foreach():
     cfg = build_config(None, [], METHODS)
     weights = [torch.randn(10, 10, device="cuda", requires_grad=True) for _ in range(3)]
@@ -87,11 +87,10 @@ def final_state(out):
     return torch.load(out / "checkpoint.pt", weights_only=True)["backbone"]
 
 
+@pytest.mark.no_gpu
 def test_cuda_graphs_on_cpu_warn_and_train_exactly_as_eager(tmp_path):
     from fastlocal.train import main
 
-    if torch.cuda.is_available():
-        pytest.skip("this checks the CPU fallback")
     assert main([*TINY_RUN, "--out", str(tmp_path / "eager")]) == 0
     with pytest.warns(UserWarning, match="system.cuda_graphs=true needs a CUDA device"):
         assert main([*TINY_RUN, "--system.cuda_graphs=true", "--out", str(tmp_path / "graphs")]) == 0
@@ -99,7 +98,7 @@ def test_cuda_graphs_on_cpu_warn_and_train_exactly_as_eager(tmp_path):
     assert all(torch.equal(eager[k], graphs[k]) for k in eager)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("extra", [[], ["--system.precision=bf16", "--system.channels_last=true"]])
 def test_cuda_graph_run_matches_eager_run(tmp_path, extra):
     from fastlocal.train import main
@@ -128,11 +127,10 @@ def test_cuda_streams_flag_parses_and_validates():
         build_config(None, ["system.cuda_streams=maybe"], METHODS)
 
 
+@pytest.mark.no_gpu
 def test_cuda_streams_on_cpu_warn_and_train_exactly_as_one_stream(tmp_path):
     from fastlocal.train import main
 
-    if torch.cuda.is_available():
-        pytest.skip("this checks the CPU fallback")
     assert main([*TINY_RUN, "--out", str(tmp_path / "plain")]) == 0
     with pytest.warns(UserWarning, match="system.cuda_streams=true needs a CUDA device"):
         assert main([*TINY_RUN, "--system.cuda_streams=true", "--out", str(tmp_path / "streams")]) == 0
@@ -214,7 +212,7 @@ def cuda_steps(side_stream, graphed: bool, steps: int = 3):
     return results
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("graphed", [False, True], ids=["eager", "cuda_graph"])
 def test_side_stream_gives_bitwise_identical_losses_and_gradients_on_cuda(exact_cuda_math, graphed):
     one_stream = cuda_steps(None, graphed)
@@ -224,7 +222,7 @@ def test_side_stream_gives_bitwise_identical_losses_and_gradients_on_cuda(exact_
         assert all(torch.equal(u, v) for u, v in zip(a, b)), f"step {step + 1}"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and streams need a CUDA device")
+@pytest.mark.gpu
 def test_graph_and_streams_step_is_bitwise_the_eager_step(exact_cuda_math):
     # Issue 6, acceptance 3: fp32 with the step replayed from a CUDA graph and the side stream computes the
     # eager one-stream step's losses and gradients bit for bit (deterministic convolutions, no TF32).
@@ -254,13 +252,12 @@ def test_fast_path_training_script_runs_every_variant(tmp_path):
         assert results["fp32-fast"]["train_loss"] == results["off"]["train_loss"]
 
 
+@pytest.mark.no_gpu
 def test_auto_switches_stay_silent_and_off_on_cpu(tmp_path):
     import warnings
 
     from fastlocal.train import main
 
-    if torch.cuda.is_available():
-        pytest.skip("checks the CPU defaults")
     cfg = build_config(None, [], METHODS)
     assert (cfg.system.cuda_graphs, cfg.system.cuda_streams, cfg.system.fused_batch_norm) == ("auto",) * 3
     with warnings.catch_warnings():
@@ -276,11 +273,10 @@ def test_switches_take_toml_booleans(tmp_path):
 
 
 @pytest.mark.parametrize("option", ["system.fused_batch_norm"])
+@pytest.mark.no_gpu
 def test_triton_block_options_without_triton_warn_and_train(option, tmp_path):
     from fastlocal.train import main
 
-    if torch.cuda.is_available():
-        pytest.skip("this checks the fallback where system.kernels resolves to PyTorch")
     args = ["--data.source=bundled", "--data.max_train=40", "--data.max_test=20", "--model.arch=resnet20",
             "--method.name=dgl", "--method.num_modules=2", "--train.batch_size=16", "--train.epochs=1",
             "--log.progress=false", f"--{option}=true", "--out", str(tmp_path)]

@@ -1,13 +1,10 @@
 """Tests for fastlocal.kernels: the Triton kernels against their references, and the backend dispatch.
 
-Triton tests run on a CUDA device, or on the CPU under the interpreter:
-
-    TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py
-
-(the variable must be set before triton is imported). Without either they are skipped; the dispatch and
-reference tests always run. Under the interpreter the tensors stay on the CPU even where CUDA exists:
-the interpreter copies kernel arguments to the host, so it cannot follow the device addresses in the
-EMA kernel's pointer table.
+Triton tests (marked `triton`) run on a CUDA device, or on the CPU under the interpreter, which
+tests/conftest.py switches on where there is no CUDA (TRITON_INTERPRET=1 must be set before triton is
+imported); the dispatch and reference tests always run. Under the interpreter the tensors stay on the CPU
+even where CUDA exists: the interpreter copies kernel arguments to the host, so it cannot follow the
+device addresses in the EMA kernel's pointer table.
 """
 
 from __future__ import annotations
@@ -26,33 +23,9 @@ from fastlocal.kernels import KERNEL_BACKENDS, ema_update_, gap_linear_cross_ent
 from fastlocal.kernels.aux_loss import gap_linear_cross_entropy_ref
 from fastlocal.kernels.ema import ema_update_loop_ref, ema_update_ref
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_TRITON:
-    DEVICE = None
-elif INTERPRET:
-    DEVICE = torch.device("cpu")
-elif HAS_CUDA:
-    DEVICE = torch.device("cuda")
-else:
-    DEVICE = None
-
-needs_triton = pytest.mark.skipif(
-    DEVICE is None,
-    reason="Triton kernels need triton and a CUDA device, or TRITON_INTERPRET=1 on the CPU "
-    "(TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py)",
-)
-needs_cuda = pytest.mark.skipif(
-    DEVICE is None or DEVICE.type != "cuda",
-    reason="needs a CUDA device without TRITON_INTERPRET (CUDA graphs, host-sync checks)",
-)
+# Where the Triton tests put their tensors (the tests marked `triton` are skipped when the kernels cannot
+# run; see conftest.py at the repository root).
+DEVICE = torch.device("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +54,7 @@ def test_resolve_backend_unknown():
         resolve_backend("cuda", torch.device("cpu"))
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton installed")
+@pytest.mark.triton
 def test_resolve_backend_triton_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError) as info:
@@ -97,7 +70,7 @@ def test_resolve_backend_triton_on_cpu_without_interpreter(monkeypatch):
         gap_linear_cross_entropy(x, weight, bias, target, backend="triton")
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton installed")
+@pytest.mark.triton
 def test_resolve_backend_triton_with_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("triton", torch.device("cpu")) == "triton"
@@ -105,7 +78,7 @@ def test_resolve_backend_triton_with_interpreter(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu")) == "reference"
 
 
-@needs_cuda
+@pytest.mark.triton(compiled=True)
 def test_resolve_backend_auto_on_cuda():
     assert resolve_backend("auto", torch.device("cuda")) == "triton"
 
@@ -192,7 +165,7 @@ def _assert_close_ema(out, ref, dtype):
         assert bool(((out32 - ref32).abs() <= bound).all()), (out32 - ref32).abs().max()
 
 
-@needs_triton
+@pytest.mark.triton
 @pytest.mark.parametrize(
     "shapes",
     [BLOCK_SHAPES, ODD_SHAPES, SINGLE_SHAPE, _many_shapes()],
@@ -216,7 +189,7 @@ def test_ema_fp32_matches_foreach_lerp(shapes, momentum_kind):
     assert any(not torch.allclose(a, b) for a, b in zip(ema, start, strict=True))
 
 
-@needs_triton
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("momentum_kind", ["float", "tensor"])
 def test_ema_low_precision_matches_fp32_reference(dtype, momentum_kind):
@@ -237,7 +210,7 @@ def test_ema_low_precision_matches_fp32_reference(dtype, momentum_kind):
         assert torch.equal(after, before)
 
 
-@needs_triton
+@pytest.mark.triton
 def test_ema_fp16_storage_uses_fp32_arithmetic():
     # live - ema = -120000 overflows fp16 (max 65504); in fp32 the result 60000 + 0.1 * -120000 = 48000
     # is representable.
@@ -248,7 +221,7 @@ def test_ema_fp16_storage_uses_fp32_arithmetic():
     torch.testing.assert_close(ema[0].float(), torch.full((5,), 48000.0, device=DEVICE), rtol=1e-3, atol=0)
 
 
-@needs_triton
+@pytest.mark.triton
 def test_ema_mixed_dtypes_one_launch_per_group():
     from fastlocal.kernels import ema as ema_module
 
@@ -272,7 +245,7 @@ def test_ema_mixed_dtypes_one_launch_per_group():
     assert sum(group.num_chunks for group in plan.groups) == chunks
 
 
-@needs_triton
+@pytest.mark.triton
 def test_ema_single_group_for_uniform_list():
     from fastlocal.kernels import ema as ema_module
 
@@ -284,7 +257,7 @@ def test_ema_single_group_for_uniform_list():
     assert not plan.fallback_ema
 
 
-@needs_triton
+@pytest.mark.triton
 def test_ema_plan_cache_and_invalidation():
     from fastlocal.kernels import ema as ema_module
 
@@ -309,7 +282,7 @@ def test_ema_plan_cache_and_invalidation():
         _assert_close_ema(out, expected, torch.float32)
 
 
-@needs_triton
+@pytest.mark.triton
 def test_ema_non_dense_and_channels_last_tensors():
     from fastlocal.kernels import ema as ema_module
 
@@ -331,7 +304,7 @@ def test_ema_non_dense_and_channels_last_tensors():
     assert len(plan.fallback_ema) == 2  # the strided views; channels_last goes through the kernel
 
 
-@needs_triton
+@pytest.mark.triton
 def test_ema_bumps_version_counter():
     ema, live = _ema_lists([(4,)], torch.float32, torch.float32, DEVICE)
     leaf = torch.randn(4, device=DEVICE, requires_grad=True)
@@ -341,7 +314,7 @@ def test_ema_bumps_version_counter():
         product.backward()
 
 
-@needs_triton
+@pytest.mark.triton
 def test_ema_errors():
     ema, live = _ema_lists([(3,), (4,)], torch.float32, torch.float32, DEVICE)
     with pytest.raises(ValueError, match="pair up"):
@@ -370,7 +343,7 @@ def test_ema_reference_backend():
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
-@needs_triton
+@pytest.mark.triton
 def test_ema_custom_op_and_compile():
     from fastlocal.kernels import ema as ema_module
 
@@ -395,7 +368,7 @@ def test_ema_custom_op_and_compile():
         _assert_close_ema(out, expected, torch.float32)
 
 
-@needs_cuda
+@pytest.mark.triton(compiled=True)
 def test_ema_cuda_graph_capture_and_no_host_sync():
     ema, live = _ema_lists(BLOCK_SHAPES, torch.float32, torch.float32, DEVICE)
     ref = [t.clone() for t in ema]
@@ -469,7 +442,7 @@ AUX_CASES = {
 }
 
 
-@needs_triton
+@pytest.mark.triton
 @pytest.mark.parametrize("case", list(AUX_CASES), ids=list(AUX_CASES))
 def test_aux_loss_fp32_matches_reference(case):
     batch, channels, height, width, classes, bias, knobs = AUX_CASES[case]
@@ -485,7 +458,7 @@ def test_aux_loss_fp32_matches_reference(case):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@needs_triton
+@pytest.mark.triton
 @pytest.mark.parametrize("fuse_pool", [-1, 0])
 def test_aux_loss_channels_last(fuse_pool):
     x, weight, bias, target = _aux_inputs(6, 13, 3, 4, 7, torch.float32, DEVICE)
@@ -498,7 +471,7 @@ def test_aux_loss_channels_last(fuse_pool):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
-@needs_triton
+@pytest.mark.triton
 def test_aux_loss_non_contiguous_input():
     x, weight, bias, target = _aux_inputs(5, 13, 6, 3, 7, torch.float32, DEVICE)
     x = x[:, :, ::2]  # neither NCHW- nor NHWC-contiguous: copied first
@@ -515,7 +488,7 @@ def _pytorch_same_dtype(x, weight, bias, target):
     return F.cross_entropy(F.linear(x.mean((2, 3)), weight.to(dtype), bias), target)
 
 
-@needs_triton
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("params_low", [False, True], ids=["fp32_params", "low_params"])
 @pytest.mark.parametrize("case", ["cifar_like", "odd"])
@@ -538,7 +511,7 @@ def test_aux_loss_low_precision_within_twice_pytorch_error(dtype, params_low, ca
         assert kernel_error <= 2 * pytorch_error + floor, (name, kernel_error, pytorch_error)
 
 
-@needs_triton
+@pytest.mark.triton
 def test_aux_loss_partial_gradients():
     x, weight, bias, target = _aux_inputs(5, 13, 3, 3, 7, torch.float32, DEVICE)
     expected = _loss_and_grads(gap_linear_cross_entropy_ref, x, weight, bias, target, grad_scale=1.0)
@@ -561,7 +534,7 @@ def test_aux_loss_partial_gradients():
         torch.testing.assert_close(fused(x, weight, bias, target), expected[0], rtol=1e-5, atol=1e-6)
 
 
-@needs_triton
+@pytest.mark.triton
 def test_aux_loss_saves_only_gradients():
     batch, channels, classes = 5, 13, 7
     x, weight, bias, target = _aux_inputs(batch, channels, 3, 3, classes, torch.float32, DEVICE)
@@ -588,7 +561,7 @@ def test_aux_loss_saves_only_gradients():
     loss.backward()
 
 
-@needs_triton
+@pytest.mark.triton
 def test_aux_loss_input_errors():
     x, weight, bias, target = _aux_inputs(4, 6, 2, 2, 5, torch.float32, DEVICE)
     with pytest.raises(ValueError, match="weight must be"):
@@ -610,7 +583,7 @@ def test_aux_loss_reference_backend():
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
 
 
-@needs_triton
+@pytest.mark.triton
 def test_aux_loss_custom_ops_and_compile():
     from fastlocal.kernels import aux_loss
 
@@ -633,7 +606,7 @@ def test_aux_loss_custom_ops_and_compile():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
-@needs_cuda
+@pytest.mark.triton(compiled=True)
 def test_aux_loss_cuda_graph_capture_and_no_host_sync():
     x, weight, bias, target = _aux_inputs(64, 64, 8, 8, 10, torch.float32, DEVICE)
     x.requires_grad_()

@@ -1,16 +1,11 @@
 """A training run with the Triton kernels (CPU interpreter here, CUDA on a GPU) follows the
 reference run's losses step for step."""
 
-import os
-
 import pytest
 import torch
 from builders import short_mlaan_run
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py on CPU)",
-)
+pytestmark = pytest.mark.triton
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,6 @@ outputs are un-normalised with the bundle's mean and std before comparing.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import shutil
@@ -43,10 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The JPEG CIFAR-10 archive; FASTLOCAL_CIFAR10_JPEG points at a copy where ../shared is absent (GPU machine).
 SHARED_ARCHIVE = Path(os.environ.get("FASTLOCAL_CIFAR10_JPEG") or REPO.parent / "shared/data/cifar10-jpeg.tar.gz")
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-HAS_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
-needs_dali = pytest.mark.skipif(not HAS_DALI, reason="nvidia.dali is not installed (pip install 'fastlocal[dali]')")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the mixed (GPU) decoder needs CUDA")
-LOADERS = ["torch", pytest.param("dali", marks=needs_dali)]
+LOADERS = ["torch", pytest.param("dali", marks=pytest.mark.dali)]
 
 # DALI's decode against PIL's (an image decoded, not resized): on the CPU both use libjpeg-turbo, so a pixel
 # differs by at most a level or two; nvJPEG (mixed) has its own IDCT and chroma upsampling, a few levels.
@@ -315,7 +311,7 @@ def test_missing_dali_names_the_pip_extra(tmp_path, monkeypatch):
         build(data_config(folder, "dali"))
 
 
-@needs_dali
+@pytest.mark.dali
 def test_mixed_decoder_without_cuda_is_clear(tmp_path):
     folder = write_jpeg_folder(tmp_path / "d", [(8, 8)])
     with pytest.raises(DataError, match=r"dali_decoder = mixed decodes on the GPU, but the run's device is cpu"):
@@ -457,7 +453,7 @@ def cifar_bundles(tmp_path_factory):
     return torch_bundle, dali_bundle
 
 
-@needs_dali
+@pytest.mark.dali
 def test_dali_decodes_the_cifar10_jpeg_archive_as_pil(cifar_bundles):
     torch_bundle, dali_bundle = cifar_bundles
     assert torch_bundle.info == dali_bundle.info and dali_bundle.info.class_names == CIFAR_CLASSES
@@ -469,7 +465,7 @@ def test_dali_decodes_the_cifar10_jpeg_archive_as_pil(cifar_bundles):
     assert torch.equal(torch_y, dali_y) and dali_x.shape == torch_x.shape == (60, 3, 32, 32)
 
 
-@needs_dali
+@pytest.mark.dali
 def test_dali_and_torch_agree_on_larger_jpegs(tmp_path, large_jpegs):
     exact = write_jpeg_folder(tmp_path / "d", [(96, 96)], per_class=(2, 3))
     exact_torch, exact_dali = (build(data_config(exact, k, crop_size=96, resize_size=96)) for k in ("torch", "dali"))
@@ -482,8 +478,8 @@ def test_dali_and_torch_agree_on_larger_jpegs(tmp_path, large_jpegs):
     assert difference.max() <= STATISTICS_TOLERANCE, difference
 
 
-@needs_dali
-@needs_cuda
+@pytest.mark.dali
+@pytest.mark.gpu  # the mixed (GPU) decoder
 def test_mixed_decoder_on_cuda(tmp_path, large_jpegs):
     options = dict(crop_size=224, resize_size=256, num_workers=2)
     gpu = build(data_config(large_jpegs, "dali", dali_decoder="mixed", **options), device="cuda")

@@ -11,13 +11,11 @@ from test_bench_kernels import (
     DEVICE,
     SMOKE,
     TIMINGS,
-    TRITON_RUNNABLE,
-    TRITON_SKIP_REASON,
+    TRITON,
     _benchmark_timed,
     _dtype_name,
     _environment,
     _record_speed,
-    _skip_timing,
 )
 
 # ----------------------------------------------------------------------------------------------------
@@ -37,15 +35,12 @@ CONV_TILES = [128, 64, 256]
 
 @pytest.mark.parametrize("pixels", CONV_TILES, ids=lambda p: f"pixels{p}")
 @pytest.mark.parametrize("timing", TIMINGS)
-@pytest.mark.parametrize("implementation", ["eager", "triton"])
+@pytest.mark.parametrize("implementation", ["eager", TRITON])
 @pytest.mark.parametrize("shape_name", list(CONV_SHAPES))
 def test_bench_conv3x3(benchmark, monkeypatch, shape_name, implementation, timing, pixels):
     """cuDNN (eager PyTorch) against the Triton convolution; the Triton one under each tile size."""
-    if implementation == "triton" and not TRITON_RUNNABLE:
-        pytest.skip(TRITON_SKIP_REASON)
     if implementation == "eager" and pixels != CONV_TILES[0]:
         pytest.skip("the tile size is the Triton kernel's")
-    _skip_timing(timing)
     monkeypatch.setattr(conv_module, "CONV_PIXELS", pixels)
     full, smoke = CONV_SHAPES[shape_name]
     shape = smoke if SMOKE else full

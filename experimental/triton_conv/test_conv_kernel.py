@@ -1,7 +1,5 @@
 """The few-channel 3x3 convolution kernel against PyTorch's convolution in float64 (see README.md)."""
 
-import os
-
 import conv as conv_module
 import pytest
 import torch
@@ -11,10 +9,7 @@ from conv import conv3x3, use_triton_conv
 
 from fastlocal.models.cifar_resnet import BasicBlock, use_fused_batch_norm
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py on CPU)",
-)
+pytestmark = pytest.mark.triton
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

@@ -6,8 +6,12 @@ writes ``DIR/bench.md`` (one row per training-step case: device, batch, K, media
 second, peak memory and the ratios of time and memory to BP of the same backbone, batch and input size
 in the same file), ``DIR/memory_vs_k.png`` (peak memory relative to BP against K, per method),
 ``DIR/step_time.png`` (step time relative to BP, per case) and, when the file holds the batch sweep of
-``bench/test_bench_memory.py``, ``DIR/memory_vs_batch.png``. DIR defaults to the first JSON file's folder.
-Several files (say one per pytest invocation) are read as one list of benchmarks.
+``bench/test_bench_memory.py``, ``DIR/memory_vs_batch.png``. The fast path's rows
+(``bench/test_bench_fast_path.py``) get their own table, and the kernel benchmarks what they say to ship
+(the fastest launch shape of the fused batch norm; the Triton convolution against cuDNN). DIR defaults to
+the first JSON file's folder. Several files (say one per pytest invocation) are read as one list of
+benchmarks. Every table of the suite (``bench/loaders.py`` and ``bench/fast_path_training.py`` print theirs
+too) is written by ``markdown_table``; every ratio to BP is computed by ``ratio``.
 
 Ratios are recomputed here from the medians and peaks of the rows, against the BP row of the same
 device, backbone, input size, batch and suite; a case whose BP row is not in the file keeps the ratio
@@ -21,6 +25,7 @@ import argparse
 import json
 import math
 import sys
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +54,7 @@ PAPER_TABLE3_GB = {
 PAPER_BATCH = 1024
 # extra_info["suite"] of the rows bench/test_bench_steps.py and bench/test_bench_memory.py write; other
 # benchmarks in the file (kernels, loaders) are listed apart.
-STEP_SUITE, SWEEP_SUITE = "fastlocal-steps", "fastlocal-memory-sweep"
+STEP_SUITE, SWEEP_SUITE, FAST_PATH_SUITE = "fastlocal-steps", "fastlocal-memory-sweep", "fastlocal-fast-path"
 METHOD_ORDER = ("bp", "bp-checkpoint", "bp-bf16", "dgl", "infopro", "mlaan", "dgl+mlaan")
 LOCAL_METHODS = ("dgl", "infopro", "mlaan", "dgl+mlaan")
 METHOD_COLORS = {"bp": "C7", "bp-checkpoint": "C7", "bp-bf16": "C7", "dgl": "C0", "infopro": "C1", "mlaan": "C2",
@@ -57,6 +62,20 @@ METHOD_COLORS = {"bp": "C7", "bp-checkpoint": "C7", "bp-bf16": "C7", "dgl": "C0"
 # Backbones in the order a reader expects (small CIFAR nets first, then ImageNet ones).
 ARCH_ORDER = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
               "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def ratio(value: float | None, reference: float | None) -> float | None:
+    """`value` / `reference` to four decimals, or None when either is missing or the reference is 0: every
+    ratio to BP (or to a default) that the suite records or this report prints."""
+    if value is None or not reference:
+        return None
+    return round(value / reference, 4)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """The lines of a Markdown table; cells are written with str()."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
 
 
 class ReportError(Exception):
@@ -127,7 +146,8 @@ def parse_rows(data: dict) -> tuple[list[Row], list[dict]]:
         info = bench.get("extra_info") or {}
         stats = bench.get("stats") or {}
         if not isinstance(info, dict) or info.get("suite") not in (STEP_SUITE, SWEEP_SUITE):
-            others.append(bench)
+            if not isinstance(info, dict) or info.get("suite") != FAST_PATH_SUITE:  # that one has its own table
+                others.append(bench)
             continue
         memory = info.get("memory") or {}
         try:
@@ -155,8 +175,8 @@ def add_ratios(rows: list[Row]) -> None:
         bp = bp_rows.get(row.bp_key)
         if bp is None:
             continue
-        row.time_ratio = row.median_s / bp.median_s if bp.median_s else None
-        row.memory_ratio = row.peak_bytes / bp.peak_bytes if bp.peak_bytes else None
+        row.time_ratio = ratio(row.median_s, bp.median_s)
+        row.memory_ratio = ratio(row.peak_bytes, bp.peak_bytes)
         row.ratio_source = "file"
 
 
@@ -206,15 +226,14 @@ def step_table(rows: list[Row]) -> list[str]:
     if cuda:
         header += ["reserved MiB", "process MiB"]
     header += ["time vs BP", "memory vs BP"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells = []
     for row in rows:
-        cells = [_case_name(row), row.device, str(row.batch), str(row.num_modules), fmt_ms(row.median_s),
-                 fmt_rate(row.images_per_second), fmt_mib(row.peak_bytes)]
+        line = [_case_name(row), row.device, row.batch, row.num_modules, fmt_ms(row.median_s),
+                fmt_rate(row.images_per_second), fmt_mib(row.peak_bytes)]
         if cuda:
-            cells += [fmt_mib(row.reserved_bytes), fmt_mib(row.process_bytes)]
-        cells += [fmt_ratio(row.time_ratio), fmt_ratio(row.memory_ratio)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+            line += [fmt_mib(row.reserved_bytes), fmt_mib(row.process_bytes)]
+        cells.append(line + [fmt_ratio(row.time_ratio), fmt_ratio(row.memory_ratio)])
+    return markdown_table(header, cells)
 
 
 def paper_comparison(rows: list[Row]) -> list[str]:
@@ -253,14 +272,64 @@ def paper_comparison(rows: list[Row]) -> list[str]:
 def other_table(others: list[dict]) -> list[str]:
     if not others:
         return []
-    lines = ["## Other benchmarks in the file", "", "| benchmark | group | median | IQR | rounds |",
-             "|---|---|---|---|---|"]
-    for bench in others:
-        stats = bench.get("stats") or {}
-        lines.append(f"| {bench.get('name', '?')} | {bench.get('group') or '-'} | "
-                     f"{fmt_duration(stats.get('median'))} | {fmt_duration(stats.get('iqr'))} | "
-                     f"{stats.get('rounds', '-')} |")
-    return lines + [""]
+    cells = [[bench.get("name", "?"), bench.get("group") or "-", fmt_duration((bench.get("stats") or {}).get("median")),
+              fmt_duration((bench.get("stats") or {}).get("iqr")), (bench.get("stats") or {}).get("rounds", "-")]
+             for bench in others]
+    return ["## Other benchmarks in the file", "",
+            *markdown_table(["benchmark", "group", "median", "IQR", "rounds"], cells), ""]
+
+
+def fast_path_table(benchmarks: list[dict]) -> list[str]:
+    """The rows of bench/test_bench_fast_path.py: each variant's step time and its ratios."""
+    infos = [b["extra_info"] for b in benchmarks if (b.get("extra_info") or {}).get("suite") == FAST_PATH_SUITE]
+    if not infos:
+        return []
+    keys = ("median_step_ms", "time_ratio_vs_fastest_bp", "time_ratio_vs_bp_graph", "speedup_vs_authors",
+            "memory_ratio_vs_bp_same_precision")
+    cells = [[info["case"], *("-" if info.get(key) is None else info[key] for key in keys)] for info in infos]
+    header = ["case", "ms", "vs fastest BP", "vs BP bf16-cl-graph", "speed-up vs authors",
+              "memory vs BP (same precision)"]
+    return ["## Fast path", "", *markdown_table(header, cells), ""]
+
+
+def _median_us(bench: dict) -> float:
+    return bench["stats"]["median"] * 1e6
+
+
+def kernel_choices(benchmarks: list[dict]) -> list[str]:
+    """What the kernel benchmarks say to ship: per batch-norm shape the fastest launch shape against the
+    shipped default, and per convolution shape the fastest Triton tile against cuDNN (medians; only a GPU
+    run means anything)."""
+    by_shape: dict[str, dict[str, float]] = defaultdict(dict)
+    conv: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for bench in benchmarks:
+        info = bench.get("extra_info") or {}
+        if "launch_shape" in info:
+            by_shape[info["shape"]][info["launch_shape"]] = _median_us(bench)
+        elif "conv_pixels" in info:
+            name = "cudnn" if info["implementation"] == "eager" else f"triton-{info['conv_pixels']}"
+            conv[(info["shape"], info["timing"])][name] = _median_us(bench)
+    lines = []
+    if by_shape:
+        cells = []
+        for shape, times in sorted(by_shape.items()):
+            best, best_us = min(times.items(), key=lambda kv: kv[1])
+            default = times.get("default")
+            cells.append([shape, f"{default:.1f}" if default else "?", best, f"{best_us:.1f}",
+                          f"{ratio(default, best_us):.2f}" if default else "?"])
+        header = ["batch norm shape", "shipped default us", "fastest launch shape", "its us", "default / fastest"]
+        lines += ["## Kernel launch shapes", "", *markdown_table(header, cells), ""]
+    cells = []
+    for (shape, timing), times in sorted(conv.items()):
+        triton_times = {k: v for k, v in times.items() if k.startswith("triton")}
+        if "cudnn" in times and triton_times:
+            tile, best_us = min(triton_times.items(), key=lambda kv: kv[1])
+            cells.append([shape, timing, f"{times['cudnn']:.1f}", f"{tile.removeprefix('triton-')} pixels",
+                          f"{best_us:.1f}", f"{ratio(times['cudnn'], best_us):.2f}"])
+    if cells:
+        header = ["convolution shape", "timing", "cuDNN us", "fastest Triton tile", "its us", "cuDNN / Triton"]
+        lines += ["## Triton convolution against cuDNN", "", *markdown_table(header, cells), ""]
+    return lines
 
 
 def fmt_duration(seconds) -> str:
@@ -272,11 +341,12 @@ def fmt_duration(seconds) -> str:
     return f"{seconds * 1e9:.3g} ns"
 
 
-def _machine_lines(data: dict, rows: list[Row], json_name: str) -> list[str]:
-    devices = sorted({row.device for row in rows})
-    versions = sorted({(b["extra_info"].get("torch"), b["extra_info"].get("triton"), b["extra_info"].get("mode"))
-                       for b in data["benchmarks"]
-                       if (b.get("extra_info") or {}).get("suite") in (STEP_SUITE, SWEEP_SUITE)}, key=str)
+def _machine_lines(data: dict, json_name: str) -> list[str]:
+    """Devices and versions as every benchmark records them (bench/common.py's `environment`)."""
+    infos = [b.get("extra_info") or {} for b in data["benchmarks"]]
+    devices = sorted({str(info["device"]) for info in infos if "device" in info})
+    versions = sorted({(info.get("torch"), info.get("triton"), info.get("mode")) for info in infos if "torch" in info},
+                      key=str)
     machine = data.get("machine_info") or {}
     lines = [f"- Device: {', '.join(devices) or '-'}"]
     for torch_version, triton_version, mode in versions:
@@ -295,8 +365,8 @@ def markdown(data: dict, rows: list[Row], others: list[dict], json_name: str) ->
     sweep = [row for row in rows if row.sweep]
     cpu = any(row.device_type == "cpu" for row in rows)
     lines = ["# fastlocal: training-step time and memory against BP", ""]
-    lines += _machine_lines(data, rows, json_name) + [""]
-    lines += [
+    lines += _machine_lines(data, json_name) + [""]
+    lines += [] if not rows else [
         "A step is `optimizer.zero_grad`, `local_train_step` (forward and backward of the local schedule) and "
         "`optimizer.step` on a random batch already on the device; the time is the median of the timed rounds, "
         "device synchronised. Peak memory: "
@@ -310,6 +380,8 @@ def markdown(data: dict, rows: list[Row], others: list[dict], json_name: str) ->
     if sweep:
         lines += ["## Peak memory across batch sizes (ResNet-110, K=54)", ""] + step_table(sweep) + [""]
     lines += paper_comparison(rows)
+    lines += fast_path_table(data["benchmarks"])
+    lines += kernel_choices(data["benchmarks"])
     lines += other_table(others)
     return "\n".join(lines).rstrip() + "\n"
 
