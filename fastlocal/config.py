@@ -101,8 +101,9 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["bp", "dgl", "infopro", "mlaan"] = "mlaan"
-    """Training method: bp, dgl, infopro, mlaan (validation accepts every registered method)."""
+    name: str = "mlaan"
+    """Training method: bp, dgl, infopro, mlaan, or one registered with fastlocal.methods.register_method
+    (validate checks it against that registry)."""
     num_modules: Annotated[int, Min(0)] = 0
     """K, the number of gradient-isolated local modules (bp needs 1); 0 = the method's default
     (1 for bp, 4 for the others: resolve_num_modules)."""
@@ -245,15 +246,26 @@ class LogConfig:
 
 @dataclass
 class Config:
+    """A run's whole configuration: one section per TOML table."""
+
     data: DataConfig = field(default_factory=DataConfig)
+    """The dataset, its augmentation and how batches are made."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The backbone."""
     method: MethodConfig = field(default_factory=MethodConfig)
+    """The training method, the split into local modules and the auxiliary heads."""
     infopro: InfoProConfig = field(default_factory=InfoProConfig)
+    """InfoPro's objective (method infopro, or mlaan with base infopro)."""
     mlaan: MLAANConfig = field(default_factory=MLAANConfig)
+    """MLAAN's cascade and LAM heads."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """SGD and the learning-rate schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Epochs and batch sizes."""
     system: SystemConfig = field(default_factory=SystemConfig)
+    """Device, precision, kernels and parallelism."""
     log: LogConfig = field(default_factory=LogConfig)
+    """What is shown and measured."""
 
 
 DEFAULT_NUM_MODULES = 4
@@ -401,15 +413,18 @@ def apply_mapping(cfg: Config, mapping: dict, origin: str) -> None:
 
 def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> Config:
     """Check every field (its Literal choices, its Min, and the rules that tie fields together) and return
-    `cfg` unchanged; raise ConfigError naming the field and what is valid. `method_names`: the registered
-    methods, the valid method.name values (default: the built-in ones)."""
+    `cfg` unchanged; raise ConfigError naming the field and what is valid. `method_names`: the valid
+    method.name values (default: the methods registered in fastlocal.methods)."""
+    if method_names is None:
+        from fastlocal.methods import METHODS  # imported here: the registry imports torch
+
+        method_names = METHODS
+    method_choices = tuple(sorted(method_names))
     for section in section_names(cfg):
         section_obj = getattr(cfg, section)
         for name, annotation in _field_types(section_obj).items():
             key, value = f"{section}.{name}", getattr(section_obj, name)
-            choices = field_choices(annotation)
-            if key == "method.name" and method_names is not None:
-                choices = tuple(sorted(method_names))
+            choices = method_choices if key == "method.name" else field_choices(annotation)
             if choices is not None and value not in choices:
                 raise ConfigError(f"{key} = {value!r} is not valid; choose one of: {', '.join(choices)}")
             minimum = field_minimum(annotation)
