@@ -68,17 +68,17 @@ class LeapAugmentedModule(nn.Module):
 
 @register_method("mlaan")
 class MLAAN(LocalMethod):
-    """`opts`: the [mlaan] section; `objective`: how the base objective (opts.base) is built; `arch`: the
+    """`mlaan`: the [mlaan] section; `objective`: how the base objective (mlaan.base) is built; `arch`: the
     backbone's name, under which the authors' leap tables are looked up."""
 
-    def __init__(self, backbone, modules, opts: MLAANConfig, objective: ObjectiveOptions, arch: str):
+    def __init__(self, backbone, modules, mlaan: MLAANConfig, objective: ObjectiveOptions, arch: str):
         super().__init__(backbone, modules)
-        self.window = opts.window
-        self.wx, self.wy = opts.wx, opts.wy
-        self.c_own, self.c_prop = opts.final_weights
+        self.window = mlaan.window
+        self.wx, self.wy = mlaan.wx, mlaan.wy
+        self.c_own, self.c_prop = mlaan.final_weights
         num_modules = self.num_modules
         final_channels = backbone.part_info[-1].out_channels
-        self.head_modules = list(range(opts.window - 1, num_modules - 1))
+        self.head_modules = list(range(mlaan.window - 1, num_modules - 1))
         module_parts = [m.part_ids for m in modules]
 
         def base_objective(info, i: int):  # the base objective on features described by PartInfo `info`
@@ -89,26 +89,26 @@ class MLAAN(LocalMethod):
         self.loss_modules = [i for i in self.head_modules if not objective_is_zero(objective, i, num_modules)]
         warn_untrained(self.untrained_modules(), f"infopro.weights = {objective.infopro.weights}, mlaan.window = "
                        f"{self.window}, mlaan.wx = {self.wx}, mlaan.wy = {self.wy}, mlaan.final_weights = "
-                       f"{opts.final_weights}")
+                       f"{mlaan.final_weights}")
         leaps, self.leaps_source = {}, None
-        if opts.lam and self.loss_modules:
-            leaps, self.leaps_source = leap_lists(backbone, arch, module_parts, self.loss_modules, opts.leaps)
+        if mlaan.lam and self.loss_modules:
+            leaps, self.leaps_source = leap_lists(backbone, arch, module_parts, self.loss_modules, mlaan.leaps)
         self.leap_parts = leaps
         own, lams, cascaded = {}, {}, {}
         for i in self.loss_modules:
             info = self.module_out_info(i)
             own[str(i)] = base_objective(info, i)
-            if opts.lam:
+            if mlaan.lam:
                 blocks = [backbone.parts[p] for p in leaps[i]]
-                lams[str(i)] = LeapAugmentedModule(blocks, opts.lam_mode == "literal")
+                lams[str(i)] = LeapAugmentedModule(blocks, mlaan.lam_mode == "literal")
                 info = backbone.part_info[leaps[i][-1]]
             cascaded[str(i)] = base_objective(info, i)
         self.own_objectives = nn.ModuleDict(own)
         self.cascaded_objectives = nn.ModuleDict(cascaded)
         self.lams = nn.ModuleDict(lams)
         # Cached once: .to() and load_state_dict() keep parameter identities, so the lists stay valid.
-        self._ema_targets, self._ema_live = self._ema_tensor_lists(opts.ema_scope)
-        self.ema_momentum = opts.ema_momentum
+        self._ema_targets, self._ema_live = self._ema_tensor_lists(mlaan.ema_scope)
+        self.ema_momentum = mlaan.ema_momentum
 
     @classmethod
     def from_config(cls, cfg, backbone, modules):
