@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fastlocal.config import Config, UserError, build_config, to_dict
+from fastlocal.config import Config, UserError, build_config, resolve_num_modules, to_dict
 
 USAGE_EXAMPLES = """examples:
   python -m fastlocal.analyze runs/dgl runs/mlaan --reference runs/bp --out analysis/
@@ -129,7 +129,7 @@ def load_run(run_dir: str | Path, device: torch.device, data_cache: dict) -> Loa
                         "dataset in memory (data.loader=device, the default for small images)")
     backbone = build_backbone(cfg.model.arch, data.info.num_classes, data.info.image_size,
                               cfg.model.zero_init_residual)
-    modules = split_parts(backbone, cfg.method.num_modules, cfg.method.stem_separate, cfg.method.split,
+    modules = split_parts(backbone, resolve_num_modules(cfg.method), cfg.method.stem_separate, cfg.method.split,
                           cfg.model.arch)
     state = read_checkpoint(checkpoint)  # weights_only: a checkpoint never runs code
     try:

@@ -1,7 +1,10 @@
 """Run configuration: dataclasses grouped by section, TOML files, ``--section.key=value`` overrides.
 
-Every field has a default, so an empty config is the quick start. Validation raises
-:class:`ConfigError` (a :class:`UserError`) whose message says what is valid.
+Every field has a default, so an empty config is the quick start. A field's annotation says what is
+valid: ``Literal[...]`` lists its choices, ``Annotated[int, Min(1)]`` gives its minimum; :func:`validate`
+reads them and checks what depends on several fields, raising :class:`ConfigError` (a :class:`UserError`)
+whose message says what is valid. Validation never changes the config: "auto" values are resolved where
+they are used (:func:`resolve_num_modules`, the methods' heads).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 if typing.TYPE_CHECKING:
     import torch
@@ -27,9 +31,20 @@ class ConfigError(UserError, ValueError):
     """An invalid configuration value or key."""
 
 
+@dataclass(frozen=True)
+class Min:
+    """Annotation metadata of a numeric field: its smallest valid value (``Annotated[int, Min(1)]``)."""
+
+    value: float
+
+
+Switch = Literal["auto", "true", "false"]
+"""An option that is on where it has been shown to help (auto), or forced on or off."""
+
+
 @dataclass
 class DataConfig:
-    source: str = "bundled"
+    source: Literal["bundled", "cifar10", "svhn", "stl10", "imagefolder"] = "bundled"
     """Dataset: bundled (a CIFAR-10 subset shipped in the package), cifar10, svhn, stl10, imagefolder.
     cifar10 reads CIFAR's python-pickle batch files, and unpickling can run code: it trusts the files in
     data.root (use ones you downloaded from the CIFAR site or through torchvision)."""
@@ -37,63 +52,40 @@ class DataConfig:
     """Where the dataset lives: the folder holding torchvision's files for cifar10/svhn/stl10 (never
     downloaded: copy them there), or for imagefolder a folder or .tar/.tar.gz archive holding
     train/<class>/* and test/<class>/*."""
-    max_train: int = 0
+    max_train: Annotated[int, Min(0)] = 0
     """Use only the first N training images, class-balanced (0 = all)."""
-    max_test: int = 0
+    max_test: Annotated[int, Min(0)] = 0
     """Use only the first N test images, class-balanced (0 = all)."""
-    image_size: int = 0
+    image_size: Annotated[int, Min(0)] = 0
     """imagefolder only: resize every image to this square size (0 = keep; all must then match)."""
-    normalize: str = "auto"
+    normalize: Literal["auto", "cifar10", "half", "imagenet", "dataset"] = "auto"
     """auto (per source, docs/method.md#recipes), cifar10, half (mean=std=0.5), imagenet, dataset (train stats)."""
-    pad: int = -1
+    pad: Annotated[int, Min(-1)] = -1
     """Random-crop padding in pixels (-1 = per source: CIFAR 4, SVHN 2, STL-10 4, imagefolder size/8)."""
-    pad_mode: str = "auto"
+    pad_mode: Literal["auto", "reflect", "constant"] = "auto"
     """Padding for the random crop: auto (per source), reflect, constant (zeros)."""
-    flip: str = "auto"
+    flip: Literal["auto", "on", "off"] = "auto"
     """Random horizontal flip: auto (per source; off for SVHN), on, off."""
-    on_bad_image: str = "error"
+    on_bad_image: Literal["error", "skip"] = "error"
     """An unreadable image in an imagefolder: error (stop and name it) or skip (warn and leave it out)."""
     cache_dir: str = ""
     """Where decoded uint8 caches and extracted archives go ('' = $FASTLOCAL_CACHE or ~/.cache/fastlocal)."""
-    loader: str = "auto"
+    loader: Literal["auto", "device", "torch", "dali"] = "auto"
     """How batches are made: device (the whole dataset as uint8 on the device, augmented there), torch (PIL
     decoding in DataLoader workers), dali (NVIDIA DALI, JPEG decoding on the GPU; pip install 'fastlocal[dali]'),
     or auto: device for cifar10/svhn/stl10/bundled and image folders of small images, torch for image folders
     whose images are >= 128 px (data.image_size, or the first image's shorter side when image_size = 0)."""
-    crop_size: int = 224
+    crop_size: Annotated[int, Min(1)] = 224
     """torch/dali loaders: the square crop in pixels (RandomResizedCrop for training, center crop for
     evaluation)."""
-    resize_size: int = 256
+    resize_size: Annotated[int, Min(1)] = 256
     """torch/dali loaders: evaluation resizes the shorter side to this, then center-crops crop_size."""
-    num_workers: int = 4
+    num_workers: Annotated[int, Min(0)] = 4
     """torch loader: DataLoader worker processes (0 = decode in the main process); dali: CPU threads; also
     the threads that check or decode images up front."""
-    dali_decoder: str = "auto"
+    dali_decoder: Literal["auto", "mixed", "cpu"] = "auto"
     """dali loader: where JPEGs are decoded: auto (mixed on CUDA, cpu otherwise), mixed (nvJPEG on the GPU),
     cpu."""
-
-
-def validate_data(data: DataConfig, device: str) -> None:
-    """The data options that depend on each other (single values are checked by CHOICES and MINIMUMS)."""
-    if data.pad < -1:
-        raise ConfigError(f"data.pad = {data.pad} is not valid; use -1 (per source) or a padding >= 0")
-    if data.resize_size < data.crop_size:
-        raise ConfigError(
-            f"data.resize_size = {data.resize_size} is smaller than data.crop_size = {data.crop_size}; evaluation "
-            f"resizes the shorter side to resize_size and then center-crops crop_size, so set resize_size >= "
-            f"crop_size (ImageNet: 256 and 224)"
-        )
-    if data.loader in ("torch", "dali") and data.source not in ("imagefolder", "bundled"):
-        raise ConfigError(
-            f"data.loader = {data.loader} reads image folders (data.source = imagefolder or bundled), not "
-            f"{data.source}; use data.loader=device (or auto) for {data.source}"
-        )
-    if data.dali_decoder == "mixed" and (data.loader != "dali" or device == "cpu"):
-        raise ConfigError(
-            f"data.dali_decoder = mixed decodes JPEGs on the GPU with DALI, but data.loader = {data.loader} and "
-            f"system.device = {device}; set data.loader=dali and system.device=cuda (or auto on a GPU machine), "
-            f"or data.dali_decoder=auto"
-        )
 
 
 @dataclass
@@ -110,22 +102,24 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = "mlaan"
-    """Training method: bp, dgl, infopro, mlaan."""
-    num_modules: int = 0
+    """Training method: bp, dgl, infopro, mlaan, or one registered with fastlocal.methods.register_method
+    (validate checks it against that registry)."""
+    num_modules: Annotated[int, Min(0)] = 0
     """K, the number of gradient-isolated local modules (bp needs 1); 0 = the method's default
-    (1 for bp, 4 for the others)."""
-    split: str = "uniform"
+    (1 for bp, 4 for the others: resolve_num_modules)."""
+    split: Literal["uniform", "balanced", "reference"] = "uniform"
     """How blocks are grouped: uniform (contiguous groups, larger first), balanced (by saved activation
     bytes), or reference (the authors' split for this arch and K; an error where they wrote none). uniform
     equals the authors' split everywhere they wrote one except ResNet-110 K=32."""
     stem_separate: bool = False
     """Make the stem a module of its own (the paper's DGL/InfoPro 'K=16' for ResNet-32)."""
-    head: str = "auto"
+    head: Literal["auto", "0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"] = "auto"
     """Auxiliary classifier head: 0c1f, 0c2f, 1c1f, 1c2f, 1c3f, 2c2f (docs/method.md#heads-and-decoders);
-    auto = 1c2f for dgl and infopro, 0c1f (GAP + Linear, the paper's "MLAAN" row) for mlaan."""
-    head_hidden: int = 128
+    auto = 1c2f for dgl and infopro, 0c1f (GAP + Linear, the paper's "MLAAN" row) for mlaan on dgl, 1c2f for
+    mlaan on infopro (each method resolves it)."""
+    head_hidden: Annotated[int, Min(1)] = 128
     """Hidden width d of the auxiliary heads' Linear layers."""
-    head_widen: int = 1
+    head_widen: Annotated[int, Min(1)] = 1
     """Widen factor w of the auxiliary heads' convolutions."""
 
 
@@ -138,9 +132,9 @@ class InfoProConfig:
     interpolated by module index. The MLAAN paper's runs used (5, 0.5, 0, 0), which gives module K-2 no
     local loss: plain InfoPro (and MLAAN with window 1) then never trains it (a warning says so), while
     MLAAN with window >= 2 trains it through the final loss. This default trains every module."""
-    label_loss: str = "ce"
+    label_loss: Literal["ce", "supcon"] = "ce"
     """ce (a 1c2f classifier) or supcon (supervised contrastive, temperature 0.07)."""
-    decoder_widen: int = 1
+    decoder_widen: Annotated[int, Min(1)] = 1
     """Width factor w of the decoder (12w hidden channels)."""
 
 
@@ -148,25 +142,26 @@ class InfoProConfig:
 class MLAANConfig:
     """MLAAN = MLM cascade + LAM leap heads, on top of a base local method (docs/method.md#methods)."""
 
-    base: str = "dgl"
+    base: Literal["dgl", "infopro"] = "dgl"
     """The base local method whose objective MLAAN augments: dgl or infopro."""
-    window: int = 2
+    window: Annotated[int, Min(1)] = 2
     """Cascade window W: the cascaded loss of module i reaches modules i-W+1..i (1 = no cascade)."""
-    wx: float = 0.001
+    wx: Annotated[float, Min(0)] = 0.001
     """Weight of the independent term (module i only)."""
-    wy: float = 0.999
+    wy: Annotated[float, Min(0)] = 0.999
     """Weight of the cascaded term (through the LAM when lam is on)."""
     lam: bool = True
     """Leap augmented modules on the cascaded term (off = 'MLM only' ablation)."""
-    leaps: str = "auto"
+    leaps: Literal["auto", "reference", "generated"] = "auto"
     """Leap lists: auto (the authors' table when this run's split is the one it was written for, else
     generated), reference (that table, or an error), generated. The run log and summary.json say which."""
-    lam_mode: str = "copies"
+    lam_mode: Literal["copies", "literal"] = "copies"
     """copies (the reference: a trainable copy plus a frozen EMA copy of the first leap block) or
     literal (EXPERIMENTAL: the paper's eq. 6-7, one trainable copy per leap block pulled by EMA; the EMA
     runs before the SGD step, where eq. 6-7 read SGD then EMA)."""
     ema_momentum: float = 0.995
-    ema_scope: str = "all"
+    """Momentum m in [0, 1] of the LAM's EMA copies: ema = m * ema + (1 - m) * live, once per step."""
+    ema_scope: Literal["all", "last"] = "all"
     """all (the paper) or last (only the last LAM's EMA moves: reproduces the CIFAR reference's bug)."""
     final_weights: tuple[float, ...] = (1.0, 1.0)
     """(c_own, c_prop): the final loss's weight on the last module and on the modules below it;
@@ -176,54 +171,60 @@ class MLAANConfig:
 @dataclass
 class OptimConfig:
     lr: float = 0.1
-    """Peak learning rate."""
-    momentum: float = 0.9
+    """Peak learning rate (> 0)."""
+    momentum: Annotated[float, Min(0)] = 0.9
+    """SGD momentum, in [0, 1)."""
     nesterov: bool = True
-    weight_decay: float = 1e-4
+    """Nesterov momentum (needs momentum > 0)."""
+    weight_decay: Annotated[float, Min(0)] = 1e-4
     """Weight decay on all parameters, as in the reference."""
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "ref", "cosine_epoch"] = "cosine"
     """cosine (per-iteration linear warmup then cosine), ref (the reference's CIFAR per-epoch rule with its
     10-epoch warmup), or cosine_epoch (the ImageNet reference: 0.5*lr*(1+cos(pi*epoch/E)), epoch from 0)."""
-    warmup_epochs: float = 1.0
+    warmup_epochs: Annotated[float, Min(0)] = 1.0
     """Linear warmup length for the cosine schedule, in epochs (may be fractional)."""
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 4
-    batch_size: int = 128
-    eval_batch_size: int = 512
+    epochs: Annotated[int, Min(1)] = 4
+    """Training epochs (the LR schedule's length)."""
+    batch_size: Annotated[int, Min(1)] = 128
+    """Training batch size; with data parallelism the global batch, split evenly over the processes."""
+    eval_batch_size: Annotated[int, Min(1)] = 512
+    """Evaluation batch size (no effect on the results)."""
     drop_last: bool = False
     """Drop the last partial training batch of each epoch."""
 
 
 @dataclass
 class SystemConfig:
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto (cuda when available), cpu, cuda."""
     seed: int = 0
-    num_threads: int = 0
+    """Seed of the model initialisation and of the data order and augmentation."""
+    num_threads: Annotated[int, Min(0)] = 0
     """CPU threads for torch (0 = torch's default; at most the machine's CPU count)."""
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"
     """fp32, or bf16 (autocast forwards; fp32 master weights, loss, optimizer and EMA arithmetic)."""
     channels_last: bool = False
     """Store activations and convolution weights channels-last (NHWC), faster on tensor-core GPUs."""
-    cuda_graphs: str = "auto"
+    cuda_graphs: Switch = "auto"
     """Capture the whole training step in a CUDA graph and replay it: auto (on with a CUDA device, where it
     was measured to help: docs/bench/gpu), true, false. A partial last batch runs eagerly; a failed capture
     warns and trains eagerly; true without CUDA warns."""
-    cuda_streams: str = "auto"
+    cuda_streams: Switch = "auto"
     """Run each module's loss (heads, LAM, decoders; forward and backward) on a second CUDA stream while the
     next module runs forward: auto (on with a CUDA device), true, false. Bitwise the same gradients;
     memory: at most one more module graph and one more loss graph alive; true without CUDA warns."""
-    kernels: str = "auto"
+    kernels: Literal["auto", "triton", "reference"] = "auto"
     """auto (Triton kernels on CUDA, PyTorch elsewhere), triton (forced; on CPU only under
     TRITON_INTERPRET=1), reference (PyTorch everywhere)."""
-    fused_batch_norm: str = "auto"
+    fused_batch_norm: Switch = "auto"
     """Run each residual block's batch norms fused with the ReLU and residual add after them (Triton; CIFAR
     ResNets): auto (on where system.kernels resolves to Triton on a CUDA device), true, false. Same math,
     fewer memory passes; true without the Triton kernels warns."""
-    parallel: str = "auto"
+    parallel: Literal["auto", "none", "data", "modules", "hybrid"] = "auto"
     """How several processes share the training: auto (data under torchrun, none otherwise), none (one
     process), data (data parallel: `torchrun --nproc_per_node=N -m fastlocal.train ...`; every rank holds the
     model and trains on its shard of each global batch of train.batch_size; each module's gradients are
@@ -245,86 +246,73 @@ class LogConfig:
 
 @dataclass
 class Config:
+    """A run's whole configuration: one section per TOML table."""
+
     data: DataConfig = field(default_factory=DataConfig)
+    """The dataset, its augmentation and how batches are made."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The backbone."""
     method: MethodConfig = field(default_factory=MethodConfig)
+    """The training method, the split into local modules and the auxiliary heads."""
     infopro: InfoProConfig = field(default_factory=InfoProConfig)
+    """InfoPro's objective (method infopro, or mlaan with base infopro)."""
     mlaan: MLAANConfig = field(default_factory=MLAANConfig)
+    """MLAAN's cascade and LAM heads."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """SGD and the learning-rate schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Epochs and batch sizes."""
     system: SystemConfig = field(default_factory=SystemConfig)
+    """Device, precision, kernels and parallelism."""
     log: LogConfig = field(default_factory=LogConfig)
+    """What is shown and measured."""
 
 
 DEFAULT_NUM_MODULES = 4
 CIFAR_ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
-# An option that is on where it has been shown to help ("auto"), or forced on or off.
-SWITCH = ("auto", "true", "false")
 
-# Fields whose value must be one of a fixed set; methods may extend "method.name" when registered.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.source": ("bundled", "cifar10", "svhn", "stl10", "imagefolder"),
-    "data.normalize": ("auto", "cifar10", "half", "imagenet", "dataset"),
-    "data.pad_mode": ("auto", "reflect", "constant"),
-    "data.flip": ("auto", "on", "off"),
-    "data.on_bad_image": ("error", "skip"),
-    "data.loader": ("auto", "device", "torch", "dali"),
-    "data.dali_decoder": ("auto", "mixed", "cpu"),
-    "method.split": ("uniform", "balanced", "reference"),
-    "method.head": ("auto", "0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"),
-    "infopro.label_loss": ("ce", "supcon"),
-    "mlaan.base": ("dgl", "infopro"),
-    "mlaan.leaps": ("auto", "reference", "generated"),
-    "mlaan.lam_mode": ("copies", "literal"),
-    "mlaan.ema_scope": ("all", "last"),
-    "optim.schedule": ("cosine", "ref", "cosine_epoch"),
-    "system.device": ("auto", "cpu", "cuda"),
-    "system.kernels": ("auto", "triton", "reference"),
-    "system.precision": ("fp32", "bf16"),
-    "system.cuda_graphs": SWITCH,
-    "system.cuda_streams": SWITCH,
-    "system.fused_batch_norm": SWITCH,
-    "system.parallel": ("auto", "none", "data", "modules", "hybrid"),
-}
-
-# name -> (minimum, inclusive?) for numeric fields.
-MINIMUMS: dict[str, float] = {
-    "data.max_train": 0,
-    "data.max_test": 0,
-    "data.image_size": 0,
-    "data.crop_size": 1,
-    "data.resize_size": 1,
-    "data.num_workers": 0,
-    "method.num_modules": 0,
-    "method.head_hidden": 1,
-    "method.head_widen": 1,
-    "infopro.decoder_widen": 1,
-    "mlaan.window": 1,
-    "mlaan.wx": 0,
-    "mlaan.wy": 0,
-    "optim.momentum": 0,
-    "optim.weight_decay": 0,
-    "optim.warmup_epochs": 0,
-    "train.epochs": 1,
-    "train.batch_size": 1,
-    "train.eval_batch_size": 1,
-    "system.num_threads": 0,
-}
+def resolve_num_modules(method: MethodConfig) -> int:
+    """K: method.num_modules, or the method's default when it is 0 (1 for bp, DEFAULT_NUM_MODULES otherwise)."""
+    if method.num_modules:
+        return method.num_modules
+    return 1 if method.name == "bp" else DEFAULT_NUM_MODULES
 
 
 def section_names(cfg: Config) -> list[str]:
     return [f.name for f in dataclasses.fields(cfg)]
 
 
-def _field_types(section_obj) -> dict[str, type]:
-    hints = typing.get_type_hints(type(section_obj))
+def _field_types(section_obj) -> dict[str, typing.Any]:
+    """Each field's annotation, its Annotated metadata kept."""
+    hints = typing.get_type_hints(type(section_obj), include_extras=True)
     return {f.name: hints[f.name] for f in dataclasses.fields(section_obj)}
+
+
+def _unannotated(annotation):
+    """Annotated[T, ...] -> T."""
+    return typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation
+
+
+def field_choices(annotation) -> tuple[str, ...] | None:
+    """The valid values of a Literal[...] field, None for any other."""
+    annotation = _unannotated(annotation)
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
+
+
+def field_minimum(annotation) -> float | None:
+    """The Min(...) of an Annotated field, None without one."""
+    if typing.get_origin(annotation) is not Annotated:
+        return None
+    return next((m.value for m in annotation.__metadata__ if isinstance(m, Min)), None)
 
 
 def _convert(key: str, value, expected: type):
     """Turn a TOML value or command-line string into `expected`, or raise ConfigError."""
+    expected = _unannotated(expected)
+    if field_choices(expected) is not None:
+        expected = str  # a Literal of strings: its choices are checked by validate
     if expected is bool:
         if isinstance(value, bool):
             return value
@@ -424,19 +412,24 @@ def apply_mapping(cfg: Config, mapping: dict, origin: str) -> None:
 
 
 def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> Config:
-    """Check every field; raise ConfigError naming the field and what is valid."""
-    choices = dict(CHOICES)
-    if method_names is not None:
-        choices["method.name"] = tuple(sorted(method_names))
+    """Check every field (its Literal choices, its Min, and the rules that tie fields together) and return
+    `cfg` unchanged; raise ConfigError naming the field and what is valid. `method_names`: the valid
+    method.name values (default: the methods registered in fastlocal.methods)."""
+    if method_names is None:
+        from fastlocal.methods import METHODS  # imported here: the registry imports torch
+
+        method_names = METHODS
+    method_choices = tuple(sorted(method_names))
     for section in section_names(cfg):
         section_obj = getattr(cfg, section)
-        for f in dataclasses.fields(section_obj):
-            key = f"{section}.{f.name}"
-            value = getattr(section_obj, f.name)
-            if key in choices and value not in choices[key]:
-                raise ConfigError(f"{key} = {value!r} is not valid; choose one of: {', '.join(choices[key])}")
-            if key in MINIMUMS and value < MINIMUMS[key]:
-                raise ConfigError(f"{key} = {value!r} is too small; it must be at least {MINIMUMS[key]:g}")
+        for name, annotation in _field_types(section_obj).items():
+            key, value = f"{section}.{name}", getattr(section_obj, name)
+            choices = method_choices if key == "method.name" else field_choices(annotation)
+            if choices is not None and value not in choices:
+                raise ConfigError(f"{key} = {value!r} is not valid; choose one of: {', '.join(choices)}")
+            minimum = field_minimum(annotation)
+            if minimum is not None and value < minimum:
+                raise ConfigError(f"{key} = {value!r} is too small; it must be at least {minimum:g}")
     check_finite(cfg)
     if not cfg.optim.lr > 0:
         raise ConfigError(f"optim.lr = {cfg.optim.lr} is not valid; it must be a positive number")
@@ -454,22 +447,19 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
         raise ConfigError(f"model.arch = {cfg.model.arch!r} is not valid; choose one of: "
                           f"{', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}, or torchvision:<name> (e.g. "
                           "torchvision:vgg11_bn), or package.module:factory")
-    if cfg.data.source == "imagefolder" and not cfg.data.root:
-        raise ConfigError(
-            "data.source = imagefolder needs data.root: a folder or .tar/.tar.gz archive holding "
-            "train/<class>/* and test/<class>/*"
-        )
-    validate_data(cfg.data, cfg.system.device)
-    if cfg.method.num_modules == 0:
-        cfg.method.num_modules = 1 if cfg.method.name == "bp" else DEFAULT_NUM_MODULES
+    _validate_data(cfg.data, cfg.system.device)
+    num_modules = resolve_num_modules(cfg.method)
+    if cfg.method.name == "bp" and num_modules != 1:
+        raise ConfigError(f"method.name = bp trains end to end, so method.num_modules must be 1 (got {num_modules}); "
+                          "use method.name=dgl for K local modules")
     if len(cfg.infopro.weights) != 4 or min(cfg.infopro.weights) < 0:
         raise ConfigError(f"infopro.weights = {list(cfg.infopro.weights)} is not valid; give four weights >= 0: "
                           "[ixx_1, ixy_1, ixx_2, ixy_2]")
-    if cfg.method.name == "mlaan" and cfg.mlaan.window >= cfg.method.num_modules:
+    if cfg.method.name == "mlaan" and cfg.mlaan.window >= num_modules:
         raise ConfigError(
-            f"mlaan.window = {cfg.mlaan.window} with method.num_modules = {cfg.method.num_modules}: a window of K or "
+            f"mlaan.window = {cfg.mlaan.window} with method.num_modules = {num_modules}: a window of K or "
             "more lets the last loss reach every module, so no local heads are built and this is plain BP; use "
-            f"mlaan.window from 1 to {cfg.method.num_modules - 1}, or method.name=bp")
+            f"mlaan.window from 1 to {num_modules - 1}, or method.name=bp")
     if len(cfg.mlaan.final_weights) != 2:
         raise ConfigError(f"mlaan.final_weights = {list(cfg.mlaan.final_weights)} is not valid; give [c_own, c_prop]")
     if not 0 <= cfg.mlaan.ema_momentum <= 1:
@@ -477,7 +467,36 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
     if cfg.system.parallel in ("modules", "hybrid"):
         raise ConfigError(f"system.parallel = {cfg.system.parallel} (local modules on different devices) is not "
                           "implemented yet; use system.parallel=data (or auto) under torchrun, or none")
+    if cfg.system.sync_batch_norm and cfg.system.fused_batch_norm == "true":
+        raise ConfigError("system.sync_batch_norm = true and system.fused_batch_norm = true do not combine (the fused "
+                          "kernel computes per-rank statistics); set system.fused_batch_norm=false or auto")
     return cfg
+
+
+def _validate_data(data: DataConfig, device: str) -> None:
+    """The data options that depend on each other."""
+    if data.source == "imagefolder" and not data.root:
+        raise ConfigError(
+            "data.source = imagefolder needs data.root: a folder or .tar/.tar.gz archive holding "
+            "train/<class>/* and test/<class>/*"
+        )
+    if data.resize_size < data.crop_size:
+        raise ConfigError(
+            f"data.resize_size = {data.resize_size} is smaller than data.crop_size = {data.crop_size}; evaluation "
+            f"resizes the shorter side to resize_size and then center-crops crop_size, so set resize_size >= "
+            f"crop_size (ImageNet: 256 and 224)"
+        )
+    if data.loader in ("torch", "dali") and data.source not in ("imagefolder", "bundled"):
+        raise ConfigError(
+            f"data.loader = {data.loader} reads image folders (data.source = imagefolder or bundled), not "
+            f"{data.source}; use data.loader=device (or auto) for {data.source}"
+        )
+    if data.dali_decoder == "mixed" and (data.loader != "dali" or device == "cpu"):
+        raise ConfigError(
+            f"data.dali_decoder = mixed decodes JPEGs on the GPU with DALI, but data.loader = {data.loader} and "
+            f"system.device = {device}; set data.loader=dali and system.device=cuda (or auto on a GPU machine), "
+            f"or data.dali_decoder=auto"
+        )
 
 
 def check_finite(cfg: Config) -> None:

@@ -124,9 +124,6 @@ def check_options(cfg: Config, device: torch.device) -> None:
     if cfg.system.sync_batch_norm and device.type != "cuda":
         raise ConfigError("system.sync_batch_norm = true needs CUDA devices (torch.nn.SyncBatchNorm runs on CUDA "
                           f"only) but this run is on {device.type}; set system.sync_batch_norm=false")
-    if cfg.system.sync_batch_norm and cfg.system.fused_batch_norm == "true":
-        raise ConfigError("system.sync_batch_norm = true and system.fused_batch_norm = true do not combine (the fused "
-                          "kernel computes per-rank statistics); set system.fused_batch_norm=false or auto")
     if cfg.system.cuda_graphs == "true":
         warnings.warn("system.cuda_graphs = true is not supported with data parallelism yet (the all-reduces run "
                       "eagerly); training without CUDA graphs", stacklevel=2)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastlocal.config import Config, ConfigError, set_value, validate
+from fastlocal.config import Config, ConfigError, resolve_num_modules, set_value, validate
 from fastlocal.models import Backbone
 
 # The config sections whose fields are a method's options, by the methods that read them.
@@ -96,7 +96,7 @@ class LocalLearner(nn.Module):
         self.cfg = cfg
         self.backbone = backbone
         # The modules share the backbone's parts: a plain list, so the state_dict holds each tensor once.
-        self.local_modules = split_backbone(backbone, cfg.method.num_modules, cfg.method.stem_separate,
+        self.local_modules = split_backbone(backbone, resolve_num_modules(cfg.method), cfg.method.stem_separate,
                                             cfg.method.split, cfg.model.arch)
         self.method = build_method(cfg, backbone, self.local_modules)
         self.mean, self.std = tuple(mean), tuple(std)

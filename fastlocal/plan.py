@@ -17,7 +17,15 @@ from pathlib import Path
 
 import torch
 
-from fastlocal.config import IMAGENET_ARCHS, Config, DataConfig, UserError, build_config, parse_overrides
+from fastlocal.config import (
+    IMAGENET_ARCHS,
+    Config,
+    DataConfig,
+    UserError,
+    build_config,
+    parse_overrides,
+    resolve_num_modules,
+)
 
 # (number of classes, image size) of the data sources whose shape is fixed: the plan needs both (the
 # heads' widths, the feature-map sizes) but must not read the images to learn them.
@@ -42,7 +50,7 @@ def build_model(cfg: Config, num_classes: int, image_size: int, mean=(0.0, 0.0, 
 def describe_leaps(cfg: Config, source: str) -> str:
     """The run log's line on where the LAM leap lists came from."""
     if source == "preset":
-        return (f"leap lists: preset (the authors' table for {cfg.model.arch} K={cfg.method.num_modules}, "
+        return (f"leap lists: preset (the authors' table for {cfg.model.arch} K={resolve_num_modules(cfg.method)}, "
                 "written for this split)")
     return ("leap lists: generated (fastlocal's rule; the authors wrote no table for this arch, K and split, "
             "see docs/method.md#splits-and-leap-tables)")

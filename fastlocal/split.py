@@ -118,8 +118,6 @@ def split_parts(backbone: Backbone, num_modules: int, stem_separate: bool = Fals
         )
     if stem_separate and num_modules == 1:
         raise ConfigError("method.stem_separate=true needs method.num_modules >= 2 (the stem alone plus the blocks)")
-    if strategy not in ("uniform", "balanced", "reference"):
-        raise ConfigError(f"method.split = {strategy!r} is not valid; choose uniform, balanced or reference")
     if strategy == "reference":
         groups = None if stem_separate else reference_split(arch, num_modules)
         if groups is None or groups[-1][-1] != num_blocks:

@@ -353,3 +353,19 @@ def test_ema_follows_the_pre_step_live_weight_across_an_optimizer_step():
         if live.dim() > 1:  # the optimizer moved the live weight, and the EMA did not follow the new value
             assert (live - l0).abs().max() > 1e-6
             assert (ema - (m * e0 + (1 - m) * live)).abs().max() > 1e-9
+
+
+@pytest.mark.parametrize("method,overrides,convs_linears", [
+    ("mlaan", [], (0, 1)),  # auto on a DGL base: GAP + Linear, the paper's "MLAAN" row
+    ("mlaan", ["mlaan.base=infopro"], (1, 2)),
+    ("dgl", [], (1, 2)),
+    ("infopro", [], (1, 2)),
+    ("mlaan", ["method.head=2c2f"], (2, 2)),
+])
+def test_each_method_resolves_head_auto(method, overrides, convs_linears):
+    _, _, _, built = build(method, "resnet20", 3, overrides, dtype=torch.float32)
+    heads = [m.head for m in built.modules() if isinstance(getattr(m, "head", None), torch.nn.Module)]
+    assert heads
+    for head in heads:
+        kinds = [type(m) for m in head.modules()]
+        assert (kinds.count(torch.nn.Conv2d), kinds.count(torch.nn.Linear)) == convs_linears

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastlocal.config import Config, ConfigError
+from fastlocal.config import Config
 from fastlocal.models import Backbone
 from fastlocal.split import LocalModule
 
@@ -49,19 +49,26 @@ def _channel_constants(values: tuple[float, ...], device: torch.device, dtype: t
 
 
 class LocalMethod(nn.Module):
-    """Base class: holds the backbone (not as a submodule: the engine owns it) and the split."""
+    """Base class: holds the backbone (not as a submodule: the engine owns it) and the split.
+
+    A method's constructor takes the backbone, the split and the options it reads (config sections, or
+    values resolved from them); `from_config` picks those out of a run's Config."""
 
     window: int = 1
     """How many modules a cascaded loss reaches (1: DGL-style full isolation)."""
 
-    def __init__(self, cfg: Config, backbone: Backbone, modules: list[LocalModule]):
+    def __init__(self, backbone: Backbone, modules: list[LocalModule]):
         super().__init__()
-        self.cfg = cfg
         self.num_modules = len(modules)
         self.kernels = "reference"
         # Plain attributes, so the method's state_dict holds its own parameters only.
         object.__setattr__(self, "backbone", backbone)
         object.__setattr__(self, "local_modules", modules)
+
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: Backbone, modules: list[LocalModule]) -> LocalMethod:
+        """The method with the options `cfg` (validated) gives it."""
+        return cls(backbone, modules)
 
     def module_out_info(self, i: int):
         """PartInfo of module i's output (its last part)."""
@@ -93,10 +100,5 @@ def register_method(name: str) -> Callable[[type[LocalMethod]], type[LocalMethod
 
 
 def build_method(cfg: Config, backbone: Backbone, modules: list[LocalModule]) -> LocalMethod:
-    try:
-        cls = METHODS[cfg.method.name]
-    except KeyError:
-        raise ConfigError(
-            f"method.name = {cfg.method.name!r} is not valid; choose one of: {', '.join(METHODS)}"
-        ) from None
-    return cls(cfg, backbone, modules)
+    """The method `cfg` names (validated against METHODS by fastlocal.config.validate), on the split `modules`."""
+    return METHODS[cfg.method.name].from_config(cfg, backbone, modules)

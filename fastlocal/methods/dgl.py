@@ -7,25 +7,30 @@ from torch import nn
 
 from fastlocal.heads import classification_loss
 from fastlocal.methods.base import LocalMethod, register_method
-from fastlocal.methods.objectives import build_objective, warn_untrained
+from fastlocal.methods.objectives import ObjectiveOptions, build_objective, warn_untrained
 
 
 class GreedyLocal(LocalMethod):
     base = "dgl"
 
-    def __init__(self, cfg, backbone, modules):
-        super().__init__(cfg, backbone, modules)
+    def __init__(self, backbone, modules, objective: ObjectiveOptions):
+        super().__init__(backbone, modules)
         final_channels = backbone.part_info[-1].out_channels
         objectives = [
-            build_objective(cfg, self.base, self.module_out_info(i).out_channels, i, self.num_modules,
+            build_objective(objective, self.module_out_info(i).out_channels, i, self.num_modules,
                             backbone.num_classes, final_channels, backbone.input_size,
                             num_tokens=self.module_out_info(i).out_size if self.module_out_info(i).tokens else 0)
             for i in range(self.num_modules - 1)
         ]
         warn_untrained([i for i, o in enumerate(objectives) if o is None],
-                       f"infopro.weights = {cfg.infopro.weights}")
+                       f"infopro.weights = {objective.infopro.weights}")
         # Keyed by module index; a module whose objective has only zero weights has none.
         self.objectives = nn.ModuleDict({str(i): o for i, o in enumerate(objectives) if o is not None})
+
+    @classmethod
+    def from_config(cls, cfg, backbone, modules):
+        head = "1c2f" if cfg.method.head == "auto" else cfg.method.head
+        return cls(backbone, modules, ObjectiveOptions(cls.base, head, cfg.method, cfg.infopro))
 
     def module_loss(self, i, own, cascade, batch):
         if i == self.num_modules - 1:

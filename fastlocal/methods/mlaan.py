@@ -19,10 +19,11 @@ import copy
 import torch
 from torch import nn
 
+from fastlocal.config import MLAANConfig
 from fastlocal.heads import classification_loss
 from fastlocal.methods.base import LocalMethod, register_method
 from fastlocal.methods.leaps import leap_lists
-from fastlocal.methods.objectives import build_objective, objective_is_zero, warn_untrained
+from fastlocal.methods.objectives import ObjectiveOptions, build_objective, objective_is_zero, warn_untrained
 
 
 class LeapAugmentedModule(nn.Module):
@@ -67,46 +68,55 @@ class LeapAugmentedModule(nn.Module):
 
 @register_method("mlaan")
 class MLAAN(LocalMethod):
-    def __init__(self, cfg, backbone, modules):
-        super().__init__(cfg, backbone, modules)
-        opts = cfg.mlaan
-        self.window = opts.window
-        self.wx, self.wy = opts.wx, opts.wy
-        self.c_own, self.c_prop = opts.final_weights
+    """`mlaan`: the [mlaan] section; `objective`: how the base objective (mlaan.base) is built; `arch`: the
+    backbone's name, under which the authors' leap tables are looked up."""
+
+    def __init__(self, backbone, modules, mlaan: MLAANConfig, objective: ObjectiveOptions, arch: str):
+        super().__init__(backbone, modules)
+        self.window = mlaan.window
+        self.wx, self.wy = mlaan.wx, mlaan.wy
+        self.c_own, self.c_prop = mlaan.final_weights
         num_modules = self.num_modules
         final_channels = backbone.part_info[-1].out_channels
-        self.head_modules = list(range(opts.window - 1, num_modules - 1))
+        self.head_modules = list(range(mlaan.window - 1, num_modules - 1))
         module_parts = [m.part_ids for m in modules]
 
-        def objective(info, i: int):  # the base objective on features described by PartInfo `info`
-            return build_objective(cfg, opts.base, info.out_channels, i, num_modules, backbone.num_classes,
+        def base_objective(info, i: int):  # the base objective on features described by PartInfo `info`
+            return build_objective(objective, info.out_channels, i, num_modules, backbone.num_classes,
                                    final_channels, backbone.input_size, info.out_size if info.tokens else 0)
 
         # A module whose base objective has only zero weights (InfoPro) has no loss: no heads, no LAM.
-        self.loss_modules = [i for i in self.head_modules if not objective_is_zero(cfg, opts.base, i, num_modules)]
-        warn_untrained(self.untrained_modules(), f"infopro.weights = {cfg.infopro.weights}, mlaan.window = "
+        self.loss_modules = [i for i in self.head_modules if not objective_is_zero(objective, i, num_modules)]
+        warn_untrained(self.untrained_modules(), f"infopro.weights = {objective.infopro.weights}, mlaan.window = "
                        f"{self.window}, mlaan.wx = {self.wx}, mlaan.wy = {self.wy}, mlaan.final_weights = "
-                       f"{opts.final_weights}")
+                       f"{mlaan.final_weights}")
         leaps, self.leaps_source = {}, None
-        if opts.lam and self.loss_modules:
-            leaps, self.leaps_source = leap_lists(backbone, cfg.model.arch, module_parts, self.loss_modules,
-                                                  opts.leaps)
+        if mlaan.lam and self.loss_modules:
+            leaps, self.leaps_source = leap_lists(backbone, arch, module_parts, self.loss_modules, mlaan.leaps)
         self.leap_parts = leaps
         own, lams, cascaded = {}, {}, {}
         for i in self.loss_modules:
             info = self.module_out_info(i)
-            own[str(i)] = objective(info, i)
-            if opts.lam:
+            own[str(i)] = base_objective(info, i)
+            if mlaan.lam:
                 blocks = [backbone.parts[p] for p in leaps[i]]
-                lams[str(i)] = LeapAugmentedModule(blocks, opts.lam_mode == "literal")
+                lams[str(i)] = LeapAugmentedModule(blocks, mlaan.lam_mode == "literal")
                 info = backbone.part_info[leaps[i][-1]]
-            cascaded[str(i)] = objective(info, i)
+            cascaded[str(i)] = base_objective(info, i)
         self.own_objectives = nn.ModuleDict(own)
         self.cascaded_objectives = nn.ModuleDict(cascaded)
         self.lams = nn.ModuleDict(lams)
         # Cached once: .to() and load_state_dict() keep parameter identities, so the lists stay valid.
-        self._ema_targets, self._ema_live = self._ema_tensor_lists(opts.ema_scope)
-        self.ema_momentum = opts.ema_momentum
+        self._ema_targets, self._ema_live = self._ema_tensor_lists(mlaan.ema_scope)
+        self.ema_momentum = mlaan.ema_momentum
+
+    @classmethod
+    def from_config(cls, cfg, backbone, modules):
+        head = cfg.method.head
+        if head == "auto":  # the paper's "MLAAN" row: GAP + Linear heads on a DGL base; InfoPro's stays 1c2f
+            head = "0c1f" if cfg.mlaan.base == "dgl" else "1c2f"
+        objective = ObjectiveOptions(cfg.mlaan.base, head, cfg.method, cfg.infopro)
+        return cls(backbone, modules, cfg.mlaan, objective, cfg.model.arch)
 
     def untrained_modules(self) -> list[int]:
         """Modules no loss with a nonzero weight reaches: a local loss at module i reaches i (independent

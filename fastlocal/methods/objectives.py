@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlocal.config import Config, ConfigError
+from fastlocal.config import ConfigError, InfoProConfig, MethodConfig
 from fastlocal.heads import build_head, classification_loss
 from fastlocal.methods.base import Batch
 
@@ -22,10 +23,22 @@ SUPCON_TEMPERATURE = 0.07
 SUPCON_FEATURES = 128
 
 
-def head_type(cfg: Config) -> str:
-    if cfg.method.head != "auto":
-        return cfg.method.head
-    return "0c1f" if cfg.method.name == "mlaan" and cfg.mlaan.base == "dgl" else "1c2f"
+@dataclass(frozen=True)
+class ObjectiveOptions:
+    """What a method's local objectives are built from."""
+
+    base: str
+    """dgl (a classifier head) or infopro (decoder + label loss)."""
+    head: str
+    """The auxiliary head type (method.head with auto resolved by the method: a name in heads.HEAD_TYPES)."""
+    method: MethodConfig
+    """Read for head_hidden and head_widen."""
+    infopro: InfoProConfig
+    """Read for the infopro base: weights, label_loss, decoder_widen."""
+
+    def build_head(self, in_channels: int, outputs: int, final_channels: int, tokens: bool) -> nn.Module:
+        return build_head(self.head, in_channels, outputs, final_channels, self.method.head_hidden,
+                          self.method.head_widen, tokens=tokens)
 
 
 class ClassifierObjective(nn.Module):
@@ -103,19 +116,18 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
 class InfoProObjective(nn.Module):
     """l1 * BCE(decoder(h), x01) + l2 * label loss; a part whose weight is 0 is not built."""
 
-    def __init__(self, cfg: Config, in_channels: int, image_size: int, num_classes: int, final_channels: int,
-                 recon_weight: float, label_weight: float, num_tokens: int = 0):
+    def __init__(self, options: ObjectiveOptions, in_channels: int, image_size: int, num_classes: int,
+                 final_channels: int, recon_weight: float, label_weight: float, num_tokens: int = 0):
         super().__init__()
         self.recon_weight, self.label_weight = recon_weight, label_weight
-        self.label_loss = cfg.infopro.label_loss
+        self.label_loss = options.infopro.label_loss
         self.decoder = None
         if recon_weight:
-            self.decoder = Decoder(in_channels, image_size, cfg.infopro.decoder_widen, num_tokens)
+            self.decoder = Decoder(in_channels, image_size, options.infopro.decoder_widen, num_tokens)
         self.head = None
         if label_weight:
             outputs = SUPCON_FEATURES if self.label_loss == "supcon" else num_classes
-            self.head = build_head(head_type(cfg), in_channels, outputs, final_channels, cfg.method.head_hidden,
-                                   cfg.method.head_widen, tokens=num_tokens > 0)
+            self.head = options.build_head(in_channels, outputs, final_channels, tokens=num_tokens > 0)
 
     def forward(self, features: torch.Tensor, batch: Batch, kernels: str = "reference") -> torch.Tensor:
         loss = features.new_zeros(())
@@ -138,23 +150,21 @@ def infopro_weights(weights: tuple[float, ...], module_index: int, num_modules: 
     return ixx_1 * (1 - r) + ixx_2 * r, ixy_1 * (1 - r) + ixy_2 * r
 
 
-def objective_is_zero(cfg: Config, base: str, module_index: int, num_modules: int) -> bool:
+def objective_is_zero(options: ObjectiveOptions, module_index: int, num_modules: int) -> bool:
     """Whether the base objective of local module `module_index` has only zero weights (then none is built)."""
-    return base == "infopro" and infopro_weights(cfg.infopro.weights, module_index, num_modules) == (0, 0)
+    return options.base == "infopro" and infopro_weights(options.infopro.weights, module_index, num_modules) == (0, 0)
 
 
-def build_objective(cfg: Config, base: str, in_channels: int, module_index: int, num_modules: int,
+def build_objective(options: ObjectiveOptions, in_channels: int, module_index: int, num_modules: int,
                     num_classes: int, final_channels: int, image_size: int, num_tokens: int = 0) -> nn.Module | None:
     """The base method's local objective on a feature map with `in_channels` channels, or on a sequence of
     `num_tokens` tokens of width `in_channels` (None when all its weights are 0)."""
-    if base == "dgl":
-        head = build_head(head_type(cfg), in_channels, num_classes, final_channels, cfg.method.head_hidden,
-                          cfg.method.head_widen, tokens=num_tokens > 0)
-        return ClassifierObjective(head)
-    if objective_is_zero(cfg, base, module_index, num_modules):
+    if options.base == "dgl":
+        return ClassifierObjective(options.build_head(in_channels, num_classes, final_channels, tokens=num_tokens > 0))
+    if objective_is_zero(options, module_index, num_modules):
         return None
-    l1, l2 = infopro_weights(cfg.infopro.weights, module_index, num_modules)
-    return InfoProObjective(cfg, in_channels, image_size, num_classes, final_channels, l1, l2, num_tokens)
+    l1, l2 = infopro_weights(options.infopro.weights, module_index, num_modules)
+    return InfoProObjective(options, in_channels, image_size, num_classes, final_channels, l1, l2, num_tokens)
 
 
 def warn_untrained(untrained: list[int], setting: str) -> None:
