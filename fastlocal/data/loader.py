@@ -38,10 +38,8 @@ class Loader:
         self.drop_last, self.rank, self.world_size, self.epoch = train and drop_last, rank, world_size, 0
 
     @property
-    def num_images(self) -> int:
-        if not self.train:
-            return len(range(self.rank, self.num_items, self.world_size))
-        return -(-self.num_items // self.world_size)
+    def num_images(self) -> int:  # training pads every share to ceil(N / W) by wrapping; evaluation does not
+        return -(-(self.num_items - (0 if self.train else self.rank)) // self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration gives."""
