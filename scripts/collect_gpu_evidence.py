@@ -217,7 +217,9 @@ def cmd_unpack(argv: list[str]) -> int:
         tar.extractall(scratch, filter="data")
     (part,) = [p for p in scratch.iterdir() if p.is_dir()]
     for folder in sorted(p for p in part.iterdir() if p.is_dir()):
-        target = args.dest / folder.name
+        # Training runs keep their names; the two parts' decode timings must not land in one folder.
+        target = args.dest / {"data": f"data-decode-{part.name}", "imagenet-memory": "imagenet-memory-table3"}.get(
+            folder.name, folder.name)
         target.mkdir(parents=True, exist_ok=True)
         for path in folder.iterdir():
             if path.name in RUN_FILES or path.suffix == ".json":
