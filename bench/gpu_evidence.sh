@@ -65,7 +65,8 @@ START=$(date +%s)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 FASTLOCAL_CACHE="$PWD/.data/cache"
 unset TRITON_INTERPRET
 RUNS=".data/evidence/$PART"   # relative, so each command.txt reads the same on any machine
-rm -rf "$RUNS"
+# A rerun of some runs (ONLY) on the still-warm machine keeps the others, so its table and archive hold all.
+[ -z "${ONLY:-}" ] && rm -rf "$RUNS"
 mkdir -p "$RUNS"
 LOG="$OUT_DIR/evidence-$PART.log"
 exec > >(tee "$LOG") 2>&1
@@ -105,6 +106,7 @@ run_train() {
   local dir="$RUNS/$name" lim
   if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then return; fi
   lim=$(limit "$want")
+  rm -rf "$dir"
   mkdir -p "$dir"
   local cmd=("$PYTHON" -m fastlocal.train "$@" "${SIZE[@]}" --log.progress=false --out "$dir")
   printf '%q ' "${cmd[@]}" > "$dir/command.txt"
@@ -117,7 +119,7 @@ run_train() {
     rc=$?
   else
     echo "no time left before the deadline: not run" > "$dir/train.log"
-    rc=124
+    rc=-1  # the table reads -1 as "not run"
   fi
   local wall_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
   printf '{"name": "%s", "rc": %d, "wall_seconds": %d.%03d, "hard_stop_s": %d}\n' "$name" "$rc" \

@@ -93,6 +93,8 @@ def fmt(value, digits: int = 2) -> str:
 def status_text(row: dict) -> str:
     if row["complete"]:
         return "complete"
+    if row["rc"] == -1:  # bench/gpu_evidence.sh had no time left before its deadline
+        return "not run: no time left"
     return f"stopped after {row['epochs_done']}/{row['epochs_planned']} epochs (exit {row['rc']})"
 
 
