@@ -91,7 +91,8 @@ PLAIN=(--system.precision=fp32 --system.kernels=reference --system.cuda_graphs=f
 FAST=(--system.precision=bf16 --system.channels_last=true --system.cuda_graphs=true --system.cuda_streams=true
       --system.fused_batch_norm=true)
 
-# The hard stop of a step: what it asks for, cut to what is left of the deadline (0: no time left).
+# The hard stop of a step: what it asks for, cut to what is left of the deadline (0: no time left; never pass
+# 0 to `timeout`, for which it means no limit).
 limit() {
   local left=$(( BUDGET_S - ($(date +%s) - START) ))
   (( left < 0 )) && left=0
@@ -141,7 +142,7 @@ mkdir -p "$RUNS/data"
 printf '%q ' "$PYTHON" scripts/collect_gpu_evidence.py decode --config "$SHORT_CONFIG" "${DATA[@]}" "${SIZE[@]}" \
   > "$RUNS/data/command.txt"
 lim=$(limit "${DATA_S:-60}")
-timeout --signal=INT --kill-after=5 "$lim" "$PYTHON" scripts/collect_gpu_evidence.py decode --config "$SHORT_CONFIG" \
+(( lim > 0 )) && timeout --signal=INT --kill-after=5 "$lim" "$PYTHON" scripts/collect_gpu_evidence.py decode --config "$SHORT_CONFIG" \
   "${DATA[@]}" "${SIZE[@]}" --json "$RUNS/data/decode.json"
 echo "decode: exit $?"
 
