@@ -18,7 +18,7 @@
 # TRAIN_S (105; 0 skips the training step), and TESTS_K, a pytest -k expression choosing among the tests.
 # EXTRA_TESTS: more test files or node ids for step 1 (e.g. the CUDA test of the analysis tool);
 # CONV_S (0: skipped): a hard stop for the experimental Triton convolution's benchmark against cuDNN
-# (experimental/triton_conv/test_bench_conv.py, OUT_DIR/kernels/conv.json, its verdict in conv-choices.md).
+# (experimental/triton_conv/test_bench_conv.py, OUT_DIR/kernels/conv.json; the verdict in OUT_DIR/conv/bench.md).
 # Issue 17's use of it: docs/gpu-evidence.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,7 +58,8 @@ if [ "${CONV_S:-0}" != 0 ]; then
       --benchmark-only --benchmark-max-time=0.25 --benchmark-json="$OUT_DIR/kernels/conv.json" -q -p no:cacheprovider \
       2>&1 | tee "$OUT_DIR/conv.log" | tail -3
   conv_rc=${PIPESTATUS[0]}
-  "$PYTHON" bench/kernel_choices.py "$OUT_DIR/kernels/conv.json" | tee "$OUT_DIR/kernels/conv-choices.md"
+  "$PYTHON" -m fastlocal.bench.report "$OUT_DIR/kernels/conv.json" --out "$OUT_DIR/conv" --no-plots >/dev/null \
+      && grep -A 12 "^## Triton convolution against cuDNN" "$OUT_DIR/conv/bench.md"
 fi
 
 train_rc=0

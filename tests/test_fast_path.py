@@ -232,7 +232,7 @@ def test_graph_and_streams_step_is_bitwise_the_eager_step(exact_cuda_math):
         assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True)), f"step {step + 1}"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and streams need a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("name,overrides", [("infopro", []), ("mlaan", ["mlaan.base=infopro"])])
 def test_infopro_graph_and_streams_step_matches_the_eager_step(exact_cuda_math, name, overrides):
     # InfoPro (and MLAAN on it) with the step replayed from a CUDA graph and the losses on the side stream
