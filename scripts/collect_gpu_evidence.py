@@ -39,6 +39,15 @@ def read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def warnings_in(log: Path) -> list[str]:
+    """The distinct warning messages of a run's log, in order."""
+    if not log.is_file():
+        return []
+    found = [line.split("Warning: ", 1)[1].strip() for line in log.read_text(errors="replace").splitlines()
+             if "Warning: " in line]
+    return list(dict.fromkeys(found))
+
+
 def run_row(folder: Path) -> dict:
     """One training run's numbers from its folder (a run stopped early has metrics but no summary)."""
     status = read_json(folder / "run.json") or {}
@@ -68,6 +77,8 @@ def run_row(folder: Path) -> dict:
         "device": summary["device"] if summary else None,
         "peak_memory": summary["peak_memory"] if summary else None,
         "command": (folder / "command.txt").read_text().strip() if (folder / "command.txt").is_file() else None,
+        # A fast-path switch that fell back (a failed graph capture, no Triton) says so in a warning.
+        "warnings": warnings_in(folder / "train.log"),
     }
     if folder.name.startswith("short-") and row["method"] in AUTHORS_SHORT:
         acc, sec = AUTHORS_SHORT[row["method"]]
@@ -167,6 +178,11 @@ def markdown(result: dict) -> str:
         lines += ["Commands:", ""]
         lines += [f"- {r['run']}: `{r['command']}`" for r in result["runs"]]
         lines.append("")
+        warned = [r for r in result["runs"] if r["warnings"]]
+        if warned:
+            lines += ["Warnings (a fast-path switch that fell back would show here):", ""]
+            lines += [f"- {r['run']}: {w}" for r in warned for w in r["warnings"]]
+            lines.append("")
     if result["imagenet_memory"]:
         data = result["imagenet_memory"]
         lines += [f"ImageNet shapes (random data), batch {data['batch']}, {data['input_size']}x{data['input_size']}, "

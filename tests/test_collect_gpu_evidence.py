@@ -40,6 +40,9 @@ def test_table_numbers_against_the_authors(tmp_path, collect):
     # Stopped by its hard stop after 2 of 15 epochs: no summary, not within the tolerance whatever its accuracy.
     write_run(runs / "short-bp-resnet32-plain", "bp", 1, 15, [5.0, 3.0], [40.0, 84.0], rc=130, finished=False)
     write_run(runs / "short-dgl-resnet32-fast", "dgl", 16, 2, [9.0, 1.0], [60.0, 69.0])
+    (runs / "short-dgl-resnet32-fast" / "train.log").write_text(
+        "x.py:1: UserWarning: capture failed; training eagerly\n  call()\nx.py:1: UserWarning: capture failed; "
+        "training eagerly\nepoch 1/2\n")
     # Not started: the deadline had passed (bench/gpu_evidence.sh writes rc -1 and no config).
     (runs / "short-dgl-resnet32-plain").mkdir()
     (runs / "short-dgl-resnet32-plain" / "run.json").write_text('{"rc": -1, "wall_seconds": 0.0, "hard_stop_s": 0}')
@@ -59,6 +62,8 @@ def test_table_numbers_against_the_authors(tmp_path, collect):
                                                    "short-bp-resnet32-plain", "short-dgl-resnet32-plain"]
     text = collect.markdown(result)
     assert "stopped after 2/15 epochs (exit 130)" in text and "not run: no time left" in text
+    assert dgl["warnings"] == ["capture failed; training eagerly"] and mlaan["warnings"] == []
+    assert "- short-dgl-resnet32-fast: capture failed; training eagerly" in text
     assert "-2.30 (NOT within 1.5)" in text and "-0.90 (within 1.5)" in text
     assert "- short-mlaan-resnet32-fast: `python3 -m fastlocal.train --config configs/short_mlaan.toml`" in text
 
