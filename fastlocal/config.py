@@ -227,12 +227,34 @@ class SystemConfig:
     """How several processes share the training: auto (data under torchrun, none otherwise), none (one
     process), data (data parallel: `torchrun --nproc_per_node=N -m fastlocal.train ...`; every rank holds the
     model and trains on its shard of each global batch of train.batch_size; each module's gradients are
-    averaged across ranks as soon as the module is flushed). modules and hybrid (the local modules spread
-    over devices) are not implemented yet."""
+    averaged across ranks as soon as the module is flushed), modules (pipeline: `torchrun --nproc_per_node=S
+    -m fastlocal.train ... --system.parallel=modules` puts contiguous groups of local modules on S stages,
+    one device each, which train at the same time: docs/pipeline.md). hybrid (data x pipeline) is not
+    implemented yet."""
     sync_batch_norm: bool = False
     """Data parallel, CUDA only: batch norm computes its batch statistics over the global batch
     (torch.nn.SyncBatchNorm) instead of per rank. Either way the running statistics are averaged across
     ranks before every evaluation and checkpoint."""
+    pipeline_stages: int = 0
+    """system.parallel = hybrid: the pipeline stages of the (data, pipeline) device mesh (0 = every process
+    is a stage). Not used yet: hybrid is not implemented."""
+
+
+@dataclass
+class PipelineConfig:
+    """system.parallel = modules: local modules on different devices (docs/pipeline.md)."""
+
+    cascade: str = "exact"
+    """MLAAN, a cascaded loss whose window crosses a stage boundary: exact (the earlier stage waits for the
+    cotangent the later stage sends back; equals the one-device step). stale (apply it one step late,
+    Features Replay style) is not implemented yet."""
+    ema_every: int = 1
+    """MLAAN, a LAM's EMA copy of a block another stage owns: the owner sends the live weights every this
+    many steps. 1 is exact (the receiver waits for them before its optimizer step); more is not
+    implemented yet."""
+    stage_sizes: tuple[int, ...] = ()
+    """How many local modules each stage holds, first stage first (they must sum to method.num_modules);
+    () = partition by each module's cost measured on this device at the start of the run."""
 
 
 @dataclass
@@ -254,6 +276,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 DEFAULT_NUM_MODULES = 4
@@ -287,6 +310,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "system.cuda_streams": SWITCH,
     "system.fused_batch_norm": SWITCH,
     "system.parallel": ("auto", "none", "data", "modules", "hybrid"),
+    "pipeline.cascade": ("exact", "stale"),
 }
 
 # name -> (minimum, inclusive?) for numeric fields.
@@ -311,6 +335,8 @@ MINIMUMS: dict[str, float] = {
     "train.batch_size": 1,
     "train.eval_batch_size": 1,
     "system.num_threads": 0,
+    "system.pipeline_stages": 0,
+    "pipeline.ema_every": 1,
 }
 
 
@@ -474,9 +500,17 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
         raise ConfigError(f"mlaan.final_weights = {list(cfg.mlaan.final_weights)} is not valid; give [c_own, c_prop]")
     if not 0 <= cfg.mlaan.ema_momentum <= 1:
         raise ConfigError(f"mlaan.ema_momentum = {cfg.mlaan.ema_momentum} is not valid; it must be in [0, 1]")
-    if cfg.system.parallel in ("modules", "hybrid"):
-        raise ConfigError(f"system.parallel = {cfg.system.parallel} (local modules on different devices) is not "
-                          "implemented yet; use system.parallel=data (or auto) under torchrun, or none")
+    if cfg.system.parallel == "hybrid":
+        raise ConfigError("system.parallel = hybrid (data x pipeline parallel) is not implemented yet; use "
+                          "system.parallel=modules (pipeline) or data under torchrun, or none")
+    if cfg.pipeline.cascade != "exact":
+        raise ConfigError(f"pipeline.cascade = {cfg.pipeline.cascade} is not implemented yet; use exact")
+    if cfg.pipeline.ema_every != 1:
+        raise ConfigError(f"pipeline.ema_every = {cfg.pipeline.ema_every} is not implemented yet; use 1 (exact)")
+    if cfg.pipeline.stage_sizes and (min(cfg.pipeline.stage_sizes) < 1
+                                     or sum(cfg.pipeline.stage_sizes) != cfg.method.num_modules):
+        raise ConfigError(f"pipeline.stage_sizes = {list(cfg.pipeline.stage_sizes)} must be positive module counts "
+                          f"summing to method.num_modules = {cfg.method.num_modules}; or [] to partition by cost")
     return cfg
 
 

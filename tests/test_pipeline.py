@@ -1,0 +1,252 @@
+"""Local modules on different processes (fastlocal.pipeline) on CPU: 2 and 3 gloo ranks spawned from pytest,
+each launch with a hard timeout (a deadlock fails the test instead of hanging it).
+
+The reference is the single-device step (fastlocal.schedule.local_train_step and one SGD step) on the same
+batches from the same initial weights, in float64: the pipeline's weights, EMA copies, batch-norm statistics
+and optimizer state, gathered into the single-device checkpoint, must equal it.
+"""
+
+import multiprocessing
+import os
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from builders import build
+
+from fastlocal import distributed
+from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
+from fastlocal.engine import Trainer
+from fastlocal.methods import Batch
+from fastlocal.pipeline import PipelineTrainer, StageCotangents, partition, stage_ranges
+from fastlocal.schedule import local_train_step
+
+SIZE = 8
+BATCH = 8
+STEPS = 3
+STATS = ((0.5,) * 3, (0.5,) * 3)
+COMMON = [f"train.batch_size={BATCH}", "log.progress=false", "log.measure_memory=false"]
+# name -> (method, K, overrides, stage sizes)
+CASES = {
+    2: {
+        "dgl": ("dgl", 4, [], [2, 2]),
+        "infopro": ("infopro", 3, [], [1, 2]),
+        "mlaan-w2": ("mlaan", 4, ["mlaan.window=2"], [2, 2]),
+    },
+    3: {
+        "dgl": ("dgl", 4, [], [1, 2, 1]),
+        "infopro": ("infopro", 3, [], [1, 1, 1]),
+        "mlaan-w2": ("mlaan", 4, ["mlaan.window=2"], [1, 2, 1]),
+        # A window of 3 over stages of one module: a cotangent crosses two boundaries.
+        "mlaan-w3": ("mlaan", 4, ["mlaan.window=3"], [1, 1, 2]),
+        "mlaan-w3-literal": ("mlaan", 4, ["mlaan.window=3", "mlaan.lam_mode=literal"], [1, 1, 2]),
+    },
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str, job, timeout_s: float) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    distributed.init_data_parallel(torch.device("cpu"), timeout=timedelta(seconds=timeout_s))
+    try:
+        job(rank, world, Path(out))
+    finally:
+        distributed.close()
+
+
+def launch(job, world: int, out: Path, timeout_s: float = 120, collective_timeout_s: float = 60) -> list[int]:
+    """Run `job(rank, world, out)` on `world` spawned ranks; their exit codes. Kills them and fails after
+    `timeout_s`."""
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, str(out), job, collective_timeout_s))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"ranks {hung} still ran after {timeout_s} s: a deadlock"
+    return [p.exitcode for p in procs]
+
+
+def batches(steps: int = STEPS):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 3, SIZE, SIZE, generator=g, dtype=torch.float64),
+             torch.randint(0, 10, (BATCH,), generator=g)) for _ in range(steps)]
+
+
+def tiny_data() -> DataBundle:
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (22, 3, SIZE, SIZE), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (22,), generator=g)
+    info = DatasetInfo("tiny", 10, SIZE, [str(c) for c in range(10)], *STATS, pad=0, pad_mode="reflect", flip=False)
+    common = dict(mean=info.mean, std=info.std, pad=0, flip=False)
+    return DataBundle(DeviceLoader(images[:16], labels[:16], BATCH, train=True, **common),
+                      DeviceLoader(images[16:], labels[16:], 4, train=False, **common), info)
+
+
+def pipeline_trainer(rank: int, world: int, method: str, k: int, overrides, sizes, out: Path, seed: int = 0):
+    cfg, backbone, modules, built = build(method, "resnet20", k, [*overrides, *COMMON], input_size=SIZE, seed=seed)
+    parallel = distributed.DataParallel(rank, world, rank)
+    return PipelineTrainer(cfg, backbone, modules, built, tiny_data(), torch.device("cpu"), out, parallel,
+                           stage_sizes=sizes, log=lambda *a: None)
+
+
+def _pipeline_steps(rank: int, world: int, out: Path) -> None:
+    for name, (method, k, overrides, sizes) in CASES[world].items():
+        trainer = pipeline_trainer(rank, world, method, k, overrides, sizes, out)
+        trainer.begin(STEPS)
+        for x, y in batches():
+            trainer.eager_step(x, y) if rank == 0 else trainer.eager_step(None, None)
+        trainer.drain()
+        ckpt = trainer.checkpoint()
+        if rank == 0:
+            torch.save(ckpt, out / f"{name}-{world}.pt")
+
+
+def reference(method: str, k: int, overrides) -> dict:
+    """The single-device run's checkpoint after STEPS steps."""
+    cfg, backbone, modules, built = build(method, "resnet20", k, [*overrides, *COMMON], input_size=SIZE)
+    trainer = Trainer(cfg, backbone, modules, built, tiny_data(), torch.device("cpu"), Path("unused"))
+    for x, y in batches():
+        trainer.zero_grad()
+        local_train_step(modules, built, Batch(x, y, *STATS))
+        trainer.optimizer.step()
+    return trainer.checkpoint()
+
+
+def assert_same_checkpoint(got: dict, expected: dict, name: str, exact: bool = False) -> None:
+    for part in ("backbone", "method"):
+        assert list(got[part]) == list(expected[part]), (name, part)
+        for key, value in expected[part].items():
+            if exact:
+                assert torch.equal(got[part][key], value), (name, part, key)
+            else:
+                torch.testing.assert_close(got[part][key], value, rtol=1e-12, atol=1e-14, msg=f"{name} {part} {key}")
+    assert sorted(got["optimizer"]["state"]) == sorted(expected["optimizer"]["state"]), name
+    for index, state in expected["optimizer"]["state"].items():
+        torch.testing.assert_close(got["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"],
+                                   rtol=1e-12, atol=1e-14, msg=f"{name} optimizer {index}")
+    assert got["optimizer"]["param_groups"] == expected["optimizer"]["param_groups"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_pipeline_steps_equal_the_single_device_steps(tmp_path, world):
+    assert launch(_pipeline_steps, world, tmp_path, timeout_s=150) == [0] * world
+    for name, (method, k, overrides, _) in CASES[world].items():
+        got = torch.load(tmp_path / f"{name}-{world}.pt", weights_only=True)
+        expected = reference(method, k, overrides)
+        assert_same_checkpoint(got, expected, f"{name} on {world} stages")
+        initial = build(method, "resnet20", k, overrides, input_size=SIZE)[1].state_dict()
+        first = next(iter(initial))
+        assert not torch.equal(got["backbone"][first], initial[first]), name  # trained at all
+
+
+def test_partition_minimises_the_slowest_stage():
+    assert stage_ranges([2, 1, 3]) == [range(0, 2), range(2, 3), range(3, 6)]
+    # Costs 5,1,1,1,1,5 on 3 stages: {5}, {1,1,1,1}, {5} has a slowest stage of 5 (an even split: 6).
+    assert partition([5, 1, 1, 1, 1, 5], 3) == [1, 4, 1]
+    assert partition([1, 1, 1, 1], 2) == [2, 2]
+
+
+def test_stage_cotangents_send_what_crosses_the_boundary_by_depth():
+    """A stage holding modules 2..3 with a window of 3: loss 2's cascade reaches modules 0-1 below it, loss 3's
+    module 1; the cotangents at module 1's output are kept apart by how far they still go."""
+    modules = [torch.nn.Linear(2, 2, bias=False).double() for _ in range(4)]
+    for m in modules:
+        m.trainable_parameters = list(m.parameters())
+    cot = StageCotangents(modules, range(2, 4), window=3)
+    x = torch.randn(1, 2, dtype=torch.float64, requires_grad=True)
+    a2 = modules[2](x)
+    cot.graphs[2] = (x, a2)
+    a3_in = a2.detach().requires_grad_()
+    cot.graphs[3] = (a3_in, modules[3](a3_in))
+    g2, g3 = torch.ones(1, 2, dtype=torch.float64), 2 * torch.ones(1, 2, dtype=torch.float64)
+    cot.add_loss_gradients(2, None, g2)
+    cot.add_loss_gradients(3, None, g3)
+    w2, w3 = modules[2].weight.detach(), modules[3].weight.detach()
+    # depth 2 (to modules 1 and 0): loss 2's cotangent through module 2; depth 1 (module 1): loss 3's through 3, 2.
+    torch.testing.assert_close(cot.outgoing[1], g2 @ w2)
+    torch.testing.assert_close(cot.outgoing[0], g3 @ w3 @ w2)
+    torch.testing.assert_close(cot.sums[2], g2 + g3 @ w3)
+
+
+def _fit_and_gather(rank: int, world: int, out: Path) -> None:
+    trainer = pipeline_trainer(rank, world, "mlaan", 4, ["mlaan.window=2", "train.epochs=2"], [2, 2],
+                               out / "pipe" if rank == 0 else out / "rank1")
+    trainer.fit(log=lambda *a: None)
+
+
+def test_fit_through_the_pipeline_equals_one_device_and_resumes_there(tmp_path):
+    """Two epochs of fit() (training, evaluation through the pipeline, gathered checkpoints) equal the
+    single-device run; the pipeline's checkpoint resumes on one device."""
+    assert launch(_fit_and_gather, 2, tmp_path, timeout_s=150) == [0, 0]
+    assert not (tmp_path / "rank1").exists()
+    overrides = ["mlaan.window=2", "train.epochs=2", *COMMON]
+    cfg, backbone, modules, method = build("mlaan", "resnet20", 4, overrides, input_size=SIZE)
+    single = Trainer(cfg, backbone, modules, method, tiny_data(), torch.device("cpu"), tmp_path / "single")
+    single.fit(log=lambda *a: None)
+    got = torch.load(tmp_path / "pipe" / "checkpoint.pt", weights_only=True)
+    assert_same_checkpoint(got, single.checkpoint(), "fit")
+    import json
+
+    pipe_summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
+    single_summary = json.loads((tmp_path / "single" / "summary.json").read_text())
+    assert pipe_summary["parallel"] == "modules" and pipe_summary["pipeline_stages"] == [[0, 1], [2, 3]]
+    for a, b in zip(pipe_summary_history(tmp_path / "pipe"), pipe_summary_history(tmp_path / "single")):
+        assert a["test_acc"] == b["test_acc"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-12)
+    assert pipe_summary["final_test_acc"] == single_summary["final_test_acc"]
+    # The gathered checkpoint resumes on one device.
+    cfg3, *rest = build("mlaan", "resnet20", 4, [*overrides[:1], "train.epochs=3", *COMMON], input_size=SIZE)
+    resumed = Trainer(cfg3, *rest, tiny_data(), torch.device("cpu"), tmp_path / "resumed")
+    resumed.load_checkpoint(tmp_path / "pipe" / "checkpoint.pt")
+    assert resumed.fit(log=lambda *a: None)["epochs"] == 3
+
+
+def pipe_summary_history(run: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _stage1_fails(rank: int, world: int, out: Path) -> None:
+    trainer = pipeline_trainer(rank, world, "dgl", 4, [], [2, 2], out)
+    trainer.begin(STEPS)
+    for step, (x, y) in enumerate(batches()):
+        if rank == 1 and step == 1:
+            raise ValueError("stage 1 fails on purpose")
+        trainer.eager_step(x, y) if rank == 0 else trainer.eager_step(None, None)
+    trainer.drain()
+    torch.distributed.barrier()  # stage 0 waits for a stage that is gone
+
+
+def test_a_failing_stage_ends_every_stage_with_an_error(tmp_path):
+    codes = launch(_stage1_fails, 2, tmp_path, timeout_s=90, collective_timeout_s=15)
+    assert codes[0] != 0 and codes[1] != 0
+
+
+def test_single_device_names_for_the_options():
+    from fastlocal.config import ConfigError, build_config
+    from fastlocal.methods import METHODS
+
+    with pytest.raises(ConfigError, match="hybrid"):
+        build_config(None, ["system.parallel=hybrid"], METHODS)
+    with pytest.raises(ConfigError, match="stage_sizes"):
+        build_config(None, ["method.num_modules=4", "pipeline.stage_sizes=1,2"], METHODS)
