@@ -91,14 +91,30 @@ def batches(steps: int = STEPS):
              torch.randint(0, 10, (BATCH,), generator=g)) for _ in range(steps)]
 
 
+class Float64:
+    """A loader whose images come as float64 (the models of these tests are float64)."""
+
+    def __init__(self, loader):
+        self.loader, self.num_images = loader, loader.num_images
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return ((x.double(), y) for x, y in self.loader)
+
+
 def tiny_data() -> DataBundle:
     g = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (22, 3, SIZE, SIZE), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 10, (22,), generator=g)
     info = DatasetInfo("tiny", 10, SIZE, [str(c) for c in range(10)], *STATS, pad=0, pad_mode="reflect", flip=False)
     common = dict(mean=info.mean, std=info.std, pad=0, flip=False)
-    return DataBundle(DeviceLoader(images[:16], labels[:16], BATCH, train=True, **common),
-                      DeviceLoader(images[16:], labels[16:], 4, train=False, **common), info)
+    return DataBundle(Float64(DeviceLoader(images[:16], labels[:16], BATCH, train=True, **common)),
+                      Float64(DeviceLoader(images[16:], labels[16:], 4, train=False, **common)), info)
 
 
 def pipeline_trainer(rank: int, world: int, method: str, k: int, overrides, sizes, out: Path, seed: int = 0):
