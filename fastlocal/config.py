@@ -546,7 +546,10 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> None:
 
 # What `--resume` may change: keys that do not change what the epochs already run computed, and
 # train.epochs (which changes the LR schedule of the remaining epochs; the CLI says so).
-RESUME_OVERRIDABLE = ("log.progress", "log.measure_memory", "data.cache_dir", "train.epochs")
+# system.parallel and pipeline.stage_sizes too: a run moves between one device and a pipeline (the pipeline gives
+# the single-device weights), and its checkpoint has the single-device format either way.
+RESUME_OVERRIDABLE = ("log.progress", "log.measure_memory", "data.cache_dir", "train.epochs", "system.parallel",
+                      "pipeline.stage_sizes")
 
 
 def resume_config(saved: dict, overrides: typing.Sequence[str],

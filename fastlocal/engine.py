@@ -206,6 +206,7 @@ class Trainer:
         self.run_step = GraphedStep(self.step_without_zero_grad, self.zero_grad) if use_graphs else self.eager_step
         self.state = RunState()
         self.nonfinite_check_steps = NONFINITE_CHECK_STEPS  # 0: at the epoch's last step only
+        self.measure_cpu_memory = cfg.log.measure_memory
         self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler that fit() installs
 
     # -- one step ---------------------------------------------------------------------------------------
@@ -297,7 +298,7 @@ class Trainer:
             set_learning_rate(self.optimizer, lr)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if self.state.peak_memory is None and cfg.log.measure_memory and self.device.type == "cpu":
+            if self.state.peak_memory is None and self.measure_cpu_memory and self.device.type == "cpu":
                 with SavedTensorAccountant(ignore=parameter_storages(self.backbone, self.method)) as acct:
                     loss = self.eager_step(x, y)
                 self.state.peak_memory = {"kind": "cpu_saved_tensors", "batch_size": int(x.shape[0]),

@@ -187,6 +187,7 @@ class PipelineTrainer(Trainer):
         self.parallel = parallel
         self.is_main = parallel.is_main
         self.nonfinite_check_steps = 0  # a check is a collective, which would drain the pipeline: once an epoch
+        self.measure_cpu_memory = False  # the saved-tensor accounting measures one process's step (not a stage's)
         self.all_params = self.params
         num_stages = parallel.world_size
         sizes = list(stage_sizes or cfg.pipeline.stage_sizes or self._measured_partition(num_stages))

@@ -266,3 +266,28 @@ def test_single_device_names_for_the_options():
         build_config(None, ["system.parallel=hybrid"], METHODS)
     with pytest.raises(ConfigError, match="stage_sizes"):
         build_config(None, ["method.num_modules=4", "pipeline.stage_sizes=1,2"], METHODS)
+
+
+def test_torchrun_cli_trains_a_pipeline_and_resumes_on_one_device(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "fastlocal.train", "--data.source=bundled", "--data.max_train=40", "--data.max_test=20",
+               "--model.arch=resnet20", "--method.name=mlaan", "--method.num_modules=3", "--train.epochs=1",
+               "--system.device=cpu", "--train.batch_size=20", "--log.progress=false", "--system.num_threads=1",
+               "--system.parallel=modules", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parallel"] == "modules" and summary["world_size"] == 2 and summary["epochs"] == 1
+    assert result.stdout.count("final test accuracy") == 1  # rank 0 alone logs
+    assert "pipeline: 2 stages" in result.stdout  # partitioned by the measured costs
+    resume = [sys.executable, "-m", "fastlocal.train", "--resume", str(out), "--train.epochs=2"]
+    resume.append("--system.parallel=none")  # the saved config says modules
+    result = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
