@@ -667,3 +667,145 @@ def check_pipeline(cfg: Config, device: torch.device) -> None:
     if cfg.method.name == "bp":
         raise UserError("method.name = bp has one module, which cannot be split over stages; use a local method "
                         "(dgl, infopro, mlaan) with system.parallel=modules")
+
+
+# -- the throughput model --------------------------------------------------------------------------------------
+def predict_step(costs: Sequence[dict], sizes: Sequence[int], window: int = 1, cascade: str = "exact",
+                 link_bytes_per_second: float = 0.0) -> dict:
+    """The steady step time of a local-learning pipeline with stages of `sizes` modules (docs/pipeline.md).
+
+    Stage k costs t_k (the sum of its modules' `total`) and its output takes c_k to send (0 with no link
+    figure: the link is not modelled). Without a cascade crossing a boundary (window 1, or DGL) nothing waits
+    for a later stage: step = max_k max(t_k, c_k). MLAAN `exact`: stage k waits, after its own work up to its
+    last loss, for the cotangent of stage k+1, which needs c_k, then stage k+1's forwards, losses and cascade
+    VJPs of its first W-1 modules, then the cotangent's way back; its last module's loss overlaps that wait.
+    MLAAN `stale`: no wait, but stage k recomputes the forward, weight VJP and carried input VJPs of its last
+    W-1 modules on the kept input."""
+    ranges = stage_ranges(sizes)
+    last_stage = len(ranges) - 1
+
+    def send(k: int, copies: int = 1) -> float:
+        if k == last_stage or not link_bytes_per_second:
+            return 0.0
+        return copies * costs[ranges[k].stop - 1]["output_bytes"] / link_bytes_per_second
+
+    stage_costs, steps = [], []
+    for k, r in enumerate(ranges):
+        t = sum(costs[i]["total"] for i in r)
+        extra = 0.0
+        if window > 1 and k < last_stage:
+            tail = list(r)[-(window - 1):]
+            if cascade == "exact":
+                head = list(ranges[k + 1])[:window - 1]
+                round_trip = send(k) + send(k, window - 1) + sum(
+                    costs[i]["forward"] + costs[i]["loss"] + costs[i]["carries"] * costs[i]["input_vjp"] for i in head)
+                extra = max(0.0, round_trip - costs[r.stop - 1]["loss"])
+            else:
+                extra = sum(costs[i]["forward"] + costs[i]["weight_vjp"] + costs[i]["input_vjp"] for i in tail)
+        stage_costs.append(t)
+        steps.append(max(t + extra, send(k)))
+    single = sum(c["total"] for c in costs)
+    step = max(steps)
+    return {"stage_seconds": stage_costs, "step_seconds": step, "single_device_seconds": single,
+            "speedup": single / step}
+
+
+def predict_pipelined_bp(costs: Sequence[dict], sizes: Sequence[int], micro_batches: int,
+                         link_bytes_per_second: float = 0.0) -> dict:
+    """Pipelined backprop (1F1B, `micro_batches` per batch) on the same stages: stage k's forward and backward
+    through its modules (no local heads; the last stage adds the final loss), the optimizer step once per
+    batch; step = (M + S - 1) / M * max_k (work_k + c_k)."""
+    ranges = stage_ranges(sizes)
+    last = len(costs) - 1
+    work = []
+    for k, r in enumerate(ranges):
+        t = sum(costs[i]["forward"] + costs[i]["input_vjp"] + costs[i]["weight_vjp"] + costs[i]["optimizer"]
+                for i in r)
+        if k == len(ranges) - 1:
+            t += costs[last]["loss"]
+        sent = costs[r.stop - 1]["output_bytes"] / link_bytes_per_second if link_bytes_per_second else 0.0
+        work.append(t + (2 * sent if k < len(ranges) - 1 else 0.0))  # activation forward, gradient back
+    single = sum(c["forward"] + c["input_vjp"] + c["weight_vjp"] + c["optimizer"] for c in costs) + costs[last]["loss"]
+    m, s = micro_batches, len(ranges)
+    step = (m + s - 1) / m * max(work)
+    return {"stage_seconds": work, "step_seconds": step, "single_device_seconds": single, "speedup": single / step,
+            "micro_batches": m}
+
+
+def measure_single_device_step(modules, method, cfg: Config, info, device: torch.device, forward_context,
+                               repeats: int = 3) -> float:
+    """Seconds of one real single-device step (fastlocal.schedule.local_train_step and an SGD step with the LR
+    at 0) on random images, the mean of `repeats` after one warm-up; the model is left as it was."""
+    from fastlocal.schedule import local_train_step
+
+    backbone = method.backbone
+    saved = ({k: v.clone() for k, v in backbone.state_dict().items()},
+             {k: v.clone() for k, v in method.state_dict().items()})
+    params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.0, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+                                weight_decay=cfg.optim.weight_decay, foreach=True)
+    g = torch.Generator().manual_seed(0)
+    dtype = next(backbone.parameters()).dtype
+    x = torch.randn(cfg.train.batch_size, 3, info.image_size, info.image_size, generator=g).to(device, dtype)
+    y = torch.randint(0, info.num_classes, (cfg.train.batch_size,), generator=g).to(device)
+    seconds = 0.0
+    for rep in range(repeats + 1):
+        timer = _Timer(device)
+        timer.mark()
+        optimizer.zero_grad(set_to_none=True)
+        local_train_step(list(modules), method, Batch(x, y, info.mean, info.std), forward_context)
+        optimizer.step()
+        timer.mark()
+        if rep:
+            seconds += timer.intervals()[0] / repeats
+    optimizer.zero_grad(set_to_none=True)
+    backbone.load_state_dict(saved[0])
+    method.load_state_dict(saved[1])
+    return seconds
+
+
+def profile(cfg: Config, num_classes: int, image_size: int, num_stages: int, link_gbps: float = 0.0,
+            micro_batches: int = 4) -> dict:
+    """`python -m fastlocal.plan --profile --stages S`: every module's measured cost on this run's device for
+    DGL and MLAAN (the config's K, split and options), the check of their sum against a measured single-device
+    step, and the predicted steady step and speed-up of DGL, MLAAN exact, MLAAN stale and pipelined BP on S
+    stages, each partitioned by its own costs. A model fed with measured costs: no pipeline runs here."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from fastlocal.plan import build_model
+    from fastlocal.schedule import forward_context_for
+    from fastlocal.train import resolve_device
+
+    device = resolve_device(cfg.system.device)
+    forward_context = forward_context_for(device, cfg.system.precision)
+    info = SimpleNamespace(image_size=image_size, num_classes=num_classes, mean=(0.5,) * 3, std=(0.5,) * 3)
+    link = link_gbps * 1e9 / 8
+    result: dict = {"device": str(device), "stages": num_stages, "batch_size": cfg.train.batch_size,
+                    "link_gbps": link_gbps or None, "methods": {}, "predicted": {},
+                    "note": "modelled from measured per-module costs (docs/pipeline.md), not a measured pipeline; "
+                            "the link is " + (f"{link_gbps} Gbit/s" if link_gbps else "not modelled (free)")}
+    all_costs = {}
+    for name in ("dgl", "mlaan"):
+        method_cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name=name))
+        torch.manual_seed(cfg.system.seed)
+        learner = build_model(method_cfg, num_classes, image_size)
+        learner.backbone.to(device)
+        learner.method.to(device)
+        modules, method = learner.local_modules, learner.method
+        costs = measure_module_costs(modules, method, method_cfg, info, device, forward_context)
+        step = measure_single_device_step(modules, method, method_cfg, info, device, forward_context)
+        total = sum(c["total"] for c in costs)
+        result["methods"][name] = {"modules": costs, "sum_seconds": total, "measured_step_seconds": step,
+                                   "sum_within_10_percent": abs(total - step) <= 0.1 * step}
+        all_costs[name] = (costs, method.window)
+    dgl, _ = all_costs["dgl"]
+    mlaan, window = all_costs["mlaan"]
+    for label, costs, w, cascade in (("dgl", dgl, 1, "exact"), ("mlaan_exact", mlaan, window, "exact"),
+                                     ("mlaan_stale", mlaan, window, "stale")):
+        sizes = partition([c["total"] for c in costs], num_stages)
+        result["predicted"][label] = {"stage_sizes": sizes, **predict_step(costs, sizes, w, cascade, link)}
+    bp_sizes = partition([c["forward"] + c["input_vjp"] + c["weight_vjp"] + c["optimizer"] for c in dgl], num_stages)
+    result["predicted"]["pipelined_bp"] = {"stage_sizes": bp_sizes,
+                                           **predict_pipelined_bp(dgl, bp_sizes, micro_batches, link)}
+    return result

@@ -291,3 +291,60 @@ def test_torchrun_cli_trains_a_pipeline_and_resumes_on_one_device(tmp_path):
     result = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+
+
+SLEEPS = [0.06, 0.04, 0.10, 0.08, 0.12, 0.05, 0.07, 0.09]
+"""A cost profile (seconds per module and step) the replay test plays with sleeps: far above the tiny model's
+own compute, and sleeping needs no CPU, so four ranks replay it faithfully on a busy two-core machine."""
+REPLAY_STEPS, REPLAY_WARMUP = 14, 4
+
+
+def _replay(rank: int, world: int, out: Path) -> None:
+    sizes = partition(SLEEPS, world)
+    trainer = pipeline_trainer(rank, world, "dgl", len(SLEEPS), [], sizes, out)
+    for module, seconds in zip(trainer.modules, SLEEPS):
+        module.register_forward_hook(lambda *args, seconds=seconds: time.sleep(seconds))
+    trainer.begin(REPLAY_STEPS)
+    done = []
+    for x, y in batches(REPLAY_STEPS):
+        trainer.eager_step(x, y) if rank == 0 else trainer.eager_step(None, None)
+        done.append(time.perf_counter())
+    trainer.drain()
+    if rank == world - 1:
+        (out / "steady.txt").write_text(repr((done[-1] - done[REPLAY_WARMUP]) / (REPLAY_STEPS - 1 - REPLAY_WARMUP)))
+
+
+def test_replayed_cost_profile_runs_at_the_predicted_steady_step(tmp_path):
+    """The throughput model against the real engine: DGL K=8 on 4 gloo stages, each module's cost replayed by a
+    sleep in its forward; the measured steady step is the model's max_k t_k within 10 %."""
+    from fastlocal.pipeline import predict_step
+
+    costs = [{"total": s, "forward": s, "loss": 0.0, "input_vjp": 0.0, "weight_vjp": 0.0, "optimizer": 0.0,
+              "carries": 0, "output_bytes": 0} for s in SLEEPS]
+    sizes = partition(SLEEPS, 4)
+    predicted = predict_step(costs, sizes)
+    assert predicted["step_seconds"] == pytest.approx(max(sum(SLEEPS[i] for i in r) for r in stage_ranges(sizes)))
+    assert launch(_replay, 4, tmp_path, timeout_s=150) == [0] * 4
+    steady = float((tmp_path / "steady.txt").read_text())
+    assert steady == pytest.approx(predicted["step_seconds"], rel=0.10), (steady, predicted)
+    assert sum(SLEEPS) / steady == pytest.approx(predicted["speedup"], rel=0.10)
+
+
+def test_plan_profile_prints_partitions_and_predictions(capsys):
+    import json
+
+    from fastlocal.plan import main
+
+    args = ["--model.arch=resnet20", "--method.num_modules=4", "--train.batch_size=4", "--system.device=cpu",
+            "--profile", "--stages", "2", "--link-gbps", "100"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["predicted"]) == {"dgl", "mlaan_exact", "mlaan_stale", "pipelined_bp"}
+    for name, prediction in result["predicted"].items():
+        assert sum(prediction["stage_sizes"]) == 4 and len(prediction["stage_sizes"]) == 2, name
+        assert prediction["step_seconds"] > 0 and prediction["speedup"] > 0, name
+    for measured in result["methods"].values():
+        assert len(measured["modules"]) == 4 and measured["modules"][0]["output_bytes"] == 4 * 16 * 32 * 32 * 4
+        assert measured["measured_step_seconds"] > 0 and "sum_within_10_percent" in measured
+    assert "not a measured pipeline" in result["note"]
+    assert main([*args[:4], "--profile"]) == 2  # no --stages
