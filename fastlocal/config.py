@@ -246,12 +246,13 @@ class PipelineConfig:
 
     cascade: str = "exact"
     """MLAAN, a cascaded loss whose window crosses a stage boundary: exact (the earlier stage waits for the
-    cotangent the later stage sends back; equals the one-device step). stale (apply it one step late,
-    Features Replay style) is not implemented yet."""
+    cotangent the later stage sends back; equals the one-device step), or stale (it does not wait, and
+    applies that cotangent one step late, Features Replay style, recomputing its last W-1 modules' forward
+    from the input it kept; a deviation from the method: docs/pipeline.md)."""
     ema_every: int = 1
     """MLAAN, a LAM's EMA copy of a block another stage owns: the owner sends the live weights every this
-    many steps. 1 is exact (the receiver waits for them before its optimizer step); more is not
-    implemented yet."""
+    many steps P. 1 is exact (the receiver waits for them before its optimizer step); P > 1 sends without
+    waiting and the receiver moves the copy with momentum m^P toward the weights sent P steps earlier."""
     stage_sizes: tuple[int, ...] = ()
     """How many local modules each stage holds, first stage first (they must sum to method.num_modules);
     () = partition by each module's cost measured on this device at the start of the run."""
@@ -503,10 +504,6 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
     if cfg.system.parallel == "hybrid":
         raise ConfigError("system.parallel = hybrid (data x pipeline parallel) is not implemented yet; use "
                           "system.parallel=modules (pipeline) or data under torchrun, or none")
-    if cfg.pipeline.cascade != "exact":
-        raise ConfigError(f"pipeline.cascade = {cfg.pipeline.cascade} is not implemented yet; use exact")
-    if cfg.pipeline.ema_every != 1:
-        raise ConfigError(f"pipeline.ema_every = {cfg.pipeline.ema_every} is not implemented yet; use 1 (exact)")
     if cfg.pipeline.stage_sizes and (min(cfg.pipeline.stage_sizes) < 1
                                      or sum(cfg.pipeline.stage_sizes) != cfg.method.num_modules):
         raise ConfigError(f"pipeline.stage_sizes = {list(cfg.pipeline.stage_sizes)} must be positive module counts "

@@ -218,6 +218,12 @@ class PipelineTrainer(Trainer):
         self._pending: list[tuple[int, list, list]] = []  # (step, works, tensors kept alive until sent)
         self._step = 0
         self._steps = 0
+        self._stale = self._kept_input = None
+        if cfg.pipeline.cascade == "stale" and min(len(r) for r in self.ranges[:-1]) < method.window - 1:
+            raise ConfigError(f"pipeline.cascade = stale needs every stage but the last to hold at least "
+                              f"mlaan.window - 1 = {method.window - 1} modules (stages: "
+                              f"{[len(r) for r in self.ranges]}); use pipeline.cascade=exact or other "
+                              "pipeline.stage_sizes")
 
     # -- setup ---------------------------------------------------------------------------------------
     def _measured_partition(self, num_stages: int) -> list[int]:
@@ -250,9 +256,11 @@ class PipelineTrainer(Trainer):
     def _plan_ema(self) -> None:
         """MLAAN's EMA pairs this stage updates, and which live tensors go from which stage to which."""
         method, stage = self.method, self.stage.rank
-        self.ema_targets, self.ema_live = [], []
+        self.ema_targets, self.ema_live = [], []  # every pair this stage updates (its LAMs' EMA copies)
+        self.ema_remote_targets, self.ema_remote_live = [], []  # the pairs whose live tensor another stage owns
         self.weights_to: dict[int, list[torch.Tensor]] = {}  # receiver stage -> live tensors this stage sends
         self.weights_from: dict[int, list[torch.Tensor]] = {}  # owner stage -> live tensors this stage receives
+        self._weights_pending: list[tuple[int, list]] = []  # (step pushed, receives) not applied yet
         lams = getattr(method, "lams", None)
         if not lams:
             return
@@ -268,6 +276,8 @@ class PipelineTrainer(Trainer):
                     self.ema_targets.append(target)
                     self.ema_live.append(tensor)
                     if owner != stage:
+                        self.ema_remote_targets.append(target)
+                        self.ema_remote_live.append(tensor)
                         self.weights_from.setdefault(owner, []).append(tensor)
                 elif owner == stage:
                     self.weights_to.setdefault(receiver, []).append(tensor)
@@ -372,30 +382,100 @@ class PipelineTrainer(Trainer):
             batch = Batch(images, buffers[2][:n], self.data.info.mean, self.data.info.std)
             inputs = buffers[1][:n].requires_grad_(self.window > 1)
             self._post_receive_input(step + 1)  # receive early: batch t+1 lands while this stage computes
-        weights = self._post_receive_weights()
-        cotangent_works = None
+        every = self.cfg.pipeline.ema_every
+        if step % every == 0:
+            self._weights_pending.append((step, self._post_receive_weights()))
+            self._send_weights(step)
+        incoming = cotangent_works = None
         if self._gets_cotangent():
             incoming = self._cotangent_buffers(inputs.shape[0])
             cotangent_works = self._post([dist.P2POp(dist.irecv, t, stage.rank + 1, tag=TAG_COTANGENT)
                                           for t in incoming])
-        self._send_weights(step)
-        loss = self._local_step(step, inputs, batch, incoming if cotangent_works else None, cotangent_works)
-        if self.ema_targets:
-            for works, flat, tensors in weights:
-                for work in works:
-                    work.wait()
-                with torch.no_grad():  # this stage's copy of the owner's live tensors: the weights of this step
-                    for tensor, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
-                        tensor.copy_(chunk.view_as(tensor))
-            from fastlocal.kernels import ema_update_
-
-            ema_update_(self.ema_targets, self.ema_live, self.method.ema_momentum, backend=self.method.kernels)
-        elif not hasattr(self.method, "lams"):
-            self.method.before_optimizer_step()
+        # stale: the cotangent of this step is applied at the next (the epoch's last step waits for its own).
+        stale = self.cfg.pipeline.cascade == "stale" and step < self._steps - 1
+        loss = self._local_step(step, inputs, batch, incoming, cotangent_works, wait_incoming=not stale)
+        if self._stale is not None:
+            self._apply_stale_cotangent()
+        if stale and cotangent_works is not None:
+            self._stale = (incoming, cotangent_works, self._kept_input)
+        self._ema_step(step)
         self.optimizer.step()
         return loss
 
-    def _local_step(self, step: int, inputs: torch.Tensor, batch: Batch, incoming, incoming_works) -> torch.Tensor:
+    def _ema_step(self, step: int) -> None:
+        """MLAAN's EMA of this stage's LAM copies. ema_every = 1: every pair, with the live weights of this step
+        (received from their owners). P > 1: the pairs of live tensors this stage owns every step; the others
+        every P steps, with the weights pushed P steps earlier and momentum m^P."""
+        from fastlocal.kernels import ema_update_
+
+        every = self.cfg.pipeline.ema_every
+        if every == 1:
+            self._apply_weights(self._weights_pending.pop(0)[1])
+        if not hasattr(self.method, "lams"):  # no EMA across stages (DGL, InfoPro: nothing at all)
+            self.method.before_optimizer_step()
+            return
+        momentum = self.method.ema_momentum
+        if every == 1:
+            if self.ema_targets:
+                ema_update_(self.ema_targets, self.ema_live, momentum, backend=self.method.kernels)
+            return
+        remote = {id(t) for t in self.ema_remote_targets}
+        local = [(t, lv) for t, lv in zip(self.ema_targets, self.ema_live) if id(t) not in remote]
+        if local:
+            ema_update_([t for t, _ in local], [lv for _, lv in local], momentum, backend=self.method.kernels)
+        if step % every == 0 and len(self._weights_pending) > 1:  # the push of step-P
+            self._apply_remote_ema(self._weights_pending.pop(0)[1])
+
+    def _apply_weights(self, received) -> None:
+        for works, flat, tensors in received:
+            for work in works:
+                work.wait()
+            with torch.no_grad():  # this stage's copy of the owner's live tensors, as the owner sent them
+                for tensor, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+                    tensor.copy_(chunk.view_as(tensor))
+
+    def _apply_remote_ema(self, received) -> None:
+        from fastlocal.kernels import ema_update_
+
+        self._apply_weights(received)
+        if self.ema_remote_targets:
+            ema_update_(self.ema_remote_targets, self.ema_remote_live,
+                        self.method.ema_momentum ** self.cfg.pipeline.ema_every, backend=self.method.kernels)
+
+    @torch.no_grad()
+    def _restore(self, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for buffer, value in saved:
+            buffer.copy_(value)
+
+    def _apply_stale_cotangent(self) -> None:
+        """pipeline.cascade = stale (Features Replay style): the next stage's cotangent of the previous step
+        trains this stage's last W-1 modules now: their forward is recomputed from the input kept then, with
+        the current weights (batch-norm running statistics left untouched), and its weight VJPs add to this
+        step's gradients."""
+        (present, stacked), works, kept = self._stale
+        self._stale = None
+        for work in works:
+            work.wait()
+        hi, window = self.stage.modules.stop, self.window
+        tail = range(hi - window + 1, hi)
+        saved = [(b, b.clone()) for j in tail for b in self.modules[j].buffers()]
+        cotangents = StageCotangents(self.modules, tail, window)
+        previous = kept
+        for j in tail:
+            inputs = previous.detach().requires_grad_(j > tail.start)
+            with self.forward_context():
+                output = self.modules[j](inputs)
+            cotangents.graphs[j] = (inputs, output)
+            previous = output
+        for depth in range(1, window):
+            if present[depth - 1]:
+                cotangents.deliver(hi - 1, stacked[depth - 1], depth)
+        for j in tail:
+            cotangents.flush(j)
+        self._restore(saved)  # after the backward, which reads the running statistics batch norm saved
+
+    def _local_step(self, step: int, inputs: torch.Tensor, batch: Batch, incoming, incoming_works,
+                    wait_incoming: bool = True) -> torch.Tensor:
         """The stage's modules through the local schedule (fastlocal.schedule.local_train_step's order)."""
         stage, method, window = self.stage, self.method, self.window
         lo, hi = stage.modules.start, stage.modules.stop
@@ -407,6 +487,8 @@ class PipelineTrainer(Trainer):
         for i in range(lo, hi):
             if i > lo:
                 previous = previous.detach().requires_grad_(window > 1)
+            if i == hi - window + 1 and not wait_incoming:  # stale: the input the recomputation will need
+                self._kept_input = previous.detach().clone()
             with self.forward_context():
                 output = self.modules[i](previous)
             cotangents.graphs[i] = (previous, output)
@@ -425,7 +507,7 @@ class PipelineTrainer(Trainer):
             if i - window + 1 >= lo:  # its last loss has run, and no later stage's cascade reaches it
                 cotangents.flush(i - window + 1)
             previous = output
-        if incoming_works is not None:  # exact cascade: the next stage's cotangents of this step
+        if incoming_works is not None and wait_incoming:  # exact cascade: the next stage's cotangents of this step
             for work in incoming_works:
                 work.wait()
             present, stacked = incoming
@@ -439,7 +521,13 @@ class PipelineTrainer(Trainer):
         return last_loss
 
     def drain(self) -> None:
-        """Wait for every send still in flight (end of an epoch)."""
+        """Wait for every send still in flight, and apply the EMA weights still to come (end of an epoch)."""
+        while self._weights_pending:
+            _, received = self._weights_pending.pop(0)
+            if self.cfg.pipeline.ema_every > 1:
+                self._apply_remote_ema(received)
+            else:
+                self._apply_weights(received)
         self._wait_sends(older_than=self._step + 1)
 
     # -- epochs, evaluation, checkpoints -----------------------------------------------------------------
