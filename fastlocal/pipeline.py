@@ -36,6 +36,7 @@ their kind), so the same code works with gloo and NCCL.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -678,9 +679,9 @@ class _Timer:
 
 
 def measure_module_costs(modules: Sequence[LocalModule], method: LocalMethod, cfg: Config, info,
-                         device: torch.device, forward_context: Callable = None, repeats: int = 3
+                         device: torch.device, forward_context: Callable = None, repeats: int = 5
                          ) -> list[dict]:
-    """Each module's cost on `device`, in seconds per step of train.batch_size random images (the mean of
+    """Each module's cost on `device`, in seconds per step of train.batch_size random images (the median of
     `repeats` after one warm-up): forward, its loss forward and backward, the input-only VJPs the cascade runs
     through it, its weight VJP and its optimizer step; `total` sums them, `output_bytes` is the activation a
     stage boundary after it carries. The model's weights, statistics and gradients are left as they were."""
@@ -700,12 +701,13 @@ def measure_module_costs(modules: Sequence[LocalModule], method: LocalMethod, cf
     optimizers = [torch.optim.SGD(group, lr=0.0, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
                                   weight_decay=cfg.optim.weight_decay, foreach=True) if group else None
                   for group in groups]
-    sums = [[0.0] * 5 for _ in range(num)]
+    samples = [[[] for _ in range(5)] for _ in range(num)]  # per module and part, one time per repeat
     out_bytes = [0] * num
     for rep in range(repeats + 1):
         a = batch.x
         for i, module in enumerate(modules):
-            inputs = a.detach().requires_grad_(i > 0)
+            # As in the schedule: the input needs a gradient only where a cascade passes through the module.
+            inputs = a.detach().requires_grad_(i > 0 and window > 1)
             timer = _Timer(device)
             timer.mark()
             with forward_context():
@@ -718,8 +720,14 @@ def measure_module_costs(modules: Sequence[LocalModule], method: LocalMethod, cf
                 loss.backward()
             timer.mark()
             grad = sum(g for g in (own.grad, cascade.grad) if g is not None) if loss is not None else out * 0
+            graph_input, graph_output = inputs, out
+            if i > 0 and window == 1:  # the input VJP (for pipelined BP's model) on a graph of its own, untimed
+                graph_input = a.detach().requires_grad_()
+                with forward_context():
+                    graph_output = module(graph_input)
+            timer.mark()
             if i > 0:
-                torch.autograd.grad(out, inputs, grad, retain_graph=True)
+                torch.autograd.grad(graph_output, graph_input, grad, retain_graph=True)
             timer.mark()
             torch.autograd.backward(out, grad, inputs=module.trainable_parameters)
             timer.mark()
@@ -729,15 +737,16 @@ def measure_module_costs(modules: Sequence[LocalModule], method: LocalMethod, cf
             for p in groups[i]:
                 p.grad = None
             if rep:
-                for k, seconds in enumerate(timer.intervals()):
-                    sums[i][k] += seconds / repeats
+                intervals = timer.intervals()
+                for k, seconds in enumerate(intervals[:2] + intervals[3:]):  # [2] is the untimed forward
+                    samples[i][k].append(seconds)
             out_bytes[i] = out.numel() * out.element_size()
             a = out
     backbone.load_state_dict(saved[0])
     method.load_state_dict(saved[1])
     costs = []
     for i in range(num):
-        forward, loss, input_vjp, weight_vjp, step = sums[i]
+        forward, loss, input_vjp, weight_vjp, step = (statistics.median(times) for times in samples[i])
         # The cascade runs an input-only VJP through module i for each loss i+1..i+W-1 that exists.
         carries = sum(1 for j in range(i + 1, min(num, i + window)))
         costs.append({"forward": forward, "loss": loss, "input_vjp": input_vjp, "weight_vjp": weight_vjp,
@@ -821,9 +830,9 @@ def predict_pipelined_bp(costs: Sequence[dict], sizes: Sequence[int], micro_batc
 
 
 def measure_single_device_step(modules, method, cfg: Config, info, device: torch.device, forward_context,
-                               repeats: int = 3) -> float:
+                               repeats: int = 5) -> float:
     """Seconds of one real single-device step (fastlocal.schedule.local_train_step and an SGD step with the LR
-    at 0) on random images, the mean of `repeats` after one warm-up; the model is left as it was."""
+    at 0) on random images, the median of `repeats` after one warm-up; the model is left as it was."""
     from fastlocal.schedule import local_train_step
 
     backbone = method.backbone
@@ -836,7 +845,7 @@ def measure_single_device_step(modules, method, cfg: Config, info, device: torch
     dtype = next(backbone.parameters()).dtype
     x = torch.randn(cfg.train.batch_size, 3, info.image_size, info.image_size, generator=g).to(device, dtype)
     y = torch.randint(0, info.num_classes, (cfg.train.batch_size,), generator=g).to(device)
-    seconds = 0.0
+    times = []
     for rep in range(repeats + 1):
         timer = _Timer(device)
         timer.mark()
@@ -845,11 +854,11 @@ def measure_single_device_step(modules, method, cfg: Config, info, device: torch
         optimizer.step()
         timer.mark()
         if rep:
-            seconds += timer.intervals()[0] / repeats
+            times.append(timer.intervals()[0])
     optimizer.zero_grad(set_to_none=True)
     backbone.load_state_dict(saved[0])
     method.load_state_dict(saved[1])
-    return seconds
+    return statistics.median(times)
 
 
 def profile(cfg: Config, num_classes: int, image_size: int, num_stages: int, link_gbps: float = 0.0,

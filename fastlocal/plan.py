@@ -5,6 +5,9 @@ Check a config before a long run with it:
 
     python -m fastlocal.plan --config configs/mlaan_resnet110_k32_cifar10.toml
 
+With `--profile --stages S` it measures every module's cost on this device instead and prints the predicted
+pipeline step for S stages (docs/pipeline.md).
+
 `build_model` is the one place a run's model, split and method are built (`fastlocal.train` uses it too).
 """
 
