@@ -207,33 +207,42 @@ def _fit_and_gather(rank: int, world: int, out: Path) -> None:
     trainer = pipeline_trainer(rank, world, "mlaan", 4, ["mlaan.window=2", "train.epochs=2"], [2, 2],
                                out / "pipe" if rank == 0 else out / "rank1")
     trainer.fit(log=lambda *a: None)
+    # The single-device run's checkpoint continues in the pipeline.
+    resumed = pipeline_trainer(rank, world, "mlaan", 4, ["mlaan.window=2", "train.epochs=3"], [2, 2],
+                               out / "single" if rank == 0 else out / "rank1")
+    resumed.load_checkpoint(out / "single" / "checkpoint.pt")
+    resumed.fit(log=lambda *a: None)
 
 
-def test_fit_through_the_pipeline_equals_one_device_and_resumes_there(tmp_path):
+def test_fit_through_the_pipeline_equals_one_device_and_resumes_both_ways(tmp_path):
     """Two epochs of fit() (training, evaluation through the pipeline, gathered checkpoints) equal the
-    single-device run; the pipeline's checkpoint resumes on one device."""
-    assert launch(_fit_and_gather, 2, tmp_path, timeout_s=150) == [0, 0]
-    assert not (tmp_path / "rank1").exists()
+    single-device run; the pipeline's checkpoint resumes on one device, the single device's in the pipeline,
+    and both third epochs agree."""
+    import json
+
     overrides = ["mlaan.window=2", "train.epochs=2", *COMMON]
     cfg, backbone, modules, method = build("mlaan", "resnet20", 4, overrides, input_size=SIZE)
     single = Trainer(cfg, backbone, modules, method, tiny_data(), torch.device("cpu"), tmp_path / "single")
     single.fit(log=lambda *a: None)
+    assert launch(_fit_and_gather, 2, tmp_path, timeout_s=150) == [0, 0]
+    assert not (tmp_path / "rank1").exists()
     got = torch.load(tmp_path / "pipe" / "checkpoint.pt", weights_only=True)
     assert_same_checkpoint(got, single.checkpoint(), "fit")
-    import json
-
     pipe_summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
-    single_summary = json.loads((tmp_path / "single" / "summary.json").read_text())
     assert pipe_summary["parallel"] == "modules" and pipe_summary["pipeline_stages"] == [[0, 1], [2, 3]]
-    for a, b in zip(pipe_summary_history(tmp_path / "pipe"), pipe_summary_history(tmp_path / "single")):
+    single_rows = pipe_summary_history(tmp_path / "single")[:2]
+    for a, b in zip(pipe_summary_history(tmp_path / "pipe"), single_rows, strict=True):
         assert a["test_acc"] == b["test_acc"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-12)
-    assert pipe_summary["final_test_acc"] == single_summary["final_test_acc"]
-    # The gathered checkpoint resumes on one device.
-    cfg3, *rest = build("mlaan", "resnet20", 4, [*overrides[:1], "train.epochs=3", *COMMON], input_size=SIZE)
+    # The gathered checkpoint resumes on one device; the single device's resumed in the pipeline (tmp/single,
+    # now at 3 epochs) agrees with it.
+    cfg3, *rest = build("mlaan", "resnet20", 4, ["mlaan.window=2", "train.epochs=3", *COMMON], input_size=SIZE)
     resumed = Trainer(cfg3, *rest, tiny_data(), torch.device("cpu"), tmp_path / "resumed")
     resumed.load_checkpoint(tmp_path / "pipe" / "checkpoint.pt")
     assert resumed.fit(log=lambda *a: None)["epochs"] == 3
+    in_pipeline = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)
+    assert in_pipeline["state"]["epoch"] == 3
+    assert_same_checkpoint(in_pipeline, resumed.checkpoint(), "resumed in the pipeline")
 
 
 def pipe_summary_history(run: Path) -> list[dict]:
