@@ -191,6 +191,9 @@ class PipelineTrainer(Trainer):
         self.measure_cpu_memory = False  # the saved-tensor accounting measures one process's step (not a stage's)
         self.all_params = self.params
         num_stages = parallel.world_size
+        if num_stages > len(modules):  # checked on every stage, before rank 0 alone measures the costs
+            raise ConfigError(f"{num_stages} pipeline stages need at least as many local modules, but "
+                              f"method.num_modules = {len(modules)}; raise it or start fewer processes")
         sizes = list(stage_sizes or cfg.pipeline.stage_sizes or self._measured_partition(num_stages))
         if len(sizes) != num_stages:
             raise ConfigError(f"pipeline.stage_sizes = {sizes} names {len(sizes)} stages but torchrun started "
@@ -393,7 +396,7 @@ class PipelineTrainer(Trainer):
             cotangent_works = self._post([dist.P2POp(dist.irecv, t, stage.rank + 1, tag=TAG_COTANGENT)
                                           for t in incoming])
         # stale: the cotangent of this step is applied at the next (the epoch's last step waits for its own).
-        stale = self.cfg.pipeline.cascade == "stale" and step < self._steps - 1
+        stale = self.cfg.pipeline.cascade == "stale" and self._gets_cotangent() and step < self._steps - 1
         loss = self._local_step(step, inputs, batch, incoming, cotangent_works, wait_incoming=not stale)
         if self._stale is not None:
             self._apply_stale_cotangent()
@@ -756,7 +759,7 @@ def measure_module_costs(modules: Sequence[LocalModule], method: LocalMethod, cf
     return costs
 
 
-def check_pipeline(cfg: Config, device: torch.device) -> None:
+def check_pipeline(cfg: Config) -> None:
     """Options the pipeline rules out."""
     if cfg.system.sync_batch_norm:
         raise ConfigError("system.sync_batch_norm = true is for data parallelism; a pipeline stage holds whole "

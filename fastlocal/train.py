@@ -84,7 +84,7 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
     if mode == "modules":  # pipeline (fastlocal.pipeline): every stage reads the whole data set, stage 0 uses it
         from fastlocal.pipeline import check_pipeline
 
-        check_pipeline(cfg, device)
+        check_pipeline(cfg)
         parallel, device = distributed.init_data_parallel(device)
         if not parallel.is_main:
             log = distributed.silent_log
