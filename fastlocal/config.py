@@ -228,12 +228,35 @@ class SystemConfig:
     """How several processes share the training: auto (data under torchrun, none otherwise), none (one
     process), data (data parallel: `torchrun --nproc_per_node=N -m fastlocal.train ...`; every rank holds the
     model and trains on its shard of each global batch of train.batch_size; each module's gradients are
-    averaged across ranks as soon as the module is flushed). modules and hybrid (the local modules spread
-    over devices) are not implemented yet."""
+    averaged across ranks as soon as the module is flushed), modules (pipeline: `torchrun --nproc_per_node=S
+    -m fastlocal.train ... --system.parallel=modules` puts contiguous groups of local modules on S stages,
+    one device each, which train at the same time: docs/pipeline.md). hybrid (data x pipeline) is not
+    implemented yet."""
     sync_batch_norm: bool = False
     """Data parallel, CUDA only: batch norm computes its batch statistics over the global batch
     (torch.nn.SyncBatchNorm) instead of per rank. Either way the running statistics are averaged across
     ranks before every evaluation and checkpoint."""
+    pipeline_stages: Annotated[int, Min(0)] = 0
+    """system.parallel = hybrid: the pipeline stages of the (data, pipeline) device mesh (0 = every process
+    is a stage). Not used yet: hybrid is not implemented."""
+
+
+@dataclass
+class PipelineConfig:
+    """system.parallel = modules: local modules on different devices (docs/pipeline.md)."""
+
+    cascade: Literal["exact", "stale"] = "exact"
+    """MLAAN, a cascaded loss whose window crosses a stage boundary: exact (the earlier stage waits for the
+    cotangent the later stage sends back; equals the one-device step), or stale (it does not wait, and
+    applies that cotangent one step late, Features Replay style, recomputing its last W-1 modules' forward
+    from the input it kept; a deviation from the method: docs/pipeline.md)."""
+    ema_every: Annotated[int, Min(1)] = 1
+    """MLAAN, a LAM's EMA copy of a block another stage owns: the owner sends the live weights every this
+    many steps P. 1 is exact (the receiver waits for them before its optimizer step); P > 1 sends without
+    waiting and the receiver moves the copy with momentum m^P toward the weights sent P steps earlier."""
+    stage_sizes: tuple[int, ...] = ()
+    """How many local modules each stage holds, first stage first (they must sum to method.num_modules);
+    () = partition by each module's cost measured on this device at the start of the run."""
 
 
 @dataclass
@@ -266,6 +289,8 @@ class Config:
     """Device, precision, kernels and parallelism."""
     log: LogConfig = field(default_factory=LogConfig)
     """What is shown and measured."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """Local modules on several devices (system.parallel = modules)."""
 
 
 DEFAULT_NUM_MODULES = 4
@@ -464,12 +489,16 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
         raise ConfigError(f"mlaan.final_weights = {list(cfg.mlaan.final_weights)} is not valid; give [c_own, c_prop]")
     if not 0 <= cfg.mlaan.ema_momentum <= 1:
         raise ConfigError(f"mlaan.ema_momentum = {cfg.mlaan.ema_momentum} is not valid; it must be in [0, 1]")
-    if cfg.system.parallel in ("modules", "hybrid"):
-        raise ConfigError(f"system.parallel = {cfg.system.parallel} (local modules on different devices) is not "
-                          "implemented yet; use system.parallel=data (or auto) under torchrun, or none")
     if cfg.system.sync_batch_norm and cfg.system.fused_batch_norm == "true":
         raise ConfigError("system.sync_batch_norm = true and system.fused_batch_norm = true do not combine (the fused "
                           "kernel computes per-rank statistics); set system.fused_batch_norm=false or auto")
+    if cfg.system.parallel == "hybrid":
+        raise ConfigError("system.parallel = hybrid (data x pipeline parallel) is not implemented yet; use "
+                          "system.parallel=modules (pipeline) or data under torchrun, or none")
+    if cfg.pipeline.stage_sizes and (min(cfg.pipeline.stage_sizes) < 1
+                                     or sum(cfg.pipeline.stage_sizes) != resolve_num_modules(cfg.method)):
+        raise ConfigError(f"pipeline.stage_sizes = {list(cfg.pipeline.stage_sizes)} must be positive module counts "
+                          f"summing to K = {resolve_num_modules(cfg.method)}; or [] to partition by cost")
     return cfg
 
 
@@ -531,7 +560,10 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> None:
 
 # What `--resume` may change: keys that do not change what the epochs already run computed, and
 # train.epochs (which changes the LR schedule of the remaining epochs; the CLI says so).
-RESUME_OVERRIDABLE = ("log.progress", "log.measure_memory", "data.cache_dir", "train.epochs")
+# system.parallel and pipeline.stage_sizes too: a run moves between one device and a pipeline (the pipeline gives
+# the single-device weights), and its checkpoint has the single-device format either way.
+RESUME_OVERRIDABLE = ("log.progress", "log.measure_memory", "data.cache_dir", "train.epochs", "system.parallel",
+                      "pipeline.stage_sizes")
 
 
 def resume_config(saved: dict, overrides: typing.Sequence[str],

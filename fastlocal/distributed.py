@@ -73,10 +73,14 @@ def launched_by_torchrun() -> bool:
 
 
 def resolve_parallel(parallel: str) -> str:
-    """system.parallel -> "data" or "none": auto is data parallel under torchrun."""
+    """system.parallel -> "data", "modules" or "none": auto is data parallel under torchrun."""
     torchrun = launched_by_torchrun()
     if parallel == "auto":
         return "data" if torchrun else "none"
+    if parallel == "modules" and not (torchrun and int(os.environ["WORLD_SIZE"]) > 1):
+        raise UserError("system.parallel = modules puts the local modules on several processes, one stage each, "
+                        "started by torchrun, e.g. torchrun --nproc_per_node=2 -m fastlocal.train --config FILE "
+                        "--system.parallel=modules; use system.parallel=none (or auto) for one process")
     if parallel == "data" and not torchrun:
         raise UserError("system.parallel = data needs several processes started by torchrun, e.g. "
                         "torchrun --nproc_per_node=2 -m fastlocal.train --config FILE; use system.parallel=none "

@@ -205,6 +205,8 @@ class Trainer:
         self.channels_last = cfg.system.channels_last
         self.run_step = GraphedStep(self.step_without_zero_grad, self.zero_grad) if use_graphs else self.eager_step
         self.state = RunState()
+        self.nonfinite_check_steps = NONFINITE_CHECK_STEPS  # 0: at the epoch's last step only
+        self.measure_cpu_memory = cfg.log.measure_memory
         self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler that fit() installs
 
     # -- one step ---------------------------------------------------------------------------------------
@@ -296,7 +298,7 @@ class Trainer:
             set_learning_rate(self.optimizer, lr)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if self.state.peak_memory is None and cfg.log.measure_memory and self.device.type == "cpu":
+            if self.state.peak_memory is None and self.measure_cpu_memory and self.device.type == "cpu":
                 with SavedTensorAccountant(ignore=parameter_storages(self.backbone, self.method)) as acct:
                     loss = self.eager_step(x, y)
                 self.state.peak_memory = {"kind": "cpu_saved_tensors", "batch_size": int(x.shape[0]),
@@ -305,7 +307,8 @@ class Trainer:
                 loss = self.run_step(x, y)
             loss_sum += loss
             diverged_at = torch.where((diverged_at < 0) & ~torch.isfinite(loss), step, diverged_at)
-            if step % NONFINITE_CHECK_STEPS == 0 or step == steps - 1:
+            every = self.nonfinite_check_steps
+            if (every and step % every == 0) or step == steps - 1:
                 # One host sync; data parallel: summed over ranks, so every rank takes the same decision.
                 total, ranks_diverged = distributed.sum_across_ranks(
                     torch.stack([loss_sum, (diverged_at >= 0).double()])).tolist()
@@ -370,10 +373,9 @@ class Trainer:
             if self.stop_signal is not None:  # arrived during the last evaluation or save: that epoch is kept
                 raise RunInterrupted(self.stop_signal)
             row = self.train_epoch(epoch)
-            if self.parallel is not None:  # the stated rule: running statistics are the mean over ranks
+            if self.grad_averager is not None:  # data parallel, the stated rule: running statistics are the mean
                 distributed.average_buffers(self.backbone, self.method)
-            with self.forward_context():
-                row["test_acc"] = evaluate(self.backbone, self.data.test, self.channels_last)
+            row["test_acc"] = self.test_accuracy()
             self.state.epoch = epoch + 1
             self.state.history.append(row)
             self.state.train_seconds += row["epoch_seconds"]
@@ -394,6 +396,11 @@ class Trainer:
         if self.is_main:
             write_json_atomic(summary, self.out_dir / "summary.json")
         return summary
+
+    def test_accuracy(self) -> float:
+        """Top-1 accuracy (%) on the test set (fastlocal.pipeline evaluates through its stages instead)."""
+        with self.forward_context():
+            return evaluate(self.backbone, self.data.test, self.channels_last)
 
     def summary(self) -> dict:
         history = self.state.history

@@ -5,6 +5,9 @@ Check a config before a long run with it:
 
     python -m fastlocal.plan --config configs/mlaan_resnet110_k32_cifar10.toml
 
+With `--profile --stages S` it measures every module's cost on this device instead and prints the predicted
+pipeline step for S stages (docs/pipeline.md).
+
 `build_model` is the one place a run's model, split and method are built (`fastlocal.train` uses it too).
 """
 
@@ -109,6 +112,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="classes of an image folder the plan cannot count (default: from the config)")
     parser.add_argument("--image-size", type=int, default=0,
                         help="image size of an image folder the config does not fix (default: from the config)")
+    parser.add_argument("--profile", action="store_true",
+                        help="measure every module's cost on this device (DGL and MLAAN with this config) and print "
+                        "the predicted pipeline step and speed-up on --stages devices (docs/pipeline.md)")
+    parser.add_argument("--stages", type=int, default=0, help="pipeline stages for --profile")
+    parser.add_argument("--link-gbps", type=float, default=0.0,
+                        help="the link between stages in Gbit/s for --profile (default: not modelled)")
+    parser.add_argument("--micro-batches", type=int, default=4, help="pipelined BP's micro-batches for --profile")
     args, rest = parser.parse_known_args(argv)
     return args, parse_overrides(rest)
 
@@ -121,7 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         args, overrides = parse_args(argv)
         cfg = build_config(args.config, overrides, METHODS)
         num_classes, image_size = data_shape(cfg.data, cfg.model.arch, args.num_classes, args.image_size)
-        result = plan(cfg, num_classes, image_size)  # warnings go to stderr: stdout holds only the JSON
+        if args.profile:
+            from fastlocal.pipeline import profile
+
+            if args.stages < 2 or args.micro_batches < 1 or args.link_gbps < 0:
+                raise UserError("--profile needs --stages S with S >= 2 (and --micro-batches >= 1, --link-gbps >= 0)")
+            result = profile(cfg, num_classes, image_size, args.stages, args.link_gbps, args.micro_batches)
+        else:
+            result = plan(cfg, num_classes, image_size)  # warnings go to stderr: stdout holds only the JSON
     except UserError as err:
         print(f"fastlocal: error: {err}", file=sys.stderr)
         return 2

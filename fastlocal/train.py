@@ -80,7 +80,15 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
     device = resolve_device(cfg.system.device)
     # Data parallel under torchrun (fastlocal.distributed): one process per device, train.batch_size is global.
     parallel, rank, world_size, batch_size = None, 0, 1, cfg.train.batch_size
-    if distributed.resolve_parallel(cfg.system.parallel) == "data":
+    mode = distributed.resolve_parallel(cfg.system.parallel)
+    if mode == "modules":  # pipeline (fastlocal.pipeline): every stage reads the whole data set, stage 0 uses it
+        from fastlocal.pipeline import check_pipeline
+
+        check_pipeline(cfg)
+        parallel, device = distributed.init_data_parallel(device)
+        if not parallel.is_main:
+            log = distributed.silent_log
+    elif mode == "data":
         batch_size = distributed.per_rank_batch(cfg.train.batch_size, int(os.environ["WORLD_SIZE"]))
         distributed.check_options(cfg, device)
         parallel, device = distributed.init_data_parallel(device)
@@ -114,13 +122,19 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
         if cfg.system.sync_batch_norm:
             distributed.use_sync_batch_norm(backbone, method)
         distributed.broadcast_from_rank0(backbone, method)
-    trainer = Trainer(cfg, backbone, modules, method, data, device, out_dir, parallel)
+    if mode == "modules":
+        from fastlocal.pipeline import PipelineTrainer
+
+        trainer = PipelineTrainer(cfg, backbone, modules, method, data, device, out_dir, parallel, log=log)
+    else:
+        trainer = Trainer(cfg, backbone, modules, method, data, device, out_dir, parallel)
     if checkpoint is not None:
         trainer.restore(checkpoint)
         log(f"resuming {out_dir} after epoch {trainer.state.epoch}")
     log(f"{cfg.method.name} {cfg.model.arch} K={len(modules)} on {data.info.name} "
         f"({data.train.num_images} train / {data.test.num_images} test images) on {device}"
-        + (f", rank 0 of {world_size} (data parallel; the image counts are per rank)" if parallel else ""))
+        + (f", rank 0 of {world_size} (data parallel; the image counts are per rank)" if mode == "data" else "")
+        + (f", {parallel.world_size} pipeline stages" if mode == "modules" else ""))
     log(f"modules: {describe_split(backbone, [m.part_ids for m in modules])}")
     if getattr(method, "leaps_source", None):
         log(describe_leaps(cfg, method.leaps_source))

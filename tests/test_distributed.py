@@ -281,7 +281,9 @@ def test_parallel_option(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     assert distributed.resolve_parallel("auto") == "none"
     with pytest.raises(ConfigError, match="not implemented yet"):
-        build_config(None, ["system.parallel=modules"], METHODS)
+        build_config(None, ["system.parallel=hybrid"], METHODS)
+    with pytest.raises(Exception, match="torchrun"):
+        distributed.resolve_parallel("modules")
     with pytest.raises(Exception, match="torchrun"):
         distributed.resolve_parallel("data")
     for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="x", MASTER_PORT="1").items():

@@ -1,0 +1,959 @@
+"""Local modules on different devices, trained at the same time (`system.parallel = modules`, under torchrun).
+
+docs/pipeline.md. Each process is a *stage* that owns a contiguous group of local modules (one device
+each). Every stage builds the whole model from the same seed, but trains, evaluates and checkpoints only
+what it owns; the rest of its copy is never read.
+
+Per step t, stage s:
+
+1. takes its input: the batch (stage 0) or the previous stage's detached output of batch t with the labels
+   (and the images, for the InfoPro objectives that reconstruct them), received into one of two buffers;
+   the receive of batch t+1 is posted at once, before any compute ("receives posted early");
+2. runs its modules through the local schedule (docs/method.md#the-single-forward-schedule) and sends its
+   last module's output right after that module's forward, from one of two send buffers, so step t+1 can
+   fill the other while the send of step t is in flight ("sends double-buffered");
+3. takes its optimizer step on its own parameters and goes on to step t+1 without waiting for any later
+   stage (DGL, InfoPro, MLAAN without a cascade crossing a boundary).
+
+Why DGL and InfoPro give exactly the single-device weights: module j's update at step t depends only on
+its input of batch t and its own weights; its input is module j-1's output of batch t computed with module
+j-1's weights of step t, in the pipeline as on one device (there too module j-1 runs forward before its
+own update of step t). Only the time at which stages run moves.
+
+MLAAN crosses boundaries twice, both handled exactly (`pipeline.cascade = exact`, `pipeline.ema_every = 1`):
+
+- a cascaded loss of module i reaches modules i-W+1..i; where some sit on the previous stage, the cotangent
+  at the stage's input is sent back one stage (grouped by how many modules it still has to reach, so a
+  window longer than a stage travels on); the earlier stage waits for it before its last W-1 modules'
+  weight VJPs;
+- a LAM's EMA copy follows a live block that a later stage may own: the owner sends that block's weights
+  at the start of every step (the weights the single-device EMA of that step reads, before any update of
+  the step), and the receiver applies its EMA with them before its optimizer step.
+
+Messages between a pair of stages in one direction are sent and received in the same order (tags name
+their kind), so the same code works with gloo and NCCL.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastlocal import distributed
+from fastlocal.config import Config, ConfigError, UserError, to_dict
+from fastlocal.engine import Trainer, build_optimizer, non_finite_tensors
+from fastlocal.methods import Batch, LocalMethod
+from fastlocal.schedule import _accumulate
+from fastlocal.split import LocalModule, balanced_groups
+
+TAG_ACTIVATION, TAG_COTANGENT, TAG_WEIGHTS = 1, 2, 3
+
+
+# -- which stage holds what ---------------------------------------------------------------------------
+def stage_ranges(sizes: Sequence[int]) -> list[range]:
+    """Module indices of each stage from the stages' module counts."""
+    ranges, start = [], 0
+    for size in sizes:
+        ranges.append(range(start, start + size))
+        start += size
+    return ranges
+
+
+def partition(costs: Sequence[float], num_stages: int) -> list[int]:
+    """Module counts of contiguous stages that minimise the largest stage cost."""
+    if num_stages > len(costs):
+        raise ConfigError(f"{num_stages} pipeline stages need at least as many local modules, but "
+                          f"method.num_modules = {len(costs)}; raise method.num_modules or start fewer processes")
+    return [len(group) for group in balanced_groups(list(costs), num_stages)]
+
+
+def module_of_tensors(modules: Sequence[LocalModule], method: nn.Module) -> dict[int, int]:
+    """id(tensor) -> the module whose stage holds it, for every parameter and buffer of the modules and of the
+    method's per-module parts (`nn.ModuleDict` entries keyed by the module index); the rest (the backbone's
+    final head) belongs to the last module."""
+    owner: dict[int, int] = {}
+    last = len(modules) - 1
+    for j, module in enumerate(modules):
+        for tensor in module.state_dict(keep_vars=True).values():
+            owner[id(tensor)] = j
+    for child in method.children():
+        if isinstance(child, nn.ModuleDict):
+            for key, part in child.items():
+                if key.isdigit():
+                    for tensor in part.state_dict(keep_vars=True).values():
+                        owner.setdefault(id(tensor), min(int(key), last))
+    return owner
+
+
+@dataclass(frozen=True)
+class Stage:
+    rank: int
+    num_stages: int
+    modules: range
+    """The global indices of the local modules this stage holds."""
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.num_stages - 1
+
+
+# -- the cotangents of one stage ------------------------------------------------------------------------
+class StageCotangents:
+    """The local schedule's module graphs and cotangent sums (fastlocal.schedule._Cotangents) for the modules
+    lo..hi-1 of a stage. A cascaded cotangent that leaves the stage at its input is kept in `outgoing`,
+    indexed by depth-1, where depth is the number of modules (on earlier stages) it still trains."""
+
+    def __init__(self, modules: Sequence[LocalModule], stage: range, window: int):
+        self.modules, self.window = modules, window
+        self.lo, self.hi = stage.start, stage.stop
+        self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sums: dict[int, torch.Tensor | None] = {}
+        self.outgoing: list[torch.Tensor | None] = [None] * max(0, window - 1)
+
+    def deliver(self, j: int, cotangent: torch.Tensor, depth: int) -> None:
+        """`cotangent` at module j's output trains modules j, j-1, ..., j-depth+1 (input-only VJPs between)."""
+        while True:
+            if j < self.lo:
+                _accumulate(self.outgoing, depth - 1, cotangent)
+                return
+            self.sums[j] = cotangent if self.sums.get(j) is None else self.sums[j] + cotangent
+            if depth == 1 or j == 0:
+                return
+            module_input, module_output = self.graphs[j]
+            (cotangent,) = torch.autograd.grad(module_output, module_input, cotangent, retain_graph=True)
+            j, depth = j - 1, depth - 1
+
+    def add_loss_gradients(self, i: int, own: torch.Tensor | None, cascade: torch.Tensor | None) -> None:
+        if own is not None:
+            self.sums[i] = own if self.sums.get(i) is None else self.sums[i] + own
+        if cascade is not None:
+            self.deliver(i, cascade, self.window)
+
+    def flush(self, j: int) -> None:
+        _, output = self.graphs.pop(j)
+        total = self.sums.pop(j, None)
+        if total is not None:
+            torch.autograd.backward(output, total, inputs=self.modules[j].trainable_parameters)
+
+
+# -- the pipeline trainer ----------------------------------------------------------------------------------
+def uses_images(cfg: Config) -> bool:
+    """Whether module losses read the images (InfoPro's reconstruction), so later stages need them."""
+    return cfg.method.name == "infopro" or (cfg.method.name == "mlaan" and cfg.mlaan.base == "infopro")
+
+
+class _StepsOnly:
+    """What a stage after the first iterates instead of the training loader: as many steps, no data (the
+    batch arrives from the previous stage)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.num_images = loader.num_images
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter([(None, None)] * len(self.loader))
+
+
+class _DataView:
+    """The data bundle with the training loader replaced (stages after the first)."""
+
+    def __init__(self, data, train):
+        self.train, self.test, self.info = train, data.test, data.info
+
+
+class PipelineTrainer(Trainer):
+    """`Trainer` for one pipeline stage: the same epochs, LR, logging and run directory (written by rank 0),
+    with the step, the evaluation and the checkpoints going through the pipeline."""
+
+    def __init__(self, cfg: Config, backbone, modules: list[LocalModule], method: LocalMethod, data,
+                 device: torch.device, out_dir, parallel: distributed.DataParallel,
+                 stage_sizes: Sequence[int] | None = None, log=print):
+        super().__init__(cfg, backbone, modules, method, data, device, out_dir, parallel=None)
+        self.parallel = parallel
+        self.is_main = parallel.is_main
+        self.nonfinite_check_steps = 0  # a check is a collective, which would drain the pipeline: once an epoch
+        self.measure_cpu_memory = False  # the saved-tensor accounting measures one process's step (not a stage's)
+        self.all_params = self.params
+        num_stages = parallel.world_size
+        if num_stages > len(modules):  # checked on every stage, before rank 0 alone measures the costs
+            raise ConfigError(f"{num_stages} pipeline stages need at least as many local modules, but "
+                              f"method.num_modules = {len(modules)}; raise it or start fewer processes")
+        sizes = list(stage_sizes or cfg.pipeline.stage_sizes or self._measured_partition(num_stages))
+        if len(sizes) != num_stages:
+            raise ConfigError(f"pipeline.stage_sizes = {sizes} names {len(sizes)} stages but torchrun started "
+                              f"{num_stages} processes; give one module count per process")
+        self.ranges = stage_ranges(sizes)
+        self.stage = Stage(parallel.rank, num_stages, self.ranges[parallel.rank])
+        log(f"pipeline: {num_stages} stages holding modules "
+            + " | ".join(f"{r.start}-{r.stop - 1}" for r in self.ranges))
+        self.stage_of_module = [s for s, r in enumerate(self.ranges) for _ in r]
+        owner = module_of_tensors(modules, method)
+        self.tensor_stage = {key: self.stage_of_module[j] for key, j in owner.items()}
+        last = num_stages - 1
+        self.params = [p for p in self.all_params if self.tensor_stage.get(id(p), last) == self.stage.rank]
+        self.lr_on_device = False
+        self.optimizer = build_optimizer(self.params, cfg, device)
+        self.run_step = self.eager_step
+        self.channels_last_input = self.channels_last
+        self.channels_last = False  # stage 0 converts the batch itself (other stages get no loader batch)
+        if not self.stage.is_first:
+            self.data = _DataView(data, _StepsOnly(data.train))
+        self.window = method.window
+        self.send_images = uses_images(cfg)
+        self._probe_shapes()
+        self._plan_ema()
+        self._buffers_in = self._buffers_out = None
+        self._pending: list[tuple[int, list, list]] = []  # (step, works, tensors kept alive until sent)
+        self._step = 0
+        self._steps = 0
+        self._stale = self._kept_input = None
+        if cfg.pipeline.cascade == "stale" and min(len(r) for r in self.ranges[:-1]) < method.window - 1:
+            raise ConfigError(f"pipeline.cascade = stale needs every stage but the last to hold at least "
+                              f"mlaan.window - 1 = {method.window - 1} modules (stages: "
+                              f"{[len(r) for r in self.ranges]}); use pipeline.cascade=exact or other "
+                              "pipeline.stage_sizes")
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def _measured_partition(self, num_stages: int) -> list[int]:
+        """Rank 0 measures each module's cost on this device; every stage takes its partition."""
+        sizes = [None]
+        if self.parallel.is_main:
+            costs = measure_module_costs(self.modules, self.method, self.cfg, self.data.info, self.device,
+                                         self.forward_context)
+            sizes = [partition([c["total"] for c in costs], num_stages)]
+        dist.broadcast_object_list(sizes, src=0)
+        return sizes[0]
+
+    @torch.no_grad()
+    def _probe_shapes(self) -> None:
+        """Per-image shape and dtype of every module's output, from a batch-1 forward in eval mode (BN
+        running statistics untouched)."""
+        info = self.data.info
+        x = torch.zeros(1, 3, info.image_size, info.image_size, device=self.device)
+        x = x.to(next(self.backbone.parameters()).dtype)
+        was = self.backbone.training
+        self.backbone.eval()
+        self.image_shape, self.image_dtype = tuple(x.shape[1:]), x.dtype
+        self.out_shapes = []
+        with self.forward_context():
+            for module in self.modules:
+                x = module(x)
+                self.out_shapes.append((tuple(x.shape[1:]), x.dtype))
+        self.backbone.train(was)
+
+    def _plan_ema(self) -> None:
+        """MLAAN's EMA pairs this stage updates, and which live tensors go from which stage to which."""
+        method, stage = self.method, self.stage.rank
+        self.ema_targets, self.ema_live = [], []  # every pair this stage updates (its LAMs' EMA copies)
+        self.ema_remote_targets, self.ema_remote_live = [], []  # the pairs whose live tensor another stage owns
+        self.weights_to: dict[int, list[torch.Tensor]] = {}  # receiver stage -> live tensors this stage sends
+        self.weights_from: dict[int, list[torch.Tensor]] = {}  # owner stage -> live tensors this stage receives
+        self._weights_pending: list[tuple[int, list]] = []  # (step pushed, receives) not applied yet
+        lams = getattr(method, "lams", None)
+        if not lams:
+            return
+        keys = list(lams.keys())
+        if self.cfg.mlaan.ema_scope == "last":
+            keys = keys[-1:]
+        for key in keys:
+            receiver = self.stage_of_module[int(key)]
+            targets, live = lams[key].ema_pairs()
+            for target, tensor in zip(targets, live):
+                owner = self.tensor_stage[id(tensor)]
+                if receiver == stage:
+                    self.ema_targets.append(target)
+                    self.ema_live.append(tensor)
+                    if owner != stage:
+                        self.ema_remote_targets.append(target)
+                        self.ema_remote_live.append(tensor)
+                        self.weights_from.setdefault(owner, []).append(tensor)
+                elif owner == stage:
+                    self.weights_to.setdefault(receiver, []).append(tensor)
+
+    def _message_buffers(self, activation_shape, dtype) -> list[torch.Tensor]:
+        """[batch size, activation, labels(, images)] for one batch of at most train.batch_size images."""
+        batch = self.cfg.train.batch_size
+        device = self.device
+        buffers = [torch.zeros(1, dtype=torch.int64, device=device),
+                   torch.zeros(batch, *activation_shape, dtype=dtype, device=device),
+                   torch.zeros(batch, dtype=torch.int64, device=device)]
+        if self.send_images:
+            buffers.append(torch.zeros(batch, *self.image_shape, dtype=self.image_dtype, device=device))
+        return buffers
+
+    # -- communication -------------------------------------------------------------------------------
+    def _post(self, ops: list[dist.P2POp]) -> list:
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    def _post_receive_input(self, step: int) -> None:
+        if self.stage.is_first or step >= self._steps:
+            return
+        if self._buffers_in is None:
+            shape, dtype = self.out_shapes[self.stage.modules.start - 1]
+            self._buffers_in = [self._message_buffers(shape, dtype) for _ in range(2)]
+        buffers = self._buffers_in[step % 2]
+        self._receive_works[step % 2] = self._post(
+            [dist.P2POp(dist.irecv, b, self.stage.rank - 1, tag=TAG_ACTIVATION) for b in buffers])
+
+    def _send_output(self, step: int, output: torch.Tensor, batch: Batch) -> None:
+        if self._buffers_out is None:
+            shape, dtype = self.out_shapes[self.stage.modules.stop - 1]
+            self._buffers_out = [self._message_buffers(shape, dtype) for _ in range(2)]
+        buffers = self._buffers_out[step % 2]  # its send of step-2 was waited for at the start of this step
+        n = output.shape[0]
+        buffers[0].fill_(n)
+        buffers[1][:n].copy_(output.detach())
+        buffers[2][:n].copy_(batch.y)
+        if self.send_images:
+            buffers[3][:n].copy_(batch.x)
+        works = self._post([dist.P2POp(dist.isend, b, self.stage.rank + 1, tag=TAG_ACTIVATION) for b in buffers])
+        self._pending.append((step, works, []))
+
+    def _wait_sends(self, older_than: int) -> None:
+        keep = []
+        for step, works, tensors in self._pending:
+            if step < older_than:
+                for work in works:
+                    work.wait()
+            else:
+                keep.append((step, works, tensors))
+        self._pending = keep
+
+    def _send_weights(self, step: int) -> None:
+        """Owner: the live tensors other stages' EMA copies follow, as they are before this step's update."""
+        for receiver, tensors in sorted(self.weights_to.items()):
+            flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+            works = self._post([dist.P2POp(dist.isend, flat, receiver, tag=TAG_WEIGHTS)])
+            self._pending.append((step, works, [flat]))
+
+    def _post_receive_weights(self) -> list[tuple[list, torch.Tensor, list[torch.Tensor]]]:
+        received = []
+        for owner, tensors in sorted(self.weights_from.items()):
+            flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=self.device)
+            received.append((self._post([dist.P2POp(dist.irecv, flat, owner, tag=TAG_WEIGHTS)]), flat, tensors))
+        return received
+
+    def _sends_cotangent_back(self) -> bool:
+        return not self.stage.is_first and self.window > 1
+
+    def _gets_cotangent(self) -> bool:
+        return not self.stage.is_last and self.window > 1
+
+    def _cotangent_buffers(self, n: int) -> list[torch.Tensor]:
+        shape, dtype = self.out_shapes[self.stage.modules.stop - 1]
+        return [torch.zeros(self.window - 1, dtype=torch.int64, device=self.device),
+                torch.zeros(self.window - 1, n, *shape, dtype=dtype, device=self.device)]
+
+    def _send_cotangent(self, step: int, outgoing: list[torch.Tensor | None], like: torch.Tensor) -> None:
+        present = torch.tensor([g is not None for g in outgoing], dtype=torch.int64, device=self.device)
+        stacked = torch.stack([like.new_zeros(like.shape) if g is None else g for g in outgoing])
+        works = self._post([dist.P2POp(dist.isend, t, self.stage.rank - 1, tag=TAG_COTANGENT)
+                            for t in (present, stacked)])
+        self._pending.append((step, works, [present, stacked]))
+
+    # -- one step ------------------------------------------------------------------------------------
+    def step_without_zero_grad(self, x, y) -> torch.Tensor:
+        step, stage = self._step, self.stage
+        self._step += 1
+        self._wait_sends(older_than=step - 1)  # frees the send buffers of step-2
+        if stage.is_first:
+            if self.channels_last_input:
+                x = x.contiguous(memory_format=torch.channels_last)
+            batch = Batch(x, y, self.data.info.mean, self.data.info.std)
+            inputs = x
+        else:
+            for work in self._receive_works[step % 2]:
+                work.wait()
+            buffers = self._buffers_in[step % 2]
+            n = int(buffers[0].item())
+            images = buffers[3][:n] if self.send_images else buffers[1][:0]
+            batch = Batch(images, buffers[2][:n], self.data.info.mean, self.data.info.std)
+            inputs = buffers[1][:n].requires_grad_(self.window > 1)
+            self._post_receive_input(step + 1)  # receive early: batch t+1 lands while this stage computes
+        every = self.cfg.pipeline.ema_every
+        if step % every == 0:
+            self._weights_pending.append((step, self._post_receive_weights()))
+            self._send_weights(step)
+        incoming = cotangent_works = None
+        if self._gets_cotangent():
+            incoming = self._cotangent_buffers(inputs.shape[0])
+            cotangent_works = self._post([dist.P2POp(dist.irecv, t, stage.rank + 1, tag=TAG_COTANGENT)
+                                          for t in incoming])
+        # stale: the cotangent of this step is applied at the next (the epoch's last step waits for its own).
+        stale = self.cfg.pipeline.cascade == "stale" and self._gets_cotangent() and step < self._steps - 1
+        loss = self._local_step(step, inputs, batch, incoming, cotangent_works, wait_incoming=not stale)
+        if self._stale is not None:
+            self._apply_stale_cotangent()
+        if stale and cotangent_works is not None:
+            self._stale = (incoming, cotangent_works, self._kept_input)
+        self._ema_step(step)
+        self.optimizer.step()
+        return loss
+
+    def _ema_step(self, step: int) -> None:
+        """MLAAN's EMA of this stage's LAM copies. ema_every = 1: every pair, with the live weights of this step
+        (received from their owners). P > 1: the pairs of live tensors this stage owns every step; the others
+        every P steps, with the weights pushed P steps earlier and momentum m^P."""
+        from fastlocal.kernels import ema_update_
+
+        every = self.cfg.pipeline.ema_every
+        if every == 1:
+            self._apply_weights(self._weights_pending.pop(0)[1])
+        if not hasattr(self.method, "lams"):  # no EMA across stages (DGL, InfoPro: nothing at all)
+            self.method.before_optimizer_step()
+            return
+        momentum = self.method.ema_momentum
+        if every == 1:
+            if self.ema_targets:
+                ema_update_(self.ema_targets, self.ema_live, momentum, backend=self.method.kernels)
+            return
+        remote = {id(t) for t in self.ema_remote_targets}
+        local = [(t, lv) for t, lv in zip(self.ema_targets, self.ema_live) if id(t) not in remote]
+        if local:
+            ema_update_([t for t, _ in local], [lv for _, lv in local], momentum, backend=self.method.kernels)
+        if step % every == 0 and len(self._weights_pending) > 1:  # the push of step-P
+            self._apply_remote_ema(self._weights_pending.pop(0)[1])
+
+    def _apply_weights(self, received) -> None:
+        for works, flat, tensors in received:
+            for work in works:
+                work.wait()
+            with torch.no_grad():  # this stage's copy of the owner's live tensors, as the owner sent them
+                for tensor, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+                    tensor.copy_(chunk.view_as(tensor))
+
+    def _apply_remote_ema(self, received) -> None:
+        from fastlocal.kernels import ema_update_
+
+        self._apply_weights(received)
+        if self.ema_remote_targets:
+            ema_update_(self.ema_remote_targets, self.ema_remote_live,
+                        self.method.ema_momentum ** self.cfg.pipeline.ema_every, backend=self.method.kernels)
+
+    @torch.no_grad()
+    def _restore(self, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for buffer, value in saved:
+            buffer.copy_(value)
+
+    def _apply_stale_cotangent(self) -> None:
+        """pipeline.cascade = stale (Features Replay style): the next stage's cotangent of the previous step
+        trains this stage's last W-1 modules now: their forward is recomputed from the input kept then, with
+        the current weights (batch-norm running statistics left untouched), and its weight VJPs add to this
+        step's gradients."""
+        (present, stacked), works, kept = self._stale
+        self._stale = None
+        for work in works:
+            work.wait()
+        hi, window = self.stage.modules.stop, self.window
+        tail = range(hi - window + 1, hi)
+        saved = [(b, b.clone()) for j in tail for b in self.modules[j].buffers()]
+        cotangents = StageCotangents(self.modules, tail, window)
+        previous = kept
+        for j in tail:
+            inputs = previous.detach().requires_grad_(j > tail.start)
+            with self.forward_context():
+                output = self.modules[j](inputs)
+            cotangents.graphs[j] = (inputs, output)
+            previous = output
+        for depth in range(1, window):
+            if present[depth - 1]:
+                cotangents.deliver(hi - 1, stacked[depth - 1], depth)
+        for j in tail:
+            cotangents.flush(j)
+        self._restore(saved)  # after the backward, which reads the running statistics batch norm saved
+
+    def _local_step(self, step: int, inputs: torch.Tensor, batch: Batch, incoming, incoming_works,
+                    wait_incoming: bool = True) -> torch.Tensor:
+        """The stage's modules through the local schedule (fastlocal.schedule.local_train_step's order)."""
+        stage, method, window = self.stage, self.method, self.window
+        lo, hi = stage.modules.start, stage.modules.stop
+        cotangents = StageCotangents(self.modules, stage.modules, window)
+        last_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        # The last loss whose cascade reaches below this stage; past it the cotangent sent back is complete.
+        cascade_done_after = lo + window - 2 if self._sends_cotangent_back() else None
+        previous = inputs
+        for i in range(lo, hi):
+            if i > lo:
+                previous = previous.detach().requires_grad_(window > 1)
+            if i == hi - window + 1 and not wait_incoming:  # stale: the input the recomputation will need
+                self._kept_input = previous.detach().clone()
+            with self.forward_context():
+                output = self.modules[i](previous)
+            cotangents.graphs[i] = (previous, output)
+            if i == hi - 1 and not stage.is_last:
+                self._send_output(step, output, batch)  # the next stage starts as soon as possible
+            own, cascade = output.detach().requires_grad_(), output.detach().requires_grad_()
+            with self.forward_context():
+                loss = method.module_loss(i, own, cascade, batch)
+            if loss is not None:
+                loss.backward()
+                cotangents.add_loss_gradients(i, own.grad, cascade.grad)
+                if i == len(self.modules) - 1:
+                    last_loss = loss.detach()
+            if i == cascade_done_after:
+                self._send_cotangent(step, cotangents.outgoing, inputs)
+            if i - window + 1 >= lo:  # its last loss has run, and no later stage's cascade reaches it
+                cotangents.flush(i - window + 1)
+            previous = output
+        if incoming_works is not None and wait_incoming:  # exact cascade: the next stage's cotangents of this step
+            for work in incoming_works:
+                work.wait()
+            present, stacked = incoming
+            for depth in range(1, window):
+                if present[depth - 1]:
+                    cotangents.deliver(hi - 1, stacked[depth - 1], depth)
+        if self._sends_cotangent_back() and (cascade_done_after is None or cascade_done_after >= hi):
+            self._send_cotangent(step, cotangents.outgoing, inputs)  # the window is longer than this stage
+        for j in range(max(lo, hi - window + 1), hi):
+            cotangents.flush(j)
+        return last_loss
+
+    def drain(self) -> None:
+        """Wait for every send still in flight, and apply the EMA weights still to come (end of an epoch)."""
+        while self._weights_pending:
+            _, received = self._weights_pending.pop(0)
+            if self.cfg.pipeline.ema_every > 1:
+                self._apply_remote_ema(received)
+            else:
+                self._apply_weights(received)
+        self._wait_sends(older_than=self._step + 1)
+
+    # -- epochs, evaluation, checkpoints -----------------------------------------------------------------
+    def begin(self, steps: int) -> None:
+        """Before the first of `steps` steps (an epoch): post the receive of the first batch."""
+        self._step, self._steps = 0, steps
+        self._receive_works = [None, None]
+        self._post_receive_input(0)
+
+    def train_epoch(self, epoch: int) -> dict:
+        self.begin(len(self.data.train))
+        try:
+            row = super().train_epoch(epoch)
+        finally:
+            self._steps = 0
+        self.drain()
+        return row
+
+    def test_accuracy(self) -> float:
+        with self.forward_context():
+            return pipeline_evaluate(self.modules, self.backbone, self.data.test, self.stage, self.out_shapes,
+                                     self.image_dtype, self.channels_last_input)
+
+    def owned_state(self) -> dict:
+        """This stage's entries of the single-device checkpoint: its modules' and heads' tensors, and the
+        optimizer state of its parameters under their single-device index."""
+        mine = self.stage.rank
+        last = self.stage.num_stages - 1
+
+        def owned(root: nn.Module) -> dict:
+            return {k: v.detach().cpu() for k, v in root.state_dict(keep_vars=True).items()
+                    if self.tensor_stage.get(id(v), last) == mine}
+
+        index = {id(p): g for g, p in enumerate(self.all_params)}
+        local = self.optimizer.state_dict()
+        state = {index[id(self.params[i])]: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                 for i, s in local["state"].items()}
+        return {"backbone": owned(self.backbone), "method": owned(self.method), "optimizer_state": state,
+                "param_groups": local["param_groups"]}
+
+    def checkpoint(self) -> dict | None:
+        """The single-device checkpoint, gathered on rank 0 (None on the other stages)."""
+        parts = [None] * self.stage.num_stages if self.is_main else None
+        dist.gather_object(self.owned_state(), parts, dst=0)
+        if not self.is_main:
+            return None
+        backbone, method, state = {}, {}, {}
+        for part in parts:
+            backbone.update(part["backbone"])
+            method.update(part["method"])
+            state.update(part["optimizer_state"])
+        groups = [{**parts[0]["param_groups"][0], "params": list(range(len(self.all_params)))}]
+        full_backbone = {k: backbone[k] for k in self.backbone.state_dict()}
+        full_method = {k: method[k] for k in self.method.state_dict()}
+        return {"config": to_dict(self.cfg), "backbone": full_backbone, "method": full_method,
+                "optimizer": {"state": dict(sorted(state.items())), "param_groups": groups},
+                "state": self.state.__dict__}
+
+    def save_checkpoint(self) -> None:
+        own = self.owned_state()
+        bad = non_finite_tensors({"backbone": own["backbone"], "method": own["method"]})
+        if distributed.sum_across_ranks(torch.tensor(len(bad), device=self.device)).item():
+            raise self.diverged(f"after epoch {self.state.epoch}, tensors of the model hold inf or nan"
+                                + (f" (first on this stage: {bad[0]})" if bad else ""),
+                                completed_epochs=self.state.epoch - 1)
+        ckpt = self.checkpoint()
+        if self.is_main:
+            from fastlocal.engine import CHECKPOINT_NAME, save_atomic
+
+            save_atomic(ckpt, self.out_dir / CHECKPOINT_NAME)
+
+    def restore(self, ckpt: dict) -> None:
+        """A single-device checkpoint (written by one device or gathered from a pipeline): every stage loads
+        the weights, and the optimizer state of its own parameters."""
+        full = ckpt["optimizer"]
+        index = {id(p): g for g, p in enumerate(self.all_params)}
+        local_state = {i: full["state"][index[id(p)]] for i, p in enumerate(self.params)
+                       if index[id(p)] in full["state"]}
+        groups = [{**full["param_groups"][0], "params": list(range(len(self.params)))}]
+        super().restore({**ckpt, "optimizer": {"state": local_state, "param_groups": groups}})
+
+    def summary(self) -> dict:
+        summary = super().summary()
+        summary.update(world_size=self.stage.num_stages, parallel="modules",
+                       pipeline_stages=[[r.start, r.stop - 1] for r in self.ranges])
+        return summary
+
+
+# -- evaluation through the pipeline --------------------------------------------------------------------------
+@torch.no_grad()
+def pipeline_evaluate(modules: Sequence[LocalModule], backbone: nn.Module, loader, stage: Stage,
+                      out_shapes: list, image_dtype: torch.dtype, channels_last: bool = False) -> float:
+    """Top-1 accuracy (%) of the backbone's final head: stage 0 reads the test batches, each stage runs its
+    modules in eval mode and passes the output (and the labels) on; the last stage counts."""
+    was_training = backbone.training
+    backbone.eval()
+    device = next(backbone.parameters()).device
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    lo, hi = stage.modules.start, stage.modules.stop
+    batches = iter(loader) if stage.is_first else iter([(None, None)] * len(loader))
+    for x, y in batches:
+        if stage.is_first:
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+        else:
+            n = torch.zeros(1, dtype=torch.int64, device=device)
+            dist.recv(n, stage.rank - 1, tag=TAG_ACTIVATION)
+            shape, dtype = out_shapes[lo - 1]
+            x = torch.empty(int(n.item()), *shape, dtype=dtype, device=device)
+            y = torch.empty(int(n.item()), dtype=torch.int64, device=device)
+            dist.recv(x, stage.rank - 1, tag=TAG_ACTIVATION)
+            dist.recv(y, stage.rank - 1, tag=TAG_ACTIVATION)
+        for i in range(lo, hi):
+            x = modules[i](x)
+        if stage.is_last:
+            correct += (backbone.head(x).argmax(1) == y).sum()
+        else:
+            dist.send(torch.tensor([x.shape[0]], dtype=torch.int64, device=device), stage.rank + 1, tag=TAG_ACTIVATION)
+            dist.send(x.contiguous(), stage.rank + 1, tag=TAG_ACTIVATION)
+            dist.send(y.contiguous(), stage.rank + 1, tag=TAG_ACTIVATION)
+    backbone.train(was_training)
+    total = loader.num_images if stage.is_last else 0
+    correct, total = distributed.sum_across_ranks(torch.stack([correct, torch.tensor(total, device=device)]))
+    return 100.0 * correct.item() / total.item()
+
+
+# -- per-module cost --------------------------------------------------------------------------------------------
+class _Timer:
+    """Seconds between marks: CUDA events on a GPU (read after one synchronisation), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def measure_module_costs(modules: Sequence[LocalModule], method: LocalMethod, cfg: Config, info,
+                         device: torch.device, forward_context: Callable = None, repeats: int = 5
+                         ) -> list[dict]:
+    """Each module's cost on `device`, in seconds per step of train.batch_size random images (the median of
+    `repeats` after one warm-up): forward, its loss forward and backward, the input-only VJPs the cascade runs
+    through it, its weight VJP and its optimizer step; `total` sums them, `output_bytes` is the activation a
+    stage boundary after it carries. The model's weights, statistics and gradients are left as they were."""
+    from contextlib import nullcontext
+
+    forward_context = forward_context or nullcontext
+    backbone = method.backbone
+    saved = ({k: v.clone() for k, v in backbone.state_dict().items()},
+             {k: v.clone() for k, v in method.state_dict().items()})
+    dtype = next(backbone.parameters()).dtype
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg.train.batch_size, 3, info.image_size, info.image_size, generator=g).to(device, dtype)
+    y = torch.randint(0, info.num_classes, (cfg.train.batch_size,), generator=g).to(device)
+    batch = Batch(x, y, info.mean, info.std)
+    window, num = method.window, len(modules)
+    groups = distributed.module_parameter_groups(list(modules), method, backbone)
+    optimizers = [torch.optim.SGD(group, lr=0.0, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+                                  weight_decay=cfg.optim.weight_decay, foreach=True) if group else None
+                  for group in groups]
+    samples = [[[] for _ in range(5)] for _ in range(num)]  # per module and part, one time per repeat
+    out_bytes = [0] * num
+    for rep in range(repeats + 1):
+        a = batch.x
+        for i, module in enumerate(modules):
+            # As in the schedule: the input needs a gradient only where a cascade passes through the module.
+            inputs = a.detach().requires_grad_(i > 0 and window > 1)
+            timer = _Timer(device)
+            timer.mark()
+            with forward_context():
+                out = module(inputs)
+            timer.mark()
+            own, cascade = out.detach().requires_grad_(), out.detach().requires_grad_()
+            with forward_context():
+                loss = method.module_loss(i, own, cascade, batch)
+            if loss is not None:
+                loss.backward()
+            timer.mark()
+            grad = sum(g for g in (own.grad, cascade.grad) if g is not None) if loss is not None else out * 0
+            graph_input, graph_output = inputs, out
+            if i > 0 and window == 1:  # the input VJP (for pipelined BP's model) on a graph of its own, untimed
+                graph_input = a.detach().requires_grad_()
+                with forward_context():
+                    graph_output = module(graph_input)
+            timer.mark()
+            if i > 0:
+                torch.autograd.grad(graph_output, graph_input, grad, retain_graph=True)
+            timer.mark()
+            torch.autograd.backward(out, grad, inputs=module.trainable_parameters)
+            timer.mark()
+            if optimizers[i] is not None:
+                optimizers[i].step()
+            timer.mark()
+            for p in groups[i]:
+                p.grad = None
+            if rep:
+                intervals = timer.intervals()
+                for k, seconds in enumerate(intervals[:2] + intervals[3:]):  # [2] is the untimed forward
+                    samples[i][k].append(seconds)
+            out_bytes[i] = out.numel() * out.element_size()
+            a = out
+    backbone.load_state_dict(saved[0])
+    method.load_state_dict(saved[1])
+    costs = []
+    for i in range(num):
+        forward, loss, input_vjp, weight_vjp, step = (statistics.median(times) for times in samples[i])
+        # The cascade runs an input-only VJP through module i for each loss i+1..i+W-1 that exists.
+        carries = sum(1 for j in range(i + 1, min(num, i + window)))
+        costs.append({"forward": forward, "loss": loss, "input_vjp": input_vjp, "weight_vjp": weight_vjp,
+                      "optimizer": step, "carries": carries,
+                      "total": forward + loss + weight_vjp + step + carries * input_vjp,
+                      "output_bytes": out_bytes[i]})
+    return costs
+
+
+def check_pipeline(cfg: Config) -> None:
+    """Options the pipeline rules out."""
+    if cfg.system.sync_batch_norm:
+        raise ConfigError("system.sync_batch_norm = true is for data parallelism; a pipeline stage holds whole "
+                          "batches. Set system.sync_batch_norm=false")
+    if cfg.method.name == "bp":
+        raise UserError("method.name = bp has one module, which cannot be split over stages; use a local method "
+                        "(dgl, infopro, mlaan) with system.parallel=modules")
+
+
+# -- the throughput model --------------------------------------------------------------------------------------
+def predict_step(costs: Sequence[dict], sizes: Sequence[int], window: int = 1, cascade: str = "exact",
+                 link_bytes_per_second: float = 0.0) -> dict:
+    """The steady step time of a local-learning pipeline with stages of `sizes` modules (docs/pipeline.md).
+
+    Stage k costs t_k (the sum of its modules' `total`) and its output takes c_k to send (0 with no link
+    figure: the link is not modelled). Without a cascade crossing a boundary (window 1, or DGL) nothing waits
+    for a later stage: step = max_k max(t_k, c_k). MLAAN `exact`: stage k waits, after its own work up to its
+    last loss, for the cotangent of stage k+1, which needs c_k, then stage k+1's forwards, losses and cascade
+    VJPs of its first W-1 modules, then the cotangent's way back; its last module's loss overlaps that wait.
+    MLAAN `stale`: no wait, but stage k recomputes the forward, weight VJP and carried input VJPs of its last
+    W-1 modules on the kept input."""
+    ranges = stage_ranges(sizes)
+    last_stage = len(ranges) - 1
+
+    def send(k: int, copies: int = 1) -> float:
+        if k == last_stage or not link_bytes_per_second:
+            return 0.0
+        return copies * costs[ranges[k].stop - 1]["output_bytes"] / link_bytes_per_second
+
+    stage_costs, steps = [], []
+    for k, r in enumerate(ranges):
+        t = sum(costs[i]["total"] for i in r)
+        extra = 0.0
+        if window > 1 and k < last_stage:
+            tail = list(r)[-(window - 1):]
+            if cascade == "exact":
+                head = list(ranges[k + 1])[:window - 1]
+                round_trip = send(k) + send(k, window - 1) + sum(
+                    costs[i]["forward"] + costs[i]["loss"] + costs[i]["carries"] * costs[i]["input_vjp"] for i in head)
+                extra = max(0.0, round_trip - costs[r.stop - 1]["loss"])
+            else:
+                extra = sum(costs[i]["forward"] + costs[i]["weight_vjp"] + costs[i]["input_vjp"] for i in tail)
+        stage_costs.append(t)
+        steps.append(max(t + extra, send(k)))
+    single = sum(c["total"] for c in costs)
+    step = max(steps)
+    return {"stage_seconds": stage_costs, "step_seconds": step, "single_device_seconds": single,
+            "speedup": single / step}
+
+
+def predict_pipelined_bp(costs: Sequence[dict], sizes: Sequence[int], micro_batches: int,
+                         link_bytes_per_second: float = 0.0) -> dict:
+    """Pipelined backprop (1F1B, `micro_batches` per batch) on the same stages: stage k's forward and backward
+    through its modules (no local heads; the last stage adds the final loss), the optimizer step once per
+    batch; step = (M + S - 1) / M * max_k (work_k + c_k)."""
+    ranges = stage_ranges(sizes)
+    last = len(costs) - 1
+    work = []
+    for k, r in enumerate(ranges):
+        t = sum(costs[i]["forward"] + costs[i]["input_vjp"] + costs[i]["weight_vjp"] + costs[i]["optimizer"]
+                for i in r)
+        if k == len(ranges) - 1:
+            t += costs[last]["loss"]
+        sent = costs[r.stop - 1]["output_bytes"] / link_bytes_per_second if link_bytes_per_second else 0.0
+        work.append(t + (2 * sent if k < len(ranges) - 1 else 0.0))  # activation forward, gradient back
+    single = sum(c["forward"] + c["input_vjp"] + c["weight_vjp"] + c["optimizer"] for c in costs) + costs[last]["loss"]
+    m, s = micro_batches, len(ranges)
+    step = (m + s - 1) / m * max(work)
+    return {"stage_seconds": work, "step_seconds": step, "single_device_seconds": single, "speedup": single / step,
+            "micro_batches": m}
+
+
+def measure_single_device_step(modules, method, cfg: Config, info, device: torch.device, forward_context,
+                               repeats: int = 5) -> float:
+    """Seconds of one real single-device step (fastlocal.schedule.local_train_step and an SGD step with the LR
+    at 0) on random images, the median of `repeats` after one warm-up; the model is left as it was."""
+    from fastlocal.schedule import local_train_step
+
+    backbone = method.backbone
+    saved = ({k: v.clone() for k, v in backbone.state_dict().items()},
+             {k: v.clone() for k, v in method.state_dict().items()})
+    params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.0, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+                                weight_decay=cfg.optim.weight_decay, foreach=True)
+    g = torch.Generator().manual_seed(0)
+    dtype = next(backbone.parameters()).dtype
+    x = torch.randn(cfg.train.batch_size, 3, info.image_size, info.image_size, generator=g).to(device, dtype)
+    y = torch.randint(0, info.num_classes, (cfg.train.batch_size,), generator=g).to(device)
+    times = []
+    for rep in range(repeats + 1):
+        timer = _Timer(device)
+        timer.mark()
+        optimizer.zero_grad(set_to_none=True)
+        local_train_step(list(modules), method, Batch(x, y, info.mean, info.std), forward_context)
+        optimizer.step()
+        timer.mark()
+        if rep:
+            times.append(timer.intervals()[0])
+    optimizer.zero_grad(set_to_none=True)
+    backbone.load_state_dict(saved[0])
+    method.load_state_dict(saved[1])
+    return statistics.median(times)
+
+
+def profile(cfg: Config, num_classes: int, image_size: int, num_stages: int, link_gbps: float = 0.0,
+            micro_batches: int = 4) -> dict:
+    """`python -m fastlocal.plan --profile --stages S`: every module's measured cost on this run's device for
+    DGL and MLAAN (the config's K, split and options), the check of their sum against a measured single-device
+    step, and the predicted steady step and speed-up of DGL, MLAAN exact, MLAAN stale and pipelined BP on S
+    stages, each partitioned by its own costs. A model fed with measured costs: no pipeline runs here."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from fastlocal.plan import build_model
+    from fastlocal.schedule import forward_context_for
+    from fastlocal.train import resolve_device
+
+    device = resolve_device(cfg.system.device)
+    forward_context = forward_context_for(device, cfg.system.precision)
+    info = SimpleNamespace(image_size=image_size, num_classes=num_classes, mean=(0.5,) * 3, std=(0.5,) * 3)
+    link = link_gbps * 1e9 / 8
+    result: dict = {"device": str(device), "stages": num_stages, "batch_size": cfg.train.batch_size,
+                    "link_gbps": link_gbps or None, "methods": {}, "predicted": {},
+                    "note": "modelled from measured per-module costs (docs/pipeline.md), not a measured pipeline; "
+                            "the link is " + (f"{link_gbps} Gbit/s" if link_gbps else "not modelled (free)")}
+    all_costs = {}
+    for name in ("dgl", "mlaan"):
+        method_cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name=name))
+        torch.manual_seed(cfg.system.seed)
+        learner = build_model(method_cfg, num_classes, image_size)
+        learner.backbone.to(device)
+        learner.method.to(device)
+        modules, method = learner.local_modules, learner.method
+        costs = measure_module_costs(modules, method, method_cfg, info, device, forward_context)
+        step = measure_single_device_step(modules, method, method_cfg, info, device, forward_context)
+        total = sum(c["total"] for c in costs)
+        result["methods"][name] = {"modules": costs, "sum_seconds": total, "measured_step_seconds": step,
+                                   "sum_within_10_percent": abs(total - step) <= 0.1 * step}
+        all_costs[name] = (costs, method.window)
+    dgl, _ = all_costs["dgl"]
+    mlaan, window = all_costs["mlaan"]
+    for label, costs, w, cascade in (("dgl", dgl, 1, "exact"), ("mlaan_exact", mlaan, window, "exact"),
+                                     ("mlaan_stale", mlaan, window, "stale")):
+        sizes = partition([c["total"] for c in costs], num_stages)
+        result["predicted"][label] = {"stage_sizes": sizes, **predict_step(costs, sizes, w, cascade, link)}
+    bp_sizes = partition([c["forward"] + c["input_vjp"] + c["weight_vjp"] + c["optimizer"] for c in dgl], num_stages)
+    result["predicted"]["pipelined_bp"] = {"stage_sizes": bp_sizes,
+                                           **predict_pipelined_bp(dgl, bp_sizes, micro_batches, link)}
+    return result
+
+
+# -- the baseline: pipelined backprop on the same stages ----------------------------------------------------------
+class PipelinedBackprop:
+    """End-to-end backprop of the same backbone over the same stages, with `torch.distributed.pipelining`
+    (`Schedule1F1B`, `micro_batches` per batch; the gradients are the mean over micro-batches, batch norm
+    normalises each micro-batch). Stage k holds the backbone parts of the local modules `modules` (and the
+    last stage the final head); every rank calls `step` with the batch (only stage 0 reads the images, only
+    the last the labels)."""
+
+    def __init__(self, cfg: Config, backbone, modules: Sequence[LocalModule], stage: Stage, device: torch.device,
+                 micro_batches: int):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+        if cfg.train.batch_size % micro_batches:
+            raise ConfigError(f"train.batch_size = {cfg.train.batch_size} must split into {micro_batches} equal "
+                              "micro-batches")
+        parts = [p for i in stage.modules for p in modules[i].part_ids]
+        layers = [backbone.parts[p] for p in parts] + ([backbone.head] if stage.is_last else [])
+        self.submodule = nn.Sequential(*layers)
+        self.stage, self.micro_batches = stage, micro_batches
+        micro = cfg.train.batch_size // micro_batches
+        dtype = next(backbone.parameters()).dtype
+        with torch.no_grad():  # the example micro-batch this stage receives, in eval mode (statistics untouched)
+            was = backbone.training
+            backbone.eval()
+            x = torch.zeros(micro, 3, backbone.input_size, backbone.input_size, device=device, dtype=dtype)
+            for p in range(parts[0]):
+                x = backbone.parts[p](x)
+            backbone.train(was)
+        self.pipeline_stage = PipelineStage(self.submodule, stage.rank, stage.num_stages, device, input_args=(x,))
+        self.schedule = Schedule1F1B(self.pipeline_stage, micro_batches,
+                                     loss_fn=lambda logits, y: nn.functional.cross_entropy(logits, y))
+        self.optimizer = build_optimizer([p for p in self.submodule.parameters() if p.requires_grad], cfg, device)
+
+    def step(self, x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
+        """One batch: forward and backward of every micro-batch (1F1B), then the optimizer step. The last
+        stage returns the mean micro-batch loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = []
+        if self.stage.is_first:
+            self.schedule.step(x)
+        elif self.stage.is_last:
+            self.schedule.step(target=y, losses=losses)
+        else:
+            self.schedule.step()
+        self.optimizer.step()
+        return torch.stack(losses).mean().detach() if losses else None
