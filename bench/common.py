@@ -62,8 +62,18 @@ CIFAR_MEAN_STD = ((0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616))
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 # Residual blocks per backbone (the split's K limit is this, +1 with method.stem_separate).
-NUM_BLOCKS = {"resnet20": 9, "resnet32": 15, "resnet44": 21, "resnet56": 27, "resnet110": 54,
-              "resnet18": 8, "resnet34": 16, "resnet50": 16, "resnet101": 33, "resnet152": 50}
+NUM_BLOCKS = {
+    "resnet20": 9,
+    "resnet32": 15,
+    "resnet44": 21,
+    "resnet56": 27,
+    "resnet110": 54,
+    "resnet18": 8,
+    "resnet34": 16,
+    "resnet50": 16,
+    "resnet101": 33,
+    "resnet152": 50,
+}
 
 
 @dataclass(frozen=True)
@@ -102,13 +112,39 @@ class Sizes:
 
 
 SIZES = {
-    "gpu": Sizes(cifar_batch=1024, cifar_size=32, imagenet_batch=32, imagenet_size=224, warmup_steps=2,
-                 rounds=7, sweep_batches=(128, 256, 512, 1024), sweep_rounds=3, arch_for={}),
-    "cpu": Sizes(cifar_batch=8, cifar_size=32, imagenet_batch=2, imagenet_size=224, warmup_steps=0,
-                 rounds=3, sweep_batches=(2, 4, 8, 16), sweep_rounds=2, arch_for={}),
-    "smoke": Sizes(cifar_batch=2, cifar_size=16, imagenet_batch=2, imagenet_size=32, warmup_steps=0,
-                   rounds=1, sweep_batches=(2,), sweep_rounds=1,
-                   arch_for={"resnet32": "resnet20", "resnet110": "resnet20", "resnet34": "resnet18"}),
+    "gpu": Sizes(
+        cifar_batch=1024,
+        cifar_size=32,
+        imagenet_batch=32,
+        imagenet_size=224,
+        warmup_steps=2,
+        rounds=7,
+        sweep_batches=(128, 256, 512, 1024),
+        sweep_rounds=3,
+        arch_for={},
+    ),
+    "cpu": Sizes(
+        cifar_batch=8,
+        cifar_size=32,
+        imagenet_batch=2,
+        imagenet_size=224,
+        warmup_steps=0,
+        rounds=3,
+        sweep_batches=(2, 4, 8, 16),
+        sweep_rounds=2,
+        arch_for={},
+    ),
+    "smoke": Sizes(
+        cifar_batch=2,
+        cifar_size=16,
+        imagenet_batch=2,
+        imagenet_size=32,
+        warmup_steps=0,
+        rounds=1,
+        sweep_batches=(2,),
+        sweep_rounds=1,
+        arch_for={"resnet32": "resnet20", "resnet110": "resnet20", "resnet34": "resnet18"},
+    ),
 }
 
 
@@ -143,18 +179,48 @@ METHOD_LABELS = ("bp", "bp-checkpoint", "bp-bf16", "dgl", "infopro", "mlaan", "d
 # docs/method.md#splits-and-leap-tables)
 # and a few others, so memory can be plotted against K.
 STEP_GRID = (
-    ("resnet32", [("bp", 1), ("bp-checkpoint", 1), ("bp-bf16", 1),
-                  ("dgl", 2), ("dgl", 4), ("dgl", 8), ("dgl", 16),
-                  ("infopro", 8), ("infopro", 16),
-                  ("mlaan", 4), ("mlaan", 8), ("mlaan", 15),
-                  ("dgl+mlaan", 8), ("dgl+mlaan", 15)]),
-    ("resnet110", [("bp", 1), ("bp-checkpoint", 1), ("bp-bf16", 1),
-                   ("dgl", 4), ("dgl", 16), ("dgl", 32), ("dgl", 54),
-                   ("infopro", 32), ("infopro", 54),
-                   ("mlaan", 16), ("mlaan", 32), ("mlaan", 54),
-                   ("dgl+mlaan", 32), ("dgl+mlaan", 54)]),
-    ("resnet34", [("bp", 1), ("bp-checkpoint", 1), ("bp-bf16", 1),
-                  ("dgl", 4), ("dgl", 16), ("mlaan", 4), ("mlaan", 16)]),
+    (
+        "resnet32",
+        [
+            ("bp", 1),
+            ("bp-checkpoint", 1),
+            ("bp-bf16", 1),
+            ("dgl", 2),
+            ("dgl", 4),
+            ("dgl", 8),
+            ("dgl", 16),
+            ("infopro", 8),
+            ("infopro", 16),
+            ("mlaan", 4),
+            ("mlaan", 8),
+            ("mlaan", 15),
+            ("dgl+mlaan", 8),
+            ("dgl+mlaan", 15),
+        ],
+    ),
+    (
+        "resnet110",
+        [
+            ("bp", 1),
+            ("bp-checkpoint", 1),
+            ("bp-bf16", 1),
+            ("dgl", 4),
+            ("dgl", 16),
+            ("dgl", 32),
+            ("dgl", 54),
+            ("infopro", 32),
+            ("infopro", 54),
+            ("mlaan", 16),
+            ("mlaan", 32),
+            ("mlaan", 54),
+            ("dgl+mlaan", 32),
+            ("dgl+mlaan", 54),
+        ],
+    ),
+    (
+        "resnet34",
+        [("bp", 1), ("bp-checkpoint", 1), ("bp-bf16", 1), ("dgl", 4), ("dgl", 16), ("mlaan", 4), ("mlaan", 16)],
+    ),
 )
 
 
@@ -200,8 +266,12 @@ class Case:
 
     def config_items(self) -> list[str]:
         name = {"bp-checkpoint": "bp", "bp-bf16": "bp", "dgl+mlaan": "mlaan"}.get(self.label, self.label)
-        items = [f"model.arch={self.arch}", f"method.name={name}", f"method.num_modules={self.num_modules}",
-                 f"train.batch_size={self.batch}"]
+        items = [
+            f"model.arch={self.arch}",
+            f"method.name={name}",
+            f"method.num_modules={self.num_modules}",
+            f"train.batch_size={self.batch}",
+        ]
         if self.stem_separate:
             items.append("method.stem_separate=true")
         if self.label == "dgl+mlaan":
@@ -346,8 +416,17 @@ def build(case: Case, device: torch.device, seed: int = 0, extra_items: tuple[st
     x = torch.randn(case.batch, 3, case.input_size, case.input_size, generator=generator).to(device)
     y = torch.randint(0, case.num_classes, (case.batch,), generator=generator).to(device)
     mean, std = IMAGENET_MEAN_STD if case.imagenet else CIFAR_MEAN_STD
-    return Built(case, device, backbone, modules, method, optimizer, Batch(x, y, mean, std), kernels,
-                 sum(p.numel() for p in params))
+    return Built(
+        case,
+        device,
+        backbone,
+        modules,
+        method,
+        optimizer,
+        Batch(x, y, mean, std),
+        kernels,
+        sum(p.numel() for p in params),
+    )
 
 
 def make_step(built: Built) -> Callable[[], None]:
@@ -396,8 +475,12 @@ def measure_memory(built: Built, step: Callable[[], None]) -> dict:
             step()
         finally:
             _ACTIVE_ACCOUNTANT.pop()
-    return {"kind": "cpu_saved_tensors", "peak_saved_bytes": acct.peak_bytes, "peak_bytes": acct.peak_bytes,
-            "convention": "CPU bytes saved for backward at the peak (fastlocal.measure)"}
+    return {
+        "kind": "cpu_saved_tensors",
+        "peak_saved_bytes": acct.peak_bytes,
+        "peak_bytes": acct.peak_bytes,
+        "convention": "CPU bytes saved for backward at the peak (fastlocal.measure)",
+    }
 
 
 def time_steps(step: Callable[[], None], rounds: int) -> float:
@@ -556,8 +639,9 @@ def check_budget() -> None:
         pytest.skip(f"--bench-budget-s={OPTIONS.budget_s:g} spent ({elapsed:.0f} s since the suite was collected)")
 
 
-def run_case(benchmark, case: Case, device: torch.device, mode: str, rounds: int, group: str,
-             suite: str = "fastlocal-steps") -> dict:
+def run_case(
+    benchmark, case: Case, device: torch.device, mode: str, rounds: int, group: str, suite: str = "fastlocal-steps"
+) -> dict:
     """Build, warm up (untimed), measure memory (untimed), time `rounds` steps; fill extra_info
     (`suite` tells fastlocal.bench.report which table the row belongs to). Returns the figures."""
     check_budget()

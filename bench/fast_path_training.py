@@ -27,11 +27,22 @@ from pathlib import Path
 VARIANTS = {
     "off": ["system.cuda_graphs=false", "system.cuda_streams=false", "system.fused_batch_norm=false"],
     "fp32-fast": ["system.cuda_graphs=true", "system.cuda_streams=true", "system.fused_batch_norm=false"],
-    "on": ["system.precision=bf16", "system.channels_last=true", "system.cuda_graphs=true",
-           "system.fused_batch_norm=true", "system.cuda_streams=true"],
+    "on": [
+        "system.precision=bf16",
+        "system.channels_last=true",
+        "system.cuda_graphs=true",
+        "system.fused_batch_norm=true",
+        "system.cuda_streams=true",
+    ],
 }
-DEFAULTS = ["data.source=bundled", "model.arch=resnet32", "method.name=mlaan", "method.num_modules=15",
-            "train.batch_size=128", "log.progress=false"]
+DEFAULTS = [
+    "data.source=bundled",
+    "model.arch=resnet32",
+    "method.name=mlaan",
+    "method.num_modules=15",
+    "train.batch_size=128",
+    "log.progress=false",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--no-plot", action="store_true",
-                        help="skip the PNG (matplotlib's first import on a fresh machine can take a minute)")
+    parser.add_argument(
+        "--no-plot",
+        action="store_true",
+        help="skip the PNG (matplotlib's first import on a fresh machine can take a minute)",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value for every run")
     args = parser.parse_args(argv)
     results = {}
@@ -55,10 +69,13 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("always")
             run(cfg, out, log=lambda line, name=name: print(f"[{name}] {line}", flush=True))
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        results[name] = {"overrides": items, "wall_seconds": round(time.perf_counter() - start, 1),
-                         "train_loss": [row["train_loss"] for row in history],
-                         "test_acc": [row["test_acc"] for row in history],
-                         "warnings": sorted({str(w.message) for w in caught})}
+        results[name] = {
+            "overrides": items,
+            "wall_seconds": round(time.perf_counter() - start, 1),
+            "train_loss": [row["train_loss"] for row in history],
+            "test_acc": [row["test_acc"] for row in history],
+            "warnings": sorted({str(w.message) for w in caught}),
+        }
     (args.out / "fast_path_training.json").write_text(json.dumps(results, indent=1))
     print_table(results)
     if not args.no_plot:
@@ -71,9 +88,17 @@ def print_table(results: dict) -> None:
 
     names = list(results)
     header = ["epoch", *(f"{n} {what}" for n in names for what in ("loss", "acc %"))]
-    cells = [[epoch + 1, *(cell for n in names for cell in (f"{results[n]['train_loss'][epoch]:.4f}",
-                                                             f"{results[n]['test_acc'][epoch]:.2f}"))]
-             for epoch in range(len(results[names[0]]["train_loss"]))]
+    cells = [
+        [
+            epoch + 1,
+            *(
+                cell
+                for n in names
+                for cell in (f"{results[n]['train_loss'][epoch]:.4f}", f"{results[n]['test_acc'][epoch]:.2f}")
+            ),
+        ]
+        for epoch in range(len(results[names[0]]["train_loss"]))
+    ]
     print("\n".join(markdown_table(header, cells)))
     print("wall seconds: " + ", ".join(f"{n} {results[n]['wall_seconds']}" for n in names))
 

@@ -40,9 +40,19 @@ def measure(case: common.Case, device, rounds: int) -> dict:
     warmup_s = time.perf_counter() - start
     memory = common.measure_memory(built, step)
     median_s = common.time_steps(step, rounds)
-    row = {"case": case.id, "arch": case.arch, "method": case.label, "K": case.num_modules, "batch": case.batch,
-           "input_size": case.input_size, "kernels": built.kernels, "num_parameters": built.num_parameters,
-           "median_step_ms": round(median_s * 1e3, 2), "warmup_seconds": round(warmup_s, 2), "memory": memory}
+    row = {
+        "case": case.id,
+        "arch": case.arch,
+        "method": case.label,
+        "K": case.num_modules,
+        "batch": case.batch,
+        "input_size": case.input_size,
+        "kernels": built.kernels,
+        "num_parameters": built.num_parameters,
+        "median_step_ms": round(median_s * 1e3, 2),
+        "warmup_seconds": round(warmup_s, 2),
+        "memory": memory,
+    }
     del built, step
     common.free_device_memory(device)
     return row
@@ -56,9 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     device = common.bench_device("gpu" if common.HAS_CUDA else "cpu")
     batch, size, rounds = (2, 64, 1) if args.tiny else (128, 224, 3)
     rows = PAPER_TABLE3[:1] if args.tiny else PAPER_TABLE3
-    result = {"environment": common.environment(device, "imagenet-memory"), "batch": batch, "input_size": size,
-              "paper_table3_gb": {arch: {"bp": bp, "mlaan": mlaan} for arch, _, bp, mlaan in PAPER_TABLE3},
-              "cases": []}
+    result = {
+        "environment": common.environment(device, "imagenet-memory"),
+        "batch": batch,
+        "input_size": size,
+        "paper_table3_gb": {arch: {"bp": bp, "mlaan": mlaan} for arch, _, bp, mlaan in PAPER_TABLE3},
+        "cases": [],
+    }
     print(f"imagenet_memory: {result['environment']['device']}, batch {batch}, {size}x{size}", flush=True)
     for arch, k, _, _ in rows:
         for label, num_modules in (("bp", 1), ("mlaan", k)):
@@ -71,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                 common.free_device_memory(device)
             result["cases"].append(row)
             mem = row.get("memory", {})
-            print(f"{case.id}: step {row.get('median_step_ms')} ms, memory "
-                  f"{ {k: v for k, v in mem.items() if k.endswith('bytes')} }", flush=True)
+            print(
+                f"{case.id}: step {row.get('median_step_ms')} ms, memory "
+                f"{ {k: v for k, v in mem.items() if k.endswith('bytes')} }",
+                flush=True,
+            )
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 tmp = args.json.with_suffix(".tmp")

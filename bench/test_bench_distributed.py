@@ -29,8 +29,16 @@ from fastlocal.schedule import local_train_step
 MODE = bench_mode()
 DEVICE = bench_device(MODE)
 # Per backbone: BP, and DGL and MLAAN at their largest K (the most modules: the most, and smallest, all-reduces).
-CASES = [case for case in step_cases(MODE) if case.label == "bp" or (case.label in ("dgl", "mlaan") and case.num_modules
-         == max(c.num_modules for c in step_cases(MODE) if c.arch == case.arch and c.label == case.label))]
+CASES = [
+    case
+    for case in step_cases(MODE)
+    if case.label == "bp"
+    or (
+        case.label in ("dgl", "mlaan")
+        and case.num_modules
+        == max(c.num_modules for c in step_cases(MODE) if c.arch == case.arch and c.label == case.label)
+    )
+]
 SUITE = "fastlocal-data-parallel"
 
 
@@ -84,10 +92,12 @@ def test_data_parallel_step(benchmark, case, process_group):
     benchmark.pedantic(step, rounds=sizes(MODE).rounds, warmup_rounds=0, iterations=1)
     per_module = averager.bytes_per_module()
     benchmark.extra_info.update(case_info(case, built, MODE, SUITE))
-    benchmark.extra_info.update({
-        "world_size": process_group,
-        "allreduce_bytes_per_step": sum(per_module),
-        "allreduce_bytes_per_module": per_module,
-        "exposed_communication_ms": statistics.median(exposed_ms) if exposed_ms else None,
-    })
+    benchmark.extra_info.update(
+        {
+            "world_size": process_group,
+            "allreduce_bytes_per_step": sum(per_module),
+            "allreduce_bytes_per_module": per_module,
+            "exposed_communication_ms": statistics.median(exposed_ms) if exposed_ms else None,
+        }
+    )
     assert sum(per_module) == 4 * built.num_parameters  # every trainable fp32 parameter, once per step

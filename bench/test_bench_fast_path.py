@@ -43,8 +43,12 @@ from fastlocal.models.cifar_resnet import use_fused_batch_norm
 from fastlocal.schedule import forward_context_for, local_train_step
 
 # docs/method.md#the-authors-code-measured: the authors' code on one H100, fp32/TF32, batch 1024 (ms per step).
-AUTHORS_STEP_MS = {("resnet32", "bp"): 50.4, ("resnet32", "mlaan"): 202.4,
-                   ("resnet110", "bp"): 169.8, ("resnet110", "mlaan"): 776.1}
+AUTHORS_STEP_MS = {
+    ("resnet32", "bp"): 50.4,
+    ("resnet32", "mlaan"): 202.4,
+    ("resnet110", "bp"): 169.8,
+    ("resnet110", "mlaan"): 776.1,
+}
 CASES = [("resnet32", "bp", 1), ("resnet32", "mlaan", 15), ("resnet110", "bp", 1), ("resnet110", "mlaan", 54)]
 
 
@@ -100,8 +104,7 @@ def fast_step(built, variant: Variant):
     context = forward_context_for(device, precision, cache_casts=not graph)
 
     def step_without_zero_grad(xs, ys):
-        loss = local_train_step(built.modules, built.method, Batch(xs, ys, mean, std), context,
-                                side_stream=side_stream)
+        loss = local_train_step(built.modules, built.method, Batch(xs, ys, mean, std), context, side_stream=side_stream)
         optimizer.step()
         return loss
 
@@ -154,11 +157,21 @@ def test_bench_fast_path(benchmark, paper_arch, label, num_modules, variant):
     benchmark.pedantic(step, rounds=size.rounds, warmup_rounds=0, iterations=1)
     stats = getattr(benchmark, "stats", None)
     median = stats.stats.median if stats is not None else None
-    info = {"suite": "fastlocal-fast-path", "case": f"{arch}-{label}-K{num_modules}-{variant}", "variant": variant,
-            "method": label, "arch": arch, "K": num_modules, "batch": case.batch, "precision": precision,
-            "channels_last": spec.channels_last, "cuda_graph": graph, "fused_batch_norm": spec.fused_bn,
-            "cuda_streams": spec.streams,
-            **environment(DEVICE, MODE)}
+    info = {
+        "suite": "fastlocal-fast-path",
+        "case": f"{arch}-{label}-K{num_modules}-{variant}",
+        "variant": variant,
+        "method": label,
+        "arch": arch,
+        "K": num_modules,
+        "batch": case.batch,
+        "precision": precision,
+        "channels_last": spec.channels_last,
+        "cuda_graph": graph,
+        "fused_batch_norm": spec.fused_bn,
+        "cuda_streams": spec.streams,
+        **environment(DEVICE, MODE),
+    }
     if median is not None:
         info["median_step_ms"] = round(median * 1e3, 3)
         if label == "bp":

@@ -267,8 +267,9 @@ def _bench_batch_norm(benchmark, shape_name: str, implementation: str, timing: s
     group = f"batch_norm {shape_name} {_dtype_name(dtype)} {timing}{group_suffix}"
     _benchmark_timed(benchmark, forward_backward, timing, group)
     benchmark.extra_info.update(_environment(dtype))
-    benchmark.extra_info.update({"shape": shape_name, "implementation": implementation, "timing": timing,
-                                 "x_shape": list(shape)})
+    benchmark.extra_info.update(
+        {"shape": shape_name, "implementation": implementation, "timing": timing, "x_shape": list(shape)}
+    )
     # The floor: read x, the residual and dy once, write y, dx and the residual's gradient once.
     _record_speed(benchmark, 6 * x.numel() * x.element_size())
 

@@ -30,8 +30,11 @@ from loaders import DEVICE, SMOKE, SPLITS, bench_config, loader_environment, mak
 
 from fastlocal.data import build_data
 
-LOADER_CASES = ["torch", pytest.param("dali-cpu", marks=pytest.mark.dali),
-                pytest.param("dali-mixed", marks=[pytest.mark.dali, pytest.mark.gpu])]
+LOADER_CASES = [
+    "torch",
+    pytest.param("dali-cpu", marks=pytest.mark.dali),
+    pytest.param("dali-mixed", marks=[pytest.mark.dali, pytest.mark.gpu]),
+]
 
 BENCH = dict(
     crop=32 if SMOKE else 224,

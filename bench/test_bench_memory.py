@@ -19,8 +19,11 @@ ARCH, NUM_MODULES = "resnet110", 54
 # The largest peak / BP peak the acceptance criteria allow on the CPU accounting.
 CPU_BOUNDS = {"dgl": 0.2, "mlaan": 0.35}
 # BP first at every batch, so the ratios of DGL and MLAAN use the BP run just before them.
-SWEEP = [Case(label, ARCH, 1 if label == "bp" else NUM_MODULES, batch, 32, ARCH)
-         for batch in SIZES.sweep_batches for label in ("bp", "dgl", "mlaan")]
+SWEEP = [
+    Case(label, ARCH, 1 if label == "bp" else NUM_MODULES, batch, 32, ARCH)
+    for batch in SIZES.sweep_batches
+    for label in ("bp", "dgl", "mlaan")
+]
 
 
 @pytest.mark.parametrize("case", SWEEP, ids=[case.id for case in SWEEP])
@@ -31,4 +34,5 @@ def test_memory_sweep(benchmark, case):
     if case.label in CPU_BOUNDS and DEVICE.type == "cpu":
         assert ratio < CPU_BOUNDS[case.label], (
             f"{case.label} ResNet-110 K=54 at batch {case.batch}: peak {ratio:.3f} of BP's, "
-            f"above the bound {CPU_BOUNDS[case.label]}")
+            f"above the bound {CPU_BOUNDS[case.label]}"
+        )

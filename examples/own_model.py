@@ -2,6 +2,7 @@
 
 python examples/own_model.py   (CPU, the CIFAR-10 subset bundled with fastlocal, about a minute)
 """
+
 import torch
 from torch import nn
 
@@ -20,8 +21,14 @@ blocks = [conv_block(32, 32), conv_block(32, 64, 2), conv_block(64, 64), conv_bl
 head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
 backbone = fastlocal.Backbone(stem, blocks, None, head, input_size=32)
 
-data = build_data(DataConfig(source="bundled", max_train=1500, max_test=500), batch_size=64, eval_batch_size=500,
-                  device=torch.device("cpu"), seed=0, progress=False)
+data = build_data(
+    DataConfig(source="bundled", max_train=1500, max_test=500),
+    batch_size=64,
+    eval_batch_size=500,
+    device=torch.device("cpu"),
+    seed=0,
+    progress=False,
+)
 learner = fastlocal.LocalLearner(backbone, "mlaan", num_modules=3, mean=data.info.mean, std=data.info.std)
 optimizer = torch.optim.SGD(learner.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
 for epoch in range(3):

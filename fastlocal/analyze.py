@@ -61,22 +61,43 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by fastlocal.train")
-    parser.add_argument("--reference", metavar="BP_RUN_DIR",
-                        help="the run every other run is compared with by CKA (usually BP); without it, no CKA")
+    parser.add_argument(
+        "--reference",
+        metavar="BP_RUN_DIR",
+        help="the run every other run is compared with by CKA (usually BP); without it, no CKA",
+    )
     parser.add_argument("--out", required=True, help="directory for analysis.json and the figures")
-    parser.add_argument("--test-images", type=int, default=2000,
-                        help="test images for the probes' accuracy, CKA and maps (default 2000; 0 = all)")
-    parser.add_argument("--train-images", type=int, default=10000,
-                        help="training images (not augmented) the probes are trained on (default 10000; 0 = all)")
-    parser.add_argument("--batch-size", type=int, default=250,
-                        help="images per forward and per CKA minibatch; CKA memory grows with its square "
-                        "(default 250)")
-    parser.add_argument("--cka-features", choices=("flat", "pooled"), default="flat",
-                        help="CKA on the whole part output, flattened (default, as the paper), or on its "
-                        "spatial average")
+    parser.add_argument(
+        "--test-images",
+        type=int,
+        default=2000,
+        help="test images for the probes' accuracy, CKA and maps (default 2000; 0 = all)",
+    )
+    parser.add_argument(
+        "--train-images",
+        type=int,
+        default=10000,
+        help="training images (not augmented) the probes are trained on (default 10000; 0 = all)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=250,
+        help="images per forward and per CKA minibatch; CKA memory grows with its square (default 250)",
+    )
+    parser.add_argument(
+        "--cka-features",
+        choices=("flat", "pooled"),
+        default="flat",
+        help="CKA on the whole part output, flattened (default, as the paper), or on its spatial average",
+    )
     parser.add_argument("--map-images", type=int, default=3, help="test images shown as feature maps (default 3)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
-                        help="auto (default: CUDA when available), cuda or cpu")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cuda", "cpu"),
+        help="auto (default: CUDA when available), cuda or cpu",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     for name in ("test_images", "train_images"):
@@ -115,28 +136,38 @@ def load_run(run_dir: str | Path, device: torch.device, data_cache: dict) -> Loa
         raise UserError(f"{path} has no config.toml; it is not a fastlocal.train run directory")
     checkpoint = path / CHECKPOINT_NAME
     if not checkpoint.is_file():
-        raise UserError(f"{path} has no {CHECKPOINT_NAME}; the run has not finished an epoch yet (train it, or "
-                        "pass another run directory)")
+        raise UserError(
+            f"{path} has no {CHECKPOINT_NAME}; the run has not finished an epoch yet (train it, or "
+            "pass another run directory)"
+        )
     cfg = build_config(path / "config.toml", [], METHODS)
     key = json.dumps(to_dict(cfg.data), sort_keys=True)
     if key not in data_cache:
-        data_cache[key] = build_data(cfg.data, batch_size=cfg.train.batch_size,
-                                     eval_batch_size=cfg.train.eval_batch_size, device=device,
-                                     seed=cfg.system.seed, progress=False)
+        data_cache[key] = build_data(
+            cfg.data,
+            batch_size=cfg.train.batch_size,
+            eval_batch_size=cfg.train.eval_batch_size,
+            device=device,
+            seed=cfg.system.seed,
+            progress=False,
+        )
     data = data_cache[key]
     if not hasattr(data.test, "images"):
-        raise UserError(f"{path}: data.loader = {cfg.data.loader} streams its images; the analysis needs the "
-                        "dataset in memory (data.loader=device, the default for small images)")
-    backbone = build_backbone(cfg.model.arch, data.info.num_classes, data.info.image_size,
-                              cfg.model.zero_init_residual)
-    modules = split_parts(backbone, resolve_num_modules(cfg.method), cfg.method.stem_separate, cfg.method.split,
-                          cfg.model.arch)
+        raise UserError(
+            f"{path}: data.loader = {cfg.data.loader} streams its images; the analysis needs the "
+            "dataset in memory (data.loader=device, the default for small images)"
+        )
+    backbone = build_backbone(cfg.model.arch, data.info.num_classes, data.info.image_size, cfg.model.zero_init_residual)
+    modules = split_parts(
+        backbone, resolve_num_modules(cfg.method), cfg.method.stem_separate, cfg.method.split, cfg.model.arch
+    )
     state = read_checkpoint(checkpoint)  # weights_only: a checkpoint never runs code
     try:
         backbone.load_state_dict(state["backbone"])
     except (RuntimeError, KeyError) as err:  # a foreign or edited file: say so, do not crash
-        raise UserError(f"cannot read the model in {checkpoint}: {str(err)[:300]}; it was not written for the "
-                        "config beside it") from None
+        raise UserError(
+            f"cannot read the model in {checkpoint}: {str(err)[:300]}; it was not written for the config beside it"
+        ) from None
     backbone.to(device).eval()
     return LoadedRun(path, path.name, cfg, backbone, modules, data)
 
@@ -148,7 +179,8 @@ def check_same_backbone(runs: list[LoadedRun]) -> None:
             raise UserError(
                 f"{run.path} uses model.arch = {run.cfg.model.arch} at {run.data.info.image_size} pixels and "
                 f"{first.path} model.arch = {first.cfg.model.arch} at {first.data.info.image_size} pixels: the "
-                "analysis compares runs part by part, so every run needs the same backbone; analyse them separately")
+                "analysis compares runs part by part, so every run needs the same backbone; analyse them separately"
+            )
 
 
 def fixed_subset(num_items: int, count: int, device: torch.device) -> torch.Tensor:
@@ -181,16 +213,21 @@ def same_images(models: list[LoadedRun], test_index: torch.Tensor, train_index: 
     for run in models[1:]:
         for name, split, index in (("test", "test", test_index), ("training", "train", train_index)):
             mine, theirs = getattr(run.data, split), getattr(first.data, split)
-            if not (mine.num_images == theirs.num_images and torch.equal(mine.images[index], theirs.images[index])
-                    and torch.equal(mine.labels[index], theirs.labels[index])):
-                raise UserError(f"{run.path} and {first.path} have different {name} images (check data.source, "
-                                f"data.root, data.max_{split}); analyse them separately")
+            if not (
+                mine.num_images == theirs.num_images
+                and torch.equal(mine.images[index], theirs.images[index])
+                and torch.equal(mine.labels[index], theirs.labels[index])
+            ):
+                raise UserError(
+                    f"{run.path} and {first.path} have different {name} images (check data.source, "
+                    f"data.root, data.max_{split}); analyse them separately"
+                )
 
 
 def minibatches(index: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Consecutive slices of `index`; a last slice of fewer than 4 joins the one before (the unbiased HSIC
     needs 4 images per minibatch)."""
-    batches = [index[i:i + batch_size] for i in range(0, len(index), batch_size)]
+    batches = [index[i : i + batch_size] for i in range(0, len(index), batch_size)]
     if len(batches) > 1 and len(batches[-1]) < 4:
         batches[-2:] = [torch.cat(batches[-2:])]
     return batches
@@ -207,9 +244,16 @@ class Features:
     """Per part, the channel means (M, H, W) of the feature-map images, on the CPU."""
 
 
-def extract(models: list[LoadedRun], reference: LoadedRun | None, test_index: torch.Tensor,
-            train_index: torch.Tensor, map_index: torch.Tensor, batch_size: int, cka_features: str,
-            progress: bool) -> tuple[dict[int, Features], dict[int, object]]:
+def extract(
+    models: list[LoadedRun],
+    reference: LoadedRun | None,
+    test_index: torch.Tensor,
+    train_index: torch.Tensor,
+    map_index: torch.Tensor,
+    batch_size: int,
+    cka_features: str,
+    progress: bool,
+) -> tuple[dict[int, Features], dict[int, object]]:
     """One pass of every model over the images. Returns Features and, for each run other than the
     reference (when there is one), its MinibatchCKA against the reference, both keyed by id(run)."""
     from tqdm.auto import tqdm
@@ -219,11 +263,18 @@ def extract(models: list[LoadedRun], reference: LoadedRun | None, test_index: to
     num_parts = len(models[0].backbone.parts)
     device = test_index.device
     features = {id(run): Features([[] for _ in range(num_parts)], [[] for _ in range(num_parts)]) for run in models}
-    cka = {id(run): MinibatchCKA(num_parts, num_parts, device) for run in models
-           if reference is not None and run is not reference}
+    cka = {
+        id(run): MinibatchCKA(num_parts, num_parts, device)
+        for run in models
+        if reference is not None and run is not reference
+    }
     test_batches, train_batches = minibatches(test_index, batch_size), minibatches(train_index, batch_size)
-    bar = tqdm(total=(len(test_batches) + len(train_batches)) * len(models), desc="features", unit="batch",
-               disable=not progress)
+    bar = tqdm(
+        total=(len(test_batches) + len(train_batches)) * len(models),
+        desc="features",
+        unit="batch",
+        disable=not progress,
+    )
     for index in test_batches:
         grams = {}  # the Gram matrices of this minibatch only: CKA memory is bounded by the minibatch size
         for run in models:
@@ -252,9 +303,18 @@ def extract(models: list[LoadedRun], reference: LoadedRun | None, test_index: to
     return features, cka
 
 
-def analyze(runs: list[LoadedRun], reference: LoadedRun | None, *, test_images: int, train_images: int,
-            batch_size: int, cka_features: str, map_images: int, device: torch.device,
-            progress: bool = True) -> dict:
+def analyze(
+    runs: list[LoadedRun],
+    reference: LoadedRun | None,
+    *,
+    test_images: int,
+    train_images: int,
+    batch_size: int,
+    cka_features: str,
+    map_images: int,
+    device: torch.device,
+    progress: bool = True,
+) -> dict:
     """Everything but the figures: per-run probe accuracies, CKA matrices and feature maps (tensors)."""
     from tqdm.auto import tqdm
 
@@ -269,8 +329,7 @@ def analyze(runs: list[LoadedRun], reference: LoadedRun | None, *, test_images: 
     same_images(models, test_index, train_index)
     # Evenly spaced over the test subset: a class-sorted split still shows several classes.
     map_index = test_index[torch.linspace(0, len(test_index) - 1, min(map_images, len(test_index))).long()]
-    features, cka = extract(models, reference, test_index, train_index, map_index, batch_size, cka_features,
-                            progress)
+    features, cka = extract(models, reference, test_index, train_index, map_index, batch_size, cka_features, progress)
 
     test_labels, train_labels = test_split.labels[test_index], train_split.labels[train_index]
     num_classes = models[0].data.info.num_classes
@@ -280,8 +339,13 @@ def analyze(runs: list[LoadedRun], reference: LoadedRun | None, *, test_images: 
     for run in models:
         accuracies = {"train_acc": [], "test_acc": []}
         for p in range(num_parts):
-            probe = linear_probe(torch.cat(features[id(run)].train[p]), train_labels,
-                                 torch.cat(features[id(run)].test[p]), test_labels, num_classes)
+            probe = linear_probe(
+                torch.cat(features[id(run)].train[p]),
+                train_labels,
+                torch.cat(features[id(run)].test[p]),
+                test_labels,
+                num_classes,
+            )
             accuracies["train_acc"].append(probe.train_acc)
             accuracies["test_acc"].append(probe.test_acc)
             bar.update(1)
@@ -303,16 +367,23 @@ def analyze(runs: list[LoadedRun], reference: LoadedRun | None, *, test_images: 
             entry["final_test_acc"] = json.loads(summary.read_text()).get("final_test_acc")
         if id(run) in cka:
             matrix = cka[id(run)].value().cpu()
-            entry["cka_with_reference"] = {"matrix": matrix.tolist(), "diagonal": matrix.diagonal().tolist(),
-                                           "mean_diagonal": matrix.diagonal().mean().item()}
+            entry["cka_with_reference"] = {
+                "matrix": matrix.tolist(),
+                "diagonal": matrix.diagonal().tolist(),
+                "mean_diagonal": matrix.diagonal().mean().item(),
+            }
         results.append(entry)
     bar.close()
     return {
         "parts": [info.name for info in models[0].backbone.part_info],
         "settings": {
-            "test_images": len(test_index), "train_images": len(train_index), "batch_size": batch_size,
-            "cka_features": cka_features, "cka_batches": len(minibatches(test_index, batch_size)),
-            "map_images": map_index.tolist(), "device": str(device),
+            "test_images": len(test_index),
+            "train_images": len(train_index),
+            "batch_size": batch_size,
+            "cka_features": cka_features,
+            "cka_batches": len(minibatches(test_index, batch_size)),
+            "map_images": map_index.tolist(),
+            "device": str(device),
             "reference": str(reference.path) if reference is not None else None,
             "dataset": models[0].data.info.name,
         },
@@ -341,9 +412,17 @@ def main(argv: list[str] | None = None) -> int:
         models = runs + ([reference] if reference is not None and reference not in runs else [])
         check_same_backbone(models)
         disambiguate_labels(models)
-        result = analyze(runs, reference, test_images=args.test_images, train_images=args.train_images,
-                         batch_size=args.batch_size, cka_features=args.cka_features, map_images=args.map_images,
-                         device=device, progress=not args.no_progress)
+        result = analyze(
+            runs,
+            reference,
+            test_images=args.test_images,
+            train_images=args.train_images,
+            batch_size=args.batch_size,
+            cka_features=args.cka_features,
+            map_images=args.map_images,
+            device=device,
+            progress=not args.no_progress,
+        )
         figures = write_figures(result, out)
         result["settings"]["seconds"] = time.perf_counter() - start
         write_json(result, figures, out / "analysis.json")
@@ -359,8 +438,11 @@ def write_figures(result: dict, out: Path) -> list[str]:
     try:
         import matplotlib
     except ImportError:
-        print("fastlocal.analyze: matplotlib is not installed, so no figures were drawn (analysis.json has "
-              "every number); pip install matplotlib, or fastlocal[dev]", file=sys.stderr)
+        print(
+            "fastlocal.analyze: matplotlib is not installed, so no figures were drawn (analysis.json has "
+            "every number); pip install matplotlib, or fastlocal[dev]",
+            file=sys.stderr,
+        )
         return []
     matplotlib.use("Agg")
     from fastlocal.analysis.figures import draw_all

@@ -394,9 +394,7 @@ def set_value(cfg: Config, dotted_key: str, value) -> None:
     section_obj = getattr(cfg, section)
     types = _field_types(section_obj)
     if key not in types:
-        raise ConfigError(
-            f"unknown config key {dotted_key!r}; valid keys in [{section}]: {', '.join(sorted(types))}"
-        )
+        raise ConfigError(f"unknown config key {dotted_key!r}; valid keys in [{section}]: {', '.join(sorted(types))}")
     setattr(section_obj, key, _convert(dotted_key, value, types[key]))
 
 
@@ -430,8 +428,9 @@ def apply_mapping(cfg: Config, mapping: dict, origin: str) -> None:
             )
         for key, value in values.items():
             if f"{section}.{key}" in REMOVED_KEYS:
-                warnings.warn(f"{origin}: {section}.{key} is ignored ({REMOVED_KEYS[f'{section}.{key}']})",
-                              stacklevel=2)
+                warnings.warn(
+                    f"{origin}: {section}.{key} is ignored ({REMOVED_KEYS[f'{section}.{key}']})", stacklevel=2
+                )
                 continue
             set_value(cfg, f"{section}.{key}", value)
 
@@ -459,46 +458,64 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
     if not cfg.optim.lr > 0:
         raise ConfigError(f"optim.lr = {cfg.optim.lr} is not valid; it must be a positive number")
     if not cfg.optim.momentum < 1:
-        raise ConfigError(f"optim.momentum = {cfg.optim.momentum} is not valid; it must be in [0, 1) "
-                          "(1 or more never forgets a gradient and diverges)")
+        raise ConfigError(
+            f"optim.momentum = {cfg.optim.momentum} is not valid; it must be in [0, 1) "
+            "(1 or more never forgets a gradient and diverges)"
+        )
     if cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise ConfigError("optim.nesterov = true needs optim.momentum > 0; set optim.momentum or optim.nesterov=false")
     cpus = os.cpu_count() or 1
     if cfg.system.num_threads > cpus:
-        raise ConfigError(f"system.num_threads = {cfg.system.num_threads} is more than this machine's {cpus} CPUs; "
-                          f"use 0 (torch's default) or a number from 1 to {cpus}")
+        raise ConfigError(
+            f"system.num_threads = {cfg.system.num_threads} is more than this machine's {cpus} CPUs; "
+            f"use 0 (torch's default) or a number from 1 to {cpus}"
+        )
     arch_prefix, colon, arch_name = cfg.model.arch.partition(":")
     if cfg.model.arch not in CIFAR_ARCHS + IMAGENET_ARCHS and not (colon and arch_prefix and arch_name):
-        raise ConfigError(f"model.arch = {cfg.model.arch!r} is not valid; choose one of: "
-                          f"{', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}, or torchvision:<name> (e.g. "
-                          "torchvision:vgg11_bn), or package.module:factory")
+        raise ConfigError(
+            f"model.arch = {cfg.model.arch!r} is not valid; choose one of: "
+            f"{', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}, or torchvision:<name> (e.g. "
+            "torchvision:vgg11_bn), or package.module:factory"
+        )
     _validate_data(cfg.data, cfg.system.device)
     num_modules = resolve_num_modules(cfg.method)
     if cfg.method.name == "bp" and num_modules != 1:
-        raise ConfigError(f"method.name = bp trains end to end, so method.num_modules must be 1 (got {num_modules}); "
-                          "use method.name=dgl for K local modules")
+        raise ConfigError(
+            f"method.name = bp trains end to end, so method.num_modules must be 1 (got {num_modules}); "
+            "use method.name=dgl for K local modules"
+        )
     if len(cfg.infopro.weights) != 4 or min(cfg.infopro.weights) < 0:
-        raise ConfigError(f"infopro.weights = {list(cfg.infopro.weights)} is not valid; give four weights >= 0: "
-                          "[ixx_1, ixy_1, ixx_2, ixy_2]")
+        raise ConfigError(
+            f"infopro.weights = {list(cfg.infopro.weights)} is not valid; give four weights >= 0: "
+            "[ixx_1, ixy_1, ixx_2, ixy_2]"
+        )
     if cfg.method.name == "mlaan" and cfg.mlaan.window >= num_modules:
         raise ConfigError(
             f"mlaan.window = {cfg.mlaan.window} with method.num_modules = {num_modules}: a window of K or "
             "more lets the last loss reach every module, so no local heads are built and this is plain BP; use "
-            f"mlaan.window from 1 to {num_modules - 1}, or method.name=bp")
+            f"mlaan.window from 1 to {num_modules - 1}, or method.name=bp"
+        )
     if len(cfg.mlaan.final_weights) != 2:
         raise ConfigError(f"mlaan.final_weights = {list(cfg.mlaan.final_weights)} is not valid; give [c_own, c_prop]")
     if not 0 <= cfg.mlaan.ema_momentum <= 1:
         raise ConfigError(f"mlaan.ema_momentum = {cfg.mlaan.ema_momentum} is not valid; it must be in [0, 1]")
     if cfg.system.sync_batch_norm and cfg.system.fused_batch_norm == "true":
-        raise ConfigError("system.sync_batch_norm = true and system.fused_batch_norm = true do not combine (the fused "
-                          "kernel computes per-rank statistics); set system.fused_batch_norm=false or auto")
+        raise ConfigError(
+            "system.sync_batch_norm = true and system.fused_batch_norm = true do not combine (the fused "
+            "kernel computes per-rank statistics); set system.fused_batch_norm=false or auto"
+        )
     if cfg.system.parallel == "hybrid":
-        raise ConfigError("system.parallel = hybrid (data x pipeline parallel) is not implemented yet; use "
-                          "system.parallel=modules (pipeline) or data under torchrun, or none")
-    if cfg.pipeline.stage_sizes and (min(cfg.pipeline.stage_sizes) < 1
-                                     or sum(cfg.pipeline.stage_sizes) != resolve_num_modules(cfg.method)):
-        raise ConfigError(f"pipeline.stage_sizes = {list(cfg.pipeline.stage_sizes)} must be positive module counts "
-                          f"summing to K = {resolve_num_modules(cfg.method)}; or [] to partition by cost")
+        raise ConfigError(
+            "system.parallel = hybrid (data x pipeline parallel) is not implemented yet; use "
+            "system.parallel=modules (pipeline) or data under torchrun, or none"
+        )
+    if cfg.pipeline.stage_sizes and (
+        min(cfg.pipeline.stage_sizes) < 1 or sum(cfg.pipeline.stage_sizes) != resolve_num_modules(cfg.method)
+    ):
+        raise ConfigError(
+            f"pipeline.stage_sizes = {list(cfg.pipeline.stage_sizes)} must be positive module counts "
+            f"summing to K = {resolve_num_modules(cfg.method)}; or [] to partition by cost"
+        )
     return cfg
 
 
@@ -562,12 +579,19 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> None:
 # train.epochs (which changes the LR schedule of the remaining epochs; the CLI says so).
 # system.parallel and pipeline.stage_sizes too: a run moves between one device and a pipeline (the pipeline gives
 # the single-device weights), and its checkpoint has the single-device format either way.
-RESUME_OVERRIDABLE = ("log.progress", "log.measure_memory", "data.cache_dir", "train.epochs", "system.parallel",
-                      "pipeline.stage_sizes")
+RESUME_OVERRIDABLE = (
+    "log.progress",
+    "log.measure_memory",
+    "data.cache_dir",
+    "train.epochs",
+    "system.parallel",
+    "pipeline.stage_sizes",
+)
 
 
-def resume_config(saved: dict, overrides: typing.Sequence[str],
-                  method_names: typing.Iterable[str] | None = None) -> Config:
+def resume_config(
+    saved: dict, overrides: typing.Sequence[str], method_names: typing.Iterable[str] | None = None
+) -> Config:
     """The config of a resumed run: the one saved in its checkpoint, with `overrides` allowed only for the keys
     in RESUME_OVERRIDABLE; any other difference is a ConfigError that lists the keys."""
     before = from_dict(saved, method_names)
@@ -578,9 +602,11 @@ def resume_config(saved: dict, overrides: typing.Sequence[str],
     changed = [key for key in new if new[key] != old[key] and key not in RESUME_OVERRIDABLE]
     if changed:
         listed = "; ".join(f"{key} = {old[key]!r} in the run, {new[key]!r} asked" for key in changed)
-        raise ConfigError(f"--resume continues a run with the config it was trained with, but {listed}. Only "
-                          f"{', '.join(RESUME_OVERRIDABLE)} may change on resume; to train with other values, "
-                          "start a new run: --config RUN/config.toml --out NEW_DIR with your overrides")
+        raise ConfigError(
+            f"--resume continues a run with the config it was trained with, but {listed}. Only "
+            f"{', '.join(RESUME_OVERRIDABLE)} may change on resume; to train with other values, "
+            "start a new run: --config RUN/config.toml --out NEW_DIR with your overrides"
+        )
     return cfg
 
 
@@ -594,8 +620,10 @@ def parse_overrides(args: typing.Sequence[str]) -> list[str]:
     while i < len(args):
         item = args[i]
         if not item.startswith("--") or "." not in item.split("=")[0]:
-            raise UserError(f"unexpected argument {item!r}; config overrides look like --section.key=value "
-                            "(run with --help for the options)")
+            raise UserError(
+                f"unexpected argument {item!r}; config overrides look like --section.key=value "
+                "(run with --help for the options)"
+            )
         if "=" in item:
             overrides.append(item[2:])
             i += 1
@@ -614,8 +642,11 @@ def cuda_option_on(option: str, setting: str, device: torch.device, instead: str
         return False
     if device.type != "cuda":
         if setting == "true":
-            warnings.warn(f"{option}=true needs a CUDA device, but the run is on {device}; {instead} (set "
-                          f"{option}=false or auto to silence this)", stacklevel=3)
+            warnings.warn(
+                f"{option}=true needs a CUDA device, but the run is on {device}; {instead} (set "
+                f"{option}=false or auto to silence this)",
+                stacklevel=3,
+            )
         return False
     return True
 

@@ -78,38 +78,49 @@ def resolve_parallel(parallel: str) -> str:
     if parallel == "auto":
         return "data" if torchrun else "none"
     if parallel == "modules" and not (torchrun and int(os.environ["WORLD_SIZE"]) > 1):
-        raise UserError("system.parallel = modules puts the local modules on several processes, one stage each, "
-                        "started by torchrun, e.g. torchrun --nproc_per_node=2 -m fastlocal.train --config FILE "
-                        "--system.parallel=modules; use system.parallel=none (or auto) for one process")
+        raise UserError(
+            "system.parallel = modules puts the local modules on several processes, one stage each, "
+            "started by torchrun, e.g. torchrun --nproc_per_node=2 -m fastlocal.train --config FILE "
+            "--system.parallel=modules; use system.parallel=none (or auto) for one process"
+        )
     if parallel == "data" and not torchrun:
-        raise UserError("system.parallel = data needs several processes started by torchrun, e.g. "
-                        "torchrun --nproc_per_node=2 -m fastlocal.train --config FILE; use system.parallel=none "
-                        "(or auto) for one process")
+        raise UserError(
+            "system.parallel = data needs several processes started by torchrun, e.g. "
+            "torchrun --nproc_per_node=2 -m fastlocal.train --config FILE; use system.parallel=none "
+            "(or auto) for one process"
+        )
     if parallel == "none" and torchrun and int(os.environ["WORLD_SIZE"]) > 1:
-        raise UserError(f"system.parallel = none, but torchrun started {os.environ['WORLD_SIZE']} processes, which "
-                        "would each train their own copy into the same run directory; use system.parallel=data "
-                        "(or auto), or start one process")
+        raise UserError(
+            f"system.parallel = none, but torchrun started {os.environ['WORLD_SIZE']} processes, which "
+            "would each train their own copy into the same run directory; use system.parallel=data "
+            "(or auto), or start one process"
+        )
     return parallel
 
 
 def per_rank_batch(batch_size: int, world_size: int) -> int:
     """`train.batch_size` is the global batch: each rank takes an equal share."""
     if batch_size % world_size:
-        raise ConfigError(f"train.batch_size = {batch_size} is the global batch and must split evenly over the "
-                          f"{world_size} processes; choose a multiple of {world_size} (e.g. "
-                          f"{(batch_size // world_size + 1) * world_size}) or another process count")
+        raise ConfigError(
+            f"train.batch_size = {batch_size} is the global batch and must split evenly over the "
+            f"{world_size} processes; choose a multiple of {world_size} (e.g. "
+            f"{(batch_size // world_size + 1) * world_size}) or another process count"
+        )
     return batch_size // world_size
 
 
-def init_data_parallel(device: torch.device, timeout: timedelta = COLLECTIVE_TIMEOUT
-                       ) -> tuple[DataParallel, torch.device]:
+def init_data_parallel(
+    device: torch.device, timeout: timedelta = COLLECTIVE_TIMEOUT
+) -> tuple[DataParallel, torch.device]:
     """Join the process group torchrun set up (env:// rendezvous). On CUDA each process takes the GPU of
     its local rank. Returns the rank's description and its device."""
     parallel = DataParallel(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     if device.type == "cuda":
         if parallel.local_rank >= torch.cuda.device_count():
-            raise UserError(f"local rank {parallel.local_rank} has no GPU: this node has "
-                            f"{torch.cuda.device_count()}; start at most that many processes per node")
+            raise UserError(
+                f"local rank {parallel.local_rank} has no GPU: this node has "
+                f"{torch.cuda.device_count()}; start at most that many processes per node"
+            )
         device = torch.device("cuda", parallel.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -126,11 +137,16 @@ def close() -> None:
 def check_options(cfg: Config, device: torch.device) -> None:
     """Options that data parallelism rules out or changes."""
     if cfg.system.sync_batch_norm and device.type != "cuda":
-        raise ConfigError("system.sync_batch_norm = true needs CUDA devices (torch.nn.SyncBatchNorm runs on CUDA "
-                          f"only) but this run is on {device.type}; set system.sync_batch_norm=false")
+        raise ConfigError(
+            "system.sync_batch_norm = true needs CUDA devices (torch.nn.SyncBatchNorm runs on CUDA "
+            f"only) but this run is on {device.type}; set system.sync_batch_norm=false"
+        )
     if cfg.system.cuda_graphs == "true":
-        warnings.warn("system.cuda_graphs = true is not supported with data parallelism yet (the all-reduces run "
-                      "eagerly); training without CUDA graphs", stacklevel=2)
+        warnings.warn(
+            "system.cuda_graphs = true is not supported with data parallelism yet (the all-reduces run "
+            "eagerly); training without CUDA graphs",
+            stacklevel=2,
+        )
 
 
 def use_sync_batch_norm(*roots: nn.Module) -> int:
@@ -195,8 +211,9 @@ def min_across_ranks(value: int, device: torch.device) -> int:
     return int(tensor.item())
 
 
-def module_parameter_groups(modules: list[LocalModule], method: nn.Module, backbone: nn.Module
-                            ) -> list[list[nn.Parameter]]:
+def module_parameter_groups(
+    modules: list[LocalModule], method: nn.Module, backbone: nn.Module
+) -> list[list[nn.Parameter]]:
     """The trainable parameters whose gradients are final once module j is flushed, per module j (see the
     module docstring); every trainable parameter of backbone and method is in exactly one group."""
     last = len(modules) - 1
@@ -223,8 +240,9 @@ class GradientAverager:
     """Averages each module's gradients across ranks, one asynchronous flat all-reduce per module and dtype,
     started when the module is flushed (`after_flush`), awaited by `finish` before the optimizer step."""
 
-    def __init__(self, modules: list[LocalModule], method: nn.Module, backbone: nn.Module,
-                 world_size: int | None = None):
+    def __init__(
+        self, modules: list[LocalModule], method: nn.Module, backbone: nn.Module, world_size: int | None = None
+    ):
         self.groups = module_parameter_groups(modules, method, backbone)
         self.world_size = dist.get_world_size() if world_size is None else world_size
         self._pending: list[tuple[list[nn.Parameter], torch.Tensor, object, list]] = []
@@ -249,9 +267,11 @@ class GradientAverager:
         for params, flat, work, stamps in pending:
             for p, stamp in zip(params, stamps):
                 if _grad_stamp(p) != stamp:
-                    raise RuntimeError(f"a parameter of shape {tuple(p.shape)} got gradient after its module's "
-                                       "all-reduce started; its owner module is wrong for data parallelism "
-                                       "(see fastlocal.distributed.module_parameter_groups)")
+                    raise RuntimeError(
+                        f"a parameter of shape {tuple(p.shape)} got gradient after its module's "
+                        "all-reduce started; its owner module is wrong for data parallelism "
+                        "(see fastlocal.distributed.module_parameter_groups)"
+                    )
             work.wait()
             flat.div_(self.world_size)
             for p, chunk in zip(params, flat.split([p.numel() for p in params])):

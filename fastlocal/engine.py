@@ -49,16 +49,23 @@ class RunInterrupted(Exception):
         self.signum = signum
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: Config, device: torch.device | None = None,
-                    lr_on_device: bool = False) -> torch.optim.SGD:
+def build_optimizer(
+    params: list[torch.nn.Parameter], cfg: Config, device: torch.device | None = None, lr_on_device: bool = False
+) -> torch.optim.SGD:
     """SGD with Nesterov momentum and weight decay on all parameters. One fused kernel for the whole
     update on CUDA, the multi-tensor (foreach) path elsewhere; `lr_on_device` keeps the LR in a device
     tensor (a CUDA graph reads it; `set_learning_rate` fills it)."""
     fused = device is not None and device.type == "cuda"
     lr = torch.tensor(cfg.optim.lr, device=device) if lr_on_device else cfg.optim.lr
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
-                           weight_decay=cfg.optim.weight_decay, fused=fused or None,
-                           foreach=None if fused else True)
+    return torch.optim.SGD(
+        params,
+        lr=lr,
+        momentum=cfg.optim.momentum,
+        nesterov=cfg.optim.nesterov,
+        weight_decay=cfg.optim.weight_decay,
+        fused=fused or None,
+        foreach=None if fused else True,
+    )
 
 
 def learning_rate(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
@@ -117,9 +124,11 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise UserError(f"cannot write {path}: {reason}; the previous {path.name}, if any, is unchanged. Free space "
-                        "on that disk or make the directory writable, then run again (--resume continues a run "
-                        "from its last checkpoint)") from None
+        raise UserError(
+            f"cannot write {path}: {reason}; the previous {path.name}, if any, is unchanged. Free space "
+            "on that disk or make the directory writable, then run again (--resume continues a run "
+            "from its last checkpoint)"
+        ) from None
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -148,9 +157,7 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             ) from None
         raise UserError(f"cannot read checkpoint {path}: it is corrupt or not a fastlocal checkpoint") from None
     except Exception as err:  # noqa: BLE001 -- a truncated or foreign file: say so, do not crash
-        raise UserError(
-            f"cannot read checkpoint {path}: {err}; it is corrupt or not a fastlocal checkpoint"
-        ) from None
+        raise UserError(f"cannot read checkpoint {path}: {err}; it is corrupt or not a fastlocal checkpoint") from None
     if not isinstance(ckpt, dict) or not set(CHECKPOINT_KEYS) <= ckpt.keys():
         raise UserError(f"{path} is not a fastlocal checkpoint (it needs the entries {', '.join(CHECKPOINT_KEYS)})")
     return ckpt
@@ -183,8 +190,17 @@ class RunState:
 class Trainer:
     """Trains `backbone` with `method` on `data` and writes the run directory."""
 
-    def __init__(self, cfg: Config, backbone, modules: list[LocalModule], method: LocalMethod, data,
-                 device: torch.device, out_dir: Path, parallel: distributed.DataParallel | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        backbone,
+        modules: list[LocalModule],
+        method: LocalMethod,
+        data,
+        device: torch.device,
+        out_dir: Path,
+        parallel: distributed.DataParallel | None = None,
+    ):
         self.cfg, self.backbone, self.modules, self.method = cfg, backbone, modules, method
         self.data, self.device, self.out_dir = data, device, Path(out_dir)
         self.params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
@@ -193,8 +209,9 @@ class Trainer:
         self.grad_averager = distributed.GradientAverager(modules, method, backbone) if parallel is not None else None
         self.is_main = parallel is None or parallel.is_main
         self.world_size = 1 if parallel is None else parallel.world_size
-        use_graphs = parallel is None and cuda_option_on("system.cuda_graphs", cfg.system.cuda_graphs, device,
-                                                         "training eagerly")
+        use_graphs = parallel is None and cuda_option_on(
+            "system.cuda_graphs", cfg.system.cuda_graphs, device, "training eagerly"
+        )
         # Module i's loss runs on this stream while module i+1 runs forward (local_train_step).
         use_streams = cuda_option_on("system.cuda_streams", cfg.system.cuda_streams, device, "training on one stream")
         self.side_stream = torch.cuda.Stream(device) if use_streams else None
@@ -216,9 +233,14 @@ class Trainer:
     def step_without_zero_grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Local forward/backward, EMA, optimizer step; what a CUDA graph captures."""
         averager = self.grad_averager
-        loss = local_train_step(self.modules, self.method, Batch(x, y, self.data.info.mean, self.data.info.std),
-                                self.forward_context, side_stream=self.side_stream,
-                                after_flush=None if averager is None else averager.after_flush)
+        loss = local_train_step(
+            self.modules,
+            self.method,
+            Batch(x, y, self.data.info.mean, self.data.info.std),
+            self.forward_context,
+            side_stream=self.side_stream,
+            after_flush=None if averager is None else averager.after_flush,
+        )
         if averager is not None:
             averager.finish()
         self.optimizer.step()
@@ -243,16 +265,23 @@ class Trainer:
         ckpt = self.checkpoint()
         bad = non_finite_tensors(ckpt)
         if bad:
-            raise self.diverged(f"after epoch {self.state.epoch}, {len(bad)} tensors of the model hold inf or nan "
-                                f"(first: {bad[0]})", completed_epochs=self.state.epoch - 1)
+            raise self.diverged(
+                f"after epoch {self.state.epoch}, {len(bad)} tensors of the model hold inf or nan (first: {bad[0]})",
+                completed_epochs=self.state.epoch - 1,
+            )
         if self.is_main:  # data parallel: every rank checks (the models are equal, so they agree); rank 0 writes
             save_atomic(ckpt, self.out_dir / CHECKPOINT_NAME)
 
     def diverged(self, what: str, completed_epochs: int) -> NonFiniteLossError:
-        last_good = (f"the checkpoint of epoch {completed_epochs} in {self.out_dir} is intact (every tensor in it "
-                     "is finite)" if completed_epochs else "no checkpoint was written")
-        return NonFiniteLossError(f"{what}; the run diverged. Lower optim.lr (now {self.cfg.optim.lr:g}) or lengthen "
-                                  f"optim.warmup_epochs; {last_good}")
+        last_good = (
+            f"the checkpoint of epoch {completed_epochs} in {self.out_dir} is intact (every tensor in it is finite)"
+            if completed_epochs
+            else "no checkpoint was written"
+        )
+        return NonFiniteLossError(
+            f"{what}; the run diverged. Lower optim.lr (now {self.cfg.optim.lr:g}) or lengthen "
+            f"optim.warmup_epochs; {last_good}"
+        )
 
     def load_checkpoint(self, path: Path) -> None:
         self.restore(read_checkpoint(path, self.device))
@@ -264,8 +293,10 @@ class Trainer:
             self.method.load_state_dict(ckpt["method"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
-            raise UserError(f"the checkpoint does not fit the model built from its config ({str(err)[:300]}); it "
-                            "was written by another version of fastlocal or edited") from None
+            raise UserError(
+                f"the checkpoint does not fit the model built from its config ({str(err)[:300]}); it "
+                "was written by another version of fastlocal or edited"
+            ) from None
         for group in self.optimizer.param_groups:  # the LR's kind (float or device tensor) follows this run
             if self.lr_on_device and not isinstance(group["lr"], torch.Tensor):
                 group["lr"] = torch.tensor(group["lr"], device=self.device)
@@ -301,8 +332,11 @@ class Trainer:
             if self.state.peak_memory is None and self.measure_cpu_memory and self.device.type == "cpu":
                 with SavedTensorAccountant(ignore=parameter_storages(self.backbone, self.method)) as acct:
                     loss = self.eager_step(x, y)
-                self.state.peak_memory = {"kind": "cpu_saved_tensors", "batch_size": int(x.shape[0]),
-                                          "peak_saved_bytes": acct.peak_bytes}
+                self.state.peak_memory = {
+                    "kind": "cpu_saved_tensors",
+                    "batch_size": int(x.shape[0]),
+                    "peak_saved_bytes": acct.peak_bytes,
+                }
             else:
                 loss = self.run_step(x, y)
             loss_sum += loss
@@ -311,12 +345,15 @@ class Trainer:
             if (every and step % every == 0) or step == steps - 1:
                 # One host sync; data parallel: summed over ranks, so every rank takes the same decision.
                 total, ranks_diverged = distributed.sum_across_ranks(
-                    torch.stack([loss_sum, (diverged_at >= 0).double()])).tolist()
+                    torch.stack([loss_sum, (diverged_at >= 0).double()])
+                ).tolist()
                 if ranks_diverged:
                     first_bad = int(diverged_at.item())
                     where = f"at step {first_bad + 1}/{steps}" if first_bad >= 0 else "on another rank"
-                    raise self.diverged(f"the training loss became inf or nan {where} of epoch {epoch + 1} (seen at "
-                                        f"step {step + 1})", completed_epochs=epoch)
+                    raise self.diverged(
+                        f"the training loss became inf or nan {where} of epoch {epoch + 1} (seen at step {step + 1})",
+                        completed_epochs=epoch,
+                    )
                 if progress is not None:
                     progress.set_postfix(loss=f"{total / (step + 1) / self.world_size:.3f}", lr=f"{lr:.3g}")
             if progress is not None:
@@ -330,8 +367,13 @@ class Trainer:
             progress.close()
         train_loss = distributed.sum_across_ranks(loss_sum).item() / max(1, steps) / self.world_size
         images = loader.num_images * self.world_size if not cfg.train.drop_last else steps * cfg.train.batch_size
-        return {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "epoch_seconds": seconds,
-                "images_per_second": images / seconds}
+        return {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": train_loss,
+            "epoch_seconds": seconds,
+            "images_per_second": images / seconds,
+        }
 
     @contextmanager
     def stop_on_signals(self) -> Iterator[None]:
@@ -387,11 +429,15 @@ class Trainer:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                 except OSError as err:
-                    raise UserError(f"cannot write {metrics_path}: {err.strerror}; the checkpoint of epoch "
-                                    f"{epoch + 1} is saved; free space or make the directory writable, then continue "
-                                    f"with --resume {self.out_dir}") from None
-            log(f"epoch {row['epoch']}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  "
-                f"test acc {row['test_acc']:.2f}%  {row['images_per_second']:.0f} img/s  lr {row['lr']:.4g}")
+                    raise UserError(
+                        f"cannot write {metrics_path}: {err.strerror}; the checkpoint of epoch "
+                        f"{epoch + 1} is saved; free space or make the directory writable, then continue "
+                        f"with --resume {self.out_dir}"
+                    ) from None
+            log(
+                f"epoch {row['epoch']}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  "
+                f"test acc {row['test_acc']:.2f}%  {row['images_per_second']:.0f} img/s  lr {row['lr']:.4g}"
+            )
         summary = self.summary()
         if self.is_main:
             write_json_atomic(summary, self.out_dir / "summary.json")

@@ -30,8 +30,12 @@ class GraphedStep:
     """`step(x, y) -> loss` (zero_grad excluded) run eagerly `warmup_steps` times, then captured once and
     replayed for every batch of the captured shape. `zero_grad()` is the eager path's gradient reset."""
 
-    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], zero_grad: Callable[[], None],
-                 warmup_steps: int = 3):
+    def __init__(
+        self,
+        step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        zero_grad: Callable[[], None],
+        warmup_steps: int = 3,
+    ):
         self.step = step
         self.zero_grad = zero_grad
         self.warmup_left = warmup_steps
@@ -74,9 +78,11 @@ class GraphedStep:
         except Exception as err:  # an op that cannot be captured: say which, then train eagerly
             torch.cuda.synchronize()
             self.failed = True
-            warnings.warn(f"CUDA graph capture of the training step failed ({type(err).__name__}: {err}); "
-                          "training eagerly from here (set system.cuda_graphs=false to skip the attempt)",
-                          stacklevel=2)
+            warnings.warn(
+                f"CUDA graph capture of the training step failed ({type(err).__name__}: {err}); "
+                "training eagerly from here (set system.cuda_graphs=false to skip the attempt)",
+                stacklevel=2,
+            )
             return self.eager(x, y)
         self.graph, self.static = graph, (static_x, static_y, static_loss)
         graph.replay()  # capture records the work; this runs it for the current batch

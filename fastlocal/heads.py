@@ -62,8 +62,17 @@ class ConvHead(nn.Module):
     """`num_convs` conv3x3+BN+ReLU layers, GAP, then `num_linears` Linear layers with ReLU between.
     `tokens`: the input is (B, N, D) and the conv layers are per-token Linear+LayerNorm+GELU of the same widths."""
 
-    def __init__(self, in_channels: int, num_classes: int, final_channels: int, num_convs: int,
-                 num_linears: int, hidden: int = 128, widen: int = 1, tokens: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        final_channels: int,
+        num_convs: int,
+        num_linears: int,
+        hidden: int = 128,
+        widen: int = 1,
+        tokens: bool = False,
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels
@@ -85,8 +94,15 @@ class ConvHead(nn.Module):
         return self.classifier(global_average_pool(self.features(x)))
 
 
-def build_head(name: str, in_channels: int, num_classes: int, final_channels: int, hidden: int = 128,
-               widen: int = 1, tokens: bool = False) -> nn.Module:
+def build_head(
+    name: str,
+    in_channels: int,
+    num_classes: int,
+    final_channels: int,
+    hidden: int = 128,
+    widen: int = 1,
+    tokens: bool = False,
+) -> nn.Module:
     if name not in HEAD_TYPES:
         raise ValueError(f"unknown head {name!r}; choose one of: {', '.join(HEAD_TYPES)}")
     num_convs, num_linears = int(name[0]), int(name[2])
@@ -95,8 +111,9 @@ def build_head(name: str, in_channels: int, num_classes: int, final_channels: in
     return ConvHead(in_channels, num_classes, final_channels, num_convs, num_linears, hidden, widen, tokens)
 
 
-def classification_loss(head: nn.Module, features: torch.Tensor, target: torch.Tensor,
-                        kernels: str = "reference") -> torch.Tensor:
+def classification_loss(
+    head: nn.Module, features: torch.Tensor, target: torch.Tensor, kernels: str = "reference"
+) -> torch.Tensor:
     """Mean cross-entropy of `head(features)`. GAP+Linear heads go through the kernel dispatch
     (`system.kernels`: the fused Triton loss on CUDA under `auto`), every other head through PyTorch."""
     if kernels != "reference" and isinstance(head, GapLinear) and features.dim() == 4:

@@ -38,8 +38,12 @@ def method_config(method: str, num_modules: int | None, options: dict, arch: str
     cfg.model.arch = arch
     set_value(cfg, "method.name", method)
     set_value(cfg, "method.num_modules", 0 if num_modules is None else num_modules)
-    fields = {f.name: section for section in OPTION_SECTIONS
-              for f in dataclasses.fields(getattr(cfg, section)) if f.name not in NOT_OPTIONS}
+    fields = {
+        f.name: section
+        for section in OPTION_SECTIONS
+        for f in dataclasses.fields(getattr(cfg, section))
+        if f.name not in NOT_OPTIONS
+    }
     for key, value in options.items():
         section, _, name = key.rpartition(".")
         section = section or fields.get(name)
@@ -47,8 +51,10 @@ def method_config(method: str, num_modules: int | None, options: dict, arch: str
             raise ConfigError(f"unknown option {key!r} for LocalLearner; the options are: {', '.join(fields)}")
         readers = OPTION_SECTIONS[section]
         if readers is not None and method not in readers:
-            raise ConfigError(f"option {key!r} belongs to {section} and method {method!r} does not use it "
-                              f"(it applies to: {', '.join(readers)})")
+            raise ConfigError(
+                f"option {key!r} belongs to {section} and method {method!r} does not use it "
+                f"(it applies to: {', '.join(readers)})"
+            )
         set_value(cfg, f"{section}.{name}", value)
     return validate(cfg, METHODS)
 
@@ -68,19 +74,31 @@ class LocalLearner(nn.Module):
     the frozen EMA copies never get a gradient, so an optimizer leaves them alone).
     """
 
-    def __init__(self, backbone: Backbone, method: str = "mlaan", num_modules: int | None = None, *,
-                 mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
-                 kernels: str = "reference", arch: str | None = None, **options):
+    def __init__(
+        self,
+        backbone: Backbone,
+        method: str = "mlaan",
+        num_modules: int | None = None,
+        *,
+        mean: Sequence[float] = (0.0, 0.0, 0.0),
+        std: Sequence[float] = (1.0, 1.0, 1.0),
+        kernels: str = "reference",
+        arch: str | None = None,
+        **options,
+    ):
         if not isinstance(backbone, Backbone):
-            raise ConfigError(f"LocalLearner needs a fastlocal.Backbone, got a {type(backbone).__name__}; build one "
-                              "with fastlocal.Backbone(stem, blocks, None, head, input_size) or "
-                              "fastlocal.adapt(model, input_size)")
+            raise ConfigError(
+                f"LocalLearner needs a fastlocal.Backbone, got a {type(backbone).__name__}; build one "
+                "with fastlocal.Backbone(stem, blocks, None, head, input_size) or "
+                "fastlocal.adapt(model, input_size)"
+            )
         cfg = method_config(method, num_modules, options, arch or f"custom:{type(backbone).__name__}")
         self._build(cfg, backbone, mean, std, kernels)
 
     @classmethod
-    def from_config(cls, cfg: Config, backbone: Backbone, mean: Sequence[float], std: Sequence[float],
-                    kernels: str = "reference") -> LocalLearner:
+    def from_config(
+        cls, cfg: Config, backbone: Backbone, mean: Sequence[float], std: Sequence[float], kernels: str = "reference"
+    ) -> LocalLearner:
         """The learner a run's config describes (what `python -m fastlocal.train` trains)."""
         learner = cls.__new__(cls)
         learner._build(cfg, backbone, mean, std, kernels)
@@ -96,8 +114,9 @@ class LocalLearner(nn.Module):
         self.cfg = cfg
         self.backbone = backbone
         # The modules share the backbone's parts: a plain list, so the state_dict holds each tensor once.
-        self.local_modules = split_backbone(backbone, resolve_num_modules(cfg.method), cfg.method.stem_separate,
-                                            cfg.method.split, cfg.model.arch)
+        self.local_modules = split_backbone(
+            backbone, resolve_num_modules(cfg.method), cfg.method.stem_separate, cfg.method.split, cfg.model.arch
+        )
         self.method = build_method(cfg, backbone, self.local_modules)
         self.mean, self.std = tuple(mean), tuple(std)
         self.kernels = kernels
@@ -122,8 +141,10 @@ class LocalLearner(nn.Module):
         from fastlocal.schedule import local_train_step
 
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[-1] != self.backbone.input_size:
-            raise ConfigError(f"step takes images (batch, 3, {self.backbone.input_size}, {self.backbone.input_size})"
-                              f" (the backbone's input size), got {tuple(x.shape)}")
+            raise ConfigError(
+                f"step takes images (batch, 3, {self.backbone.input_size}, {self.backbone.input_size})"
+                f" (the backbone's input size), got {tuple(x.shape)}"
+            )
         if y.shape != x.shape[:1]:
             raise ConfigError(f"step takes one label per image: x has {x.shape[0]}, y has shape {tuple(y.shape)}")
         try:

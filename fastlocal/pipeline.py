@@ -68,8 +68,10 @@ def stage_ranges(sizes: Sequence[int]) -> list[range]:
 def partition(costs: Sequence[float], num_stages: int) -> list[int]:
     """Module counts of contiguous stages that minimise the largest stage cost."""
     if num_stages > len(costs):
-        raise ConfigError(f"{num_stages} pipeline stages need at least as many local modules, but "
-                          f"method.num_modules = {len(costs)}; raise method.num_modules or start fewer processes")
+        raise ConfigError(
+            f"{num_stages} pipeline stages need at least as many local modules, but "
+            f"method.num_modules = {len(costs)}; raise method.num_modules or start fewer processes"
+        )
     return [len(group) for group in balanced_groups(list(costs), num_stages)]
 
 
@@ -181,9 +183,19 @@ class PipelineTrainer(Trainer):
     """`Trainer` for one pipeline stage: the same epochs, LR, logging and run directory (written by rank 0),
     with the step, the evaluation and the checkpoints going through the pipeline."""
 
-    def __init__(self, cfg: Config, backbone, modules: list[LocalModule], method: LocalMethod, data,
-                 device: torch.device, out_dir, parallel: distributed.DataParallel,
-                 stage_sizes: Sequence[int] | None = None, log=print):
+    def __init__(
+        self,
+        cfg: Config,
+        backbone,
+        modules: list[LocalModule],
+        method: LocalMethod,
+        data,
+        device: torch.device,
+        out_dir,
+        parallel: distributed.DataParallel,
+        stage_sizes: Sequence[int] | None = None,
+        log=print,
+    ):
         super().__init__(cfg, backbone, modules, method, data, device, out_dir, parallel=None)
         self.parallel = parallel
         self.is_main = parallel.is_main
@@ -192,16 +204,22 @@ class PipelineTrainer(Trainer):
         self.all_params = self.params
         num_stages = parallel.world_size
         if num_stages > len(modules):  # checked on every stage, before rank 0 alone measures the costs
-            raise ConfigError(f"{num_stages} pipeline stages need at least as many local modules, but "
-                              f"method.num_modules = {len(modules)}; raise it or start fewer processes")
+            raise ConfigError(
+                f"{num_stages} pipeline stages need at least as many local modules, but "
+                f"method.num_modules = {len(modules)}; raise it or start fewer processes"
+            )
         sizes = list(stage_sizes or cfg.pipeline.stage_sizes or self._measured_partition(num_stages))
         if len(sizes) != num_stages:
-            raise ConfigError(f"pipeline.stage_sizes = {sizes} names {len(sizes)} stages but torchrun started "
-                              f"{num_stages} processes; give one module count per process")
+            raise ConfigError(
+                f"pipeline.stage_sizes = {sizes} names {len(sizes)} stages but torchrun started "
+                f"{num_stages} processes; give one module count per process"
+            )
         self.ranges = stage_ranges(sizes)
         self.stage = Stage(parallel.rank, num_stages, self.ranges[parallel.rank])
-        log(f"pipeline: {num_stages} stages holding modules "
-            + " | ".join(f"{r.start}-{r.stop - 1}" for r in self.ranges))
+        log(
+            f"pipeline: {num_stages} stages holding modules "
+            + " | ".join(f"{r.start}-{r.stop - 1}" for r in self.ranges)
+        )
         self.stage_of_module = [s for s, r in enumerate(self.ranges) for _ in r]
         owner = module_of_tensors(modules, method)
         self.tensor_stage = {key: self.stage_of_module[j] for key, j in owner.items()}
@@ -224,18 +242,21 @@ class PipelineTrainer(Trainer):
         self._steps = 0
         self._stale = self._kept_input = None
         if cfg.pipeline.cascade == "stale" and min(len(r) for r in self.ranges[:-1]) < method.window - 1:
-            raise ConfigError(f"pipeline.cascade = stale needs every stage but the last to hold at least "
-                              f"mlaan.window - 1 = {method.window - 1} modules (stages: "
-                              f"{[len(r) for r in self.ranges]}); use pipeline.cascade=exact or other "
-                              "pipeline.stage_sizes")
+            raise ConfigError(
+                f"pipeline.cascade = stale needs every stage but the last to hold at least "
+                f"mlaan.window - 1 = {method.window - 1} modules (stages: "
+                f"{[len(r) for r in self.ranges]}); use pipeline.cascade=exact or other "
+                "pipeline.stage_sizes"
+            )
 
     # -- setup ---------------------------------------------------------------------------------------
     def _measured_partition(self, num_stages: int) -> list[int]:
         """Rank 0 measures each module's cost on this device; every stage takes its partition."""
         sizes = [None]
         if self.parallel.is_main:
-            costs = measure_module_costs(self.modules, self.method, self.cfg, self.data.info, self.device,
-                                         self.forward_context)
+            costs = measure_module_costs(
+                self.modules, self.method, self.cfg, self.data.info, self.device, self.forward_context
+            )
             sizes = [partition([c["total"] for c in costs], num_stages)]
         dist.broadcast_object_list(sizes, src=0)
         return sizes[0]
@@ -290,9 +311,11 @@ class PipelineTrainer(Trainer):
         """[batch size, activation, labels(, images)] for one batch of at most train.batch_size images."""
         batch = self.cfg.train.batch_size
         device = self.device
-        buffers = [torch.zeros(1, dtype=torch.int64, device=device),
-                   torch.zeros(batch, *activation_shape, dtype=dtype, device=device),
-                   torch.zeros(batch, dtype=torch.int64, device=device)]
+        buffers = [
+            torch.zeros(1, dtype=torch.int64, device=device),
+            torch.zeros(batch, *activation_shape, dtype=dtype, device=device),
+            torch.zeros(batch, dtype=torch.int64, device=device),
+        ]
         if self.send_images:
             buffers.append(torch.zeros(batch, *self.image_shape, dtype=self.image_dtype, device=device))
         return buffers
@@ -309,7 +332,8 @@ class PipelineTrainer(Trainer):
             self._buffers_in = [self._message_buffers(shape, dtype) for _ in range(2)]
         buffers = self._buffers_in[step % 2]
         self._receive_works[step % 2] = self._post(
-            [dist.P2POp(dist.irecv, b, self.stage.rank - 1, tag=TAG_ACTIVATION) for b in buffers])
+            [dist.P2POp(dist.irecv, b, self.stage.rank - 1, tag=TAG_ACTIVATION) for b in buffers]
+        )
 
     def _send_output(self, step: int, output: torch.Tensor, batch: Batch) -> None:
         if self._buffers_out is None:
@@ -357,14 +381,17 @@ class PipelineTrainer(Trainer):
 
     def _cotangent_buffers(self, n: int) -> list[torch.Tensor]:
         shape, dtype = self.out_shapes[self.stage.modules.stop - 1]
-        return [torch.zeros(self.window - 1, dtype=torch.int64, device=self.device),
-                torch.zeros(self.window - 1, n, *shape, dtype=dtype, device=self.device)]
+        return [
+            torch.zeros(self.window - 1, dtype=torch.int64, device=self.device),
+            torch.zeros(self.window - 1, n, *shape, dtype=dtype, device=self.device),
+        ]
 
     def _send_cotangent(self, step: int, outgoing: list[torch.Tensor | None], like: torch.Tensor) -> None:
         present = torch.tensor([g is not None for g in outgoing], dtype=torch.int64, device=self.device)
         stacked = torch.stack([like.new_zeros(like.shape) if g is None else g for g in outgoing])
-        works = self._post([dist.P2POp(dist.isend, t, self.stage.rank - 1, tag=TAG_COTANGENT)
-                            for t in (present, stacked)])
+        works = self._post(
+            [dist.P2POp(dist.isend, t, self.stage.rank - 1, tag=TAG_COTANGENT) for t in (present, stacked)]
+        )
         self._pending.append((step, works, [present, stacked]))
 
     # -- one step ------------------------------------------------------------------------------------
@@ -393,8 +420,9 @@ class PipelineTrainer(Trainer):
         incoming = cotangent_works = None
         if self._gets_cotangent():
             incoming = self._cotangent_buffers(inputs.shape[0])
-            cotangent_works = self._post([dist.P2POp(dist.irecv, t, stage.rank + 1, tag=TAG_COTANGENT)
-                                          for t in incoming])
+            cotangent_works = self._post(
+                [dist.P2POp(dist.irecv, t, stage.rank + 1, tag=TAG_COTANGENT) for t in incoming]
+            )
         # stale: the cotangent of this step is applied at the next (the epoch's last step waits for its own).
         stale = self.cfg.pipeline.cascade == "stale" and self._gets_cotangent() and step < self._steps - 1
         loss = self._local_step(step, inputs, batch, incoming, cotangent_works, wait_incoming=not stale)
@@ -443,8 +471,12 @@ class PipelineTrainer(Trainer):
 
         self._apply_weights(received)
         if self.ema_remote_targets:
-            ema_update_(self.ema_remote_targets, self.ema_remote_live,
-                        self.method.ema_momentum ** self.cfg.pipeline.ema_every, backend=self.method.kernels)
+            ema_update_(
+                self.ema_remote_targets,
+                self.ema_remote_live,
+                self.method.ema_momentum**self.cfg.pipeline.ema_every,
+                backend=self.method.kernels,
+            )
 
     @torch.no_grad()
     def _restore(self, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -478,8 +510,9 @@ class PipelineTrainer(Trainer):
             cotangents.flush(j)
         self._restore(saved)  # after the backward, which reads the running statistics batch norm saved
 
-    def _local_step(self, step: int, inputs: torch.Tensor, batch: Batch, incoming, incoming_works,
-                    wait_incoming: bool = True) -> torch.Tensor:
+    def _local_step(
+        self, step: int, inputs: torch.Tensor, batch: Batch, incoming, incoming_works, wait_incoming: bool = True
+    ) -> torch.Tensor:
         """The stage's modules through the local schedule (fastlocal.schedule.local_train_step's order)."""
         stage, method, window = self.stage, self.method, self.window
         lo, hi = stage.modules.start, stage.modules.stop
@@ -552,8 +585,15 @@ class PipelineTrainer(Trainer):
 
     def test_accuracy(self) -> float:
         with self.forward_context():
-            return pipeline_evaluate(self.modules, self.backbone, self.data.test, self.stage, self.out_shapes,
-                                     self.image_dtype, self.channels_last_input)
+            return pipeline_evaluate(
+                self.modules,
+                self.backbone,
+                self.data.test,
+                self.stage,
+                self.out_shapes,
+                self.image_dtype,
+                self.channels_last_input,
+            )
 
     def owned_state(self) -> dict:
         """This stage's entries of the single-device checkpoint: its modules' and heads' tensors, and the
@@ -562,15 +602,24 @@ class PipelineTrainer(Trainer):
         last = self.stage.num_stages - 1
 
         def owned(root: nn.Module) -> dict:
-            return {k: v.detach().cpu() for k, v in root.state_dict(keep_vars=True).items()
-                    if self.tensor_stage.get(id(v), last) == mine}
+            return {
+                k: v.detach().cpu()
+                for k, v in root.state_dict(keep_vars=True).items()
+                if self.tensor_stage.get(id(v), last) == mine
+            }
 
         index = {id(p): g for g, p in enumerate(self.all_params)}
         local = self.optimizer.state_dict()
-        state = {index[id(self.params[i])]: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-                 for i, s in local["state"].items()}
-        return {"backbone": owned(self.backbone), "method": owned(self.method), "optimizer_state": state,
-                "param_groups": local["param_groups"]}
+        state = {
+            index[id(self.params[i])]: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+            for i, s in local["state"].items()
+        }
+        return {
+            "backbone": owned(self.backbone),
+            "method": owned(self.method),
+            "optimizer_state": state,
+            "param_groups": local["param_groups"],
+        }
 
     def checkpoint(self) -> dict | None:
         """The single-device checkpoint, gathered on rank 0 (None on the other stages)."""
@@ -586,17 +635,23 @@ class PipelineTrainer(Trainer):
         groups = [{**parts[0]["param_groups"][0], "params": list(range(len(self.all_params)))}]
         full_backbone = {k: backbone[k] for k in self.backbone.state_dict()}
         full_method = {k: method[k] for k in self.method.state_dict()}
-        return {"config": to_dict(self.cfg), "backbone": full_backbone, "method": full_method,
-                "optimizer": {"state": dict(sorted(state.items())), "param_groups": groups},
-                "state": self.state.__dict__}
+        return {
+            "config": to_dict(self.cfg),
+            "backbone": full_backbone,
+            "method": full_method,
+            "optimizer": {"state": dict(sorted(state.items())), "param_groups": groups},
+            "state": self.state.__dict__,
+        }
 
     def save_checkpoint(self) -> None:
         own = self.owned_state()
         bad = non_finite_tensors({"backbone": own["backbone"], "method": own["method"]})
         if distributed.sum_across_ranks(torch.tensor(len(bad), device=self.device)).item():
-            raise self.diverged(f"after epoch {self.state.epoch}, tensors of the model hold inf or nan"
-                                + (f" (first on this stage: {bad[0]})" if bad else ""),
-                                completed_epochs=self.state.epoch - 1)
+            raise self.diverged(
+                f"after epoch {self.state.epoch}, tensors of the model hold inf or nan"
+                + (f" (first on this stage: {bad[0]})" if bad else ""),
+                completed_epochs=self.state.epoch - 1,
+            )
         ckpt = self.checkpoint()
         if self.is_main:
             from fastlocal.engine import CHECKPOINT_NAME, save_atomic
@@ -608,22 +663,33 @@ class PipelineTrainer(Trainer):
         the weights, and the optimizer state of its own parameters."""
         full = ckpt["optimizer"]
         index = {id(p): g for g, p in enumerate(self.all_params)}
-        local_state = {i: full["state"][index[id(p)]] for i, p in enumerate(self.params)
-                       if index[id(p)] in full["state"]}
+        local_state = {
+            i: full["state"][index[id(p)]] for i, p in enumerate(self.params) if index[id(p)] in full["state"]
+        }
         groups = [{**full["param_groups"][0], "params": list(range(len(self.params)))}]
         super().restore({**ckpt, "optimizer": {"state": local_state, "param_groups": groups}})
 
     def summary(self) -> dict:
         summary = super().summary()
-        summary.update(world_size=self.stage.num_stages, parallel="modules",
-                       pipeline_stages=[[r.start, r.stop - 1] for r in self.ranges])
+        summary.update(
+            world_size=self.stage.num_stages,
+            parallel="modules",
+            pipeline_stages=[[r.start, r.stop - 1] for r in self.ranges],
+        )
         return summary
 
 
 # -- evaluation through the pipeline --------------------------------------------------------------------------
 @torch.no_grad()
-def pipeline_evaluate(modules: Sequence[LocalModule], backbone: nn.Module, loader, stage: Stage,
-                      out_shapes: list, image_dtype: torch.dtype, channels_last: bool = False) -> float:
+def pipeline_evaluate(
+    modules: Sequence[LocalModule],
+    backbone: nn.Module,
+    loader,
+    stage: Stage,
+    out_shapes: list,
+    image_dtype: torch.dtype,
+    channels_last: bool = False,
+) -> float:
     """Top-1 accuracy (%) of the backbone's final head: stage 0 reads the test batches, each stage runs its
     modules in eval mode and passes the output (and the labels) on; the last stage counts."""
     was_training = backbone.training
@@ -681,9 +747,15 @@ class _Timer:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
-def measure_module_costs(modules: Sequence[LocalModule], method: LocalMethod, cfg: Config, info,
-                         device: torch.device, forward_context: Callable = None, repeats: int = 5
-                         ) -> list[dict]:
+def measure_module_costs(
+    modules: Sequence[LocalModule],
+    method: LocalMethod,
+    cfg: Config,
+    info,
+    device: torch.device,
+    forward_context: Callable = None,
+    repeats: int = 5,
+) -> list[dict]:
     """Each module's cost on `device`, in seconds per step of train.batch_size random images (the median of
     `repeats` after one warm-up): forward, its loss forward and backward, the input-only VJPs the cascade runs
     through it, its weight VJP and its optimizer step; `total` sums them, `output_bytes` is the activation a
@@ -692,8 +764,10 @@ def measure_module_costs(modules: Sequence[LocalModule], method: LocalMethod, cf
 
     forward_context = forward_context or nullcontext
     backbone = method.backbone
-    saved = ({k: v.clone() for k, v in backbone.state_dict().items()},
-             {k: v.clone() for k, v in method.state_dict().items()})
+    saved = (
+        {k: v.clone() for k, v in backbone.state_dict().items()},
+        {k: v.clone() for k, v in method.state_dict().items()},
+    )
     dtype = next(backbone.parameters()).dtype
     g = torch.Generator().manual_seed(0)
     x = torch.randn(cfg.train.batch_size, 3, info.image_size, info.image_size, generator=g).to(device, dtype)
@@ -701,9 +775,19 @@ def measure_module_costs(modules: Sequence[LocalModule], method: LocalMethod, cf
     batch = Batch(x, y, info.mean, info.std)
     window, num = method.window, len(modules)
     groups = distributed.module_parameter_groups(list(modules), method, backbone)
-    optimizers = [torch.optim.SGD(group, lr=0.0, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
-                                  weight_decay=cfg.optim.weight_decay, foreach=True) if group else None
-                  for group in groups]
+    optimizers = [
+        torch.optim.SGD(
+            group,
+            lr=0.0,
+            momentum=cfg.optim.momentum,
+            nesterov=cfg.optim.nesterov,
+            weight_decay=cfg.optim.weight_decay,
+            foreach=True,
+        )
+        if group
+        else None
+        for group in groups
+    ]
     samples = [[[] for _ in range(5)] for _ in range(num)]  # per module and part, one time per repeat
     out_bytes = [0] * num
     for rep in range(repeats + 1):
@@ -752,26 +836,43 @@ def measure_module_costs(modules: Sequence[LocalModule], method: LocalMethod, cf
         forward, loss, input_vjp, weight_vjp, step = (statistics.median(times) for times in samples[i])
         # The cascade runs an input-only VJP through module i for each loss i+1..i+W-1 that exists.
         carries = sum(1 for j in range(i + 1, min(num, i + window)))
-        costs.append({"forward": forward, "loss": loss, "input_vjp": input_vjp, "weight_vjp": weight_vjp,
-                      "optimizer": step, "carries": carries,
-                      "total": forward + loss + weight_vjp + step + carries * input_vjp,
-                      "output_bytes": out_bytes[i]})
+        costs.append(
+            {
+                "forward": forward,
+                "loss": loss,
+                "input_vjp": input_vjp,
+                "weight_vjp": weight_vjp,
+                "optimizer": step,
+                "carries": carries,
+                "total": forward + loss + weight_vjp + step + carries * input_vjp,
+                "output_bytes": out_bytes[i],
+            }
+        )
     return costs
 
 
 def check_pipeline(cfg: Config) -> None:
     """Options the pipeline rules out."""
     if cfg.system.sync_batch_norm:
-        raise ConfigError("system.sync_batch_norm = true is for data parallelism; a pipeline stage holds whole "
-                          "batches. Set system.sync_batch_norm=false")
+        raise ConfigError(
+            "system.sync_batch_norm = true is for data parallelism; a pipeline stage holds whole "
+            "batches. Set system.sync_batch_norm=false"
+        )
     if cfg.method.name == "bp":
-        raise UserError("method.name = bp has one module, which cannot be split over stages; use a local method "
-                        "(dgl, infopro, mlaan) with system.parallel=modules")
+        raise UserError(
+            "method.name = bp has one module, which cannot be split over stages; use a local method "
+            "(dgl, infopro, mlaan) with system.parallel=modules"
+        )
 
 
 # -- the throughput model --------------------------------------------------------------------------------------
-def predict_step(costs: Sequence[dict], sizes: Sequence[int], window: int = 1, cascade: str = "exact",
-                 link_bytes_per_second: float = 0.0) -> dict:
+def predict_step(
+    costs: Sequence[dict],
+    sizes: Sequence[int],
+    window: int = 1,
+    cascade: str = "exact",
+    link_bytes_per_second: float = 0.0,
+) -> dict:
     """The steady step time of a local-learning pipeline with stages of `sizes` modules (docs/pipeline.md).
 
     Stage k costs t_k (the sum of its modules' `total`) and its output takes c_k to send (0 with no link
@@ -794,11 +895,17 @@ def predict_step(costs: Sequence[dict], sizes: Sequence[int], window: int = 1, c
         t = sum(costs[i]["total"] for i in r)
         extra = 0.0
         if window > 1 and k < last_stage:
-            tail = list(r)[-(window - 1):]
+            tail = list(r)[-(window - 1) :]
             if cascade == "exact":
-                head = list(ranges[k + 1])[:window - 1]
-                round_trip = send(k) + send(k, window - 1) + sum(
-                    costs[i]["forward"] + costs[i]["loss"] + costs[i]["carries"] * costs[i]["input_vjp"] for i in head)
+                head = list(ranges[k + 1])[: window - 1]
+                round_trip = (
+                    send(k)
+                    + send(k, window - 1)
+                    + sum(
+                        costs[i]["forward"] + costs[i]["loss"] + costs[i]["carries"] * costs[i]["input_vjp"]
+                        for i in head
+                    )
+                )
                 extra = max(0.0, round_trip - costs[r.stop - 1]["loss"])
             else:
                 extra = sum(costs[i]["forward"] + costs[i]["weight_vjp"] + costs[i]["input_vjp"] for i in tail)
@@ -806,12 +913,17 @@ def predict_step(costs: Sequence[dict], sizes: Sequence[int], window: int = 1, c
         steps.append(max(t + extra, send(k)))
     single = sum(c["total"] for c in costs)
     step = max(steps)
-    return {"stage_seconds": stage_costs, "step_seconds": step, "single_device_seconds": single,
-            "speedup": single / step}
+    return {
+        "stage_seconds": stage_costs,
+        "step_seconds": step,
+        "single_device_seconds": single,
+        "speedup": single / step,
+    }
 
 
-def predict_pipelined_bp(costs: Sequence[dict], sizes: Sequence[int], micro_batches: int,
-                         link_bytes_per_second: float = 0.0) -> dict:
+def predict_pipelined_bp(
+    costs: Sequence[dict], sizes: Sequence[int], micro_batches: int, link_bytes_per_second: float = 0.0
+) -> dict:
     """Pipelined backprop (1F1B, `micro_batches` per batch) on the same stages: stage k's forward and backward
     through its modules (no local heads; the last stage adds the final loss), the optimizer step once per
     batch; step = (M + S - 1) / M * max_k (work_k + c_k)."""
@@ -819,8 +931,7 @@ def predict_pipelined_bp(costs: Sequence[dict], sizes: Sequence[int], micro_batc
     last = len(costs) - 1
     work = []
     for k, r in enumerate(ranges):
-        t = sum(costs[i]["forward"] + costs[i]["input_vjp"] + costs[i]["weight_vjp"] + costs[i]["optimizer"]
-                for i in r)
+        t = sum(costs[i]["forward"] + costs[i]["input_vjp"] + costs[i]["weight_vjp"] + costs[i]["optimizer"] for i in r)
         if k == len(ranges) - 1:
             t += costs[last]["loss"]
         sent = costs[r.stop - 1]["output_bytes"] / link_bytes_per_second if link_bytes_per_second else 0.0
@@ -828,22 +939,36 @@ def predict_pipelined_bp(costs: Sequence[dict], sizes: Sequence[int], micro_batc
     single = sum(c["forward"] + c["input_vjp"] + c["weight_vjp"] + c["optimizer"] for c in costs) + costs[last]["loss"]
     m, s = micro_batches, len(ranges)
     step = (m + s - 1) / m * max(work)
-    return {"stage_seconds": work, "step_seconds": step, "single_device_seconds": single, "speedup": single / step,
-            "micro_batches": m}
+    return {
+        "stage_seconds": work,
+        "step_seconds": step,
+        "single_device_seconds": single,
+        "speedup": single / step,
+        "micro_batches": m,
+    }
 
 
-def measure_single_device_step(modules, method, cfg: Config, info, device: torch.device, forward_context,
-                               repeats: int = 5) -> float:
+def measure_single_device_step(
+    modules, method, cfg: Config, info, device: torch.device, forward_context, repeats: int = 5
+) -> float:
     """Seconds of one real single-device step (fastlocal.schedule.local_train_step and an SGD step with the LR
     at 0) on random images, the median of `repeats` after one warm-up; the model is left as it was."""
     from fastlocal.schedule import local_train_step
 
     backbone = method.backbone
-    saved = ({k: v.clone() for k, v in backbone.state_dict().items()},
-             {k: v.clone() for k, v in method.state_dict().items()})
+    saved = (
+        {k: v.clone() for k, v in backbone.state_dict().items()},
+        {k: v.clone() for k, v in method.state_dict().items()},
+    )
     params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.0, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
-                                weight_decay=cfg.optim.weight_decay, foreach=True)
+    optimizer = torch.optim.SGD(
+        params,
+        lr=0.0,
+        momentum=cfg.optim.momentum,
+        nesterov=cfg.optim.nesterov,
+        weight_decay=cfg.optim.weight_decay,
+        foreach=True,
+    )
     g = torch.Generator().manual_seed(0)
     dtype = next(backbone.parameters()).dtype
     x = torch.randn(cfg.train.batch_size, 3, info.image_size, info.image_size, generator=g).to(device, dtype)
@@ -864,8 +989,9 @@ def measure_single_device_step(modules, method, cfg: Config, info, device: torch
     return statistics.median(times)
 
 
-def profile(cfg: Config, num_classes: int, image_size: int, num_stages: int, link_gbps: float = 0.0,
-            micro_batches: int = 4) -> dict:
+def profile(
+    cfg: Config, num_classes: int, image_size: int, num_stages: int, link_gbps: float = 0.0, micro_batches: int = 4
+) -> dict:
     """`python -m fastlocal.plan --profile --stages S`: every module's measured cost on this run's device for
     DGL and MLAAN (the config's K, split and options), the check of their sum against a measured single-device
     step, and the predicted steady step and speed-up of DGL, MLAAN exact, MLAAN stale and pipelined BP on S
@@ -881,10 +1007,16 @@ def profile(cfg: Config, num_classes: int, image_size: int, num_stages: int, lin
     forward_context = forward_context_for(device, cfg.system.precision)
     info = SimpleNamespace(image_size=image_size, num_classes=num_classes, mean=(0.5,) * 3, std=(0.5,) * 3)
     link = link_gbps * 1e9 / 8
-    result: dict = {"device": str(device), "stages": num_stages, "batch_size": cfg.train.batch_size,
-                    "link_gbps": link_gbps or None, "methods": {}, "predicted": {},
-                    "note": "modelled from measured per-module costs (docs/pipeline.md), not a measured pipeline; "
-                            "the link is " + (f"{link_gbps} Gbit/s" if link_gbps else "not modelled (free)")}
+    result: dict = {
+        "device": str(device),
+        "stages": num_stages,
+        "batch_size": cfg.train.batch_size,
+        "link_gbps": link_gbps or None,
+        "methods": {},
+        "predicted": {},
+        "note": "modelled from measured per-module costs (docs/pipeline.md), not a measured pipeline; "
+        "the link is " + (f"{link_gbps} Gbit/s" if link_gbps else "not modelled (free)"),
+    }
     all_costs = {}
     for name in ("dgl", "mlaan"):
         method_cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name=name))
@@ -896,18 +1028,27 @@ def profile(cfg: Config, num_classes: int, image_size: int, num_stages: int, lin
         costs = measure_module_costs(modules, method, method_cfg, info, device, forward_context)
         step = measure_single_device_step(modules, method, method_cfg, info, device, forward_context)
         total = sum(c["total"] for c in costs)
-        result["methods"][name] = {"modules": costs, "sum_seconds": total, "measured_step_seconds": step,
-                                   "sum_within_10_percent": abs(total - step) <= 0.1 * step}
+        result["methods"][name] = {
+            "modules": costs,
+            "sum_seconds": total,
+            "measured_step_seconds": step,
+            "sum_within_10_percent": abs(total - step) <= 0.1 * step,
+        }
         all_costs[name] = (costs, method.window)
     dgl, _ = all_costs["dgl"]
     mlaan, window = all_costs["mlaan"]
-    for label, costs, w, cascade in (("dgl", dgl, 1, "exact"), ("mlaan_exact", mlaan, window, "exact"),
-                                     ("mlaan_stale", mlaan, window, "stale")):
+    for label, costs, w, cascade in (
+        ("dgl", dgl, 1, "exact"),
+        ("mlaan_exact", mlaan, window, "exact"),
+        ("mlaan_stale", mlaan, window, "stale"),
+    ):
         sizes = partition([c["total"] for c in costs], num_stages)
         result["predicted"][label] = {"stage_sizes": sizes, **predict_step(costs, sizes, w, cascade, link)}
     bp_sizes = partition([c["forward"] + c["input_vjp"] + c["weight_vjp"] + c["optimizer"] for c in dgl], num_stages)
-    result["predicted"]["pipelined_bp"] = {"stage_sizes": bp_sizes,
-                                           **predict_pipelined_bp(dgl, bp_sizes, micro_batches, link)}
+    result["predicted"]["pipelined_bp"] = {
+        "stage_sizes": bp_sizes,
+        **predict_pipelined_bp(dgl, bp_sizes, micro_batches, link),
+    }
     return result
 
 
@@ -919,13 +1060,21 @@ class PipelinedBackprop:
     last stage the final head); every rank calls `step` with the batch (only stage 0 reads the images, only
     the last the labels)."""
 
-    def __init__(self, cfg: Config, backbone, modules: Sequence[LocalModule], stage: Stage, device: torch.device,
-                 micro_batches: int):
+    def __init__(
+        self,
+        cfg: Config,
+        backbone,
+        modules: Sequence[LocalModule],
+        stage: Stage,
+        device: torch.device,
+        micro_batches: int,
+    ):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
         if cfg.train.batch_size % micro_batches:
-            raise ConfigError(f"train.batch_size = {cfg.train.batch_size} must split into {micro_batches} equal "
-                              "micro-batches")
+            raise ConfigError(
+                f"train.batch_size = {cfg.train.batch_size} must split into {micro_batches} equal micro-batches"
+            )
         parts = [p for i in stage.modules for p in modules[i].part_ids]
         layers = [backbone.parts[p] for p in parts] + ([backbone.head] if stage.is_last else [])
         self.submodule = nn.Sequential(*layers)
@@ -940,8 +1089,9 @@ class PipelinedBackprop:
                 x = backbone.parts[p](x)
             backbone.train(was)
         self.pipeline_stage = PipelineStage(self.submodule, stage.rank, stage.num_stages, device, input_args=(x,))
-        self.schedule = Schedule1F1B(self.pipeline_stage, micro_batches,
-                                     loss_fn=lambda logits, y: nn.functional.cross_entropy(logits, y))
+        self.schedule = Schedule1F1B(
+            self.pipeline_stage, micro_batches, loss_fn=lambda logits, y: nn.functional.cross_entropy(logits, y)
+        )
         self.optimizer = build_optimizer([p for p in self.submodule.parameters() if p.requires_grad], cfg, device)
 
     def step(self, x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:

@@ -53,10 +53,14 @@ def build_model(cfg: Config, num_classes: int, image_size: int, mean=(0.0, 0.0, 
 def describe_leaps(cfg: Config, source: str) -> str:
     """The run log's line on where the LAM leap lists came from."""
     if source == "preset":
-        return (f"leap lists: preset (the authors' table for {cfg.model.arch} K={resolve_num_modules(cfg.method)}, "
-                "written for this split)")
-    return ("leap lists: generated (fastlocal's rule; the authors wrote no table for this arch, K and split, "
-            "see docs/method.md#splits-and-leap-tables)")
+        return (
+            f"leap lists: preset (the authors' table for {cfg.model.arch} K={resolve_num_modules(cfg.method)}, "
+            "written for this split)"
+        )
+    return (
+        "leap lists: generated (fastlocal's rule; the authors wrote no table for this arch, K and split, "
+        "see docs/method.md#splits-and-leap-tables)"
+    )
 
 
 def data_shape(data: DataConfig, arch: str, num_classes: int = 0, image_size: int = 0) -> tuple[int, int]:
@@ -69,17 +73,22 @@ def data_shape(data: DataConfig, arch: str, num_classes: int = 0, image_size: in
         known_classes, known_size = SOURCE_SHAPES[data.source]
         return num_classes or known_classes, image_size or known_size
     if not image_size:
-        streams = data.loader in ("torch", "dali") or (data.loader == "auto" and arch in IMAGENET_ARCHS
-                                                       and data.image_size == 0)
+        streams = data.loader in ("torch", "dali") or (
+            data.loader == "auto" and arch in IMAGENET_ARCHS and data.image_size == 0
+        )
         image_size = data.crop_size if streams else data.image_size
     if not image_size:
-        raise UserError("the image size of this image folder is known only from its images; set data.image_size, "
-                        "data.loader=torch (which crops to data.crop_size), or pass --image-size N")
+        raise UserError(
+            "the image size of this image folder is known only from its images; set data.image_size, "
+            "data.loader=torch (which crops to data.crop_size), or pass --image-size N"
+        )
     if not num_classes:
         train = Path(data.root).expanduser() / "train"
         if not train.is_dir():
-            raise UserError(f"cannot count the classes of data.root = {data.root!r} without reading it (no folder "
-                            f"{train}); pass --num-classes N")
+            raise UserError(
+                f"cannot count the classes of data.root = {data.root!r} without reading it (no folder "
+                f"{train}); pass --num-classes N"
+            )
         num_classes = sum(1 for p in train.iterdir() if p.is_dir())
     return num_classes, image_size
 
@@ -108,16 +117,31 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "counts), without training or reading data. Any config field can be set as --section.key=value.",
     )
     parser.add_argument("--config", help="TOML config file (see configs/)")
-    parser.add_argument("--num-classes", type=int, default=0,
-                        help="classes of an image folder the plan cannot count (default: from the config)")
-    parser.add_argument("--image-size", type=int, default=0,
-                        help="image size of an image folder the config does not fix (default: from the config)")
-    parser.add_argument("--profile", action="store_true",
-                        help="measure every module's cost on this device (DGL and MLAAN with this config) and print "
-                        "the predicted pipeline step and speed-up on --stages devices (docs/pipeline.md)")
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=0,
+        help="classes of an image folder the plan cannot count (default: from the config)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=0,
+        help="image size of an image folder the config does not fix (default: from the config)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="measure every module's cost on this device (DGL and MLAAN with this config) and print "
+        "the predicted pipeline step and speed-up on --stages devices (docs/pipeline.md)",
+    )
     parser.add_argument("--stages", type=int, default=0, help="pipeline stages for --profile")
-    parser.add_argument("--link-gbps", type=float, default=0.0,
-                        help="the link between stages in Gbit/s for --profile (default: not modelled)")
+    parser.add_argument(
+        "--link-gbps",
+        type=float,
+        default=0.0,
+        help="the link between stages in Gbit/s for --profile (default: not modelled)",
+    )
     parser.add_argument("--micro-batches", type=int, default=4, help="pipelined BP's micro-batches for --profile")
     args, rest = parser.parse_known_args(argv)
     return args, parse_overrides(rest)

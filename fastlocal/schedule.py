@@ -26,12 +26,14 @@ from fastlocal.methods import Batch, LocalMethod
 from fastlocal.split import LocalModule
 
 
-def forward_context_for(device: torch.device, precision: str,
-                        cache_casts: bool = True) -> Callable[[], AbstractContextManager]:
+def forward_context_for(
+    device: torch.device, precision: str, cache_casts: bool = True
+) -> Callable[[], AbstractContextManager]:
     """bf16: autocast the forwards (weights, gradients, optimizer and EMA stay fp32); fp32: nothing."""
     if precision == "bf16":
-        return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16,
-                                 cache_enabled=cache_casts)
+        return functools.partial(
+            torch.autocast, device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache_casts
+        )
     return nullcontext
 
 
@@ -54,8 +56,7 @@ class _Cotangents:
     """The module graphs kept for vector-Jacobian products, and the cotangents gathered at each module's
     output (docs/method.md#the-single-forward-schedule)."""
 
-    def __init__(self, modules: list[LocalModule], window: int,
-                 after_flush: Callable[[int], None] | None = None):
+    def __init__(self, modules: list[LocalModule], window: int, after_flush: Callable[[int], None] | None = None):
         self.modules, self.window = modules, window
         self.after_flush = after_flush
         self.graphs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(modules)  # (input leaf, output)
@@ -149,15 +150,21 @@ def _fork_for(side_stream: torch.cuda.Stream | LossFork | None, batch: Batch) ->
     if isinstance(side_stream, LossFork):
         return side_stream
     if batch.x.device.type != "cuda":
-        raise ValueError(f"side_stream needs the batch on a CUDA device, but it is on {batch.x.device}; "
-                         "pass side_stream=None")
+        raise ValueError(
+            f"side_stream needs the batch on a CUDA device, but it is on {batch.x.device}; pass side_stream=None"
+        )
     return SideStreamFork(side_stream, torch.cuda.current_stream(batch.x.device))
 
 
-def local_train_step(modules: list[LocalModule], method: LocalMethod, batch: Batch,
-                     forward_context: Callable[[], AbstractContextManager] = nullcontext, *,
-                     side_stream: torch.cuda.Stream | LossFork | None = None,
-                     after_flush: Callable[[int], None] | None = None) -> torch.Tensor:
+def local_train_step(
+    modules: list[LocalModule],
+    method: LocalMethod,
+    batch: Batch,
+    forward_context: Callable[[], AbstractContextManager] = nullcontext,
+    *,
+    side_stream: torch.cuda.Stream | LossFork | None = None,
+    after_flush: Callable[[int], None] | None = None,
+) -> torch.Tensor:
     """Forward and backward of one batch through the local schedule; fills `.grad` of the backbone
     and method parameters (no optimizer step). Returns the last module's loss, detached.
 

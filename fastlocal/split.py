@@ -24,8 +24,7 @@ from fastlocal.models import Backbone
 REFERENCE_SPLITS: dict[tuple[str, int], list[int]] = {
     ("resnet32", 8): [2] * 8,
     ("resnet32", 15): [2] + [1] * 14,
-    ("resnet110", 32): [3, 1, 2, 1, 2, 2, 2, 2, 1, 2, 1, 2, 1, 2, 1, 2, 2, 2, 2, 1, 2, 1,
-                        2, 2, 1, 2, 1, 2, 2, 2, 2, 2],
+    ("resnet110", 32): [3, 1, 2, 1, 2, 2, 2, 2, 1, 2, 1, 2, 1, 2, 1, 2, 2, 2, 2, 1, 2, 1, 2, 2, 1, 2, 1, 2, 2, 2, 2, 2],
     ("resnet110", 54): [2] + [1] * 53,
     ("resnet34", 16): [2] + [1] * 15,
     ("resnet101", 33): [2] + [1] * 32,
@@ -104,8 +103,9 @@ def part_saved_bytes(backbone: Backbone, batch_size: int = 2) -> list[int]:
     return costs
 
 
-def split_parts(backbone: Backbone, num_modules: int, stem_separate: bool = False,
-                strategy: str = "uniform", arch: str = "") -> list[list[int]]:
+def split_parts(
+    backbone: Backbone, num_modules: int, stem_separate: bool = False, strategy: str = "uniform", arch: str = ""
+) -> list[list[int]]:
     """Part numbers of each module (part 0 = stem, part p = block p-1). `arch` names the backbone for
     the `reference` strategy."""
     num_blocks = len(backbone.blocks)
@@ -122,9 +122,11 @@ def split_parts(backbone: Backbone, num_modules: int, stem_separate: bool = Fals
         groups = None if stem_separate else reference_split(arch, num_modules)
         if groups is None or groups[-1][-1] != num_blocks:
             available = ", ".join(f"{a} K={k}" for a, k in REFERENCE_SPLITS)
-            raise ConfigError(f"method.split = reference, but the authors wrote no split for {arch or 'this backbone'} "
-                              f"K={num_modules}{' with the stem separate' if stem_separate else ''} (they did for: "
-                              f"{available}); use method.split=uniform or balanced")
+            raise ConfigError(
+                f"method.split = reference, but the authors wrote no split for {arch or 'this backbone'} "
+                f"K={num_modules}{' with the stem separate' if stem_separate else ''} (they did for: "
+                f"{available}); use method.split=uniform or balanced"
+            )
         return groups
     if strategy == "balanced":
         costs = part_saved_bytes(backbone)
@@ -149,12 +151,15 @@ class LocalModule(nn.Sequential):
         self.trainable_parameters = [p for p in self.parameters() if p.requires_grad]
 
 
-def split_backbone(backbone: Backbone, num_modules: int, stem_separate: bool = False,
-                   strategy: str = "uniform", arch: str = "") -> list[LocalModule]:
+def split_backbone(
+    backbone: Backbone, num_modules: int, stem_separate: bool = False, strategy: str = "uniform", arch: str = ""
+) -> list[LocalModule]:
     """The K local modules, sharing parameters with `backbone` (no copies)."""
     parts = backbone.parts
-    return [LocalModule([parts[p] for p in ids], ids)
-            for ids in split_parts(backbone, num_modules, stem_separate, strategy, arch)]
+    return [
+        LocalModule([parts[p] for p in ids], ids)
+        for ids in split_parts(backbone, num_modules, stem_separate, strategy, arch)
+    ]
 
 
 def describe_split(backbone: Backbone, groups: list[list[int]]) -> str:

@@ -41,11 +41,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--config", help="TOML config file (see configs/); defaults give the quick start")
     parser.add_argument("--out", help="run directory (default: runs/<method>_<arch>_<time>)")
-    parser.add_argument("--resume", metavar="DIR",
-                        help="continue the run in DIR from its last checkpoint, with the config saved in it; only "
-                        "log.*, data.cache_dir and train.epochs may be overridden")
-    parser.add_argument("--show-config", action="store_true",
-                        help="print the resolved config (every section and field) as TOML and exit")
+    parser.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its last checkpoint, with the config saved in it; only "
+        "log.*, data.cache_dir and train.epochs may be overridden",
+    )
+    parser.add_argument(
+        "--show-config",
+        action="store_true",
+        help="print the resolved config (every section and field) as TOML and exit",
+    )
     args, rest = parser.parse_known_args(argv)
     return args, parse_overrides(rest)
 
@@ -96,24 +102,44 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
         if not parallel.is_main:
             log = distributed.silent_log
     elif cfg.system.sync_batch_norm:
-        warnings.warn("system.sync_batch_norm = true applies to data-parallel runs only; this run has one process",
-                      stacklevel=2)
+        warnings.warn(
+            "system.sync_batch_norm = true applies to data-parallel runs only; this run has one process", stacklevel=2
+        )
     if cfg.system.num_threads:
         torch.set_num_threads(cfg.system.num_threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.system.seed)
-    data = build_data(cfg.data, batch_size=batch_size, eval_batch_size=cfg.train.eval_batch_size,
-                      device=device, seed=cfg.system.seed, drop_last=cfg.train.drop_last,
-                      progress=cfg.log.progress and rank == 0, rank=rank, world_size=world_size)
+    data = build_data(
+        cfg.data,
+        batch_size=batch_size,
+        eval_batch_size=cfg.train.eval_batch_size,
+        device=device,
+        seed=cfg.system.seed,
+        drop_last=cfg.train.drop_last,
+        progress=cfg.log.progress and rank == 0,
+        rank=rank,
+        world_size=world_size,
+    )
     learner = build_model(cfg, data.info.num_classes, data.info.image_size, data.info.mean, data.info.std)
     backbone, modules, method = learner.backbone, learner.local_modules, learner.method
     method.kernels = resolve_kernels(cfg.system.kernels, device)
     if cfg.system.fused_batch_norm == "true":
-        enable_on_blocks("system.fused_batch_norm", use_fused_batch_norm, backbone, method, method.kernels,
-                         cfg.model.arch, "the blocks run PyTorch's batch norm")
-    elif (cfg.system.fused_batch_norm == "auto" and device.type == "cuda" and method.kernels == "triton"
-          and not (parallel is not None and cfg.system.sync_batch_norm)):
+        enable_on_blocks(
+            "system.fused_batch_norm",
+            use_fused_batch_norm,
+            backbone,
+            method,
+            method.kernels,
+            cfg.model.arch,
+            "the blocks run PyTorch's batch norm",
+        )
+    elif (
+        cfg.system.fused_batch_norm == "auto"
+        and device.type == "cuda"
+        and method.kernels == "triton"
+        and not (parallel is not None and cfg.system.sync_batch_norm)
+    ):
         use_fused_batch_norm([backbone, method], "triton")  # nothing happens for backbones without CIFAR blocks
     memory_format = torch.channels_last if cfg.system.channels_last else torch.preserve_format
     backbone.to(device, memory_format=memory_format)
@@ -131,16 +157,20 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
     if checkpoint is not None:
         trainer.restore(checkpoint)
         log(f"resuming {out_dir} after epoch {trainer.state.epoch}")
-    log(f"{cfg.method.name} {cfg.model.arch} K={len(modules)} on {data.info.name} "
+    log(
+        f"{cfg.method.name} {cfg.model.arch} K={len(modules)} on {data.info.name} "
         f"({data.train.num_images} train / {data.test.num_images} test images) on {device}"
         + (f", rank 0 of {world_size} (data parallel; the image counts are per rank)" if mode == "data" else "")
-        + (f", {parallel.world_size} pipeline stages" if mode == "modules" else ""))
+        + (f", {parallel.world_size} pipeline stages" if mode == "modules" else "")
+    )
     log(f"modules: {describe_split(backbone, [m.part_ids for m in modules])}")
     if getattr(method, "leaps_source", None):
         log(describe_leaps(cfg, method.leaps_source))
     summary = trainer.fit(log=log)
-    log(f"final test accuracy {summary['final_test_acc']:.2f}% (best epoch, chosen on test: "
-        f"{summary['best_test_acc']:.2f}%) in {summary['train_seconds']:.1f}s; run directory {out_dir}")
+    log(
+        f"final test accuracy {summary['final_test_acc']:.2f}% (best epoch, chosen on test: "
+        f"{summary['best_test_acc']:.2f}%) in {summary['train_seconds']:.1f}s; run directory {out_dir}"
+    )
     return summary
 
 
@@ -148,11 +178,17 @@ def enable_on_blocks(option: str, use, backbone, method, backend: str, arch: str
     """`option`=true, a Triton path of the CIFAR ResNet blocks (`use` sets it on them): set it, or say why
     it cannot be."""
     if backend != "triton":
-        warnings.warn(f"{option}=true needs the Triton kernels (a CUDA device, or TRITON_INTERPRET=1 for the CPU "
-                      f"interpreter), but system.kernels resolved to {backend!r}: {otherwise}", stacklevel=2)
+        warnings.warn(
+            f"{option}=true needs the Triton kernels (a CUDA device, or TRITON_INTERPRET=1 for the CPU "
+            f"interpreter), but system.kernels resolved to {backend!r}: {otherwise}",
+            stacklevel=2,
+        )
     if use([backbone, method], backend) == 0:
-        warnings.warn(f"{option}=true: model.arch={arch!r} has no CIFAR ResNet blocks; it applies to the CIFAR "
-                      "ResNets only, so nothing changes", stacklevel=2)
+        warnings.warn(
+            f"{option}=true: model.arch={arch!r} has no CIFAR ResNet blocks; it applies to the CIFAR "
+            "ResNets only, so nothing changes",
+            stacklevel=2,
+        )
 
 
 @contextmanager
@@ -169,16 +205,20 @@ def locked_run_directory(out_dir: Path) -> Iterator[None]:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock_file = (out_dir / LOCK_NAME).open("a+")
     except OSError as err:
-        raise UserError(f"cannot use {out_dir} as the run directory ({err.strerror}: {err.filename}); choose an "
-                        "--out that is a writable directory or a path that does not exist yet") from None
+        raise UserError(
+            f"cannot use {out_dir} as the run directory ({err.strerror}: {err.filename}); choose an "
+            "--out that is a writable directory or a path that does not exist yet"
+        ) from None
     with lock_file:
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock_file.seek(0)
             holder = lock_file.read().strip() or "unknown"
-            raise UserError(f"{out_dir} is in use: fastlocal process {holder} is training in it; wait for it to end "
-                            "(or stop it), or choose another --out") from None
+            raise UserError(
+                f"{out_dir} is in use: fastlocal process {holder} is training in it; wait for it to end "
+                "(or stop it), or choose another --out"
+            ) from None
         lock_file.truncate(0)
         lock_file.write(f"{os.getpid()}\n")
         lock_file.flush()
@@ -197,13 +237,17 @@ def main(argv: list[str] | None = None) -> int:
         args, overrides = parse_args(argv)
         if args.resume:
             if args.config or args.out:
-                raise UserError("--resume DIR continues the run in DIR with the config saved in its checkpoint; "
-                                "drop --config and --out (to start a new run from that config, pass "
-                                "--config DIR/config.toml --out NEW_DIR)")
+                raise UserError(
+                    "--resume DIR continues the run in DIR with the config saved in its checkpoint; "
+                    "drop --config and --out (to start a new run from that config, pass "
+                    "--config DIR/config.toml --out NEW_DIR)"
+                )
             checkpoint_path = Path(args.resume) / CHECKPOINT_NAME
             if not checkpoint_path.is_file():
-                raise UserError(f"--resume {args.resume}: no {CHECKPOINT_NAME} there; pass the --out directory of "
-                                "a run that finished at least one epoch")
+                raise UserError(
+                    f"--resume {args.resume}: no {CHECKPOINT_NAME} there; pass the --out directory of "
+                    "a run that finished at least one epoch"
+                )
             if args.show_config:
                 print(to_toml(resume_config(read_checkpoint(checkpoint_path)["config"], overrides, METHODS)))
                 return 0
@@ -221,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = resume_config(checkpoint["config"], overrides, METHODS)
                 check_resumed_epochs(checkpoint, cfg)
             elif (out_dir / CHECKPOINT_NAME).exists():
-                raise UserError(f"--out {out_dir} already holds a run; use --resume {out_dir} to continue it, "
-                                "or choose another --out")
+                raise UserError(
+                    f"--out {out_dir} already holds a run; use --resume {out_dir} to continue it, "
+                    "or choose another --out"
+                )
             run(cfg, out_dir, checkpoint)
     except UserError as err:
         print(f"fastlocal: error: {err}", file=sys.stderr)
@@ -230,8 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, RunInterrupted) as err:
         signum = err.signum if isinstance(err, RunInterrupted) else signal.SIGINT
         hint = f"python -m fastlocal.train --resume {out_dir}" if out_dir is not None else "--resume <run directory>"
-        print(f"fastlocal: stopped by {signal.Signals(signum).name}; the last checkpoint holds the last finished "
-              f"epoch (nothing partial was saved); continue with: {hint}", file=sys.stderr)
+        print(
+            f"fastlocal: stopped by {signal.Signals(signum).name}; the last checkpoint holds the last finished "
+            f"epoch (nothing partial was saved); continue with: {hint}",
+            file=sys.stderr,
+        )
         # 130 for both: a stop by the user or the scheduler is the same resumable interruption (the issue's
         # contract), and schedulers read any non-zero code as 'not finished'.
         return 130
@@ -245,12 +294,17 @@ def main(argv: list[str] | None = None) -> int:
 def check_resumed_epochs(checkpoint: dict, cfg: Config) -> None:
     done, saved_epochs = checkpoint["state"]["epoch"], checkpoint["config"]["train"]["epochs"]
     if cfg.train.epochs < done:
-        raise UserError(f"train.epochs = {cfg.train.epochs}, but the run has already finished {done} epochs; "
-                        f"pass --train.epochs={done} or more")
+        raise UserError(
+            f"train.epochs = {cfg.train.epochs}, but the run has already finished {done} epochs; "
+            f"pass --train.epochs={done} or more"
+        )
     if cfg.train.epochs != saved_epochs:
-        print(f"fastlocal: note: train.epochs changed from {saved_epochs} to {cfg.train.epochs}; the LR schedule of "
-              f"the remaining epochs follows {cfg.train.epochs} epochs, so the weights will differ from a straight "
-              f"{cfg.train.epochs}-epoch run", file=sys.stderr)
+        print(
+            f"fastlocal: note: train.epochs changed from {saved_epochs} to {cfg.train.epochs}; the LR schedule of "
+            f"the remaining epochs follows {cfg.train.epochs} epochs, so the weights will differ from a straight "
+            f"{cfg.train.epochs}-epoch run",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

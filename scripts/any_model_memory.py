@@ -16,8 +16,14 @@ import torch
 import fastlocal
 from fastlocal.measure import step_saved_bytes
 
-ROWS = [("bp", 1, {}), ("dgl", 4, {}), ("dgl", 4, {"split": "balanced"}), ("infopro", 4, {}), ("mlaan", 4, {}),
-        ("mlaan", 4, {"split": "balanced"})]
+ROWS = [
+    ("bp", 1, {}),
+    ("dgl", 4, {}),
+    ("dgl", 4, {"split": "balanced"}),
+    ("infopro", 4, {}),
+    ("mlaan", 4, {}),
+    ("mlaan", 4, {"split": "balanced"}),
+]
 
 
 def main() -> None:
@@ -39,8 +45,11 @@ def main() -> None:
             peak = step_saved_bytes(learner, x, y)
             learner.zero_grad(set_to_none=True)
             bp = bp or peak
-            print(f"| {arch.removeprefix('torchvision:')} | {method} | {k} | {options.get('split', 'uniform')} | "
-                  f"{peak / 2**20:.0f} | {peak / bp:.2f} |", flush=True)
+            print(
+                f"| {arch.removeprefix('torchvision:')} | {method} | {k} | {options.get('split', 'uniform')} | "
+                f"{peak / 2**20:.0f} | {peak / bp:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

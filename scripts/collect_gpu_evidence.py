@@ -43,8 +43,11 @@ def warnings_in(log: Path) -> list[str]:
     """The distinct warning messages of a run's log, in order."""
     if not log.is_file():
         return []
-    found = [line.split("Warning: ", 1)[1].strip() for line in log.read_text(errors="replace").splitlines()
-             if "Warning: " in line]
+    found = [
+        line.split("Warning: ", 1)[1].strip()
+        for line in log.read_text(errors="replace").splitlines()
+        if "Warning: " in line
+    ]
     return list(dict.fromkeys(found))
 
 
@@ -110,9 +113,11 @@ def status_text(row: dict) -> str:
 
 
 def training_table(rows: list[dict]) -> list[str]:
-    lines = ["| run | K | epochs | final acc % | reference % | difference | s/epoch (median, epochs 2+) | "
-             "reference s/epoch | first epoch s | wall s | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | K | epochs | final acc % | reference % | difference | s/epoch (median, epochs 2+) | "
+        "reference s/epoch | first epoch s | wall s | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "paper_400ep_best_acc" in r:
             reference = f"{r['paper_400ep_best_acc']} (paper, 400 ep, best; here best {fmt(r['best_test_acc'])})"
@@ -123,36 +128,43 @@ def training_table(rows: list[dict]) -> list[str]:
             if "within_tolerance" in r:
                 difference += " (within 1.5)" if r["within_tolerance"] else " (NOT within 1.5)"
             ref_seconds = fmt(r.get("authors_seconds_per_epoch"), 1)
-        lines.append(f"| {r['run']} | {fmt(r['K'])} | {r['epochs_done']} | {fmt(r['final_test_acc'])} | {reference} | "
-                     f"{difference} | {fmt(r['seconds_per_epoch'])} | {ref_seconds} | "
-                     f"{fmt(r['first_epoch_seconds'], 1)} | {fmt(r['wall_seconds'], 1)} | {status_text(r)} |")
+        lines.append(
+            f"| {r['run']} | {fmt(r['K'])} | {r['epochs_done']} | {fmt(r['final_test_acc'])} | {reference} | "
+            f"{difference} | {fmt(r['seconds_per_epoch'])} | {ref_seconds} | "
+            f"{fmt(r['first_epoch_seconds'], 1)} | {fmt(r['wall_seconds'], 1)} | {status_text(r)} |"
+        )
     return lines
 
 
 def imagenet_table(data: dict) -> list[str]:
-    lines = ["| arch | method | K | step ms | allocated GiB | reserved GiB | process GiB | paper Table 3 GB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arch | method | K | step ms | allocated GiB | reserved GiB | process GiB | paper Table 3 GB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for case in data["cases"]:
         paper = data["paper_table3_gb"].get(case["arch"], {}).get(case["method"])
         mem = case.get("memory", {})
         if "error" in case:
-            lines.append(f"| {case['arch']} | {case['method']} | {case['K']} | error: {case['error'][:80]} |"
-                         f" - | - | - | {fmt(paper)} |")
+            lines.append(
+                f"| {case['arch']} | {case['method']} | {case['K']} | error: {case['error'][:80]} |"
+                f" - | - | - | {fmt(paper)} |"
+            )
             continue
 
         def gib(key: str, mem=mem) -> str:
             return fmt(mem[key] / GIB) if mem.get(key) is not None else "-"
 
         allocated = gib("max_allocated_bytes") if mem.get("kind") == "cuda" else f"{gib('peak_bytes')} (CPU saved)"
-        lines.append(f"| {case['arch']} | {case['method']} | {case['K']} | {fmt(case['median_step_ms'], 1)} | "
-                     f"{allocated} | {gib('max_reserved_bytes')} | {gib('process_total_bytes')} | {fmt(paper)} |")
+        lines.append(
+            f"| {case['arch']} | {case['method']} | {case['K']} | {fmt(case['median_step_ms'], 1)} | "
+            f"{allocated} | {gib('max_reserved_bytes')} | {gib('process_total_bytes')} | {fmt(paper)} |"
+        )
     return lines
 
 
 def collect(runs: Path) -> dict:
     """Everything under a part's run folder: the decode timing, the training runs, the ImageNet memory."""
-    result = {"decode": read_json(runs / "data" / "decode.json"), "runs": [], "imagenet_memory": None,
-              "commands": {}}
+    result = {"decode": read_json(runs / "data" / "decode.json"), "runs": [], "imagenet_memory": None, "commands": {}}
     for folder in sorted(p for p in runs.iterdir() if p.is_dir()):
         if (folder / "command.txt").is_file():
             result["commands"][folder.name] = (folder / "command.txt").read_text().strip()
@@ -169,8 +181,10 @@ def markdown(result: dict) -> str:
     lines = []
     decode = result["decode"]
     if decode:
-        lines.append(f"Data: {decode['train_images']} training and {decode['test_images']} test images decoded "
-                     f"into the uint8 cache in {decode['seconds']:.1f} s (`{result['commands'].get('data', '')}`).")
+        lines.append(
+            f"Data: {decode['train_images']} training and {decode['test_images']} test images decoded "
+            f"into the uint8 cache in {decode['seconds']:.1f} s (`{result['commands'].get('data', '')}`)."
+        )
         lines.append("")
     if result["runs"]:
         device = next((r["device"] for r in result["runs"] if r["device"]), "?")
@@ -185,9 +199,13 @@ def markdown(result: dict) -> str:
             lines.append("")
     if result["imagenet_memory"]:
         data = result["imagenet_memory"]
-        lines += [f"ImageNet shapes (random data), batch {data['batch']}, {data['input_size']}x{data['input_size']}, "
-                  f"{data['environment']['device']} (`{result['commands'].get('imagenet-memory', '')}`):", "",
-                  *imagenet_table(data), ""]
+        lines += [
+            f"ImageNet shapes (random data), batch {data['batch']}, {data['input_size']}x{data['input_size']}, "
+            f"{data['environment']['device']} (`{result['commands'].get('imagenet-memory', '')}`):",
+            "",
+            *imagenet_table(data),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -204,8 +222,12 @@ def cmd_decode(argv: list[str]) -> int:
     start = time.perf_counter()
     splits = read_splits(cfg.data, progress=False)
     seconds = time.perf_counter() - start
-    out = {"seconds": round(seconds, 2), "train_images": len(splits["train"].labels),
-           "test_images": len(splits["test"].labels), "root": cfg.data.root}
+    out = {
+        "seconds": round(seconds, 2),
+        "train_images": len(splits["train"].labels),
+        "test_images": len(splits["test"].labels),
+        "root": cfg.data.root,
+    }
     print(f"decode: {out['train_images']} + {out['test_images']} images of {cfg.data.root} in {seconds:.1f} s")
     if args.json:
         args.json.write_text(json.dumps(out))
@@ -237,7 +259,8 @@ def cmd_unpack(argv: list[str]) -> int:
     for folder in sorted(p for p in part.iterdir() if p.is_dir()):
         # Training runs keep their names; the two parts' decode timings must not land in one folder.
         target = args.dest / {"data": f"data-decode-{part.name}", "imagenet-memory": "imagenet-memory-table3"}.get(
-            folder.name, folder.name)
+            folder.name, folder.name
+        )
         target.mkdir(parents=True, exist_ok=True)
         for path in folder.iterdir():
             if path.name in RUN_FILES or path.suffix == ".json":

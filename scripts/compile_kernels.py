@@ -42,8 +42,15 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from fastlocal.kernels import aux_loss, batch_norm, ema  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int64: "*i64",
-                 torch.int32: "*i32", torch.uint8: "*u8", torch.bool: "*i1"}
+POINTER_TYPES = {
+    torch.float32: "*fp32",
+    torch.bfloat16: "*bf16",
+    torch.float16: "*fp16",
+    torch.int64: "*i64",
+    torch.int32: "*i32",
+    torch.uint8: "*u8",
+    torch.bool: "*i1",
+}
 BATCH = 1024
 STAGES = {"stage1": (16, 32), "stage2": (32, 16), "stage3": (64, 8)}  # channels, height = width
 
@@ -72,8 +79,13 @@ class Launch:
 
     @property
     def key(self) -> tuple:
-        return (self.kernel.fn.__name__, tuple(self.signature.items()), tuple(map(repr, self.constexprs.items())),
-                tuple(sorted(self.attrs)), tuple(sorted(self.options.items())))
+        return (
+            self.kernel.fn.__name__,
+            tuple(self.signature.items()),
+            tuple(map(repr, self.constexprs.items())),
+            tuple(sorted(self.attrs)),
+            tuple(sorted(self.options.items())),
+        )
 
     def describe(self) -> str:
         dtypes = sorted({t for t in self.signature.values() if t.startswith("*") and t != "*fp32" and t[1] != "i"})
@@ -129,8 +141,9 @@ def batch_norm_launches(dtype: torch.dtype, channels_last: bool) -> None:
             res = _activation(channels, size, dtype, channels_last).requires_grad_() if residual else None
             weight = torch.ones(channels, requires_grad=True)
             bias = torch.zeros(channels, requires_grad=True)
-            y = batch_norm.batch_norm_act(x, weight, bias, torch.zeros(channels), torch.ones(channels), 0.1, 1e-5,
-                                          res, relu)
+            y = batch_norm.batch_norm_act(
+                x, weight, bias, torch.zeros(channels), torch.ones(channels), 0.1, 1e-5, res, relu
+            )
             _forward_backward(y, [t for t in (x, weight, bias, res) if t is not None])
 
 
@@ -205,12 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     # The host code asks which GPU it runs on where the launch shapes depend on it: answer for the target.
     aux_loss._capability_major = lambda device: args.arch // 10
     launches = record_all(args.quick, args.sweep)
-    print(f"{len(launches)} distinct launches, compiled for sm_{args.arch} with Triton {triton.__version__}",
-          flush=True)
+    print(
+        f"{len(launches)} distinct launches, compiled for sm_{args.arch} with Triton {triton.__version__}", flush=True
+    )
     failures = 0
     for launch in launches:
-        constexprs = {(index,): launch.constexprs[name] for index, name in enumerate(launch.signature)
-                      if name in launch.constexprs}
+        constexprs = {
+            (index,): launch.constexprs[name]
+            for index, name in enumerate(launch.signature)
+            if name in launch.constexprs
+        }
         source = ASTSource(fn=launch.kernel, signature=launch.signature, constexprs=constexprs, attrs=launch.attrs)
         try:
             compiled = triton.compile(source, target=target, options=launch.options)
@@ -220,8 +237,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         usage = resource_usage(compiled.asm["cubin"])
         spills = usage.get("LOCAL", 0) + usage.get("STACK", 0)
-        print(f"regs {usage.get('REG', '?'):>3}  local {spills:>4}  warps {compiled.metadata.num_warps}  "
-              f"{launch.describe()}", flush=True)
+        print(
+            f"regs {usage.get('REG', '?'):>3}  local {spills:>4}  warps {compiled.metadata.num_warps}  "
+            f"{launch.describe()}",
+            flush=True,
+        )
     print(f"compile_kernels.py: {len(launches) - failures} compiled, {failures} failed")
     return 1 if failures else 0
 

@@ -15,8 +15,16 @@ from fastlocal.config import build_config, parse_overrides
 from fastlocal.methods import METHODS
 from fastlocal.train import run
 
-DEFAULTS = ["model.arch=resnet20", "method.name=mlaan", "method.num_modules=4", "train.epochs=2",
-            "system.device=cpu", "system.seed=0", "log.progress=false", "system.num_threads=1"]
+DEFAULTS = [
+    "model.arch=resnet20",
+    "method.name=mlaan",
+    "method.num_modules=4",
+    "train.epochs=2",
+    "system.device=cpu",
+    "system.seed=0",
+    "log.progress=false",
+    "system.num_threads=1",
+]
 
 
 def main(argv: list[str]) -> None:

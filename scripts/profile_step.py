@@ -33,8 +33,17 @@ from fastlocal.split import split_backbone
 MEAN_STD = ((0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616))
 
 
-def build(arch: str, method: str, k: int, batch: int, extra=(), kernels: str = "triton", device="cuda",
-          fused_bn: bool = False, streams: bool = False):
+def build(
+    arch: str,
+    method: str,
+    k: int,
+    batch: int,
+    extra=(),
+    kernels: str = "triton",
+    device="cuda",
+    fused_bn: bool = False,
+    streams: bool = False,
+):
     items = [f"model.arch={arch}", f"method.name={method}", f"method.num_modules={k}", *extra]
     cfg = build_config(None, items, METHODS)
     torch.manual_seed(0)
@@ -124,8 +133,17 @@ def concurrency_probe(arch: str, k: int, batch: int, module: int) -> tuple[float
 
 
 # Ops that allocate or alias without touching tensor data: no memory traffic.
-_NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros_like", "detach",
-               "set_", "lift_fresh"}
+_NO_TRAFFIC = {
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "zeros_like",
+    "detach",
+    "set_",
+    "lift_fresh",
+}
 
 
 class StepCost(TorchDispatchMode):
@@ -147,8 +165,11 @@ class StepCost(TorchDispatchMode):
             self.flops += count(*args, **kwargs, out_val=out)
         aliases = any(r.alias_info is not None for r in func._schema.returns)
         if not aliases and func._overloadpacket.__name__ not in _NO_TRAFFIC:
-            tensors = [t for t in (*args, *kwargs.values(), *(out if isinstance(out, (tuple, list)) else (out,)))
-                       if isinstance(t, torch.Tensor)]
+            tensors = [
+                t
+                for t in (*args, *kwargs.values(), *(out if isinstance(out, (tuple, list)) else (out,)))
+                if isinstance(t, torch.Tensor)
+            ]
             self.bytes += sum(t.numel() * t.element_size() for t in tensors)
         return out
 
@@ -163,10 +184,15 @@ def step_cost(arch: str, method: str, k: int, extra=(), batch: int = 4) -> tuple
 
 def print_flops(arch: str, k: int) -> None:
     bp_flops, bp_bytes = step_cost(arch, "bp", 1)
-    print(f"== one step relative to BP, {arch} (BP: {bp_flops / 4 / 1e9:.3f} GFLOP and "
-          f"{bp_bytes / 4 / 1e6:.1f} MB of op inputs and outputs per image, fp32)")
-    for name, method, extra in (("dgl", "dgl", ()), ("mlaan without LAM", "mlaan", ("mlaan.lam=false",)),
-                                ("mlaan", "mlaan", ())):
+    print(
+        f"== one step relative to BP, {arch} (BP: {bp_flops / 4 / 1e9:.3f} GFLOP and "
+        f"{bp_bytes / 4 / 1e6:.1f} MB of op inputs and outputs per image, fp32)"
+    )
+    for name, method, extra in (
+        ("dgl", "dgl", ()),
+        ("mlaan without LAM", "mlaan", ("mlaan.lam=false",)),
+        ("mlaan", "mlaan", ()),
+    ):
         flops, num_bytes = step_cost(arch, method, k, extra)
         print(f"{name} K={k}: {flops / bp_flops:.2f}x BP's FLOPs, {num_bytes / bp_bytes:.2f}x its bytes")
 
@@ -189,17 +215,23 @@ def main() -> None:
 
     print(f"== graphed bf16+channels_last step, {arch}, batch {batch}", flush=True)
     if args.set == "ablations":
-        variants = [("bp K=1", "bp", 1, (), {}), (f"dgl K={k}", "dgl", k, (), {}),
-                    (f"mlaan K={k} no LAM", "mlaan", k, ("mlaan.lam=false",), {}),
-                    (f"mlaan K={k} W=1 (LAM only)", "mlaan", k, ("mlaan.window=1",), {}),
-                    (f"mlaan K={k}", "mlaan", k, (), {}),
-                    (f"mlaan K={k} reference kernels", "mlaan", k, (), {"kernels": "reference"})]
+        variants = [
+            ("bp K=1", "bp", 1, (), {}),
+            (f"dgl K={k}", "dgl", k, (), {}),
+            (f"mlaan K={k} no LAM", "mlaan", k, ("mlaan.lam=false",), {}),
+            (f"mlaan K={k} W=1 (LAM only)", "mlaan", k, ("mlaan.window=1",), {}),
+            (f"mlaan K={k}", "mlaan", k, (), {}),
+            (f"mlaan K={k} reference kernels", "mlaan", k, (), {"kernels": "reference"}),
+        ]
     else:
-        variants = [("bp", "bp", 1, (), {}), ("bp fbn", "bp", 1, (), {"fused_bn": True}),
-                    (f"mlaan K={k}", "mlaan", k, (), {}),
-                    (f"mlaan K={k} fbn", "mlaan", k, (), {"fused_bn": True}),
-                    (f"mlaan K={k} streams", "mlaan", k, (), {"streams": True}),
-                    (f"mlaan K={k} fbn+streams", "mlaan", k, (), {"fused_bn": True, "streams": True})]
+        variants = [
+            ("bp", "bp", 1, (), {}),
+            ("bp fbn", "bp", 1, (), {"fused_bn": True}),
+            (f"mlaan K={k}", "mlaan", k, (), {}),
+            (f"mlaan K={k} fbn", "mlaan", k, (), {"fused_bn": True}),
+            (f"mlaan K={k} streams", "mlaan", k, (), {"streams": True}),
+            (f"mlaan K={k} fbn+streams", "mlaan", k, (), {"fused_bn": True, "streams": True}),
+        ]
     for name, method, kk, extra, options in variants:
         _, _, _, x, y, step, zero = build(arch, method, kk, batch, extra, **options)
         print(f"{name:36s} {graphed_ms(step, zero, x, y):8.2f} ms", flush=True)

@@ -27,10 +27,18 @@ def _private_data_cache(tmp_path_factory):
 def exact_cuda_math():
     """No TF32 (1e-3 relative per convolution) and no autotuning (two runs could pick different
     convolution algorithms): two runs of the same step on CUDA pick the same kernels."""
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    saved = (
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     yield
-    (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) = saved
+    (
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    ) = saved

@@ -85,8 +85,9 @@ def test_all_pairs_at_once_equal_each_pair_alone():
         assert float(pairs[p, q]) == pytest.approx(float(unbiased_hsic(grams_x[p, None], grams_y[q, None])), rel=1e-12)
 
 
-@pytest.mark.parametrize("estimator", [linear_cka, lambda a, b: minibatch_cka(a, b, batch_size=64)],
-                         ids=["full", "minibatch"])
+@pytest.mark.parametrize(
+    "estimator", [linear_cka, lambda a, b: minibatch_cka(a, b, batch_size=64)], ids=["full", "minibatch"]
+)
 def test_invariances(estimator):
     x, y = related_features(n=256, d_x=12, d_y=12)
     base = estimator(x, y)
@@ -129,7 +130,8 @@ def test_minibatch_cka_memory_is_per_batch():
 def test_cka_on_cuda_matches_cpu():
     x, y = related_features(n=512)
     assert minibatch_cka(x.float().cuda(), y.float().cuda(), 128) == pytest.approx(
-        minibatch_cka(x.float(), y.float(), 128), abs=1e-5)
+        minibatch_cka(x.float(), y.float(), 128), abs=1e-5
+    )
 
 
 def separable_features(n, seed, num_classes=10, dim=24):
@@ -158,18 +160,28 @@ def test_probe_is_at_chance_on_shuffled_labels():
 
 
 # -- the CLI on tiny runs ------------------------------------------------------------------------------------
-TINY = ["--data.source=bundled", "--data.max_train=100", "--data.max_test=50", "--model.arch=resnet20",
-        "--train.batch_size=25", "--train.eval_batch_size=50", "--log.progress=false", "--system.num_threads=1",
-        "--train.epochs=1"]
-ANALYSIS = ["--test-images", "40", "--train-images", "100", "--batch-size", "16", "--map-images", "2",
-            "--no-progress"]
+TINY = [
+    "--data.source=bundled",
+    "--data.max_train=100",
+    "--data.max_test=50",
+    "--model.arch=resnet20",
+    "--train.batch_size=25",
+    "--train.eval_batch_size=50",
+    "--log.progress=false",
+    "--system.num_threads=1",
+    "--train.epochs=1",
+]
+ANALYSIS = ["--test-images", "40", "--train-images", "100", "--batch-size", "16", "--map-images", "2", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    for name, method in [("bp", ["--method.name=bp"]), ("dgl", ["--method.name=dgl", "--method.num_modules=4"]),
-                         ("mlaan", ["--method.name=mlaan", "--method.num_modules=3"])]:
+    for name, method in [
+        ("bp", ["--method.name=bp"]),
+        ("dgl", ["--method.name=dgl", "--method.num_modules=4"]),
+        ("mlaan", ["--method.name=mlaan", "--method.num_modules=3"]),
+    ]:
         assert train_main([*TINY, *method, "--out", str(root / name)]) == 0
     return root
 
@@ -177,8 +189,17 @@ def tiny_runs(tmp_path_factory):
 def test_cli_writes_json_and_figures(tiny_runs, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "analysis"
-    code = analyze_main([str(tiny_runs / "dgl"), str(tiny_runs / "mlaan"), "--reference", str(tiny_runs / "bp"),
-                         "--out", str(out), *ANALYSIS])
+    code = analyze_main(
+        [
+            str(tiny_runs / "dgl"),
+            str(tiny_runs / "mlaan"),
+            "--reference",
+            str(tiny_runs / "bp"),
+            "--out",
+            str(out),
+            *ANALYSIS,
+        ]
+    )
     _, err = capsys.readouterr()
     assert code == 0, err
     document = json.loads((out / "analysis.json").read_text())
@@ -208,8 +229,10 @@ def test_a_run_against_itself_has_cka_one(tiny_runs, tmp_path, monkeypatch):
     gram_sizes = []
     original = cka_module.gram_matrix
     monkeypatch.setattr(cka_module, "gram_matrix", lambda f: gram_sizes.append(f.shape[0]) or original(f))
-    assert analyze_main([str(tmp_path / "dgl_copy"), "--reference", str(tiny_runs / "dgl"), "--out", str(out),
-                         *ANALYSIS]) == 0
+    assert (
+        analyze_main([str(tmp_path / "dgl_copy"), "--reference", str(tiny_runs / "dgl"), "--out", str(out), *ANALYSIS])
+        == 0
+    )
     document = json.loads((out / "analysis.json").read_text())
     run = next(r for r in document["runs"] if r["label"] == "dgl_copy")
     assert run["cka_with_reference"]["diagonal"] == pytest.approx([1.0] * 10, abs=1e-6)
@@ -239,10 +262,17 @@ def test_run_directory_without_checkpoint(tiny_runs, tmp_path, capsys):
 
 def test_different_backbones(tiny_runs, tmp_path, capsys):
     other = tmp_path / "resnet32"
-    assert train_main([*TINY, "--model.arch=resnet32", "--data.max_train=25", "--method.name=bp",
-                       "--out", str(other)]) == 0
-    expect_error([tiny_runs / "dgl", "--reference", other, "--out", tmp_path / "a", *ANALYSIS], capsys,
-                 "resnet20", "resnet32", "same backbone")
+    assert (
+        train_main([*TINY, "--model.arch=resnet32", "--data.max_train=25", "--method.name=bp", "--out", str(other)])
+        == 0
+    )
+    expect_error(
+        [tiny_runs / "dgl", "--reference", other, "--out", tmp_path / "a", *ANALYSIS],
+        capsys,
+        "resnet20",
+        "resnet32",
+        "same backbone",
+    )
 
 
 def test_out_is_a_file(tiny_runs, tmp_path, capsys):
@@ -258,8 +288,12 @@ def test_bad_option_values(tiny_runs, tmp_path, capsys):
 def test_runs_on_different_test_images(tiny_runs, tmp_path, capsys):
     other = tmp_path / "fewer"
     assert train_main([*TINY, "--data.max_test=40", "--method.name=bp", "--out", str(other)]) == 0
-    expect_error([tiny_runs / "dgl", "--reference", other, "--out", tmp_path / "a", *ANALYSIS], capsys,
-                 "different test images", "data.max_test")
+    expect_error(
+        [tiny_runs / "dgl", "--reference", other, "--out", tmp_path / "a", *ANALYSIS],
+        capsys,
+        "different test images",
+        "data.max_test",
+    )
 
 
 def test_without_matplotlib_the_json_is_still_written(tiny_runs, tmp_path, capsys, monkeypatch):

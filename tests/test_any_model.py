@@ -26,8 +26,9 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 def tiny_vit() -> nn.Module:
     from torchvision.models.vision_transformer import VisionTransformer
 
-    vit = VisionTransformer(image_size=SIZE, patch_size=8, num_layers=4, num_heads=2, hidden_dim=32, mlp_dim=64,
-                            num_classes=10)
+    vit = VisionTransformer(
+        image_size=SIZE, patch_size=8, num_layers=4, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+    )
     # torchvision zero-initialises the classifier, so no gradient would pass through it into the blocks.
     nn.init.normal_(vit.heads.head.weight, std=0.02)
     return vit
@@ -36,8 +37,7 @@ def tiny_vit() -> nn.Module:
 def tiny_convnext() -> nn.Module:
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
-    return ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)], stochastic_depth_prob=0.0,
-                    num_classes=10)
+    return ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)], stochastic_depth_prob=0.0, num_classes=10)
 
 
 def tiny_resnet(**kwargs) -> nn.Module:
@@ -101,8 +101,10 @@ def test_family_adapts_into_parts_that_compose_to_the_model(family):
 
 
 @pytest.mark.parametrize("family", TRAINED)
-@pytest.mark.parametrize("method,k,options", [("bp", 1, {}), ("dgl", 3, {}), ("infopro", 3, {}), ("mlaan", 3, {}),
-                                              ("mlaan", 3, {"base": "infopro"})])
+@pytest.mark.parametrize(
+    "method,k,options",
+    [("bp", 1, {}), ("dgl", 3, {}), ("infopro", 3, {}), ("mlaan", 3, {}), ("mlaan", 3, {"base": "infopro"})],
+)
 def test_one_training_step_trains_every_module(family, method, k, options):
     backbone = backbone_of(family)
     learner = fastlocal.LocalLearner(backbone, method, k, mean=MEAN, std=STD, **options)
@@ -175,8 +177,10 @@ def test_balanced_split_balances_the_measured_memory():
         balanced, uniform = split_parts(backbone, k, strategy="balanced"), split_parts(backbone, k)
         assert largest_module(balanced) <= largest_module(uniform)
         # No contiguous split into k groups has a smaller largest group (brute force over the cut points).
-        best = min(max(sum(items[a:b]) for a, b in zip((0, *cuts), (*cuts, len(items))))
-                   for cuts in itertools.combinations(range(1, len(items)), k - 1))
+        best = min(
+            max(sum(items[a:b]) for a, b in zip((0, *cuts), (*cuts, len(items))))
+            for cuts in itertools.combinations(range(1, len(items)), k - 1)
+        )
         assert largest_module(balanced) == best
 
 
@@ -188,8 +192,9 @@ def test_infopro_decoder_lays_patch_tokens_out_as_their_image_grid():
     seen = {}
     decoder.conv1.register_forward_pre_hook(lambda m, inputs: seen.update(x=inputs[0]))
     decoder(tokens)
-    torch.testing.assert_close(seen["x"], torch.nn.functional.interpolate(grid, size=(4, 4), mode="bilinear",
-                                                                          align_corners=True))
+    torch.testing.assert_close(
+        seen["x"], torch.nn.functional.interpolate(grid, size=(4, 4), mode="bilinear", align_corners=True)
+    )
     Decoder(in_channels=2, image_size=4, num_tokens=9 + 2)  # a class and a distillation token: fine
     with pytest.raises(ConfigError, match="sequence of 15 tokens"):
         Decoder(in_channels=2, image_size=4, num_tokens=15)  # 3x3 patches + 6 leading tokens: not a grid
@@ -212,13 +217,16 @@ def test_model_arch_takes_torchvision_names_and_factories():
     assert vit.part_info[0].shape == (1 + 4, 768)
 
 
-@pytest.mark.parametrize("arch,message", [
-    ("torchvision:no_such_net", "torchvision has no classification model 'no_such_net'"),
-    ("no_such_package.models:build", "cannot import 'no_such_package.models'"),
-    ("test_any_model:missing", "has no function 'missing'"),
-    ("test_any_model:SIZE", "has no function 'SIZE'"),
-    ("torchvision:", "model.arch = 'torchvision:' is not valid"),
-])
+@pytest.mark.parametrize(
+    "arch,message",
+    [
+        ("torchvision:no_such_net", "torchvision has no classification model 'no_such_net'"),
+        ("no_such_package.models:build", "cannot import 'no_such_package.models'"),
+        ("test_any_model:missing", "has no function 'missing'"),
+        ("test_any_model:SIZE", "has no function 'SIZE'"),
+        ("torchvision:", "model.arch = 'torchvision:' is not valid"),
+    ],
+)
 def test_bad_model_arch_says_what_is_wrong(arch, message):
     with pytest.raises(ConfigError, match=message):
         cfg = build_config(None, [f"model.arch={arch}"], METHODS)
@@ -261,8 +269,9 @@ def test_learner_state_holds_each_tensor_once_and_evaluates_with_the_plain_forwa
     learner = fastlocal.LocalLearner(backbone, "mlaan", 3)
     keys = list(learner.state_dict())
     assert all(k.startswith(("backbone.", "method.")) for k in keys)
-    assert len({learner.state_dict()[k].data_ptr() for k in keys if k.startswith("backbone.")}) == \
-        len(backbone.state_dict())
+    assert len({learner.state_dict()[k].data_ptr() for k in keys if k.startswith("backbone.")}) == len(
+        backbone.state_dict()
+    )
     x, _ = batch()
     learner.eval()
     with torch.no_grad():
@@ -307,9 +316,20 @@ def test_cli_trains_a_library_model_and_a_factory(arch, tmp_path, capsys):
 
     from fastlocal.train import main
 
-    args = ["--data.source=bundled", "--data.max_train=40", "--data.max_test=20", f"--model.arch={arch}",
-            "--method.name=mlaan", "--method.num_modules=3", "--train.epochs=1", "--train.batch_size=20",
-            "--log.progress=false", "--system.num_threads=1", "--out", str(tmp_path / "run")]
+    args = [
+        "--data.source=bundled",
+        "--data.max_train=40",
+        "--data.max_test=20",
+        f"--model.arch={arch}",
+        "--method.name=mlaan",
+        "--method.num_modules=3",
+        "--train.epochs=1",
+        "--train.batch_size=20",
+        "--log.progress=false",
+        "--system.num_threads=1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     code = main(args)
     _, err = capsys.readouterr()
     assert code == 0, err
@@ -320,7 +340,16 @@ def test_cli_trains_a_library_model_and_a_factory(arch, tmp_path, capsys):
 def test_cli_reports_a_bad_model_without_a_traceback(tmp_path, capsys):
     from fastlocal.train import main
 
-    code = main(["--data.source=bundled", "--data.max_train=40", "--data.max_test=20",
-                 "--model.arch=torchvision:squeezenet1_0", "--log.progress=false", "--out", str(tmp_path / "run")])
+    code = main(
+        [
+            "--data.source=bundled",
+            "--data.max_train=40",
+            "--data.max_test=20",
+            "--model.arch=torchvision:squeezenet1_0",
+            "--log.progress=false",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     _, err = capsys.readouterr()
     assert code == 2 and "SqueezeNet cannot be cut" in err and "Traceback" not in err

@@ -21,8 +21,9 @@ def run(backend, x, weight, bias, residual, relu, grad_seed=3):
     stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     running_mean = torch.zeros(x.shape[1], dtype=stats_dtype, device=x.device)
     running_var = torch.ones(x.shape[1], dtype=stats_dtype, device=x.device)
-    y = batch_norm_act(leaves[0], leaves[1], leaves[2], running_mean, running_var, 0.1, 1e-5, leaves[3], relu,
-                       backend=backend)
+    y = batch_norm_act(
+        leaves[0], leaves[1], leaves[2], running_mean, running_var, 0.1, 1e-5, leaves[3], relu, backend=backend
+    )
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
     y.backward(dy.to(device=y.device, dtype=y.dtype))
     grads = [t.grad if t is not None else None for t in leaves]
@@ -31,8 +32,9 @@ def run(backend, x, weight, bias, residual, relu, grad_seed=3):
 
 def reference_f64(x, weight, bias, residual, relu):
     """PyTorch's batch norm in float64 on the CPU: the obviously right answer."""
-    return run("reference", *(t.detach().double().cpu() if t is not None else None
-                              for t in (x, weight, bias, residual)), relu)
+    return run(
+        "reference", *(t.detach().double().cpu() if t is not None else None for t in (x, weight, bias, residual)), relu
+    )
 
 
 def assert_close_all(got, expected, rtol, atol):
@@ -80,16 +82,18 @@ def test_many_partial_sums_per_program(monkeypatch, device):
     monkeypatch.setattr(bn_kernel, "FINALIZE_ROWS", 2)
     monkeypatch.setattr(bn_kernel, "FINALIZE_CHANNELS", 4)
     x, weight, bias, res = inputs((4, 16, 12, 12), True, True, device)
-    assert_close_all(run("triton", x, weight, bias, res, True), reference_f64(x, weight, bias, res, True),
-                     rtol=1e-5, atol=1e-5)
+    assert_close_all(
+        run("triton", x, weight, bias, res, True), reference_f64(x, weight, bias, res, True), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_mean_keeps_an_exact_variance(device):
     # Shifted sums: a channel mean of 1000 with unit spread must not cancel catastrophically in fp32.
     x, weight, bias, _ = inputs((4, 3, 8, 8), False, False, device, mean=1000.0)
-    assert_close_all(run("triton", x, weight, bias, None, False), reference_f64(x, weight, bias, None, False),
-                     rtol=1e-4, atol=1e-4)
+    assert_close_all(
+        run("triton", x, weight, bias, None, False), reference_f64(x, weight, bias, None, False), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -114,8 +118,9 @@ def test_residual_in_another_dtype_and_only_some_gradients(wanted, device):
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=y.dtype)
     y.backward(dy)
     expected = [t.double().cpu().requires_grad_() for t in (x, weight, bias, res)]
-    F.relu(F.batch_norm(expected[0], None, None, expected[1], expected[2], True, 0.1, 1e-5) + expected[3]) \
-        .backward(dy.double().cpu())
+    F.relu(F.batch_norm(expected[0], None, None, expected[1], expected[2], True, 0.1, 1e-5) + expected[3]).backward(
+        dy.double().cpu()
+    )
     assert leaves[3].grad.dtype == torch.float32
     for got, ref in zip(leaves, expected):
         if got.requires_grad:
@@ -131,8 +136,9 @@ def test_mixed_layouts_and_an_expanded_gradient(device):
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias, res)]
     batch_norm_act(*leaves[:3], None, None, 0.1, 1e-5, leaves[3], True, backend="triton").mean().backward()
     expected = [t.double().cpu().requires_grad_() for t in (x, weight, bias, res)]
-    F.relu(F.batch_norm(expected[0], None, None, expected[1], expected[2], True, 0.1, 1e-5) + expected[3]).mean() \
-        .backward()  # dy of a mean is an expanded (stride 0) tensor
+    F.relu(
+        F.batch_norm(expected[0], None, None, expected[1], expected[2], True, 0.1, 1e-5) + expected[3]
+    ).mean().backward()  # dy of a mean is an expanded (stride 0) tensor
     for got, ref in zip(leaves, expected):
         torch.testing.assert_close(got.grad.double().cpu(), ref.grad, rtol=1e-5, atol=1e-6)
 
@@ -196,8 +202,7 @@ def test_custom_ops_and_compile(residual):
     torch.library.opcheck(bn_kernel._forward_op, (x, weight, bias, res, *running, 0.1, 1e-5, True))
     y, stats = bn_kernel._forward_impl(x, weight, bias, res, None, None, 0.1, 1e-5, True)
     dy = torch.randn_like(y)
-    torch.library.opcheck(bn_kernel._backward_op,
-                          (dy, x, y, weight, stats, True, True, residual, torch.float32, True))
+    torch.library.opcheck(bn_kernel._backward_op, (dy, x, y, weight, stats, True, True, residual, torch.float32, True))
 
     def call(*args):
         return bn_kernel.batch_norm_act(*args)

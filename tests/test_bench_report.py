@@ -13,25 +13,47 @@ MIB = 2**20
 def bench_entry(method, k, median_s, peak_mib, arch="resnet110", batch=8, sweep=False, device="cpu"):
     info = {
         "suite": "fastlocal-memory-sweep" if sweep else "fastlocal-steps",
-        "case": f"{arch}-{method}-K{k}-b{batch}", "method": method, "arch": arch, "input_size": 32,
-        "batch": batch, "K": k, "device": "Test CPU, 2 threads" if device == "cpu" else "Test GPU",
-        "device_type": device, "torch": "2.x", "triton": "3.x", "mode": "cpu",
+        "case": f"{arch}-{method}-K{k}-b{batch}",
+        "method": method,
+        "arch": arch,
+        "input_size": 32,
+        "batch": batch,
+        "K": k,
+        "device": "Test CPU, 2 threads" if device == "cpu" else "Test GPU",
+        "device_type": device,
+        "torch": "2.x",
+        "triton": "3.x",
+        "mode": "cpu",
         "peak_memory_bytes": int(peak_mib * MIB),
         # Deliberately wrong: the report must recompute ratios from the BP row of the file.
-        "time_ratio_vs_bp": 99.0, "memory_ratio_vs_bp": 99.0,
-        "memory": {"kind": "cpu_saved_tensors" if device == "cpu" else "cuda",
-                   "peak_bytes": int(peak_mib * MIB)},
+        "time_ratio_vs_bp": 99.0,
+        "memory_ratio_vs_bp": 99.0,
+        "memory": {"kind": "cpu_saved_tensors" if device == "cpu" else "cuda", "peak_bytes": int(peak_mib * MIB)},
     }
     if device == "cuda":
-        info["memory"].update(max_allocated_bytes=int(peak_mib * MIB), max_reserved_bytes=int(2 * peak_mib * MIB),
-                              process_total_bytes=int(3 * peak_mib * MIB))
-    return {"name": f"test_step[{info['case']}]", "group": "g", "extra_info": info,
-            "stats": {"median": median_s, "iqr": 0.0, "rounds": 3}}
+        info["memory"].update(
+            max_allocated_bytes=int(peak_mib * MIB),
+            max_reserved_bytes=int(2 * peak_mib * MIB),
+            process_total_bytes=int(3 * peak_mib * MIB),
+        )
+    return {
+        "name": f"test_step[{info['case']}]",
+        "group": "g",
+        "extra_info": info,
+        "stats": {"median": median_s, "iqr": 0.0, "rounds": 3},
+    }
 
 
 def write_json(path, benchmarks):
-    path.write_text(json.dumps({"machine_info": {"node": "host", "system": "Linux", "python_version": "3.11"},
-                                "datetime": "2030-01-01T00:00:00", "benchmarks": benchmarks}))
+    path.write_text(
+        json.dumps(
+            {
+                "machine_info": {"node": "host", "system": "Linux", "python_version": "3.11"},
+                "datetime": "2030-01-01T00:00:00",
+                "benchmarks": benchmarks,
+            }
+        )
+    )
     return path
 
 
@@ -46,19 +68,30 @@ def table_rows(text):
 
 
 def test_report_table_ratios_and_plots(tmp_path):
-    results = write_json(tmp_path / "results.json", [
-        bench_entry("bp", 1, 0.200, 64.0),
-        bench_entry("dgl", 54, 0.500, 3.2),
-        bench_entry("mlaan", 54, 1.000, 16.0),
-        bench_entry("bp-checkpoint", 1, 0.300, 16.0),
-        bench_entry("bp", 1, 0.050, 16.0, batch=2, sweep=True),
-        bench_entry("mlaan", 54, 0.250, 2.4, batch=2, sweep=True),
-        {"name": "test_ema[triton]", "group": "ema", "extra_info": {"device": "cpu"},
-         "stats": {"median": 2e-5, "iqr": 1e-6, "rounds": 10}},
-        # Another suite's row that happens to name a `case`: listed apart, not parsed as a step.
-        {"name": "test_loader[torch]", "group": None, "extra_info": {"case": "torch"},
-         "stats": {"median": 0.0123, "iqr": 0.001, "rounds": 5}},
-    ])
+    results = write_json(
+        tmp_path / "results.json",
+        [
+            bench_entry("bp", 1, 0.200, 64.0),
+            bench_entry("dgl", 54, 0.500, 3.2),
+            bench_entry("mlaan", 54, 1.000, 16.0),
+            bench_entry("bp-checkpoint", 1, 0.300, 16.0),
+            bench_entry("bp", 1, 0.050, 16.0, batch=2, sweep=True),
+            bench_entry("mlaan", 54, 0.250, 2.4, batch=2, sweep=True),
+            {
+                "name": "test_ema[triton]",
+                "group": "ema",
+                "extra_info": {"device": "cpu"},
+                "stats": {"median": 2e-5, "iqr": 1e-6, "rounds": 10},
+            },
+            # Another suite's row that happens to name a `case`: listed apart, not parsed as a step.
+            {
+                "name": "test_loader[torch]",
+                "group": None,
+                "extra_info": {"case": "torch"},
+                "stats": {"median": 0.0123, "iqr": 0.001, "rounds": 5},
+            },
+        ],
+    )
     out = tmp_path / "out"
     assert report.main([str(results), "--out", str(out)]) == 0
     text = (out / "bench.md").read_text()
@@ -88,10 +121,13 @@ def test_report_keeps_session_ratios_without_a_bp_row(tmp_path):
 
 
 def test_report_compares_cuda_rows_with_the_paper(tmp_path):
-    results = write_json(tmp_path / "gpu.json", [
-        bench_entry("bp", 1, 0.1698, 8.0 * 1024, batch=1024, device="cuda"),
-        bench_entry("mlaan", 54, 0.5, 1.5 * 1024, batch=1024, device="cuda"),
-    ])
+    results = write_json(
+        tmp_path / "gpu.json",
+        [
+            bench_entry("bp", 1, 0.1698, 8.0 * 1024, batch=1024, device="cuda"),
+            bench_entry("mlaan", 54, 0.5, 1.5 * 1024, batch=1024, device="cuda"),
+        ],
+    )
     assert report.main([str(results), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "bench.md").read_text()
     assert "reserved MiB" in text and "process MiB" in text
@@ -110,14 +146,20 @@ def test_report_merges_several_files(tmp_path):
     assert "steps.json more.json" in text
 
 
-@pytest.mark.parametrize("content,message", [
-    (None, "no such file"),
-    ("{not json", "not valid JSON (line 1"),
-    ("[1, 2]", "no 'benchmarks' list"),
-    ('{"benchmarks": []}', "holds no benchmarks"),
-    ('{"benchmarks": [{"name": "x", "extra_info": {"suite": "fastlocal-steps", "case": "c"}, '
-     '"stats": {"median": 1}}]}', "lacks 'method'"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "no such file"),
+        ("{not json", "not valid JSON (line 1"),
+        ("[1, 2]", "no 'benchmarks' list"),
+        ('{"benchmarks": []}', "holds no benchmarks"),
+        (
+            '{"benchmarks": [{"name": "x", "extra_info": {"suite": "fastlocal-steps", "case": "c"}, '
+            '"stats": {"median": 1}}]}',
+            "lacks 'method'",
+        ),
+    ],
+)
 def test_report_bad_files_fail_clearly(tmp_path, capsys, content, message):
     path = tmp_path / "results.json"
     if content is not None:
@@ -178,10 +220,17 @@ def test_kernel_choices_pick_the_fastest_launch_shape_and_compare_the_convolutio
 
 
 def test_fast_path_rows_get_their_own_table(tmp_path):
-    info = {"suite": "fastlocal-fast-path", "case": "resnet20-mlaan-K8-bf16-cl", "median_step_ms": 12.5,
-            "time_ratio_vs_fastest_bp": 3.2, "memory_ratio_vs_bp_same_precision": 0.45, "device": "Test CPU"}
-    path = write_json(tmp_path / "fast.json", [{"name": "test_bench_fast_path[x]", "extra_info": info,
-                                                "stats": {"median": 0.0125}}])
+    info = {
+        "suite": "fastlocal-fast-path",
+        "case": "resnet20-mlaan-K8-bf16-cl",
+        "median_step_ms": 12.5,
+        "time_ratio_vs_fastest_bp": 3.2,
+        "memory_ratio_vs_bp_same_precision": 0.45,
+        "device": "Test CPU",
+    }
+    path = write_json(
+        tmp_path / "fast.json", [{"name": "test_bench_fast_path[x]", "extra_info": info, "stats": {"median": 0.0125}}]
+    )
     assert report.main([str(path), "--no-plots"]) == 0
     text = (tmp_path / "bench.md").read_text()
     assert "| resnet20-mlaan-K8-bf16-cl | 12.5 | 3.2 | - | - | 0.45 |" in text

@@ -18,18 +18,24 @@ def collect():
     return module
 
 
-def write_run(folder: Path, method: str, k: int, planned: int, seconds: list, accs: list, rc: int = 0,
-              finished: bool = True) -> None:
+def write_run(
+    folder: Path, method: str, k: int, planned: int, seconds: list, accs: list, rc: int = 0, finished: bool = True
+) -> None:
     folder.mkdir(parents=True)
     (folder / "config.toml").write_text(
-        f'[method]\nname = "{method}"\nnum_modules = {k}\n\n[train]\nepochs = {planned}\n')
-    (folder / "metrics.jsonl").write_text("".join(
-        json.dumps({"epoch": i + 1, "epoch_seconds": s, "test_acc": a}) + "\n"
-        for i, (s, a) in enumerate(zip(seconds, accs, strict=True))))
+        f'[method]\nname = "{method}"\nnum_modules = {k}\n\n[train]\nepochs = {planned}\n'
+    )
+    (folder / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"epoch": i + 1, "epoch_seconds": s, "test_acc": a}) + "\n"
+            for i, (s, a) in enumerate(zip(seconds, accs, strict=True))
+        )
+    )
     if finished:
         (folder / "summary.json").write_text(json.dumps({"device": "NVIDIA H200", "peak_memory": None}))
-    (folder / "run.json").write_text(json.dumps({"name": folder.name, "rc": rc, "wall_seconds": 30.5,
-                                                 "hard_stop_s": 85}))
+    (folder / "run.json").write_text(
+        json.dumps({"name": folder.name, "rc": rc, "wall_seconds": 30.5, "hard_stop_s": 85})
+    )
     (folder / "command.txt").write_text(f"python3 -m fastlocal.train --config configs/short_{method}.toml")
 
 
@@ -42,7 +48,8 @@ def test_table_numbers_against_the_authors(tmp_path, collect):
     write_run(runs / "short-dgl-resnet32-fast", "dgl", 16, 2, [9.0, 1.0], [60.0, 69.0])
     (runs / "short-dgl-resnet32-fast" / "train.log").write_text(
         "x.py:1: UserWarning: capture failed; training eagerly\n  call()\nx.py:1: UserWarning: capture failed; "
-        "training eagerly\nepoch 1/2\n")
+        "training eagerly\nepoch 1/2\n"
+    )
     # Not started: the deadline had passed (bench/gpu_evidence.sh writes rc -1 and no config).
     (runs / "short-dgl-resnet32-plain").mkdir()
     (runs / "short-dgl-resnet32-plain" / "run.json").write_text('{"rc": -1, "wall_seconds": 0.0, "hard_stop_s": 0}')
@@ -58,8 +65,12 @@ def test_table_numbers_against_the_authors(tmp_path, collect):
     bp = rows["short-bp-resnet32-plain"]
     assert not bp["complete"] and not bp["within_tolerance"] and bp["epochs_done"] == 2
     # Fast runs first, then the plain ones; BP, DGL, MLAAN within each.
-    assert [r["run"] for r in result["runs"]] == ["short-dgl-resnet32-fast", "short-mlaan-resnet32-fast",
-                                                   "short-bp-resnet32-plain", "short-dgl-resnet32-plain"]
+    assert [r["run"] for r in result["runs"]] == [
+        "short-dgl-resnet32-fast",
+        "short-mlaan-resnet32-fast",
+        "short-bp-resnet32-plain",
+        "short-dgl-resnet32-plain",
+    ]
     text = collect.markdown(result)
     assert "stopped after 2/15 epochs (exit 130)" in text and "not run: no time left" in text
     assert dgl["warnings"] == ["capture failed; training eagerly"] and mlaan["warnings"] == []
@@ -78,7 +89,12 @@ def test_unpack_files_each_run_under_docs_results(tmp_path, collect):
     dest = tmp_path / "results"
     assert collect.main(["unpack", str(archive), "--dest", str(dest)]) == 0
     filed = dest / "table1-bp-resnet32-fast-100ep"
-    assert {p.name for p in filed.iterdir()} == {"summary.json", "metrics.jsonl", "config.toml", "command.txt",
-                                                 "run.json"}
+    assert {p.name for p in filed.iterdir()} == {
+        "summary.json",
+        "metrics.jsonl",
+        "config.toml",
+        "command.txt",
+        "run.json",
+    }
     table = (dest / "long.md").read_text()
     assert "93.63 (paper, 400 ep, best; here best 90.00)" in table

@@ -34,7 +34,7 @@ def test_toml_then_overrides(tmp_path):
 
 
 def test_round_trip_through_toml(tmp_path):
-    cfg = build_config(None, ["method.name=dgl", "data.root=a \"quoted\" path"], METHODS)
+    cfg = build_config(None, ["method.name=dgl", 'data.root=a "quoted" path'], METHODS)
     path = tmp_path / "r.toml"
     path.write_text(to_toml(cfg))
     assert to_dict(build_config(path, (), METHODS)) == to_dict(cfg)
@@ -90,8 +90,15 @@ def test_field_annotations_and_rules_reject_bad_values(overrides, fragment):
     assert fragment in str(err.value)
 
 
-@pytest.mark.parametrize("overrides", [[], ["method.name=bp"], ["method.name=dgl", "method.head=2c2f"],
-                                       ["data.source=imagefolder", "data.root=somewhere", "system.cuda_graphs=TRUE"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["method.name=bp"],
+        ["method.name=dgl", "method.head=2c2f"],
+        ["data.source=imagefolder", "data.root=somewhere", "system.cuda_graphs=TRUE"],
+    ],
+)
 def test_validate_leaves_the_config_unchanged(overrides):
     cfg = Config()
     apply_overrides(cfg, overrides)
@@ -119,8 +126,11 @@ def test_every_config_field_has_a_docstring():
             body = node.body
             for i, item in enumerate(body):
                 following = body[i + 1] if i + 1 < len(body) else None
-                documented = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant) and \
-                    isinstance(following.value.value, str)
+                documented = (
+                    isinstance(following, ast.Expr)
+                    and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)
+                )
                 if isinstance(item, ast.AnnAssign) and not documented:
                     missing.append(f"{node.name}.{item.target.id}")
     assert len(classes) == 11 and not missing  # Config and its ten sections

@@ -44,21 +44,37 @@ PAPER = {
     ("Table 4", "CIFAR-10", "ResNet-32", "LAM only", "K=16"): 7.64,
     ("Table 4", "CIFAR-10", "ResNet-32", "MLM+LAM", "K=16"): 6.36,
 }
-ARCHS = {"ResNet-32": "resnet32", "ResNet-110": "resnet110", "ResNet-34": "resnet34", "ResNet-101": "resnet101",
-         "ResNet-152": "resnet152"}
+ARCHS = {
+    "ResNet-32": "resnet32",
+    "ResNet-110": "resnet110",
+    "ResNet-34": "resnet34",
+    "ResNet-101": "resnet101",
+    "ResNet-152": "resnet152",
+}
 SOURCES = {"CIFAR-10": "cifar10", "SVHN": "svhn", "STL-10": "stl10", "ImageNet": "imagefolder"}
 # dataset -> (epochs, batch, peak LR) of the recipe.
-RECIPES = {"CIFAR-10": (400, 1024, 0.8), "SVHN": (400, 1024, 0.8), "STL-10": (400, 128, 0.1),
-           "ImageNet": (150, 128, 0.05)}
+RECIPES = {
+    "CIFAR-10": (400, 1024, 0.8),
+    "SVHN": (400, 1024, 0.8),
+    "STL-10": (400, 128, 0.1),
+    "ImageNet": (150, 128, 0.05),
+}
 # (arch, paper's K label, MLAAN row?) -> (K, stem separate, split).
 K_MAP = {
-    ("resnet32", "K=8", False): (8, False, "uniform"), ("resnet32", "K=8", True): (8, False, "uniform"),
-    ("resnet32", "K=16", False): (16, True, "uniform"), ("resnet32", "K=16", True): (15, False, "uniform"),
-    ("resnet110", "K=32", False): (32, False, "reference"), ("resnet110", "K=32", True): (32, False, "reference"),
-    ("resnet110", "K=55", False): (54, False, "uniform"), ("resnet110", "K=55", True): (54, False, "uniform"),
-    ("resnet34", "K=17", False): (16, False, "uniform"), ("resnet34", "K=17", True): (16, False, "uniform"),
-    ("resnet101", "K=34", False): (33, False, "uniform"), ("resnet101", "K=34", True): (33, False, "uniform"),
-    ("resnet152", "K=51", False): (50, False, "uniform"), ("resnet152", "K=51", True): (50, False, "uniform"),
+    ("resnet32", "K=8", False): (8, False, "uniform"),
+    ("resnet32", "K=8", True): (8, False, "uniform"),
+    ("resnet32", "K=16", False): (16, True, "uniform"),
+    ("resnet32", "K=16", True): (15, False, "uniform"),
+    ("resnet110", "K=32", False): (32, False, "reference"),
+    ("resnet110", "K=32", True): (32, False, "reference"),
+    ("resnet110", "K=55", False): (54, False, "uniform"),
+    ("resnet110", "K=55", True): (54, False, "uniform"),
+    ("resnet34", "K=17", False): (16, False, "uniform"),
+    ("resnet34", "K=17", True): (16, False, "uniform"),
+    ("resnet101", "K=34", False): (33, False, "uniform"),
+    ("resnet101", "K=34", True): (33, False, "uniform"),
+    ("resnet152", "K=51", False): (50, False, "uniform"),
+    ("resnet152", "K=51", True): (50, False, "uniform"),
 }
 # row -> (method.name, method.head, mlaan.base, mlaan.window, mlaan.lam); None where it does not apply.
 ROWS = {
@@ -87,8 +103,14 @@ def test_there_are_configs_for_every_typed_row_and_svhn_stl10():
     rows = {declared_row(p)[:5] for p in CONFIGS if declared_row(p)}
     assert set(PAPER) <= rows
     for dataset in ("SVHN", "STL-10"):
-        assert {r[3] for r in rows if r[1] == dataset} >= {"BP", "DGL", "InfoPro", "DGL+MLAAN", "InfoPro+MLAAN",
-                                                           "MLAAN"}
+        assert {r[3] for r in rows if r[1] == dataset} >= {
+            "BP",
+            "DGL",
+            "InfoPro",
+            "DGL+MLAAN",
+            "InfoPro+MLAAN",
+            "MLAAN",
+        }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -139,7 +161,17 @@ def test_config_plans(path):
     result = plan(cfg, *data_shape(cfg.data, cfg.model.arch, *known))
     assert len(result["modules"]) == cfg.method.num_modules
     if cfg.method.name == "mlaan" and cfg.mlaan.lam:
-        expected = "preset" if (cfg.model.arch, cfg.method.num_modules) in {
-            ("resnet32", 8), ("resnet32", 15), ("resnet110", 32), ("resnet110", 54), ("resnet34", 16),
-            ("resnet101", 33)} else "generated"
+        expected = (
+            "preset"
+            if (cfg.model.arch, cfg.method.num_modules)
+            in {
+                ("resnet32", 8),
+                ("resnet32", 15),
+                ("resnet110", 32),
+                ("resnet110", 54),
+                ("resnet34", 16),
+                ("resnet101", 33),
+            }
+            else "generated"
+        )
         assert result["leaps_source"] == expected

@@ -504,14 +504,7 @@ def test_recipe_defaults_and_overrides(tmp_path, unchecked_md5):
     train, test = bundle.train, bundle.test
     assert train.train and train.drop_last and len(train) == 50 // 8 and train.pad == 4 and train.flip
     assert not test.train and len(test) == 1 and test.num_images == 2
-    cfg = DataConfig(
-        source="cifar10",
-        root=str(tmp_path),
-        normalize="imagenet",
-        pad=2,
-        pad_mode="constant",
-        flip="off",
-    )
+    cfg = DataConfig(source="cifar10", root=str(tmp_path), normalize="imagenet", pad=2, pad_mode="constant", flip="off")
     info = build(cfg).info
     assert (info.pad, info.pad_mode, info.flip) == (2, "constant", False)
     assert info.mean == (0.485, 0.456, 0.406) and info.std == (0.229, 0.224, 0.225)

@@ -48,8 +48,14 @@ def free_port() -> int:
 
 
 def _worker(rank: int, port: int, out: str, job, timeout_s: float, device_type: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     distributed.init_data_parallel(torch.device(device_type), timeout=timedelta(seconds=timeout_s))
     try:
@@ -58,13 +64,16 @@ def _worker(rank: int, port: int, out: str, job, timeout_s: float, device_type: 
         distributed.close()
 
 
-def launch(job, out: Path, timeout_s: float = 120, collective_timeout_s: float = 60, device_type: str = "cpu"
-           ) -> list[int]:
+def launch(
+    job, out: Path, timeout_s: float = 120, collective_timeout_s: float = 60, device_type: str = "cpu"
+) -> list[int]:
     """Run `job(rank, out)` on WORLD spawned ranks; their exit codes. Kills them and fails after `timeout_s`."""
     ctx = multiprocessing.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out), job, collective_timeout_s, device_type))
-             for r in range(WORLD)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, port, str(out), job, collective_timeout_s, device_type))
+        for r in range(WORLD)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout_s
@@ -81,13 +90,18 @@ def launch(job, out: Path, timeout_s: float = 120, collective_timeout_s: float =
 
 def global_batches(steps: int = 3):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(GLOBAL_BATCH, 3, SIZE, SIZE, generator=g, dtype=torch.float64),
-             torch.randint(0, 10, (GLOBAL_BATCH,), generator=g)) for _ in range(steps)]
+    return [
+        (
+            torch.randn(GLOBAL_BATCH, 3, SIZE, SIZE, generator=g, dtype=torch.float64),
+            torch.randint(0, 10, (GLOBAL_BATCH,), generator=g),
+        )
+        for _ in range(steps)
+    ]
 
 
 def shard(tensor: torch.Tensor, rank: int) -> torch.Tensor:
     size = GLOBAL_BATCH // WORLD
-    return tensor[rank * size:(rank + 1) * size]
+    return tensor[rank * size : (rank + 1) * size]
 
 
 def weights(backbone, method) -> dict[str, torch.Tensor]:
@@ -102,12 +116,12 @@ def _three_data_parallel_steps(rank: int, out: Path) -> None:
         cfg, backbone, modules, method = build(method_name, "resnet20", k, overrides, input_size=SIZE, seed=rank)
         distributed.broadcast_from_rank0(backbone, method)  # rank 1 was built from another seed
         averager = distributed.GradientAverager(modules, method, backbone)
-        optimizer = build_optimizer([p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad],
-                                    cfg)
+        optimizer = build_optimizer([p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad], cfg)
         for x, y in global_batches():
             optimizer.zero_grad(set_to_none=True)
-            local_train_step(modules, method, Batch(shard(x, rank), shard(y, rank), *STATS),
-                             after_flush=averager.after_flush)
+            local_train_step(
+                modules, method, Batch(shard(x, rank), shard(y, rank), *STATS), after_flush=averager.after_flush
+            )
             averager.finish()
             optimizer.step()
         torch.save(weights(backbone, method), out / f"{name}-rank{rank}.pt")
@@ -156,13 +170,21 @@ def tiny_data(rank: int, world: int) -> DataBundle:
     labels = torch.randint(0, 10, (22,), generator=g)
     info = DatasetInfo("tiny", 10, 16, [str(c) for c in range(10)], *STATS, pad=2, pad_mode="reflect", flip=True)
     common = dict(mean=info.mean, std=info.std, pad=2, flip=True, rank=rank, world_size=world)
-    return DataBundle(DeviceLoader(images[:16], labels[:16], GLOBAL_BATCH // world, train=True, **common),
-                      DeviceLoader(images[16:], labels[16:], 4, train=False, **common), info)
+    return DataBundle(
+        DeviceLoader(images[:16], labels[:16], GLOBAL_BATCH // world, train=True, **common),
+        DeviceLoader(images[16:], labels[16:], 4, train=False, **common),
+        info,
+    )
 
 
 def tiny_trainer(rank: int, world: int, out: Path, epochs: int, parallel=None) -> Trainer:
-    overrides = [f"train.epochs={epochs}", f"train.batch_size={GLOBAL_BATCH}", "log.progress=false",
-                 "log.measure_memory=false", "mlaan.window=2"]
+    overrides = [
+        f"train.epochs={epochs}",
+        f"train.batch_size={GLOBAL_BATCH}",
+        "log.progress=false",
+        "log.measure_memory=false",
+        "mlaan.window=2",
+    ]
     cfg, backbone, modules, method = build("mlaan", "resnet20", 3, overrides, dtype=torch.float32, input_size=16)
     return Trainer(cfg, backbone, modules, method, tiny_data(rank, world), torch.device("cpu"), out, parallel)
 
@@ -194,8 +216,16 @@ def _fit_and_resume(rank: int, out: Path) -> None:
     torch.nn.init.zeros_(always_zero[1].weight)
     with torch.no_grad():
         always_zero[1].bias.copy_(torch.arange(10, 0, -1))
-    loader = DeviceLoader(torch.zeros(7, 3, 16, 16, dtype=torch.uint8), torch.arange(7) % 2, 2, train=False,
-                          mean=STATS[0], std=STATS[1], rank=rank, world_size=WORLD)
+    loader = DeviceLoader(
+        torch.zeros(7, 3, 16, 16, dtype=torch.uint8),
+        torch.arange(7) % 2,
+        2,
+        train=False,
+        mean=STATS[0],
+        std=STATS[1],
+        rank=rank,
+        world_size=WORLD,
+    )
     (out / f"accuracy-rank{rank}.txt").write_text(repr(evaluate(always_zero, loader)))
 
 
@@ -241,7 +271,7 @@ def test_sharded_device_loader_reads_each_training_position_once_per_rank():
     common = dict(train=True, mean=STATS[0], std=STATS[1], pad=2, flip=True, seed=5)
     whole = DeviceLoader(images, labels, 12, **common)
     whole.set_epoch(1)
-    (_, y_all), = list(whole)
+    ((_, y_all),) = list(whole)
     # Rank r reads positions r, r+3, ... of the one-process epoch's order (the padding wraps to position 0);
     # each rank draws its own crops and flips.
     positions = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0]
@@ -251,8 +281,10 @@ def test_sharded_device_loader_reads_each_training_position_once_per_rank():
         assert loader.num_images == 4 and len(loader) == 2  # 11 padded to 12, 4 each
         read = torch.cat([y for _, y in loader])
         assert torch.equal(read, y_all[positions[rank::3]])
-    test = [DeviceLoader(images, labels, 3, train=False, mean=STATS[0], std=STATS[1], rank=r, world_size=3)
-            for r in range(3)]
+    test = [
+        DeviceLoader(images, labels, 3, train=False, mean=STATS[0], std=STATS[1], rank=r, world_size=3)
+        for r in range(3)
+    ]
     # Evaluation: every image exactly once over the ranks (no wrap-around), so summed counts are exact.
     assert sorted(torch.cat([y for t in test for _, y in t]).tolist()) == list(range(11))
     assert sum(t.num_images for t in test) == 11
@@ -310,12 +342,32 @@ def test_sync_batch_norm_wiring_on_cpu():
 
 def test_torchrun_cli_trains_data_parallel_writes_world_size_and_resumes(tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "fastlocal.train", "--data.source=bundled", "--data.max_train=40", "--data.max_test=20",
-               "--model.arch=resnet20", "--method.name=mlaan", "--method.num_modules=3", "--train.epochs=1",
-               "--system.device=cpu", "--data.loader=torch", "--data.num_workers=0", "--data.crop_size=32",
-               "--data.resize_size=32",  # the device loader's sharding is tested above; here the streaming one's
-               "--train.batch_size=20", "--log.progress=false", "--system.num_threads=1", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "fastlocal.train",
+        "--data.source=bundled",
+        "--data.max_train=40",
+        "--data.max_test=20",
+        "--model.arch=resnet20",
+        "--method.name=mlaan",
+        "--method.num_modules=3",
+        "--train.epochs=1",
+        "--system.device=cpu",
+        "--data.loader=torch",
+        "--data.num_workers=0",
+        "--data.crop_size=32",
+        "--data.resize_size=32",  # the device loader's sharding is tested above; here the streaming one's
+        "--train.batch_size=20",
+        "--log.progress=false",
+        "--system.num_threads=1",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -323,7 +375,7 @@ def test_torchrun_cli_trains_data_parallel_writes_world_size_and_resumes(tmp_pat
     assert summary["world_size"] == 2 and summary["parallel"] == "data" and summary["epochs"] == 1
     assert result.stdout.count("final test accuracy") == 1  # rank 0 alone logs
     assert "(20 train / 10 test images)" in result.stdout  # rank 0's shard of the 40 / 20
-    resume = [*command[:command.index("fastlocal.train") + 1], "--resume", str(out), "--train.epochs=2"]
+    resume = [*command[: command.index("fastlocal.train") + 1], "--resume", str(out), "--train.epochs=2"]
     result = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" in result.stdout and json.loads((out / "summary.json").read_text())["epochs"] == 2
@@ -340,8 +392,12 @@ def _sync_batch_norm_step(rank: int, out: Path) -> None:
     averager = distributed.GradientAverager(modules, method, backbone)
     optimizer = build_optimizer([p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad], cfg)
     x, y = global_batches(1)[0]
-    local_train_step(modules, method, Batch(shard(x, rank).float().to(device), shard(y, rank).to(device), *STATS),
-                     after_flush=averager.after_flush)
+    local_train_step(
+        modules,
+        method,
+        Batch(shard(x, rank).float().to(device), shard(y, rank).to(device), *STATS),
+        after_flush=averager.after_flush,
+    )
     averager.finish()
     optimizer.step()
     torch.save({k: v.cpu() for k, v in weights(backbone, method).items()}, out / f"sync-rank{rank}.pt")

@@ -22,8 +22,12 @@ def make(method="dgl", arch="resnet20", k=4, dtype=torch.float64, seed=0, **meth
 
 def batch(n=6, dtype=torch.float64, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return Batch(torch.randn(n, 3, 32, 32, generator=g, dtype=dtype), torch.randint(0, 10, (n,), generator=g),
-                 CIFAR_MEAN, CIFAR_STD)
+    return Batch(
+        torch.randn(n, 3, 32, 32, generator=g, dtype=dtype),
+        torch.randint(0, 10, (n,), generator=g),
+        CIFAR_MEAN,
+        CIFAR_STD,
+    )
 
 
 def all_params(backbone, method):
@@ -161,7 +165,7 @@ def test_denormalised_images_use_constants_made_once():
 
     x = torch.randn(2, 3, 4, 4)
     batch = Batch(x, torch.zeros(2, dtype=torch.long), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
-    expected = (x * torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1) + torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1))
+    expected = x * torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1) + torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
     torch.testing.assert_close(batch.images01(), expected.clamp(0, 1))
     # The same constant tensors on every step: no host-to-device copy inside a step (CUDA-graph safe).
     first = base._channel_constants((0.5, 0.4, 0.3), x.device, x.dtype)

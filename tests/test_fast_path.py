@@ -26,8 +26,9 @@ def losses(method="mlaan", k=3, steps=3, precision="fp32", channels_last=False, 
     params = [p for p in (*backbone.parameters(), *m.parameters()) if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     if not foreach:
-        optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=0.9, nesterov=True, weight_decay=1e-4,
-                                    foreach=False)
+        optimizer = torch.optim.SGD(
+            params, lr=cfg.optim.lr, momentum=0.9, nesterov=True, weight_decay=1e-4, foreach=False
+        )
     context = forward_context_for(torch.device("cpu"), precision)
     g = torch.Generator().manual_seed(1)
     out = []
@@ -78,9 +79,17 @@ def test_fused_optimizer_on_cuda_matches_foreach():
         torch.testing.assert_close(a, b)
 
 
-TINY_RUN = ["--data.source=bundled", "--data.max_train=60", "--data.max_test=20", "--model.arch=resnet20",
-            "--method.name=mlaan", "--method.num_modules=3", "--train.batch_size=16", "--train.epochs=2",
-            "--log.progress=false"]
+TINY_RUN = [
+    "--data.source=bundled",
+    "--data.max_train=60",
+    "--data.max_test=20",
+    "--model.arch=resnet20",
+    "--method.name=mlaan",
+    "--method.num_modules=3",
+    "--train.batch_size=16",
+    "--train.epochs=2",
+    "--log.progress=false",
+]
 
 
 def final_state(out):
@@ -162,19 +171,23 @@ def step_results(method, overrides, step):
     return [loss, *(p.grad for p in params), *backbone.state_dict().values(), *m.state_dict().values()]
 
 
-@pytest.mark.parametrize("method,overrides", [
-    ("mlaan", []),
-    ("mlaan", ["mlaan.window=3"]),
-    ("mlaan", ["mlaan.lam=false"]),
-    ("mlaan", ["mlaan.base=infopro"]),
-    ("dgl", []),
-])
+@pytest.mark.parametrize(
+    "method,overrides",
+    [
+        ("mlaan", []),
+        ("mlaan", ["mlaan.window=3"]),
+        ("mlaan", ["mlaan.lam=false"]),
+        ("mlaan", ["mlaan.base=infopro"]),
+        ("dgl", []),
+    ],
+)
 def test_side_stream_schedule_computes_bitwise_the_one_stream_step(method, overrides):
     """What streams cannot change is checked here on CPU: the side-stream schedule's reordering (module
     i+1's forward before loss i's cascade VJPs and flush) gives the same bits."""
     one_stream = step_results(method, overrides, local_train_step)
-    reordered = step_results(method, overrides,
-                             lambda modules, m, b: local_train_step(modules, m, b, side_stream=OneStream()))
+    reordered = step_results(
+        method, overrides, lambda modules, m, b: local_train_step(modules, m, b, side_stream=OneStream())
+    )
     assert len(one_stream) == len(reordered)
     assert all(torch.equal(a, b) for a, b in zip(one_stream, reordered))
 
@@ -254,8 +267,13 @@ def test_fast_path_training_script_runs_every_variant(tmp_path):
     spec = importlib.util.spec_from_file_location("fast_path_training", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    tiny = ["data.max_train=48", "data.max_test=16", "model.arch=resnet20", "method.num_modules=3",
-            "train.batch_size=16"]
+    tiny = [
+        "data.max_train=48",
+        "data.max_test=16",
+        "model.arch=resnet20",
+        "method.num_modules=3",
+        "train.batch_size=16",
+    ]
     assert script.main(["--out", str(tmp_path), "--epochs", "1", *tiny]) == 0
     results = json.loads((tmp_path / "fast_path_training.json").read_text())
     assert list(results) == ["off", "fp32-fast", "on"]
@@ -280,7 +298,7 @@ def test_auto_switches_stay_silent_and_off_on_cpu(tmp_path):
 
 def test_switches_take_toml_booleans(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text("[system]\ncuda_graphs = false\ncuda_streams = true\nfused_batch_norm = \"auto\"\n")
+    path.write_text('[system]\ncuda_graphs = false\ncuda_streams = true\nfused_batch_norm = "auto"\n')
     cfg = build_config(path, [], METHODS)
     assert (cfg.system.cuda_graphs, cfg.system.cuda_streams, cfg.system.fused_batch_norm) == ("false", "true", "auto")
 
@@ -290,8 +308,19 @@ def test_switches_take_toml_booleans(tmp_path):
 def test_triton_block_options_without_triton_warn_and_train(option, tmp_path):
     from fastlocal.train import main
 
-    args = ["--data.source=bundled", "--data.max_train=40", "--data.max_test=20", "--model.arch=resnet20",
-            "--method.name=dgl", "--method.num_modules=2", "--train.batch_size=16", "--train.epochs=1",
-            "--log.progress=false", f"--{option}=true", "--out", str(tmp_path)]
+    args = [
+        "--data.source=bundled",
+        "--data.max_train=40",
+        "--data.max_test=20",
+        "--model.arch=resnet20",
+        "--method.name=dgl",
+        "--method.num_modules=2",
+        "--train.batch_size=16",
+        "--train.epochs=1",
+        "--log.progress=false",
+        f"--{option}=true",
+        "--out",
+        str(tmp_path),
+    ]
     with pytest.warns(UserWarning, match=f"{option}=true needs the Triton kernels"):
         assert main(args) == 0

@@ -167,9 +167,7 @@ def _assert_close_ema(out, ref, dtype):
 
 @pytest.mark.triton
 @pytest.mark.parametrize(
-    "shapes",
-    [BLOCK_SHAPES, ODD_SHAPES, SINGLE_SHAPE, _many_shapes()],
-    ids=["resnet_block", "odd", "single", "many300"],
+    "shapes", [BLOCK_SHAPES, ODD_SHAPES, SINGLE_SHAPE, _many_shapes()], ids=["resnet_block", "odd", "single", "many300"]
 )
 @pytest.mark.parametrize("momentum_kind", ["float", "tensor"])
 def test_ema_fp32_matches_foreach_lerp(shapes, momentum_kind):
@@ -402,9 +400,7 @@ def _aux_inputs(batch, channels, height, width, classes, dtype, device, seed=0, 
     generator = _generator(seed)
     x = torch.randn(batch, channels, height, width, generator=generator).to(device=device, dtype=dtype)
     param_dtype = param_dtype or torch.float32
-    weight = (torch.randn(classes, channels, generator=generator) / math.sqrt(channels)).to(
-        device, param_dtype
-    )
+    weight = (torch.randn(classes, channels, generator=generator) / math.sqrt(channels)).to(device, param_dtype)
     bias_tensor = torch.randn(classes, generator=generator).to(device, param_dtype) if bias else None
     target = torch.randint(0, classes, (batch,), generator=generator).to(device)
     return x, weight, bias_tensor, target
@@ -552,11 +548,7 @@ def test_aux_loss_saves_only_gradients():
     # dL/dpooled, dL/dW, dL/db (dW and db as partial sums over batch splits, one split at this size): no
     # input, pooled features or logits.
     assert sorted(saved) == sorted(
-        [
-            ((batch, channels), torch.float32),
-            ((1, classes, channels), torch.float32),
-            ((1, classes), torch.float32),
-        ]
+        [((batch, channels), torch.float32), ((1, classes, channels), torch.float32), ((1, classes), torch.float32)]
     )
     loss.backward()
 
@@ -592,8 +584,7 @@ def test_aux_loss_custom_ops_and_compile():
     _, dpooled, dw, db = aux_loss._forward_impl(x, weight, bias, target, True, True, 1 << 30, -1)
     grad = torch.tensor(2.0, device=DEVICE)
     torch.library.opcheck(
-        aux_loss._backward_op,
-        (grad, dpooled, dw, db, list(x.shape), x.dtype, False, weight.dtype, bias.dtype),
+        aux_loss._backward_op, (grad, dpooled, dw, db, list(x.shape), x.dtype, False, weight.dtype, bias.dtype)
     )
     expected = _loss_and_grads(gap_linear_cross_entropy_ref, x, weight, bias, target)
 

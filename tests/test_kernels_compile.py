@@ -14,9 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 TRITON = importlib.util.find_spec("triton")
 PTXAS = Path(TRITON.origin).parent / "backends" / "nvidia" / "bin" / "ptxas" if TRITON else None
 # The fused batch norm's kernels and the aux loss's.
-CHECKED_KERNELS = ("bn_stats_partials_kernel", "bn_stats_finalize_kernel", "bn_apply_kernel", "bn_grad_partials_kernel",
-                   "bn_grad_sums_kernel", "bn_grad_input_kernel", "aux_loss_logits_kernel", "aux_loss_grad_kernel",
-                   "aux_loss_backward_kernel", "aux_loss_pool_kernel")
+CHECKED_KERNELS = (
+    "bn_stats_partials_kernel",
+    "bn_stats_finalize_kernel",
+    "bn_apply_kernel",
+    "bn_grad_partials_kernel",
+    "bn_grad_sums_kernel",
+    "bn_grad_input_kernel",
+    "aux_loss_logits_kernel",
+    "aux_loss_grad_kernel",
+    "aux_loss_backward_kernel",
+    "aux_loss_pool_kernel",
+)
 
 
 @pytest.mark.skipif(PTXAS is None or not PTXAS.exists(), reason="needs triton with its bundled ptxas")
@@ -24,8 +33,14 @@ CHECKED_KERNELS = ("bn_stats_partials_kernel", "bn_stats_finalize_kernel", "bn_a
 def test_the_fast_path_kernels_compile_and_do_not_spill(arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_kernels.py"), "--quick", "--arch", str(arch)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "compile_kernels.py"), "--quick", "--arch", str(arch)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = re.findall(r"^regs\s+(\d+)\s+local\s+(\d+)\s+warps\s+\d+\s+(\w+)", run.stdout, re.MULTILINE)
     compiled = {name for _, _, name in rows}

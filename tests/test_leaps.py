@@ -61,8 +61,7 @@ AUTHORS_SPLIT_SIZES = {
     ("resnet32", 15): [2] + [1] * 14,
     ("resnet32", 8): [2, 2, 2, 2, 2, 2, 2, 2],
     ("resnet110", 54): [2] + [1] * 53,
-    ("resnet110", 32): [3, 1, 2, 1, 2, 2, 2, 2, 1, 2, 1, 2, 1, 2, 1, 2, 2, 2, 2, 1, 2, 1,
-                        2, 2, 1, 2, 1, 2, 2, 2, 2, 2],
+    ("resnet110", 32): [3, 1, 2, 1, 2, 2, 2, 2, 1, 2, 1, 2, 1, 2, 1, 2, 2, 2, 2, 1, 2, 1, 2, 2, 1, 2, 1, 2, 2, 2, 2, 2],
     ("resnet34", 16): [2] + [1] * 15,
     ("resnet101", 33): [2] + [1] * 32,
 }
@@ -117,12 +116,15 @@ def test_uniform_split_equals_the_authors_where_the_preset_says_so():
     assert [len(g) for g in split_parts(backbone_of("resnet110"), 32)] != AUTHORS_SPLIT_SIZES[("resnet110", 32)]
 
 
-@pytest.mark.parametrize("arch,k,strategy,stem_separate", [
-    ("resnet32", 8, "balanced", False),    # another split at the same K: generated, no shape error
-    ("resnet110", 32, "uniform", False),   # the same K, but not the authors' split
-    ("resnet32", 15, "uniform", True),     # K=15 with the stem separate is another split too
-    ("resnet32", 5, "uniform", False),     # a K the authors wrote nothing for
-])
+@pytest.mark.parametrize(
+    "arch,k,strategy,stem_separate",
+    [
+        ("resnet32", 8, "balanced", False),  # another split at the same K: generated, no shape error
+        ("resnet110", 32, "uniform", False),  # the same K, but not the authors' split
+        ("resnet32", 15, "uniform", True),  # K=15 with the stem separate is another split too
+        ("resnet32", 5, "uniform", False),  # a K the authors wrote nothing for
+    ],
+)
 def test_a_preset_is_used_only_for_its_split(arch, k, strategy, stem_separate):
     backbone = backbone_of(arch)
     parts = split_parts(backbone, k, stem_separate, strategy)

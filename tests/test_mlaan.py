@@ -21,8 +21,9 @@ MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
 def make(arch="resnet32", k=8, dtype=torch.float64, method="mlaan", seed=0, **overrides):
     """Overrides as keyword arguments, section and key joined by a double underscore."""
-    return build(method, arch, k, [f"{key.replace('__', '.')}={value}" for key, value in overrides.items()],
-                 dtype, seed)
+    return build(
+        method, arch, k, [f"{key.replace('__', '.')}={value}" for key, value in overrides.items()], dtype, seed
+    )
 
 
 def batch(n=4, dtype=torch.float64, seed=1):
@@ -347,21 +348,25 @@ def test_ema_follows_the_pre_step_live_weight_across_an_optimizer_step():
     local_train_step(modules, method, batch())
     optimizer.step()
     m = 0.995
-    for ema, e0, live, l0 in zip(lam.ema_first.parameters(), ema_before, lam.live_blocks[0].parameters(),
-                                 live_before, strict=True):
+    for ema, e0, live, l0 in zip(
+        lam.ema_first.parameters(), ema_before, lam.live_blocks[0].parameters(), live_before, strict=True
+    ):
         torch.testing.assert_close(ema.detach(), m * e0 + (1 - m) * l0, rtol=1e-12, atol=1e-15)
         if live.dim() > 1:  # the optimizer moved the live weight, and the EMA did not follow the new value
             assert (live - l0).abs().max() > 1e-6
             assert (ema - (m * e0 + (1 - m) * live)).abs().max() > 1e-9
 
 
-@pytest.mark.parametrize("method,overrides,convs_linears", [
-    ("mlaan", [], (0, 1)),  # auto on a DGL base: GAP + Linear, the paper's "MLAAN" row
-    ("mlaan", ["mlaan.base=infopro"], (1, 2)),
-    ("dgl", [], (1, 2)),
-    ("infopro", [], (1, 2)),
-    ("mlaan", ["method.head=2c2f"], (2, 2)),
-])
+@pytest.mark.parametrize(
+    "method,overrides,convs_linears",
+    [
+        ("mlaan", [], (0, 1)),  # auto on a DGL base: GAP + Linear, the paper's "MLAAN" row
+        ("mlaan", ["mlaan.base=infopro"], (1, 2)),
+        ("dgl", [], (1, 2)),
+        ("infopro", [], (1, 2)),
+        ("mlaan", ["method.head=2c2f"], (2, 2)),
+    ],
+)
 def test_each_method_resolves_head_auto(method, overrides, convs_linears):
     _, _, _, built = build(method, "resnet20", 3, overrides, dtype=torch.float32)
     heads = [m.head for m in built.modules() if isinstance(getattr(m, "head", None), torch.nn.Module)]

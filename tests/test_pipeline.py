@@ -54,8 +54,14 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, out: str, job, timeout_s: float) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     distributed.init_data_parallel(torch.device("cpu"), timeout=timedelta(seconds=timeout_s))
     try:
@@ -69,8 +75,9 @@ def launch(job, world: int, out: Path, timeout_s: float = 120, collective_timeou
     `timeout_s`."""
     ctx = multiprocessing.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(out), job, collective_timeout_s))
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, str(out), job, collective_timeout_s)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout_s
@@ -89,8 +96,10 @@ def batches(steps: int = STEPS, last: int = BATCH):
     """`steps` random batches of BATCH images, the last of `last` (a partial batch travels in part of a buffer)."""
     g = torch.Generator().manual_seed(1)
     sizes = [BATCH] * (steps - 1) + [last]
-    return [(torch.randn(n, 3, SIZE, SIZE, generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g))
-            for n in sizes]
+    return [
+        (torch.randn(n, 3, SIZE, SIZE, generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g))
+        for n in sizes
+    ]
 
 
 class Float64:
@@ -115,15 +124,28 @@ def tiny_data() -> DataBundle:
     labels = torch.randint(0, 10, (22,), generator=g)
     info = DatasetInfo("tiny", 10, SIZE, [str(c) for c in range(10)], *STATS, pad=0, pad_mode="reflect", flip=False)
     common = dict(mean=info.mean, std=info.std, pad=0, flip=False)
-    return DataBundle(Float64(DeviceLoader(images[:16], labels[:16], BATCH, train=True, **common)),
-                      Float64(DeviceLoader(images[16:], labels[16:], 4, train=False, **common)), info)
+    return DataBundle(
+        Float64(DeviceLoader(images[:16], labels[:16], BATCH, train=True, **common)),
+        Float64(DeviceLoader(images[16:], labels[16:], 4, train=False, **common)),
+        info,
+    )
 
 
 def pipeline_trainer(rank: int, world: int, method: str, k: int, overrides, sizes, out: Path, seed: int = 0):
     cfg, backbone, modules, built = build(method, "resnet20", k, [*overrides, *COMMON], input_size=SIZE, seed=seed)
     parallel = distributed.DataParallel(rank, world, rank)
-    return PipelineTrainer(cfg, backbone, modules, built, tiny_data(), torch.device("cpu"), out, parallel,
-                           stage_sizes=sizes, log=lambda *a: None)
+    return PipelineTrainer(
+        cfg,
+        backbone,
+        modules,
+        built,
+        tiny_data(),
+        torch.device("cpu"),
+        out,
+        parallel,
+        stage_sizes=sizes,
+        log=lambda *a: None,
+    )
 
 
 def _pipeline_steps(rank: int, world: int, out: Path) -> None:
@@ -159,8 +181,13 @@ def assert_same_checkpoint(got: dict, expected: dict, name: str, exact: bool = F
                 torch.testing.assert_close(got[part][key], value, rtol=1e-12, atol=1e-14, msg=f"{name} {part} {key}")
     assert sorted(got["optimizer"]["state"]) == sorted(expected["optimizer"]["state"]), name
     for index, state in expected["optimizer"]["state"].items():
-        torch.testing.assert_close(got["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"],
-                                   rtol=1e-12, atol=1e-14, msg=f"{name} optimizer {index}")
+        torch.testing.assert_close(
+            got["optimizer"]["state"][index]["momentum_buffer"],
+            state["momentum_buffer"],
+            rtol=1e-12,
+            atol=1e-14,
+            msg=f"{name} optimizer {index}",
+        )
     assert got["optimizer"]["param_groups"] == expected["optimizer"]["param_groups"]
 
 
@@ -206,12 +233,26 @@ def test_stage_cotangents_send_what_crosses_the_boundary_by_depth():
 
 
 def _fit_and_gather(rank: int, world: int, out: Path) -> None:
-    trainer = pipeline_trainer(rank, world, "mlaan", 4, ["mlaan.window=2", "train.epochs=2"], [2, 2],
-                               out / "pipe" if rank == 0 else out / "rank1")
+    trainer = pipeline_trainer(
+        rank,
+        world,
+        "mlaan",
+        4,
+        ["mlaan.window=2", "train.epochs=2"],
+        [2, 2],
+        out / "pipe" if rank == 0 else out / "rank1",
+    )
     trainer.fit(log=lambda *a: None)
     # The single-device run's checkpoint continues in the pipeline.
-    resumed = pipeline_trainer(rank, world, "mlaan", 4, ["mlaan.window=2", "train.epochs=3"], [2, 2],
-                               out / "single" if rank == 0 else out / "rank1")
+    resumed = pipeline_trainer(
+        rank,
+        world,
+        "mlaan",
+        4,
+        ["mlaan.window=2", "train.epochs=3"],
+        [2, 2],
+        out / "single" if rank == 0 else out / "rank1",
+    )
     resumed.load_checkpoint(out / "single" / "checkpoint.pt")
     resumed.fit(log=lambda *a: None)
 
@@ -285,11 +326,29 @@ def test_torchrun_cli_trains_a_pipeline_and_resumes_on_one_device(tmp_path):
     import sys
 
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "fastlocal.train", "--data.source=bundled", "--data.max_train=40", "--data.max_test=20",
-               "--model.arch=resnet20", "--method.name=mlaan", "--method.num_modules=3", "--train.epochs=1",
-               "--system.device=cpu", "--train.batch_size=20", "--log.progress=false", "--system.num_threads=1",
-               "--system.parallel=modules", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "fastlocal.train",
+        "--data.source=bundled",
+        "--data.max_train=40",
+        "--data.max_test=20",
+        "--model.arch=resnet20",
+        "--method.name=mlaan",
+        "--method.num_modules=3",
+        "--train.epochs=1",
+        "--system.device=cpu",
+        "--train.batch_size=20",
+        "--log.progress=false",
+        "--system.num_threads=1",
+        "--system.parallel=modules",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -337,7 +396,8 @@ def test_replayed_cost_profile_runs_at_the_predicted_steady_step(tmp_path):
     sizes = partition(SLEEPS, 4)
     predicted = predict_step(costs, sizes)
     assert predicted["step_seconds"] == pytest.approx(
-        max(sum(costs[i]["total"] for i in r) for r in stage_ranges(sizes)))
+        max(sum(costs[i]["total"] for i in r) for r in stage_ranges(sizes))
+    )
     assert launch(_replay, 4, tmp_path, timeout_s=150) == [0] * 4
     steady = float((tmp_path / "steady.txt").read_text())
     assert steady == pytest.approx(predicted["step_seconds"], rel=0.10), (steady, predicted)
@@ -349,8 +409,17 @@ def test_plan_profile_prints_partitions_and_predictions(capsys):
 
     from fastlocal.plan import main
 
-    args = ["--model.arch=resnet20", "--method.num_modules=4", "--train.batch_size=4", "--system.device=cpu",
-            "--profile", "--stages", "2", "--link-gbps", "100"]
+    args = [
+        "--model.arch=resnet20",
+        "--method.num_modules=4",
+        "--train.batch_size=4",
+        "--system.device=cpu",
+        "--profile",
+        "--stages",
+        "2",
+        "--link-gbps",
+        "100",
+    ]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["predicted"]) == {"dgl", "mlaan_exact", "mlaan_stale", "pipelined_bp"}
@@ -441,10 +510,10 @@ def written_out_reference(overrides, stale: bool, ema_every: int) -> dict:
             if t % ema_every == 0:
                 pushed.append([p.detach().clone() for p in live1])
                 if len(pushed) > 1:
-                    ema_update_(targets1, pushed.pop(0), m ** ema_every)
+                    ema_update_(targets1, pushed.pop(0), m**ema_every)
         trainer.optimizer.step()
     for weights in pushed:  # the pipeline applies what is still on its way at the end of the epoch
-        ema_update_(method.lams["1"].ema_pairs()[0], weights, m ** ema_every)
+        ema_update_(method.lams["1"].ema_pairs()[0], weights, m**ema_every)
     return trainer.checkpoint()
 
 
@@ -482,10 +551,13 @@ def test_pipelined_bp_baseline_equals_micro_batched_backprop_on_one_device(tmp_p
         for xm, ym in zip(x.chunk(2), y.chunk(2)):
             (torch.nn.functional.cross_entropy(backbone(xm), ym) / 2).backward()
         optimizer.step()
-    parts = [torch.nn.Sequential(*[backbone.parts[p] for i in r for p in modules[i].part_ids])
-             for r in stage_ranges([2, 2])]
-    expected = [parts[0].state_dict(), {**parts[1].state_dict(),
-                                        **{f"{len(parts[1])}.{k}": v for k, v in backbone.head.state_dict().items()}}]
+    parts = [
+        torch.nn.Sequential(*[backbone.parts[p] for i in r for p in modules[i].part_ids]) for r in stage_ranges([2, 2])
+    ]
+    expected = [
+        parts[0].state_dict(),
+        {**parts[1].state_dict(), **{f"{len(parts[1])}.{k}": v for k, v in backbone.head.state_dict().items()}},
+    ]
     for rank in range(2):
         got = torch.load(tmp_path / f"bp-stage{rank}.pt", weights_only=True)
         assert got.keys() == expected[rank].keys()

@@ -34,17 +34,23 @@ def test_bp_resnet32_counts(capsys):
 
 
 def test_mlaan_resnet20_k3_modules_leaps_and_counts(capsys):
-    out = run_plan(capsys, "--method.name=mlaan", "--method.num_modules=3", "--model.arch=resnet20",
-                   "--method.head=0c1f", "--mlaan.window=2")
+    out = run_plan(
+        capsys,
+        "--method.name=mlaan",
+        "--method.num_modules=3",
+        "--model.arch=resnet20",
+        "--method.head=0c1f",
+        "--mlaan.window=2",
+    )
     # 10 parts into 3 contiguous groups, larger first: 4, 3, 3.
     assert out["modules"] == [["stem", "0.0", "0.1", "0.2"], ["1.0", "1.1", "1.2"], ["2.0", "2.1", "2.2"]]
     # W=2: only module 1 has a head; its leap list reaches the last stage and ends at its last block.
     assert out["leaps"] == {"1": ["2.0", "2.1", "2.2"]} and out["leaps_source"] == "generated"
     backbone = cifar_resnet(3)
-    gx = 32 * 10 + 10                                    # GAP + Linear on module 1's 32 channels
-    gy = 64 * 10 + 10                                    # GAP + Linear after the LAM, 64 channels
+    gx = 32 * 10 + 10  # GAP + Linear on module 1's 32 channels
+    gy = 64 * 10 + 10  # GAP + Linear after the LAM, 64 channels
     aug = basic_block(32, 64) + 2 * basic_block(64, 64)  # trainable copies of 2.0, 2.1, 2.2
-    ema = basic_block(32, 64)                            # the frozen copy of 2.0
+    ema = basic_block(32, 64)  # the frozen copy of 2.0
     assert out["trainable_parameters"] == backbone + gx + gy + aug
     assert out["frozen_parameters"] == ema
 
@@ -56,11 +62,13 @@ def test_resnet110_k32_config_gets_the_authors_split_and_preset(capsys):
     assert out["leaps"]["1"] == ["1.0", "2.0", "2.2", "2.17"] and out["leaps"]["30"] == ["2.17"]
 
 
-@pytest.mark.parametrize("arch,k,module,leaps", [("resnet34", 16, "13", ["3.1", "3.1", "3.2"]),
-                                                 ("resnet101", 33, "31", ["3.1", "3.2"])])
+@pytest.mark.parametrize(
+    "arch,k,module,leaps", [("resnet34", 16, "13", ["3.1", "3.1", "3.2"]), ("resnet101", 33, "31", ["3.1", "3.2"])]
+)
 def test_imagenet_configs_plan_with_the_authors_tables(capsys, arch, k, module, leaps):
-    out = run_plan(capsys, "--config", f"configs/imagenet_mlaan_{arch}.toml", "--num-classes", "1000",
-                   "--image-size", "64")
+    out = run_plan(
+        capsys, "--config", f"configs/imagenet_mlaan_{arch}.toml", "--num-classes", "1000", "--image-size", "64"
+    )
     assert len(out["modules"]) == k and out["leaps_source"] == "preset" and out["leaps"][module] == leaps
 
 
@@ -71,8 +79,18 @@ def test_svhn_and_stl10_configs_plan_without_data(capsys, source):
 
 
 def test_errors_exit_2_without_a_traceback(capsys):
-    assert main(["--method.name=mlaan", "--method.num_modules=8", "--model.arch=resnet32", "--method.split=balanced",
-                 "--mlaan.leaps=reference"]) == 2
+    assert (
+        main(
+            [
+                "--method.name=mlaan",
+                "--method.num_modules=8",
+                "--model.arch=resnet32",
+                "--method.split=balanced",
+                "--mlaan.leaps=reference",
+            ]
+        )
+        == 2
+    )
     assert "mlaan.leaps = reference" in capsys.readouterr().err
     assert main(["--data.source=imagefolder", "--data.root=/nonexistent", "--data.image_size=32"]) == 2
     assert "--num-classes" in capsys.readouterr().err

@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-_SPEC = importlib.util.spec_from_file_location("profile_step",
-                                               Path(__file__).parents[1] / "scripts" / "profile_step.py")
+_SPEC = importlib.util.spec_from_file_location(
+    "profile_step", Path(__file__).parents[1] / "scripts" / "profile_step.py"
+)
 profile_step = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(profile_step)
 

@@ -38,12 +38,16 @@ SIDE_STREAM_W1 = ["forward 0", "forward 1", "flush 0", "forward 2", "flush 1", "
 SIDE_STREAM_W2 = ["forward 0", "forward 1", "forward 2", "flush 0", "forward 3", "flush 1", "flush 2", "flush 3"]
 
 
-@pytest.mark.parametrize("method,overrides,fork,expected", [
-    ("dgl", [], None, ONE_STREAM_W1),
-    ("mlaan", ["mlaan.window=2"], None, ONE_STREAM_W2),
-    ("dgl", [], SerialSideStream(), SIDE_STREAM_W1),
-    ("mlaan", ["mlaan.window=2"], SerialSideStream(), SIDE_STREAM_W2),
-], ids=["one-stream-W1", "one-stream-W2", "side-stream-W1", "side-stream-W2"])
+@pytest.mark.parametrize(
+    "method,overrides,fork,expected",
+    [
+        ("dgl", [], None, ONE_STREAM_W1),
+        ("mlaan", ["mlaan.window=2"], None, ONE_STREAM_W2),
+        ("dgl", [], SerialSideStream(), SIDE_STREAM_W1),
+        ("mlaan", ["mlaan.window=2"], SerialSideStream(), SIDE_STREAM_W2),
+    ],
+    ids=["one-stream-W1", "one-stream-W2", "side-stream-W1", "side-stream-W2"],
+)
 def test_each_module_is_flushed_as_early_as_its_schedule_allows(method, overrides, fork, expected, monkeypatch):
     assert step_events(method, overrides, fork, monkeypatch) == expected
 

@@ -61,6 +61,8 @@ def test_balanced_split_evens_out_activation_memory(resnet110):
     from fastlocal.split import part_saved_bytes
 
     costs = part_saved_bytes(resnet110)
+
     def worst(groups):
         return max(sum(costs[p] for p in g) for g in groups)
+
     assert worst(split_parts(resnet110, 4, strategy="balanced")) <= worst(split_parts(resnet110, 4))

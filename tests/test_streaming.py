@@ -320,9 +320,18 @@ def test_mixed_decoder_without_cuda_is_clear(tmp_path):
 
 def test_build_data_dispatches_to_the_streaming_loaders(tmp_path):
     folder = write_jpeg_folder(tmp_path / "d", [(8, 8)])
-    cfg = build_config(None, ["data.source=imagefolder", f"data.root={folder}", "data.loader=torch",
-                              "data.crop_size=8", "data.resize_size=8", "data.num_workers=0",
-                              f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg = build_config(
+        None,
+        [
+            "data.source=imagefolder",
+            f"data.root={folder}",
+            "data.loader=torch",
+            "data.crop_size=8",
+            "data.resize_size=8",
+            "data.num_workers=0",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
     bundle = build_data(cfg.data, batch_size=2, eval_batch_size=2, device="cpu", seed=0, progress=False)
     assert isinstance(bundle.train, TorchImageLoader)
 
@@ -471,8 +480,10 @@ def test_dali_and_torch_agree_on_larger_jpegs(tmp_path, large_jpegs):
     exact_torch, exact_dali = (build(data_config(exact, k, crop_size=96, resize_size=96)) for k in ("torch", "dali"))
     compare_decode(exact_torch, exact_dali, CPU_MEAN_TOLERANCE, CPU_MAX_TOLERANCE)
     options = dict(crop_size=224, resize_size=256)
-    torch_bundle, dali_bundle = build(data_config(large_jpegs, "torch", **options)), build(
-        data_config(large_jpegs, "dali", **options))
+    torch_bundle, dali_bundle = (
+        build(data_config(large_jpegs, "torch", **options)),
+        build(data_config(large_jpegs, "dali", **options)),
+    )
     assert torch.equal(collect(torch_bundle.test)[1], collect(dali_bundle.test)[1])
     difference = (channel_statistics(torch_bundle) - channel_statistics(dali_bundle)).abs()
     assert difference.max() <= STATISTICS_TOLERANCE, difference
@@ -487,9 +498,11 @@ def test_mixed_decoder_on_cuda(tmp_path, large_jpegs):
     assert x.is_cuda and y.is_cuda and x.dtype == torch.float32 and y.dtype == torch.int64
     assert x.shape == (4, 3, 224, 224)
     exact = write_jpeg_folder(tmp_path / "d", [(96, 96)], per_class=(2, 3))
-    compare_decode(build(data_config(exact, "torch", crop_size=96, resize_size=96)),
-                   build(data_config(exact, "dali", dali_decoder="mixed", crop_size=96, resize_size=96),
-                         device="cuda"), GPU_MEAN_TOLERANCE)
+    compare_decode(
+        build(data_config(exact, "torch", crop_size=96, resize_size=96)),
+        build(data_config(exact, "dali", dali_decoder="mixed", crop_size=96, resize_size=96), device="cuda"),
+        GPU_MEAN_TOLERANCE,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

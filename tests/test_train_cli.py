@@ -16,8 +16,16 @@ from PIL import Image
 import fastlocal.engine as engine
 from fastlocal.train import main
 
-TINY = ["--data.source=bundled", "--data.max_train=100", "--data.max_test=50", "--model.arch=resnet20",
-        "--train.batch_size=25", "--train.eval_batch_size=50", "--log.progress=false", "--system.num_threads=1"]
+TINY = [
+    "--data.source=bundled",
+    "--data.max_train=100",
+    "--data.max_test=50",
+    "--model.arch=resnet20",
+    "--train.batch_size=25",
+    "--train.eval_batch_size=50",
+    "--log.progress=false",
+    "--system.num_threads=1",
+]
 
 
 def run_cli(args, capsys):
@@ -28,8 +36,9 @@ def run_cli(args, capsys):
 
 def test_run_directory_files(tmp_path, capsys):
     out = tmp_path / "run"
-    code, stdout, err = run_cli([*TINY, "--method.name=dgl", "--method.num_modules=3", "--train.epochs=2",
-                                 "--out", out], capsys)
+    code, stdout, err = run_cli(
+        [*TINY, "--method.name=dgl", "--method.num_modules=3", "--train.epochs=2", "--out", out], capsys
+    )
     assert code == 0, err
     assert (out / "config.toml").is_file() and (out / "checkpoint.pt").is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -38,8 +47,20 @@ def test_run_directory_files(tmp_path, capsys):
         assert set(r) >= {"epoch", "lr", "train_loss", "test_acc", "epoch_seconds", "images_per_second"}
         assert math.isfinite(r["train_loss"]) and 0 <= r["test_acc"] <= 100 and r["images_per_second"] > 0
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("method", "arch", "num_modules", "epochs", "final_test_acc", "best_test_acc", "num_parameters",
-                "train_seconds", "images_per_second", "peak_memory", "device", "torch_version"):
+    for key in (
+        "method",
+        "arch",
+        "num_modules",
+        "epochs",
+        "final_test_acc",
+        "best_test_acc",
+        "num_parameters",
+        "train_seconds",
+        "images_per_second",
+        "peak_memory",
+        "device",
+        "torch_version",
+    ):
         assert key in summary
     assert summary["method"] == "dgl" and summary["num_modules"] == 3 and summary["epochs"] == 2
     assert summary["final_test_acc"] == rows[-1]["test_acc"]
@@ -51,8 +72,9 @@ def final_weights(run_dir):
     return torch.load(run_dir / "checkpoint.pt", weights_only=True)["backbone"]
 
 
-@pytest.mark.parametrize("method", [["--method.name=dgl", "--method.num_modules=3"],
-                                    ["--method.name=mlaan", "--method.num_modules=4"]])
+@pytest.mark.parametrize(
+    "method", [["--method.name=dgl", "--method.num_modules=3"], ["--method.name=mlaan", "--method.num_modules=4"]]
+)
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, capsys, monkeypatch, method):
     args = [*TINY, *method, "--train.epochs=3"]
     assert run_cli([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
@@ -96,13 +118,18 @@ def test_wrong_type(capsys):
 
 
 def test_k_out_of_range(capsys, tmp_path):
-    expect_user_error([*TINY, "--method.name=dgl", "--method.num_modules=99", "--out", tmp_path],
-                      capsys, "method.num_modules = 99 is not possible", "between 1 and 9")
+    expect_user_error(
+        [*TINY, "--method.name=dgl", "--method.num_modules=99", "--out", tmp_path],
+        capsys,
+        "method.num_modules = 99 is not possible",
+        "between 1 and 9",
+    )
 
 
 def test_bp_with_several_modules(capsys, tmp_path):
-    expect_user_error([*TINY, "--method.name=bp", "--method.num_modules=3", "--out", tmp_path],
-                      capsys, "method.num_modules must be 1")
+    expect_user_error(
+        [*TINY, "--method.name=bp", "--method.num_modules=3", "--out", tmp_path], capsys, "method.num_modules must be 1"
+    )
 
 
 def test_bad_override_syntax(capsys):
@@ -110,13 +137,15 @@ def test_bad_override_syntax(capsys):
 
 
 def test_missing_data(capsys, tmp_path):
-    expect_user_error(["--data.source=imagefolder", f"--data.root={tmp_path / 'nowhere'}", "--out", tmp_path / "r"],
-                      capsys, "nowhere")
+    expect_user_error(
+        ["--data.source=imagefolder", f"--data.root={tmp_path / 'nowhere'}", "--out", tmp_path / "r"], capsys, "nowhere"
+    )
 
 
 def test_cifar10_offline_message_says_how_to_point_at_a_local_copy(capsys, tmp_path):
-    expect_user_error(["--data.source=cifar10", f"--data.root={tmp_path}",
-                       "--out", tmp_path / "r"], capsys, "data.root")
+    expect_user_error(
+        ["--data.source=cifar10", f"--data.root={tmp_path}", "--out", tmp_path / "r"], capsys, "data.root"
+    )
 
 
 def write_image_tar(path: Path, corrupt_one=False, layout=("train", "test")):
@@ -139,26 +168,55 @@ def test_truncated_archive(capsys, tmp_path):
     write_image_tar(archive)
     raw = archive.read_bytes()
     archive.write_bytes(raw[: len(raw) // 2])
-    expect_user_error(["--data.source=imagefolder", f"--data.root={archive}", "--out", tmp_path / "r",
-                       f"--data.cache_dir={tmp_path / 'cache'}"], capsys, "data.tar.gz")
+    expect_user_error(
+        [
+            "--data.source=imagefolder",
+            f"--data.root={archive}",
+            "--out",
+            tmp_path / "r",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+        ],
+        capsys,
+        "data.tar.gz",
+    )
 
 
 def test_unreadable_image(capsys, tmp_path):
     archive = tmp_path / "data.tar.gz"
     write_image_tar(archive, corrupt_one=True)
-    expect_user_error(["--data.source=imagefolder", f"--data.root={archive}", "--out", tmp_path / "r",
-                       f"--data.cache_dir={tmp_path / 'cache'}"], capsys, "1.png", "data.on_bad_image=skip")
+    expect_user_error(
+        [
+            "--data.source=imagefolder",
+            f"--data.root={archive}",
+            "--out",
+            tmp_path / "r",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+        ],
+        capsys,
+        "1.png",
+        "data.on_bad_image=skip",
+    )
 
 
 def test_wrong_folder_layout(capsys, tmp_path):
     archive = tmp_path / "data.tar.gz"
     write_image_tar(archive, layout=("training",))
-    expect_user_error(["--data.source=imagefolder", f"--data.root={archive}", "--out", tmp_path / "r",
-                       f"--data.cache_dir={tmp_path / 'cache'}"], capsys, "train")
+    expect_user_error(
+        [
+            "--data.source=imagefolder",
+            f"--data.root={archive}",
+            "--out",
+            tmp_path / "r",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+        ],
+        capsys,
+        "train",
+    )
 
 
 def test_non_finite_loss_stops_within_the_check_interval_and_keeps_the_last_good_checkpoint(
-        capsys, tmp_path, monkeypatch):
+    capsys, tmp_path, monkeypatch
+):
     # 400 images in batches of 10: 40 steps an epoch, so the check at step 21 is the one that must see it.
     original = engine.Trainer.step_without_zero_grad
     calls = {"n": 0}
@@ -171,24 +229,42 @@ def test_non_finite_loss_stops_within_the_check_interval_and_keeps_the_last_good
     monkeypatch.setattr(engine.Trainer, "step_without_zero_grad", diverge_at_step_3_of_epoch_2)
     out = tmp_path / "run"
     tiny = [a for a in TINY if "max_train" not in a and "batch_size" not in a]
-    expect_user_error([*tiny, "--data.max_train=400", "--train.batch_size=10", "--log.measure_memory=false",
-                       "--method.name=bp", "--train.epochs=3", "--out", out], capsys,
-                      "at step 3/40 of epoch 2 (seen at step 21)", "optim.lr", "checkpoint of epoch 1")
+    expect_user_error(
+        [
+            *tiny,
+            "--data.max_train=400",
+            "--train.batch_size=10",
+            "--log.measure_memory=false",
+            "--method.name=bp",
+            "--train.epochs=3",
+            "--out",
+            out,
+        ],
+        capsys,
+        "at step 3/40 of epoch 2 (seen at step 21)",
+        "optim.lr",
+        "checkpoint of epoch 1",
+    )
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["state"]["epoch"] == 1
     assert not engine.non_finite_tensors(ckpt)
 
 
 def test_real_divergence_is_reported(capsys, tmp_path):
-    expect_user_error([*TINY, "--method.name=bp", "--optim.lr=1e30", "--train.epochs=1", "--out", tmp_path / "r"],
-                      capsys, "the run diverged")
+    expect_user_error(
+        [*TINY, "--method.name=bp", "--optim.lr=1e30", "--train.epochs=1", "--out", tmp_path / "r"],
+        capsys,
+        "the run diverged",
+    )
 
 
 def test_resume_errors(capsys, tmp_path):
     expect_user_error(["--resume", tmp_path], capsys, "no checkpoint.pt")
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
-    (tmp_path / "config.toml").write_text('[method]\nname = "dgl"\nnum_modules = 2\n[data]\nmax_train = 100\n'
-                                          'max_test = 50\n[model]\narch = "resnet20"\n[log]\nprogress = false\n')
+    (tmp_path / "config.toml").write_text(
+        '[method]\nname = "dgl"\nnum_modules = 2\n[data]\nmax_train = 100\n'
+        'max_test = 50\n[model]\narch = "resnet20"\n[log]\nprogress = false\n'
+    )
     expect_user_error(["--resume", tmp_path], capsys, "cannot read checkpoint", "corrupt")
 
 
@@ -198,8 +274,9 @@ def test_out_directory_with_a_run_is_not_overwritten(capsys, tmp_path):
 
 
 def test_module_entry_point_runs_as_a_process(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fastlocal.train", "--method.nmae=1"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastlocal.train", "--method.nmae=1"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "unknown config key" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -213,8 +290,16 @@ def test_show_config_prints_every_section(capsys):
 
 @pytest.mark.parametrize("arch,k,source", [("resnet20", 4, "generated"), ("resnet32", 8, "preset")])
 def test_mlaan_run_says_where_its_leap_lists_came_from(tmp_path, capsys, arch, k, source):
-    args = [*TINY, "--data.max_train=50", f"--model.arch={arch}", "--method.name=mlaan", f"--method.num_modules={k}",
-            "--train.epochs=1", "--out", tmp_path / "run"]
+    args = [
+        *TINY,
+        "--data.max_train=50",
+        f"--model.arch={arch}",
+        "--method.name=mlaan",
+        f"--method.num_modules={k}",
+        "--train.epochs=1",
+        "--out",
+        tmp_path / "run",
+    ]
     code, stdout, err = run_cli(args, capsys)
     assert code == 0, err
     assert f"leap lists: {source}" in stdout

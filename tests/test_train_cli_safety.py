@@ -22,9 +22,18 @@ import fastlocal.engine as engine
 from fastlocal.train import LOCK_NAME, main
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--data.source=bundled", "--data.max_train=100", "--data.max_test=50", "--model.arch=resnet20",
-        "--train.batch_size=25", "--train.eval_batch_size=50", "--log.progress=false", "--system.num_threads=1",
-        "--method.name=dgl", "--method.num_modules=2"]
+TINY = [
+    "--data.source=bundled",
+    "--data.max_train=100",
+    "--data.max_test=50",
+    "--model.arch=resnet20",
+    "--train.batch_size=25",
+    "--train.eval_batch_size=50",
+    "--log.progress=false",
+    "--system.num_threads=1",
+    "--method.name=dgl",
+    "--method.num_modules=2",
+]
 
 
 def run_cli(args, capsys):
@@ -44,8 +53,14 @@ def expect_user_error(args, capsys, *fragments):
 
 def cli_process(args, **kwargs):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-u", "-m", "fastlocal.train", *map(str, args)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-u", "-m", "fastlocal.train", *map(str, args)],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +101,12 @@ def test_a_checkpoint_carrying_a_payload_is_refused_and_nothing_runs(run_copy, t
 
 def test_every_torch_load_in_the_repo_uses_weights_only():
     unsafe = []
-    for path in [*REPO.glob("fastlocal/**/*.py"), *REPO.glob("tests/*.py"), *REPO.glob("bench/**/*.py"),
-                 *REPO.glob("scripts/**/*.py")]:
+    for path in [
+        *REPO.glob("fastlocal/**/*.py"),
+        *REPO.glob("tests/*.py"),
+        *REPO.glob("bench/**/*.py"),
+        *REPO.glob("scripts/**/*.py"),
+    ]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
                 flags = {k.arg: ast.unparse(k.value) for k in node.keywords}
@@ -108,29 +127,53 @@ def test_a_checkpoint_with_a_non_finite_tensor_is_never_written(capsys, tmp_path
 
     monkeypatch.setattr(engine.Trainer, "train_epoch", blow_up_a_running_var_in_epoch_2)
     out = tmp_path / "run"
-    expect_user_error([*TINY, "--train.epochs=3", "--out", out], capsys, "after epoch 2",
-                      "hold inf or nan (first: backbone.", "running_var", "checkpoint of epoch 1")
+    expect_user_error(
+        [*TINY, "--train.epochs=3", "--out", out],
+        capsys,
+        "after epoch 2",
+        "hold inf or nan (first: backbone.",
+        "running_var",
+        "checkpoint of epoch 1",
+    )
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["state"]["epoch"] == 1 and not engine.non_finite_tensors(ckpt)
     assert not list(out.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("option", ["optim.lr=inf", "optim.momentum=nan", "optim.warmup_epochs=inf",
-                                    "optim.warmup_epochs=nan", "optim.weight_decay=-1", "optim.momentum=1.5",
-                                    "mlaan.wx=nan", "infopro.weights=5,nan,0,1", "system.num_threads=100000"])
+@pytest.mark.parametrize(
+    "option",
+    [
+        "optim.lr=inf",
+        "optim.momentum=nan",
+        "optim.warmup_epochs=inf",
+        "optim.warmup_epochs=nan",
+        "optim.weight_decay=-1",
+        "optim.momentum=1.5",
+        "mlaan.wx=nan",
+        "infopro.weights=5,nan,0,1",
+        "system.num_threads=100000",
+    ],
+)
 def test_non_finite_or_nonsensical_options_are_config_errors(capsys, tmp_path, option):
     # data.root names nothing: the option must be rejected before any data is looked for.
-    expect_user_error(["--data.source=imagefolder", "--data.root=/nowhere", f"--{option}", "--out", tmp_path / "r"],
-                      capsys, option.split("=")[0])
+    expect_user_error(
+        ["--data.source=imagefolder", "--data.root=/nowhere", f"--{option}", "--out", tmp_path / "r"],
+        capsys,
+        option.split("=")[0],
+    )
 
 
 # 3. Resume takes the checkpoint's config ---------------------------------------------------------------------------
 def test_resume_refuses_options_that_change_the_run(run_copy, capsys, tmp_path):
     (run_copy / "checkpoint.pt.tmp").write_bytes(b"left by a process killed mid-write")
     before = (run_copy / "checkpoint.pt").read_bytes(), (run_copy / "config.toml").read_text()
-    expect_user_error(["--resume", run_copy, "--optim.lr=0.05", "--data.max_train=60"], capsys,
-                      "optim.lr = 0.1 in the run, 0.05 asked", "data.max_train = 100 in the run, 60 asked",
-                      "train.epochs")
+    expect_user_error(
+        ["--resume", run_copy, "--optim.lr=0.05", "--data.max_train=60"],
+        capsys,
+        "optim.lr = 0.1 in the run, 0.05 asked",
+        "data.max_train = 100 in the run, 60 asked",
+        "train.epochs",
+    )
     for option in ("--method.num_modules=3", "--model.arch=resnet32"):
         expect_user_error(["--resume", run_copy, option], capsys, option[2:].split("=")[0])
     expect_user_error(["--resume", run_copy, "--out", tmp_path / "other"], capsys, "drop --config and --out")
@@ -189,8 +232,14 @@ def test_a_full_disk_while_saving_is_a_message_and_leaves_no_tmp(capsys, tmp_pat
 
     monkeypatch.setattr(torch, "save", disk_fills)
     out = tmp_path / "run"
-    expect_user_error([*TINY, "--train.epochs=1", "--log.measure_memory=false", "--out", out], capsys,
-                      "cannot write", "checkpoint.pt", os.strerror(errno.ENOSPC), "Free space")
+    expect_user_error(
+        [*TINY, "--train.epochs=1", "--log.measure_memory=false", "--out", out],
+        capsys,
+        "cannot write",
+        "checkpoint.pt",
+        os.strerror(errno.ENOSPC),
+        "Free space",
+    )
     assert not (out / "checkpoint.pt").exists() and not list(out.glob("*.tmp"))
 
 
@@ -229,11 +278,26 @@ def test_a_signal_to_a_training_process_stops_it_with_the_resume_hint(tmp_path, 
 
 # 7. Degenerate MLAAN options -------------------------------------------------------------------------------------
 def test_mlaan_window_of_k_or_more_is_an_error(capsys, tmp_path):
-    expect_user_error([*TINY, "--method.name=mlaan", "--mlaan.window=2", "--out", tmp_path / "r"], capsys,
-                      "mlaan.window = 2 with method.num_modules = 2", "plain BP")
+    expect_user_error(
+        [*TINY, "--method.name=mlaan", "--mlaan.window=2", "--out", tmp_path / "r"],
+        capsys,
+        "mlaan.window = 2 with method.num_modules = 2",
+        "plain BP",
+    )
 
 
 def test_reference_leaps_with_a_separate_stem_names_the_cause(capsys, tmp_path):
-    expect_user_error([*TINY, "--method.name=mlaan", "--method.num_modules=4", "--method.stem_separate=true",
-                       "--mlaan.leaps=reference", "--out", tmp_path / "r"], capsys,
-                      "method.stem_separate = true", "method.stem_separate=false")
+    expect_user_error(
+        [
+            *TINY,
+            "--method.name=mlaan",
+            "--method.num_modules=4",
+            "--method.stem_separate=true",
+            "--mlaan.leaps=reference",
+            "--out",
+            tmp_path / "r",
+        ],
+        capsys,
+        "method.stem_separate = true",
+        "method.stem_separate=false",
+    )

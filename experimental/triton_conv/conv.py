@@ -67,8 +67,19 @@ def supports(x: Tensor, weight: Tensor) -> str | None:
 if triton is not None:
 
     @triton.jit
-    def _conv3x3_kernel(x_ptr, w_ptr, y_ptr, M, H, W, CI: tl.constexpr, CO: tl.constexpr, BLOCK_P: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    def _conv3x3_kernel(
+        x_ptr,
+        w_ptr,
+        y_ptr,
+        M,
+        H,
+        W,
+        CI: tl.constexpr,
+        CO: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         # x (M, CI) and y (M, CO) NHWC; w (9, CI, CO): tap-major, tap = 3 * kh + kw.
         p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         in_range = p < M
@@ -92,8 +103,20 @@ if triton is not None:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_range[:, None])
 
     @triton.jit
-    def _wgrad_kernel(x_ptr, dy_ptr, partial_ptr, M, H, W, pixels_per_program, CI: tl.constexpr, CO: tl.constexpr,
-                      BLOCK_P: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    def _wgrad_kernel(
+        x_ptr,
+        dy_ptr,
+        partial_ptr,
+        M,
+        H,
+        W,
+        pixels_per_program,
+        CI: tl.constexpr,
+        CO: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         # Program (tap, i): partial[i, tap] = sum over its pixels of dy[p]^T x[p shifted by tap], (CO, CI).
         # The tap varies fastest over the grid, so the 9 programs of one pixel range run together and read
         # their tiles of dy and x from memory once (then from L2).
@@ -146,8 +169,9 @@ def _forward(x: Tensor, taps: Tensor, out_channels: int) -> Tensor:
     n, in_channels, h, w = x.shape
     y = torch.empty((n, out_channels, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     rows = n * h * w
-    _conv3x3_kernel[(triton.cdiv(rows, CONV_PIXELS),)](x, taps, y, rows, h, w, CI=in_channels, CO=out_channels,
-                                                        BLOCK_P=CONV_PIXELS, **_launch_options(x))
+    _conv3x3_kernel[(triton.cdiv(rows, CONV_PIXELS),)](
+        x, taps, y, rows, h, w, CI=in_channels, CO=out_channels, BLOCK_P=CONV_PIXELS, **_launch_options(x)
+    )
     return y
 
 
@@ -158,8 +182,19 @@ def _weight_grad(x: Tensor, dy: Tensor) -> Tensor:
     pixels_per_program = CONV_PIXELS * triton.cdiv(triton.cdiv(rows, CONV_PIXELS), WGRAD_PROGRAMS)
     programs = triton.cdiv(rows, pixels_per_program)
     partials = torch.empty((programs, 9, out_channels, in_channels), device=x.device, dtype=torch.float32)
-    _wgrad_kernel[(9, programs)](x, dy, partials, rows, h, w, pixels_per_program, CI=in_channels, CO=out_channels,
-                                 BLOCK_P=CONV_PIXELS, **_launch_options(x))
+    _wgrad_kernel[(9, programs)](
+        x,
+        dy,
+        partials,
+        rows,
+        h,
+        w,
+        pixels_per_program,
+        CI=in_channels,
+        CO=out_channels,
+        BLOCK_P=CONV_PIXELS,
+        **_launch_options(x),
+    )
     # (9, CO, CI) -> (CO, CI, 3, 3); a fixed-order sum over the programs
     return partials.sum(0).reshape(3, 3, out_channels, in_channels).permute(2, 3, 0, 1)
 
@@ -224,9 +259,14 @@ class TritonConv3x3(nn.Conv2d):
 
 
 def _takes_triton_conv(conv: nn.Module) -> bool:
-    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-            and conv.padding == (1, 1) and conv.bias is None
-            and max(conv.in_channels, conv.out_channels) <= TRITON_CONV_CHANNELS)
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.bias is None
+        and max(conv.in_channels, conv.out_channels) <= TRITON_CONV_CHANNELS
+    )
 
 
 def use_triton_conv(modules: Iterable[nn.Module], backend: str | None) -> int:

@@ -58,8 +58,15 @@ def test_bench_conv3x3(benchmark, monkeypatch, shape_name, implementation, timin
 
     _benchmark_timed(benchmark, forward_backward, timing, f"conv3x3 {shape_name} {_dtype_name(dtype)} {timing}")
     benchmark.extra_info.update(_environment(dtype))
-    benchmark.extra_info.update({"shape": shape_name, "implementation": implementation, "timing": timing,
-                                 "x_shape": list(shape), "conv_pixels": pixels})
+    benchmark.extra_info.update(
+        {
+            "shape": shape_name,
+            "implementation": implementation,
+            "timing": timing,
+            "x_shape": list(shape),
+            "conv_pixels": pixels,
+        }
+    )
     # The floor: forward reads x, writes y; input gradient reads dy, writes dx; weight gradient reads x, dy.
     _record_speed(benchmark, 6 * x.numel() * x.element_size())
 

@@ -18,8 +18,9 @@ def leaves(shape, out_channels, device, dtype=torch.float32, channels_last=True,
     x = torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    w = (torch.randn(out_channels, shape[1], 3, 3, generator=g, dtype=torch.float64) / 12).to(device=device,
-                                                                                               dtype=dtype)
+    w = (torch.randn(out_channels, shape[1], 3, 3, generator=g, dtype=torch.float64) / 12).to(
+        device=device, dtype=dtype
+    )
     dy = torch.randn(shape[0], out_channels, *shape[2:], generator=g, dtype=torch.float64)
     return x.requires_grad_(), w.requires_grad_(), dy
 
@@ -33,9 +34,11 @@ def reference_f64(x, w, dy):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [True, False])
-@pytest.mark.parametrize("shape,out_channels", [((2, 16, 5, 7), 16), ((3, 16, 4, 4), 32), ((1, 32, 6, 3), 16),
-                                                ((2, 64, 1, 9), 64)],
-                         ids=["16-16", "16-32", "32-16-odd", "64-64-one-row"])
+@pytest.mark.parametrize(
+    "shape,out_channels",
+    [((2, 16, 5, 7), 16), ((3, 16, 4, 4), 32), ((1, 32, 6, 3), 16), ((2, 64, 1, 9), 64)],
+    ids=["16-16", "16-32", "32-16-odd", "64-64-one-row"],
+)
 def test_fp32_matches_float64_convolution(shape, out_channels, channels_last, device, monkeypatch):
     # Small tiles and few weight-gradient programs, so every test shape spans several of each.
     monkeypatch.setattr(conv_module, "CONV_PIXELS", 16)
@@ -103,8 +106,9 @@ def test_blocks_with_triton_conv_follow_the_plain_blocks(fused_batch_norm, devic
 
 def test_only_narrow_stride_one_convolutions_take_the_triton_path(monkeypatch):
     calls = []
-    monkeypatch.setattr(conv_module, "conv3x3_triton",
-                        lambda x, w: calls.append(tuple(w.shape)) or F.conv2d(x, w, padding=1))
+    monkeypatch.setattr(
+        conv_module, "conv3x3_triton", lambda x, w: calls.append(tuple(w.shape)) or F.conv2d(x, w, padding=1)
+    )
     blocks = [BasicBlock(16, 16, 1), BasicBlock(16, 32, 2), BasicBlock(32, 32, 1)]
     use_triton_conv(blocks, "triton")
     x = torch.randn(2, 16, 8, 8)

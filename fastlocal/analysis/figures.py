@@ -42,8 +42,10 @@ def linear_separability(result: dict, path: Path) -> str:
     ax.set_xticks(positions, parts, rotation=90, fontsize=7)
     ax.set_xlabel("backbone part (filled markers: module outputs)")
     ax.set_ylabel("linear probe test accuracy (%)")
-    ax.set_title(f"Layer-wise linear separability ({settings['train_images']} train / "
-                 f"{settings['test_images']} test images)", fontsize=9)
+    ax.set_title(
+        f"Layer-wise linear separability ({settings['train_images']} train / {settings['test_images']} test images)",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -56,8 +58,13 @@ def cka_figure(result: dict, path: Path) -> str:
     parts = result["parts"]
     compared = [run for run in result["runs"] if "cka_with_reference" in run]
     reference = next(run for run in result["runs"] if run["is_reference"])
-    fig, axes = plt.subplots(1, len(compared) + 1, figsize=(4.2 * len(compared) + 5, 4.2), layout="constrained",
-                             gridspec_kw={"width_ratios": [1] * len(compared) + [1.3]})
+    fig, axes = plt.subplots(
+        1,
+        len(compared) + 1,
+        figsize=(4.2 * len(compared) + 5, 4.2),
+        layout="constrained",
+        gridspec_kw={"width_ratios": [1] * len(compared) + [1.3]},
+    )
     ticks = np.arange(len(parts))
     image = None
     for ax, run in zip(axes, compared):
@@ -84,8 +91,11 @@ def cka_figure(result: dict, path: Path) -> str:
     ax.set_xticks(ticks, parts, rotation=90, fontsize=6)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel(f"CKA with {reference['label']}, same part")
-    ax.set_title(f"Same-part CKA ({result['settings']['cka_features']} features, "
-                 f"{result['settings']['test_images']} test images)", fontsize=8)
+    ax.set_title(
+        f"Same-part CKA ({result['settings']['cka_features']} features, "
+        f"{result['settings']['test_images']} test images)",
+        fontsize=8,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.savefig(path, dpi=120)
@@ -106,12 +116,14 @@ def feature_maps(result: dict, path: Path) -> str:
     columns = map_columns(result)
     inputs = result["map_inputs"].permute(0, 2, 3, 1).numpy()  # uint8 (M, H, W, 3)
     rows = [(m, run) for m in range(len(inputs)) for run in runs]
-    fig, axes = plt.subplots(len(rows), len(columns) + 1, squeeze=False,
-                             figsize=(1.2 * (len(columns) + 1) + 1.5, 1.25 * len(rows)))
+    fig, axes = plt.subplots(
+        len(rows), len(columns) + 1, squeeze=False, figsize=(1.2 * (len(columns) + 1) + 1.5, 1.25 * len(rows))
+    )
     for r, (m, run) in enumerate(rows):
         axes[r, 0].imshow(inputs[m])
-        axes[r, 0].set_ylabel(f"{run['label']}\nK={run['num_modules']}", fontsize=6, rotation=0, ha="right",
-                              va="center")
+        axes[r, 0].set_ylabel(
+            f"{run['label']}\nK={run['num_modules']}", fontsize=6, rotation=0, ha="right", va="center"
+        )
         for c, p in enumerate(columns):
             ax = axes[r, c + 1]
             ax.imshow(run["feature_maps"][p][m].numpy(), cmap="viridis")
@@ -124,8 +136,7 @@ def feature_maps(result: dict, path: Path) -> str:
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("Channel-mean activation maps per part (red frame: an output of the run's own modules)",
-                 fontsize=8)
+    fig.suptitle("Channel-mean activation maps per part (red frame: an output of the run's own modules)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -16,8 +16,16 @@ class ProbeResult:
     """Top-1 accuracy (%) on held-out features."""
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 num_classes: int, *, weight_decay: float = 1e-4, max_iter: int = 200) -> ProbeResult:
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    *,
+    weight_decay: float = 1e-4,
+    max_iter: int = 200,
+) -> ProbeResult:
     """Multinomial logistic regression on train_x: (n, d) -> train_y: (n,), tested on (test_x, test_y).
 
     The features are standardised with the training split's mean and std. Full-batch L-BFGS with a strong
@@ -31,8 +39,15 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     test_x = (test_x - mean) / std
     weight = torch.zeros(train_x.shape[1], num_classes, device=train_x.device, requires_grad=True)
     bias = torch.zeros(num_classes, device=train_x.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         optimizer.zero_grad()

@@ -57,11 +57,28 @@ PAPER_BATCH = 1024
 STEP_SUITE, SWEEP_SUITE, FAST_PATH_SUITE = "fastlocal-steps", "fastlocal-memory-sweep", "fastlocal-fast-path"
 METHOD_ORDER = ("bp", "bp-checkpoint", "bp-bf16", "dgl", "infopro", "mlaan", "dgl+mlaan")
 LOCAL_METHODS = ("dgl", "infopro", "mlaan", "dgl+mlaan")
-METHOD_COLORS = {"bp": "C7", "bp-checkpoint": "C7", "bp-bf16": "C7", "dgl": "C0", "infopro": "C1", "mlaan": "C2",
-                 "dgl+mlaan": "C3"}
+METHOD_COLORS = {
+    "bp": "C7",
+    "bp-checkpoint": "C7",
+    "bp-bf16": "C7",
+    "dgl": "C0",
+    "infopro": "C1",
+    "mlaan": "C2",
+    "dgl+mlaan": "C3",
+}
 # Backbones in the order a reader expects (small CIFAR nets first, then ImageNet ones).
-ARCH_ORDER = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-              "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+ARCH_ORDER = (
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+)
 
 
 def ratio(value: float | None, reference: float | None) -> float | None:
@@ -74,8 +91,11 @@ def ratio(value: float | None, reference: float | None) -> float | None:
 
 def markdown_table(header: list[str], rows: list[list]) -> list[str]:
     """The lines of a Markdown table; cells are written with str()."""
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
+    ]
 
 
 class ReportError(Exception):
@@ -114,15 +134,18 @@ class Row:
 def load_results(path: Path) -> dict:
     """The parsed pytest-benchmark JSON, or a ReportError that says what is wrong with the file."""
     if not path.is_file():
-        raise ReportError(f"{path}: no such file; write one with "
-                          f"pytest bench/ --benchmark-only --benchmark-json={path}")
+        raise ReportError(
+            f"{path}: no such file; write one with pytest bench/ --benchmark-only --benchmark-json={path}"
+        )
     try:
         data = json.loads(path.read_text())
     except UnicodeDecodeError:
         raise ReportError(f"{path} is not a text file; expected the JSON of pytest --benchmark-json") from None
     except json.JSONDecodeError as err:
-        raise ReportError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
-                          "expected the file written by pytest --benchmark-json") from None
+        raise ReportError(
+            f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
+            "expected the file written by pytest --benchmark-json"
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise ReportError(f"{path} is not a pytest-benchmark JSON: it has no 'benchmarks' list")
     if not data["benchmarks"]:
@@ -151,17 +174,27 @@ def parse_rows(data: dict) -> tuple[list[Row], list[dict]]:
             continue
         memory = info.get("memory") or {}
         try:
-            rows.append(Row(
-                name=name, case=str(info["case"]), method=str(info["method"]), arch=str(info["arch"]),
-                input_size=int(info["input_size"]), batch=int(info["batch"]), num_modules=int(info["K"]),
-                device=str(info.get("device", "?")), device_type=str(info.get("device_type", "?")),
-                sweep=info["suite"] == SWEEP_SUITE,
-                median_s=_number(stats.get("median"), "stats.median", name),
-                peak_bytes=int(_number(info.get("peak_memory_bytes"), "extra_info.peak_memory_bytes", name)),
-                reserved_bytes=memory.get("max_reserved_bytes"),
-                process_bytes=memory.get("process_total_bytes") or memory.get("device_used_bytes"),
-                time_ratio=info.get("time_ratio_vs_bp"), memory_ratio=info.get("memory_ratio_vs_bp"),
-                ratio_source="session"))
+            rows.append(
+                Row(
+                    name=name,
+                    case=str(info["case"]),
+                    method=str(info["method"]),
+                    arch=str(info["arch"]),
+                    input_size=int(info["input_size"]),
+                    batch=int(info["batch"]),
+                    num_modules=int(info["K"]),
+                    device=str(info.get("device", "?")),
+                    device_type=str(info.get("device_type", "?")),
+                    sweep=info["suite"] == SWEEP_SUITE,
+                    median_s=_number(stats.get("median"), "stats.median", name),
+                    peak_bytes=int(_number(info.get("peak_memory_bytes"), "extra_info.peak_memory_bytes", name)),
+                    reserved_bytes=memory.get("max_reserved_bytes"),
+                    process_bytes=memory.get("process_total_bytes") or memory.get("device_used_bytes"),
+                    time_ratio=info.get("time_ratio_vs_bp"),
+                    memory_ratio=info.get("memory_ratio_vs_bp"),
+                    ratio_source="session",
+                )
+            )
         except KeyError as err:
             raise ReportError(f"benchmark {name!r}: extra_info lacks {err.args[0]!r}") from None
     return rows, others
@@ -185,8 +218,16 @@ def _rank(value: str, order: tuple[str, ...]) -> int:
 
 
 def _sort_key(row: Row) -> tuple:
-    return (row.device, row.sweep, _rank(row.arch, ARCH_ORDER), row.arch, row.input_size, row.batch,
-            _rank(row.method, METHOD_ORDER), row.num_modules)
+    return (
+        row.device,
+        row.sweep,
+        _rank(row.arch, ARCH_ORDER),
+        row.arch,
+        row.input_size,
+        row.batch,
+        _rank(row.method, METHOD_ORDER),
+        row.num_modules,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,8 +269,15 @@ def step_table(rows: list[Row]) -> list[str]:
     header += ["time vs BP", "memory vs BP"]
     cells = []
     for row in rows:
-        line = [_case_name(row), row.device, row.batch, row.num_modules, fmt_ms(row.median_s),
-                fmt_rate(row.images_per_second), fmt_mib(row.peak_bytes)]
+        line = [
+            _case_name(row),
+            row.device,
+            row.batch,
+            row.num_modules,
+            fmt_ms(row.median_s),
+            fmt_rate(row.images_per_second),
+            fmt_mib(row.peak_bytes),
+        ]
         if cuda:
             line += [fmt_mib(row.reserved_bytes), fmt_mib(row.process_bytes)]
         cells.append(line + [fmt_ratio(row.time_ratio), fmt_ratio(row.memory_ratio)])
@@ -238,15 +286,23 @@ def step_table(rows: list[Row]) -> list[str]:
 
 def paper_comparison(rows: list[Row]) -> list[str]:
     """Rows at the paper's batch on CUDA beside the authors' measured step and the paper's Table 3."""
-    picked = [row for row in rows if row.device_type == "cuda" and row.batch == PAPER_BATCH and not row.sweep
-              and (row.arch, row.method, row.num_modules) in AUTHORS_MEASURED.keys() | PAPER_TABLE3_GB.keys()]
+    picked = [
+        row
+        for row in rows
+        if row.device_type == "cuda"
+        and row.batch == PAPER_BATCH
+        and not row.sweep
+        and (row.arch, row.method, row.num_modules) in AUTHORS_MEASURED.keys() | PAPER_TABLE3_GB.keys()
+    ]
     if not picked:
         return []
     lines = [
-        "## Against the paper's Table 3 and the authors' code, measured", "",
+        "## Against the paper's Table 3 and the authors' code, measured",
+        "",
         "Authors: their code on one H100 (PyTorch 2.11, fp32/TF32, batch 1024). Table 3: the "
         "paper's GPU memory, a whole-process reading (about max_memory_reserved + 0.44 GiB of CUDA context), "
-        "so compare it with the process column.", "",
+        "so compare it with the process column.",
+        "",
         "| case | K | step ms | authors' step ms | allocated GiB | authors' allocated GiB | reserved GiB "
         "| process GiB | Table 3 GB |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -259,24 +315,50 @@ def paper_comparison(rows: list[Row]) -> list[str]:
         def gib(value):
             return "-" if value is None else f"{value / GIB:.2f}"
 
-        lines.append(" | ".join([
-            f"| {_case_name(row)}", str(row.num_modules), fmt_ms(row.median_s),
-            "-" if ref_ms is None else f"{ref_ms:g}", gib(row.peak_bytes),
-            "-" if ref_gib is None else f"{ref_gib:g}", gib(row.reserved_bytes), gib(row.process_bytes),
-            "-" if paper is None else f"{paper:g}"]) + " |")
-    lines += ["", "The paper's ImageNet cells (ResNet-34 BP 10.74 GB vs MLAAN 9.09) were taken at its training "
-              "batch, not at this suite's small ImageNet batch, so they are not set beside it.", ""]
+        lines.append(
+            " | ".join(
+                [
+                    f"| {_case_name(row)}",
+                    str(row.num_modules),
+                    fmt_ms(row.median_s),
+                    "-" if ref_ms is None else f"{ref_ms:g}",
+                    gib(row.peak_bytes),
+                    "-" if ref_gib is None else f"{ref_gib:g}",
+                    gib(row.reserved_bytes),
+                    gib(row.process_bytes),
+                    "-" if paper is None else f"{paper:g}",
+                ]
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "The paper's ImageNet cells (ResNet-34 BP 10.74 GB vs MLAAN 9.09) were taken at its training "
+        "batch, not at this suite's small ImageNet batch, so they are not set beside it.",
+        "",
+    ]
     return lines
 
 
 def other_table(others: list[dict]) -> list[str]:
     if not others:
         return []
-    cells = [[bench.get("name", "?"), bench.get("group") or "-", fmt_duration((bench.get("stats") or {}).get("median")),
-              fmt_duration((bench.get("stats") or {}).get("iqr")), (bench.get("stats") or {}).get("rounds", "-")]
-             for bench in others]
-    return ["## Other benchmarks in the file", "",
-            *markdown_table(["benchmark", "group", "median", "IQR", "rounds"], cells), ""]
+    cells = [
+        [
+            bench.get("name", "?"),
+            bench.get("group") or "-",
+            fmt_duration((bench.get("stats") or {}).get("median")),
+            fmt_duration((bench.get("stats") or {}).get("iqr")),
+            (bench.get("stats") or {}).get("rounds", "-"),
+        ]
+        for bench in others
+    ]
+    return [
+        "## Other benchmarks in the file",
+        "",
+        *markdown_table(["benchmark", "group", "median", "IQR", "rounds"], cells),
+        "",
+    ]
 
 
 def fast_path_table(benchmarks: list[dict]) -> list[str]:
@@ -284,11 +366,22 @@ def fast_path_table(benchmarks: list[dict]) -> list[str]:
     infos = [b["extra_info"] for b in benchmarks if (b.get("extra_info") or {}).get("suite") == FAST_PATH_SUITE]
     if not infos:
         return []
-    keys = ("median_step_ms", "time_ratio_vs_fastest_bp", "time_ratio_vs_bp_graph", "speedup_vs_authors",
-            "memory_ratio_vs_bp_same_precision")
+    keys = (
+        "median_step_ms",
+        "time_ratio_vs_fastest_bp",
+        "time_ratio_vs_bp_graph",
+        "speedup_vs_authors",
+        "memory_ratio_vs_bp_same_precision",
+    )
     cells = [[info["case"], *("-" if info.get(key) is None else info[key] for key in keys)] for info in infos]
-    header = ["case", "ms", "vs fastest BP", "vs BP bf16-cl-graph", "speed-up vs authors",
-              "memory vs BP (same precision)"]
+    header = [
+        "case",
+        "ms",
+        "vs fastest BP",
+        "vs BP bf16-cl-graph",
+        "speed-up vs authors",
+        "memory vs BP (same precision)",
+    ]
     return ["## Fast path", "", *markdown_table(header, cells), ""]
 
 
@@ -315,8 +408,15 @@ def kernel_choices(benchmarks: list[dict]) -> list[str]:
         for shape, times in sorted(by_shape.items()):
             best, best_us = min(times.items(), key=lambda kv: kv[1])
             default = times.get("default")
-            cells.append([shape, f"{default:.1f}" if default else "?", best, f"{best_us:.1f}",
-                          f"{ratio(default, best_us):.2f}" if default else "?"])
+            cells.append(
+                [
+                    shape,
+                    f"{default:.1f}" if default else "?",
+                    best,
+                    f"{best_us:.1f}",
+                    f"{ratio(default, best_us):.2f}" if default else "?",
+                ]
+            )
         header = ["batch norm shape", "shipped default us", "fastest launch shape", "its us", "default / fastest"]
         lines += ["## Kernel launch shapes", "", *markdown_table(header, cells), ""]
     cells = []
@@ -324,8 +424,16 @@ def kernel_choices(benchmarks: list[dict]) -> list[str]:
         triton_times = {k: v for k, v in times.items() if k.startswith("triton")}
         if "cudnn" in times and triton_times:
             tile, best_us = min(triton_times.items(), key=lambda kv: kv[1])
-            cells.append([shape, timing, f"{times['cudnn']:.1f}", f"{tile.removeprefix('triton-')} pixels",
-                          f"{best_us:.1f}", f"{ratio(times['cudnn'], best_us):.2f}"])
+            cells.append(
+                [
+                    shape,
+                    timing,
+                    f"{times['cudnn']:.1f}",
+                    f"{tile.removeprefix('triton-')} pixels",
+                    f"{best_us:.1f}",
+                    f"{ratio(times['cudnn'], best_us):.2f}",
+                ]
+            )
     if cells:
         header = ["convolution shape", "timing", "cuDNN us", "fastest Triton tile", "its us", "cuDNN / Triton"]
         lines += ["## Triton convolution against cuDNN", "", *markdown_table(header, cells), ""]
@@ -345,15 +453,18 @@ def _machine_lines(data: dict, json_name: str) -> list[str]:
     """Devices and versions as every benchmark records them (bench/common.py's `environment`)."""
     infos = [b.get("extra_info") or {} for b in data["benchmarks"]]
     devices = sorted({str(info["device"]) for info in infos if "device" in info})
-    versions = sorted({(info.get("torch"), info.get("triton"), info.get("mode")) for info in infos if "torch" in info},
-                      key=str)
+    versions = sorted(
+        {(info.get("torch"), info.get("triton"), info.get("mode")) for info in infos if "torch" in info}, key=str
+    )
     machine = data.get("machine_info") or {}
     lines = [f"- Device: {', '.join(devices) or '-'}"]
     for torch_version, triton_version, mode in versions:
         lines.append(f"- torch {torch_version}, triton {triton_version or 'not installed'}, size mode `{mode}`")
     if machine:
-        lines.append(f"- Host: {machine.get('node', '?')}, {machine.get('system', '?')} {machine.get('release', '')}, "
-                     f"Python {machine.get('python_version', '?')}")
+        lines.append(
+            f"- Host: {machine.get('node', '?')}, {machine.get('system', '?')} {machine.get('release', '')}, "
+            f"Python {machine.get('python_version', '?')}"
+        )
     if data.get("datetime"):
         lines.append(f"- Run: {data['datetime']}")
     lines.append(f"- Report: `python -m fastlocal.bench.report {json_name}`")
@@ -366,15 +477,25 @@ def markdown(data: dict, rows: list[Row], others: list[dict], json_name: str) ->
     cpu = any(row.device_type == "cpu" for row in rows)
     lines = ["# fastlocal: training-step time and memory against BP", ""]
     lines += _machine_lines(data, json_name) + [""]
-    lines += [] if not rows else [
-        "A step is `optimizer.zero_grad`, `local_train_step` (forward and backward of the local schedule) and "
-        "`optimizer.step` on a random batch already on the device; the time is the median of the timed rounds, "
-        "device synchronised. Peak memory: "
-        + ("on CPU, the bytes of tensors saved for backward alive at the peak of one step "
-           "(`fastlocal.measure.SavedTensorAccountant`, parameters not counted); " if cpu else "")
-        + "on CUDA, `max_memory_allocated` of one step (reserved and the NVML process total beside it). "
-        "Ratios are to BP at the same backbone, input size and batch, in the same run. `bp-checkpoint` wraps "
-        "every residual block in `torch.utils.checkpoint`; `bp-bf16` runs BP under bf16 autocast.", ""]
+    lines += (
+        []
+        if not rows
+        else [
+            "A step is `optimizer.zero_grad`, `local_train_step` (forward and backward of the local schedule) and "
+            "`optimizer.step` on a random batch already on the device; the time is the median of the timed rounds, "
+            "device synchronised. Peak memory: "
+            + (
+                "on CPU, the bytes of tensors saved for backward alive at the peak of one step "
+                "(`fastlocal.measure.SavedTensorAccountant`, parameters not counted); "
+                if cpu
+                else ""
+            )
+            + "on CUDA, `max_memory_allocated` of one step (reserved and the NVML process total beside it). "
+            "Ratios are to BP at the same backbone, input size and batch, in the same run. `bp-checkpoint` wraps "
+            "every residual block in `torch.utils.checkpoint`; `bp-bf16` runs BP under bf16 autocast.",
+            "",
+        ]
+    )
     if steps:
         lines += ["## Training step, per method, backbone and K", ""] + step_table(steps) + [""]
     if sweep:
@@ -395,8 +516,9 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ReportError("the plots need matplotlib: pip install 'fastlocal[dev]' (the `dev` extra) "
-                          "or pip install matplotlib") from None
+        raise ReportError(
+            "the plots need matplotlib: pip install 'fastlocal[dev]' (the `dev` extra) or pip install matplotlib"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -447,15 +569,23 @@ def plot_memory_vs_k(rows: list[Row], path: Path) -> None:
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.2 * max(1, len(panels)), 4.2), squeeze=False)
     for ax, (key, panel) in zip(axes[0], panels.items()):
         for method in LOCAL_METHODS:
-            points = sorted((row.num_modules, row.memory_ratio) for row in panel
-                            if row.method == method and row.memory_ratio is not None)
+            points = sorted(
+                (row.num_modules, row.memory_ratio)
+                for row in panel
+                if row.method == method and row.memory_ratio is not None
+            )
             if points:
                 ax.plot(*zip(*points), marker="o", label=method, color=METHOD_COLORS[method])
         for method, style in (("bp", "-"), ("bp-checkpoint", "--"), ("bp-bf16", ":")):
             for row in panel:
                 if row.method == method and row.memory_ratio is not None:
-                    ax.axhline(row.memory_ratio, color="grey", linestyle=style, linewidth=1,
-                               label=f"{method} ({fmt_ratio(row.memory_ratio)})")
+                    ax.axhline(
+                        row.memory_ratio,
+                        color="grey",
+                        linestyle=style,
+                        linewidth=1,
+                        label=f"{method} ({fmt_ratio(row.memory_ratio)})",
+                    )
         _log_axes(ax, sorted({row.num_modules for row in panel if row.method in LOCAL_METHODS}))
         ax.set_xlabel("K (local modules)")
         ax.set_ylabel("peak memory / BP")
@@ -476,8 +606,13 @@ def plot_step_time(rows: list[Row], path: Path) -> None:
         ratios = [row.time_ratio for row in panel]
         bars = ax.barh(range(len(panel)), ratios, color=[METHOD_COLORS.get(row.method, "C0") for row in panel])
         for bar, row in zip(bars, panel):
-            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {fmt_ms(row.median_s)} ms",
-                    va="center", fontsize=7)
+            ax.text(
+                bar.get_width(),
+                bar.get_y() + bar.get_height() / 2,
+                f" {fmt_ms(row.median_s)} ms",
+                va="center",
+                fontsize=7,
+            )
         ax.set_yticks(range(len(panel)), labels, fontsize=8)
         ax.invert_yaxis()
         ax.axvline(1.0, color="black", linewidth=1)
@@ -546,8 +681,12 @@ def write_report(json_paths: Path | list[Path], out_dir: Path, plots: bool = Tru
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastlocal.bench.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, nargs="+",
-                        help="the JSON written by pytest bench/ --benchmark-json=FILE (several are merged)")
+    parser.add_argument(
+        "results",
+        type=Path,
+        nargs="+",
+        help="the JSON written by pytest bench/ --benchmark-json=FILE (several are merged)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first JSON's folder)")
     parser.add_argument("--no-plots", action="store_true", help="write only bench.md (no matplotlib needed)")
     args = parser.parse_args(argv)

@@ -20,8 +20,16 @@ from fastlocal.data import sources
 from fastlocal.data.loader import DeviceLoader, Loader
 from fastlocal.data.sources import DataError, SplitData, bundled_path
 
-__all__ = ["DataBundle", "DataError", "DatasetInfo", "DeviceLoader", "Loader", "build_data", "bundled_path",
-           "read_splits"]
+__all__ = [
+    "DataBundle",
+    "DataError",
+    "DatasetInfo",
+    "DeviceLoader",
+    "Loader",
+    "build_data",
+    "bundled_path",
+    "read_splits",
+]
 
 DEFAULT_NATIVE_ROOT = "data"
 # data.loader = auto streams image folders whose images are at least this large (shorter side, pixels).
@@ -109,17 +117,25 @@ def read_splits(cfg: DataConfig, *, progress: bool = True) -> dict[str, SplitDat
     """Both splits of the configured dataset as uint8 numpy arrays (on the host), subset as configured."""
     max_n = {"train": cfg.max_train, "test": cfg.max_test}
     if cfg.source not in sources.NATIVE:
-        return sources.read_imagefolder(root_folder(cfg), cache=sources.cache_dir(cfg.cache_dir), name=cfg.source,
-                                        max_train=cfg.max_train, max_test=cfg.max_test, image_size=cfg.image_size,
-                                        on_bad_image=cfg.on_bad_image, progress=progress)
+        return sources.read_imagefolder(
+            root_folder(cfg),
+            cache=sources.cache_dir(cfg.cache_dir),
+            name=cfg.source,
+            max_train=cfg.max_train,
+            max_test=cfg.max_test,
+            image_size=cfg.image_size,
+            on_bad_image=cfg.on_bad_image,
+            progress=progress,
+        )
     root = Path(cfg.root or DEFAULT_NATIVE_ROOT)
     splits = {}
     for split in max_n:
         data = sources.read_native(cfg.source, root, split)
         if max_n[split] > 0:  # the class-balanced first max_n, in file order
             per_class = [[str(i) for i in np.flatnonzero(data.labels == k)] for k in range(len(data.class_names))]
-            chosen, _ = sources.choose_images(per_class, max_n[split], lambda name: None, split=split,
-                                              what=f"{cfg.source} in {root}", progress=False)
+            chosen, _ = sources.choose_images(
+                per_class, max_n[split], lambda name: None, split=split, what=f"{cfg.source} in {root}", progress=False
+            )
             keep = np.sort([int(name) for names in chosen for name, _ in names])
             data = SplitData(np.ascontiguousarray(data.images[keep]), data.labels[keep], data.class_names)
         splits[split] = data
@@ -133,36 +149,71 @@ def resolve_info(cfg: DataConfig, splits: dict[str, SplitData]) -> DatasetInfo:
         raise DataError(f"the {cfg.source} training split is empty; check data.root and data.max_train")
     height, width = train.images.shape[2:]
     if height != width:
-        raise DataError(f"{cfg.source} images are {width}x{height}, but the models need square images; set "
-                        f"data.image_size=N to resize every image to NxN")
+        raise DataError(
+            f"{cfg.source} images are {width}x{height}, but the models need square images; set "
+            f"data.image_size=N to resize every image to NxN"
+        )
     if len(test.labels) and test.images.shape[2:] != train.images.shape[2:]:
-        raise DataError(f"{cfg.source} test images are {test.images.shape[3]}x{test.images.shape[2]} but training "
-                        f"images {width}x{height}; set data.image_size=N to resize both to NxN")
+        raise DataError(
+            f"{cfg.source} test images are {test.images.shape[3]}x{test.images.shape[2]} but training "
+            f"images {width}x{height}; set data.image_size=N to resize both to NxN"
+        )
     recipe_pad, recipe_pad_mode, recipe_flip, recipe_normalize = RECIPES[cfg.source]
     pad = cfg.pad if cfg.pad >= 0 else (recipe_pad if recipe_pad is not None else height // 8)
     pad_mode = recipe_pad_mode if cfg.pad_mode == "auto" else cfg.pad_mode
     if pad > 0 and pad_mode == "reflect" and pad >= height:
-        raise DataError(f"data.pad = {pad} with reflect padding needs images larger than {pad} pixels, but they are "
-                        f"{height}x{width}; set a smaller data.pad or data.pad_mode=constant")
+        raise DataError(
+            f"data.pad = {pad} with reflect padding needs images larger than {pad} pixels, but they are "
+            f"{height}x{width}; set a smaller data.pad or data.pad_mode=constant"
+        )
     mean, std = normalization(recipe_normalize if cfg.normalize == "auto" else cfg.normalize, lambda: train.images)
-    return DatasetInfo(name=cfg.source, num_classes=len(train.class_names), image_size=int(height),
-                       class_names=list(train.class_names), mean=mean, std=std, pad=int(pad), pad_mode=pad_mode,
-                       flip=recipe_flip if cfg.flip == "auto" else cfg.flip == "on")
+    return DatasetInfo(
+        name=cfg.source,
+        num_classes=len(train.class_names),
+        image_size=int(height),
+        class_names=list(train.class_names),
+        mean=mean,
+        std=std,
+        pad=int(pad),
+        pad_mode=pad_mode,
+        flip=recipe_flip if cfg.flip == "auto" else cfg.flip == "on",
+    )
 
 
-def build_data(cfg: DataConfig, *, batch_size: int, eval_batch_size: int, device: torch.device | str, seed: int,
-               drop_last: bool = False, progress: bool = True, rank: int = 0, world_size: int = 1) -> DataBundle:
+def build_data(
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    eval_batch_size: int,
+    device: torch.device | str,
+    seed: int,
+    drop_last: bool = False,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataBundle:
     """Read the configured dataset and return the two loaders (device-resident, or streaming for large images)."""
     kind = choose_loader(cfg, progress)
     options = dict(seed=seed, rank=rank, world_size=world_size)
     if kind != "device":
         from fastlocal.data.streaming import build_streaming_data
 
-        return build_streaming_data(cfg, kind, batch_size=batch_size, eval_batch_size=eval_batch_size, device=device,
-                                    drop_last=drop_last, progress=progress, **options)
+        return build_streaming_data(
+            cfg,
+            kind,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            device=device,
+            drop_last=drop_last,
+            progress=progress,
+            **options,
+        )
     splits = read_splits(cfg, progress=progress)
     info = resolve_info(cfg, splits)
     tensors = {k: [torch.from_numpy(a).to(device) for a in (d.images, d.labels)] for k, d in splits.items()}
     options.update(mean=info.mean, std=info.std, pad=info.pad, pad_mode=info.pad_mode, flip=info.flip)
-    return DataBundle(DeviceLoader(*tensors["train"], batch_size, train=True, drop_last=drop_last, **options),
-                      DeviceLoader(*tensors["test"], eval_batch_size, train=False, **options), info)
+    return DataBundle(
+        DeviceLoader(*tensors["train"], batch_size, train=True, drop_last=drop_last, **options),
+        DeviceLoader(*tensors["test"], eval_batch_size, train=False, **options),
+        info,
+    )

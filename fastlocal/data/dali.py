@@ -30,8 +30,10 @@ def import_dali():
         import nvidia.dali as dali
         import nvidia.dali.plugin.pytorch  # noqa: F401
     except ImportError as err:
-        raise DataError(f"data.loader = dali needs NVIDIA DALI: pip install 'fastlocal[dali]' (nvidia-dali-cuda130) "
-                        f"(importing it failed: {err})") from None
+        raise DataError(
+            f"data.loader = dali needs NVIDIA DALI: pip install 'fastlocal[dali]' (nvidia-dali-cuda130) "
+            f"(importing it failed: {err})"
+        ) from None
     return dali
 
 
@@ -43,12 +45,18 @@ def image_pipeline():
 
     @dali.pipeline_def
     def pipeline(files, labels, file_root, train, crop, resize, mean, std, flip, decoder, on_cuda):
-        jpegs, labels = fn.readers.file(file_root=file_root, files=files, labels=labels, random_shuffle=False,
-                                        pad_last_batch=True, name=READER_NAME)
+        jpegs, labels = fn.readers.file(
+            file_root=file_root, files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name=READER_NAME
+        )
         if train:
-            images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
-                                                   random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
-                                                   num_attempts=10)
+            images = fn.decoders.image_random_crop(
+                jpegs,
+                device=decoder,
+                output_type=types.RGB,
+                random_area=[0.08, 1.0],
+                random_aspect_ratio=[3 / 4, 4 / 3],
+                num_attempts=10,
+            )
             images = fn.resize(images, resize_x=crop, resize_y=crop, interp_type=types.INTERP_LINEAR, antialias=True)
             crop_args = dict(mirror=fn.random.coin_flip(probability=0.5) if flip else 0)
         else:
@@ -57,8 +65,9 @@ def image_pipeline():
             crop_args = dict(crop=(crop, crop), crop_pos_x=0.5, crop_pos_y=0.5)
         if on_cuda and decoder == "cpu":
             images = images.gpu()  # uint8 crops cross PCIe, not float32
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std,
-                                          **crop_args)
+        images = fn.crop_mirror_normalize(
+            images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std, **crop_args
+        )
         return images, labels.gpu() if on_cuda else labels
 
     return pipeline
@@ -71,33 +80,59 @@ class DaliLoader(Loader):
     a CUDA device, cpu otherwise), mixed or cpu; `num_threads`: DALI's CPU worker threads.
     """
 
-    def __init__(self, images: ImageList, batch_size: int, *, train: bool, crop_size: int, resize_size: int,
-                 mean: Sequence[float], std: Sequence[float], flip: bool = True, seed: int = 0, drop_last: bool = False,
-                 device: torch.device | str = "cpu", decoder: str = "auto", num_threads: int = 4, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self,
+        images: ImageList,
+        batch_size: int,
+        *,
+        train: bool,
+        crop_size: int,
+        resize_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        flip: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        device: torch.device | str = "cpu",
+        decoder: str = "auto",
+        num_threads: int = 4,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         import_dali()
-        super().__init__(len(images), batch_size, train=train, drop_last=drop_last, seed=seed, rank=rank,
-                         world_size=world_size)
+        super().__init__(
+            len(images), batch_size, train=train, drop_last=drop_last, seed=seed, rank=rank, world_size=world_size
+        )
         self.images, self.device = images, torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         on_cuda = self.device.type == "cuda"
         if decoder == "mixed" and not on_cuda:
-            raise DataError(f"data.dali_decoder = mixed decodes on the GPU, but the run's device is "
-                            f"{self.device.type}; use data.dali_decoder=cpu (or auto), or system.device=cuda on a "
-                            f"machine with a GPU")
+            raise DataError(
+                f"data.dali_decoder = mixed decodes on the GPU, but the run's device is "
+                f"{self.device.type}; use data.dali_decoder=cpu (or auto), or system.device=cuda on a "
+                f"machine with a GPU"
+            )
         self.num_threads = max(1, num_threads)
         self._options = dict(
-            file_root=str(images.base), train=self.train, crop=int(crop_size), resize=int(resize_size),
-            mean=[255 * m for m in mean], std=[255 * s for s in std], flip=bool(flip), on_cuda=on_cuda,
+            file_root=str(images.base),
+            train=self.train,
+            crop=int(crop_size),
+            resize=int(resize_size),
+            mean=[255 * m for m in mean],
+            std=[255 * s for s in std],
+            flip=bool(flip),
+            on_cuda=on_cuda,
             decoder="mixed" if decoder == "mixed" or (decoder == "auto" and on_cuda) else "cpu",
         )
 
     def _error(self, err: Exception) -> DataError:
         detail = " ".join(str(err).split())[:600]
-        return DataError(f"the DALI pipeline over {self.images.base} failed: {detail}. The files were checked before "
-                         f"the pipeline was built, so one changed since, or DALI cannot decode a file PIL can; "
-                         f"remove it or use data.loader=torch")
+        return DataError(
+            f"the DALI pipeline over {self.images.base} failed: {detail}. The files were checked before "
+            f"the pipeline was built, so one changed since, or DALI cannot decode a file PIL can; "
+            f"remove it or use data.loader=torch"
+        )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -105,10 +140,14 @@ class DaliLoader(Loader):
         order = self.order().tolist()
         try:
             pipe = image_pipeline()(
-                files=[self.images.paths[i] for i in order], labels=[int(self.images.labels[i]) for i in order],
-                batch_size=self.batch_size, num_threads=self.num_threads, prefetch_queue_depth=2,
+                files=[self.images.paths[i] for i in order],
+                labels=[int(self.images.labels[i]) for i in order],
+                batch_size=self.batch_size,
+                num_threads=self.num_threads,
+                prefetch_queue_depth=2,
                 device_id=self.device.index if self._options["on_cuda"] else None,
-                seed=epoch_seed(self.seed, self.epoch, self.rank) & 0x7FFFFFFF, **self._options,
+                seed=epoch_seed(self.seed, self.epoch, self.rank) & 0x7FFFFFFF,
+                **self._options,
             )
             pipe.build()
             policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
@@ -122,5 +161,7 @@ class DaliLoader(Loader):
                 return
             except RuntimeError as err:
                 raise self._error(err) from None
-            yield batch["x"].to(self.device, non_blocking=True), batch["y"].view(-1).to(
-                self.device, torch.int64, non_blocking=True)
+            yield (
+                batch["x"].to(self.device, non_blocking=True),
+                batch["y"].view(-1).to(self.device, torch.int64, non_blocking=True),
+            )

@@ -30,8 +30,17 @@ class Loader:
     evaluation keeps the order and never drops one.
     """
 
-    def __init__(self, num_items: int, batch_size: int, *, train: bool, drop_last: bool = False, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        *,
+        train: bool,
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.num_items, self.batch_size, self.train, self.seed = num_items, int(batch_size), train, seed
@@ -52,8 +61,14 @@ class Loader:
         """int64 (num_images,): the items of this epoch, in reading order."""
         if not self.train:  # evaluation: each image once over all ranks (no wrap-around), so summed counts are exact
             return torch.arange(self.rank, self.num_items, self.world_size)
-        return shard_indices(self.num_items, seed=self.seed, epoch=self.epoch, rank=self.rank,
-                             world_size=self.world_size, shuffle=self.train)
+        return shard_indices(
+            self.num_items,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            shuffle=self.train,
+        )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
@@ -76,24 +91,43 @@ class DeviceLoader(Loader):
     With `world_size` > 1 this rank reads its :func:`~fastlocal.data.sharding.shard_indices` share.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, train: bool,
-                 mean: Sequence[float], std: Sequence[float], pad: int = 0, pad_mode: str = "reflect",
-                 flip: bool = False, seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        train: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        pad: int = 0,
+        pad_mode: str = "reflect",
+        flip: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         if labels.dtype != torch.int64 or labels.shape != images.shape[:1] or labels.device != images.device:
-            raise ValueError(f"labels must be int64 ({images.shape[0]},) on {images.device}, got {labels.dtype} "
-                             f"{tuple(labels.shape)} on {labels.device}")
+            raise ValueError(
+                f"labels must be int64 ({images.shape[0]},) on {images.device}, got {labels.dtype} "
+                f"{tuple(labels.shape)} on {labels.device}"
+            )
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 values each, std positive; got {mean}, {std}")
         if pad < 0 or pad_mode not in PAD_MODES:
             raise ValueError(f"pad must be >= 0 and pad_mode one of {PAD_MODES}; got {pad}, {pad_mode!r}")
         height, width = images.shape[2], images.shape[3]
         if train and pad > 0 and pad_mode == "reflect" and pad >= min(height, width):
-            raise ValueError(f"reflect padding needs pad < image size, got pad {pad} for {height}x{width} images; "
-                             f"use a smaller pad or pad_mode='constant'")
-        super().__init__(images.shape[0], batch_size, train=train, drop_last=drop_last, seed=seed, rank=rank,
-                         world_size=world_size)
+            raise ValueError(
+                f"reflect padding needs pad < image size, got pad {pad} for {height}x{width} images; "
+                f"use a smaller pad or pad_mode='constant'"
+            )
+        super().__init__(
+            images.shape[0], batch_size, train=train, drop_last=drop_last, seed=seed, rank=rank, world_size=world_size
+        )
         self.images, self.labels, self.device = images, labels, images.device
         self.pad, self.pad_mode, self.flip = int(pad), pad_mode, bool(flip)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -155,6 +189,7 @@ class DeviceLoader(Loader):
             index = order[window]
             images = self.images.index_select(0, index)
             if self.augments:
-                images = self.augment(images, None if offsets is None else offsets[:, window],
-                                      None if flips is None else flips[window])
+                images = self.augment(
+                    images, None if offsets is None else offsets[:, window], None if flips is None else flips[window]
+                )
             yield self.normalize(images), self.labels.index_select(0, index)

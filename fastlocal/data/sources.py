@@ -68,9 +68,11 @@ def bundled_path() -> Path:
     """The CIFAR-10 subset shipped inside the package (1000 train / 200 test JPEGs per class)."""
     path = importlib.resources.files("fastlocal.data").joinpath("bundled", BUNDLED_FILE)
     if not path.is_file():
-        raise DataError(f"the bundled dataset {path} is missing from this installation; reinstall fastlocal (the "
-                        f"package data must include fastlocal/data/bundled/{BUNDLED_FILE}) or recreate it with "
-                        f"scripts/make_bundled_subset.py, or set data.source to another dataset")
+        raise DataError(
+            f"the bundled dataset {path} is missing from this installation; reinstall fastlocal (the "
+            f"package data must include fastlocal/data/bundled/{BUNDLED_FILE}) or recreate it with "
+            f"scripts/make_bundled_subset.py, or set data.source to another dataset"
+        )
     return Path(str(path))
 
 
@@ -90,11 +92,13 @@ def read_native(source: str, root: str | Path, split: str) -> SplitData:
             dataset = dataset_class(str(root), split=split, download=False)
             images, labels = dataset.data, dataset.labels
     except Exception as err:  # noqa: BLE001 -- torchvision raises RuntimeError when missing, others when corrupt
-        raise DataError(f"{source}: cannot read {where} under {root} ({type(err).__name__}: {err}). fastlocal never "
-                        f"downloads: on a machine with internet run torchvision.datasets.{class_name}(root, "
-                        f"download=True) and copy {where} into {root}, or set data.root to the folder that holds it, "
-                        f"or use data.source=imagefolder with data.root set to an image folder or archive "
-                        f"(train/<class>/*, ...)") from None
+        raise DataError(
+            f"{source}: cannot read {where} under {root} ({type(err).__name__}: {err}). fastlocal never "
+            f"downloads: on a machine with internet run torchvision.datasets.{class_name}(root, "
+            f"download=True) and copy {where} into {root}, or set data.root to the folder that holds it, "
+            f"or use data.source=imagefolder with data.root set to an image folder or archive "
+            f"(train/<class>/*, ...)"
+        ) from None
     class_names = list(getattr(dataset, "classes", None) or [str(k) for k in range(10)])
     return SplitData(np.ascontiguousarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64), class_names)
 
@@ -126,20 +130,31 @@ def balanced_quotas(counts: Sequence[int], total: int) -> list[int]:
     return quotas
 
 
-def choose_images(per_class: Sequence[Sequence[str]], max_n: int, read: Callable[[str], object], *, split: str,
-                  what: str, on_bad_image: str = "error", progress: bool = True,
-                  num_threads: int = 8) -> tuple[list[list[tuple[str, object]]], list[str]]:
+def choose_images(
+    per_class: Sequence[Sequence[str]],
+    max_n: int,
+    read: Callable[[str], object],
+    *,
+    split: str,
+    what: str,
+    on_bad_image: str = "error",
+    progress: bool = True,
+    num_threads: int = 8,
+) -> tuple[list[list[tuple[str, object]]], list[str]]:
     """Per class, [(name, read(name))] for all names or the class-balanced first `max_n` readable ones,
     and the sorted names skipped as unreadable. `read` raises BadImage for an unreadable image."""
     total = sum(len(names) for names in per_class)
     if max_n > total:
-        raise DataError(f"data.max_{split} = {max_n} is larger than the {split} split of {what}, which has {total} "
-                        f"images; set data.max_{split} to at most {total} (or 0 for all of them)")
+        raise DataError(
+            f"data.max_{split} = {max_n} is larger than the {split} split of {what}, which has {total} "
+            f"images; set data.max_{split} to at most {total} (or 0 for all of them)"
+        )
     values: dict[str, object] = {}
     bad: dict[str, str] = {}
     # A bar only for reads that last more than a second; PIL releases the GIL, so threads read in parallel.
-    bar = tqdm(desc=f"reading {split} images of {Path(what).name}", unit="img", leave=False, delay=1,
-               disable=not progress)
+    bar = tqdm(
+        desc=f"reading {split} images of {Path(what).name}", unit="img", leave=False, delay=1, disable=not progress
+    )
     pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads))
 
     def attempt(name: str) -> tuple[object, str | None]:
@@ -154,8 +169,10 @@ def choose_images(per_class: Sequence[Sequence[str]], max_n: int, read: Callable
             available = sum(len(g) for g in good)
             wanted = max_n if max_n > 0 else available
             if wanted > available:
-                raise DataError(f"data.max_{split} = {max_n} needs {max_n} readable {split} images in {what}, but only "
-                                f"{available} of {total} are readable ({len(bad)} skipped); lower data.max_{split}")
+                raise DataError(
+                    f"data.max_{split} = {max_n} needs {max_n} readable {split} images in {what}, but only "
+                    f"{available} of {total} are readable ({len(bad)} skipped); lower data.max_{split}"
+                )
             quotas = balanced_quotas([len(g) for g in good], wanted)
             chosen = [g[:q] for g, q in zip(good, quotas, strict=True)]
             todo = [n for names in chosen for n in names if n not in values]
@@ -167,8 +184,10 @@ def choose_images(per_class: Sequence[Sequence[str]], max_n: int, read: Callable
                 elif on_bad_image == "skip":
                     bad[name] = error
                 else:
-                    raise DataError(f"cannot read image {name} in {what} ({error}); delete or replace the file, or set "
-                                    f"data.on_bad_image=skip to leave unreadable images out")
+                    raise DataError(
+                        f"cannot read image {name} in {what} ({error}); delete or replace the file, or set "
+                        f"data.on_bad_image=skip to leave unreadable images out"
+                    )
                 bar.update(1)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -193,8 +212,9 @@ def extract_archive(archive: Path, cache: Path, *, progress: bool = True) -> Pat
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f"{target.name}.", suffix=".tmp"))
         with tarfile.open(archive, "r:*") as tar:
-            members = tqdm(tar, desc=f"extracting {archive.name}", unit="file", leave=False, delay=1,
-                           disable=not progress)
+            members = tqdm(
+                tar, desc=f"extracting {archive.name}", unit="file", leave=False, delay=1, disable=not progress
+            )
             # One pass, front to back; the "data" filter refuses members that would land outside `tmp`.
             tar.extractall(tmp, members=members, filter="data")
             # tarfile ends its iteration quietly when the file stops at a member boundary; a complete
@@ -211,17 +231,23 @@ def extract_archive(archive: Path, cache: Path, *, progress: bool = True) -> Pat
                 shutil.rmtree(target, ignore_errors=True)
                 os.rename(tmp, target)
     except tarfile.FilterError as err:
-        raise DataError(f"the archive {archive} holds {err.tarinfo.name!r}, which would write or link outside the "
-                        f"folder it is extracted to ({err}); nothing was extracted. Re-create the archive with "
-                        f"relative paths and no links leaving it") from None
+        raise DataError(
+            f"the archive {archive} holds {err.tarinfo.name!r}, which would write or link outside the "
+            f"folder it is extracted to ({err}); nothing was extracted. Re-create the archive with "
+            f"relative paths and no links leaving it"
+        ) from None
     except (tarfile.TarError, EOFError, zlib.error) as err:
-        raise DataError(f"cannot read the archive {archive}: it is truncated, corrupt or not a .tar/.tar.gz/.tgz "
-                        f"archive ({type(err).__name__}: {err}); re-download or re-create it (compare its size with "
-                        f"the original), or extract it and set data.root to the extracted folder") from None
+        raise DataError(
+            f"cannot read the archive {archive}: it is truncated, corrupt or not a .tar/.tar.gz/.tgz "
+            f"archive ({type(err).__name__}: {err}); re-download or re-create it (compare its size with "
+            f"the original), or extract it and set data.root to the extracted folder"
+        ) from None
     except OSError as err:
-        raise DataError(f"cannot extract {archive} into {parent} ({type(err).__name__}: {err}); free disk space or "
-                        f"set data.cache_dir or $FASTLOCAL_CACHE to a writable folder with room, or extract it "
-                        f"yourself and set data.root to the folder") from None
+        raise DataError(
+            f"cannot extract {archive} into {parent} ({type(err).__name__}: {err}); free disk space or "
+            f"set data.cache_dir or $FASTLOCAL_CACHE to a writable folder with room, or extract it "
+            f"yourself and set data.root to the folder"
+        ) from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -246,17 +272,21 @@ def find_base(origin: Path, folder: Path) -> Path:
         if not {"train", "test"} & set(inner):
             found = sorted([d + "/" for d in top] + [e.name for e in os.scandir(folder) if e.is_file()])
             found = [f for f in found if f != EXTRACTED_MARKER]
-            raise DataError(f"{origin}: no train/ and test/ folders; found top-level entries: "
-                            f"{', '.join(found) or '(none)'}. Expected the image-folder layout train/<class>/<image> "
-                            f"and test/<class>/<image>, optionally under one top-level folder (e.g. "
-                            f"cifar10-jpeg/train/airplane/0000.jpg)")
+            raise DataError(
+                f"{origin}: no train/ and test/ folders; found top-level entries: "
+                f"{', '.join(found) or '(none)'}. Expected the image-folder layout train/<class>/<image> "
+                f"and test/<class>/<image>, optionally under one top-level folder (e.g. "
+                f"cifar10-jpeg/train/airplane/0000.jpg)"
+            )
         base, top = folder / top[0], inner
     for split in SPLITS:
         if split not in top:
             where = f"{base.name}/" if base != folder else "the top level"
             others = ", ".join(d + "/" for d in top if d != split) or "nothing"
-            raise DataError(f"{origin}: no {split}/ folder at {where} (it holds: {others}); put the images in "
-                            f"train/<class>/<image> and test/<class>/<image>")
+            raise DataError(
+                f"{origin}: no {split}/ folder at {where} (it holds: {others}); put the images in "
+                f"train/<class>/<image> and test/<class>/<image>"
+            )
     return base
 
 
@@ -290,8 +320,10 @@ def list_imagefolder(root: str | Path, *, cache: Path, progress: bool = True) ->
     """The image files under `root` (a folder, or an archive extracted once into `cache`)."""
     origin = Path(root).expanduser().absolute()
     if not origin.exists():
-        raise DataError(f"data.root {origin} does not exist; set data.root to a folder or .tar/.tar.gz archive holding "
-                        f"train/<class>/* and test/<class>/*")
+        raise DataError(
+            f"data.root {origin} does not exist; set data.root to a folder or .tar/.tar.gz archive holding "
+            f"train/<class>/* and test/<class>/*"
+        )
     from torchvision.datasets.folder import make_dataset
 
     folder = origin if origin.is_dir() else extract_archive(origin, cache, progress=progress)
@@ -301,14 +333,17 @@ def list_imagefolder(root: str | Path, *, cache: Path, progress: bool = True) ->
         raise DataError(f"{origin}: train/ has no class folders; put the training images in train/<class>/<image>")
     extra = sorted(set(_subfolders(base / "test")) - set(class_names))
     if extra:
-        raise DataError(f"{origin}: test/ has classes that are not in train/: {', '.join(extra)}; every test class "
-                        f"needs a train/ folder of the same name (labels are the sorted train/ folder names)")
+        raise DataError(
+            f"{origin}: test/ has classes that are not in train/: {', '.join(extra)}; every test class "
+            f"needs a train/ folder of the same name (labels are the sorted train/ folder names)"
+        )
     digest = hashlib.sha256(f"folder:{base.resolve()}".encode())
     files: dict[str, list[list[str]]] = {}
     for split in SPLITS:
         per_class: list[list[str]] = [[] for _ in class_names]
-        samples = make_dataset(str(base / split), {c: k for k, c in enumerate(class_names)},
-                               is_valid_file=_is_image, allow_empty=True)
+        samples = make_dataset(
+            str(base / split), {c: k for k, c in enumerate(class_names)}, is_valid_file=_is_image, allow_empty=True
+        )
         for path, label in samples:
             relative = Path(path).relative_to(base).as_posix()
             st = os.stat(path)
@@ -316,8 +351,10 @@ def list_imagefolder(root: str | Path, *, cache: Path, progress: bool = True) ->
             per_class[label].append(relative)
         for name, names in zip(class_names, per_class, strict=True):
             if not names and (base / split / name).is_dir():
-                raise DataError(f"{origin}: class folder {split}/{name}/ has no images (files ending in "
-                                f"{', '.join(IMAGE_EXTENSIONS)}); add images to it or remove the folder")
+                raise DataError(
+                    f"{origin}: class folder {split}/{name}/ has no images (files ending in "
+                    f"{', '.join(IMAGE_EXTENSIONS)}); add images to it or remove the folder"
+                )
         files[split] = per_class
     if not any(files["test"]):
         raise DataError(f"{origin}: test/ has no images; put the test images in test/<class>/<image>")
@@ -376,51 +413,98 @@ def cached(cache: Path, name: str, key: str, compute: Callable[[], dict[str, np.
         finally:
             Path(tmp).unlink(missing_ok=True)
     except OSError as err:
-        warnings.warn(f"could not write the cache {path} ({err}); it is computed again next run. Set data.cache_dir "
-                      f"or $FASTLOCAL_CACHE to a writable folder", stacklevel=2)
+        warnings.warn(
+            f"could not write the cache {path} ({err}); it is computed again next run. Set data.cache_dir "
+            f"or $FASTLOCAL_CACHE to a writable folder",
+            stacklevel=2,
+        )
     return arrays
 
 
-def read_split(folder: ImageFolder, split: str, max_n: int, read: Callable[[Path], object], *, cache: Path,
-               name: str, variant: str, on_bad_image: str = "error", progress: bool = True, num_threads: int = 8):
+def read_split(
+    folder: ImageFolder,
+    split: str,
+    max_n: int,
+    read: Callable[[Path], object],
+    *,
+    cache: Path,
+    name: str,
+    variant: str,
+    on_bad_image: str = "error",
+    progress: bool = True,
+    num_threads: int = 8,
+):
     """The chosen images of `split` (see :func:`choose_images`) as arrays: paths (relative to folder.base),
     labels int64 and, when `read` returns pixels, images uint8 (N, 3, H, W). Read once, then loaded from the
     cache, whose key holds everything they depend on (`variant`: how they were read)."""
 
     def compute() -> dict[str, np.ndarray]:
-        chosen, skipped = choose_images(folder.files[split], max_n, lambda rel: read(folder.base / rel), split=split,
-                                        what=str(folder.origin), on_bad_image=on_bad_image, progress=progress,
-                                        num_threads=num_threads)
+        chosen, skipped = choose_images(
+            folder.files[split],
+            max_n,
+            lambda rel: read(folder.base / rel),
+            split=split,
+            what=str(folder.origin),
+            on_bad_image=on_bad_image,
+            progress=progress,
+            num_threads=num_threads,
+        )
         entries = [entry for names in chosen for entry in names]
         if not entries:
             raise DataError(f"{folder.origin}: no readable {split} images; check data.root and data.max_{split}")
-        arrays = dict(paths=np.array([rel for rel, _ in entries], dtype=str), skipped=np.array(skipped, dtype=str),
-                      labels=np.array([k for k, names in enumerate(chosen) for _ in names], np.int64))
+        arrays = dict(
+            paths=np.array([rel for rel, _ in entries], dtype=str),
+            skipped=np.array(skipped, dtype=str),
+            labels=np.array([k for k, names in enumerate(chosen) for _ in names], np.int64),
+        )
         if isinstance(entries[0][1], np.ndarray):
             (first, pixels), shape = entries[0], entries[0][1].shape
             odd, odd_pixels = next((e for e in entries if e[1].shape != shape), (None, pixels))
             if odd is not None:
-                raise DataError(f"images in {folder.origin} differ in size: {first} is {shape[2]}x{shape[1]} but "
-                                f"{odd} is {odd_pixels.shape[2]}x{odd_pixels.shape[1]}; set data.image_size=N to "
-                                f"resize every image to NxN")
+                raise DataError(
+                    f"images in {folder.origin} differ in size: {first} is {shape[2]}x{shape[1]} but "
+                    f"{odd} is {odd_pixels.shape[2]}x{odd_pixels.shape[1]}; set data.image_size=N to "
+                    f"resize every image to NxN"
+                )
             arrays["images"] = np.stack([pixels for _, pixels in entries])
         return arrays
 
     key = f"v{CACHE_VERSION}|{folder.identity}|{split}|{max_n}|{variant}|{on_bad_image}"
     arrays = cached(cache, f"{name}-{split}", key, compute)
     if len(arrays["skipped"]):
-        warnings.warn(f"{name}: skipped {len(arrays['skipped'])} unreadable {split} image(s) in {folder.origin} "
-                      f"(data.on_bad_image=skip), e.g. {arrays['skipped'][0]}", stacklevel=3)
+        warnings.warn(
+            f"{name}: skipped {len(arrays['skipped'])} unreadable {split} image(s) in {folder.origin} "
+            f"(data.on_bad_image=skip), e.g. {arrays['skipped'][0]}",
+            stacklevel=3,
+        )
     return arrays
 
 
-def read_imagefolder(root: str | Path, *, cache: Path, max_train: int = 0, max_test: int = 0, image_size: int = 0,
-                     on_bad_image: str = "error", progress: bool = True, name: str = "imagefolder") -> dict:
+def read_imagefolder(
+    root: str | Path,
+    *,
+    cache: Path,
+    max_train: int = 0,
+    max_test: int = 0,
+    image_size: int = 0,
+    on_bad_image: str = "error",
+    progress: bool = True,
+    name: str = "imagefolder",
+) -> dict:
     """{split: SplitData} of an image-folder dataset, decoded once and cached in `cache`."""
     folder = list_imagefolder(root, cache=Path(cache), progress=progress)
     result = {}
     for split, max_n in zip(SPLITS, (max_train, max_test), strict=True):
-        arrays = read_split(folder, split, max_n, lambda path: _decode(path, image_size), cache=Path(cache), name=name,
-                            variant=f"PIL {image_size}", on_bad_image=on_bad_image, progress=progress)
+        arrays = read_split(
+            folder,
+            split,
+            max_n,
+            lambda path: _decode(path, image_size),
+            cache=Path(cache),
+            name=name,
+            variant=f"PIL {image_size}",
+            on_bad_image=on_bad_image,
+            progress=progress,
+        )
         result[split] = SplitData(arrays["images"], arrays["labels"].astype(np.int64), folder.class_names)
     return result

@@ -51,10 +51,18 @@ def select_images(cfg: DataConfig, split: str, *, formats=None, progress: bool =
     """The checked files of `split` to stream (all, or the class-balanced first data.max_<split>), cached."""
     cache = sources.cache_dir(cfg.cache_dir)
     folder = sources.list_imagefolder(root_folder(cfg), cache=cache, progress=progress)
-    arrays = sources.read_split(folder, split, cfg.max_train if split == "train" else cfg.max_test,
-                                lambda path: check_image(path, formats), cache=cache / "checked", name=cfg.source,
-                                variant=f"checked {sorted(formats or ['PIL'])}", on_bad_image=cfg.on_bad_image,
-                                progress=progress, num_threads=max(1, cfg.num_workers))
+    arrays = sources.read_split(
+        folder,
+        split,
+        cfg.max_train if split == "train" else cfg.max_test,
+        lambda path: check_image(path, formats),
+        cache=cache / "checked",
+        name=cfg.source,
+        variant=f"checked {sorted(formats or ['PIL'])}",
+        on_bad_image=cfg.on_bad_image,
+        progress=progress,
+        num_threads=max(1, cfg.num_workers),
+    )
     return ImageList(folder.base, arrays["paths"].tolist(), arrays["labels"].astype(np.int64), folder.class_names)
 
 
@@ -88,8 +96,10 @@ class _ImageFiles(torch.utils.data.Dataset):
             with Image.open(path) as img:
                 image = img.convert("RGB")
         except Exception as err:  # noqa: BLE001 -- a file changed after the check: name it, do not hang
-            raise DataError(f"cannot read image {path} ({type(err).__name__}: {err}); it changed after the "
-                            f"up-front check? delete or replace it") from None
+            raise DataError(
+                f"cannot read image {path} ({type(err).__name__}: {err}); it changed after the "
+                f"up-front check? delete or replace it"
+            ) from None
         if seed < 0:
             return self.transform(image), int(self.labels[index])
         # Seeded per image, so a crop does not depend on the worker count; fork_rng keeps the caller's RNG.
@@ -106,11 +116,27 @@ class TorchImageLoader(Loader):
     augmentation is seeded from (seed, epoch, index): an epoch is the same whatever num_workers is.
     """
 
-    def __init__(self, images: ImageList, batch_size: int, *, train: bool, crop_size: int, resize_size: int,
-                 mean: Sequence[float], std: Sequence[float], flip: bool = True, seed: int = 0, drop_last: bool = False,
-                 device: torch.device | str = "cpu", num_workers: int = 0, rank: int = 0, world_size: int = 1):
-        super().__init__(len(images), batch_size, train=train, drop_last=drop_last, seed=seed, rank=rank,
-                         world_size=world_size)
+    def __init__(
+        self,
+        images: ImageList,
+        batch_size: int,
+        *,
+        train: bool,
+        crop_size: int,
+        resize_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        flip: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        device: torch.device | str = "cpu",
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__(
+            len(images), batch_size, train=train, drop_last=drop_last, seed=seed, rank=rank, world_size=world_size
+        )
         self.images, self.device = images, torch.device(device)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -119,10 +145,15 @@ class TorchImageLoader(Loader):
         # their queues first and then wait seconds per worker for a message that never arrives.
         self._keys: list[tuple[int, int]] = []
         self._loader = torch.utils.data.DataLoader(
-            _ImageFiles(images, image_transform(train, crop_size, resize_size, flip)), batch_size=self.batch_size,
-            sampler=self._keys, num_workers=num_workers, pin_memory=self.device.type == "cuda",
-            drop_last=self.drop_last, persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None)
+            _ImageFiles(images, image_transform(train, crop_size, resize_size, flip)),
+            batch_size=self.batch_size,
+            sampler=self._keys,
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=self.drop_last,
+            persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None,
+        )
 
     def keys(self) -> list[tuple[int, int]]:
         """(index, per-image augmentation seed, -1 for none) of this epoch, in reading order."""
@@ -140,9 +171,19 @@ class TorchImageLoader(Loader):
             yield images, labels.to(self.device, non_blocking=True)
 
 
-def build_streaming_data(cfg: DataConfig, kind: str, *, batch_size: int, eval_batch_size: int,
-                         device: torch.device | str, seed: int, drop_last: bool = False, progress: bool = True,
-                         rank: int = 0, world_size: int = 1) -> DataBundle:
+def build_streaming_data(
+    cfg: DataConfig,
+    kind: str,
+    *,
+    batch_size: int,
+    eval_batch_size: int,
+    device: torch.device | str,
+    seed: int,
+    drop_last: bool = False,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataBundle:
     """The streaming loaders (`kind` = torch or dali) for an image folder or archive; see build_data."""
     formats = None
     if kind == "dali":
@@ -156,9 +197,12 @@ def build_streaming_data(cfg: DataConfig, kind: str, *, batch_size: int, eval_ba
     size = sources.first_image_size(train.base)
     if size is not None and 2 * size <= crop:
         # Upscaling every image 2x or more (e.g. 32 px CIFAR to the default 224) is almost always a mistake.
-        warnings.warn(f"the {kind} loader crops data.crop_size = {crop} pixels, but the images are {size} px, so "
-                      f"every crop is upscaled; set data.crop_size (and data.resize_size) to at most {size}, or use "
-                      f"data.loader=device, the in-memory loader made for small images", stacklevel=3)
+        warnings.warn(
+            f"the {kind} loader crops data.crop_size = {crop} pixels, but the images are {size} px, so "
+            f"every crop is upscaled; set data.crop_size (and data.resize_size) to at most {size}, or use "
+            f"data.loader=device, the in-memory loader made for small images",
+            stacklevel=3,
+        )
 
     def sample() -> np.ndarray:  # evaluation views of up to STATS_MAX_IMAGES training images, spread evenly
         picks = np.unique(np.linspace(0, len(train) - 1, min(len(train), STATS_MAX_IMAGES)).round().astype(int))
@@ -167,12 +211,28 @@ def build_streaming_data(cfg: DataConfig, kind: str, *, batch_size: int, eval_ba
 
     mean, std = normalization("imagenet" if cfg.normalize == "auto" else cfg.normalize, sample)
     flip = cfg.flip != "off"
-    common = dict(crop_size=crop, resize_size=resize, mean=mean, std=std, flip=flip, seed=seed, device=device,
-                  rank=rank, world_size=world_size)
+    common = dict(
+        crop_size=crop,
+        resize_size=resize,
+        mean=mean,
+        std=std,
+        flip=flip,
+        seed=seed,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+    )
     loader_class = DaliLoader if kind == "dali" else TorchImageLoader
-    common.update(dict(decoder=cfg.dali_decoder, num_threads=max(1, cfg.num_workers)) if kind == "dali"
-                  else dict(num_workers=cfg.num_workers))
-    info = DatasetInfo(cfg.source, len(train.class_names), crop, train.class_names, tuple(mean), tuple(std), 0,
-                       "constant", flip)
-    return DataBundle(loader_class(train, batch_size, train=True, drop_last=drop_last, **common),
-                      loader_class(test, eval_batch_size, train=False, **common), info)
+    common.update(
+        dict(decoder=cfg.dali_decoder, num_threads=max(1, cfg.num_workers))
+        if kind == "dali"
+        else dict(num_workers=cfg.num_workers)
+    )
+    info = DatasetInfo(
+        cfg.source, len(train.class_names), crop, train.class_names, tuple(mean), tuple(std), 0, "constant", flip
+    )
+    return DataBundle(
+        loader_class(train, batch_size, train=True, drop_last=drop_last, **common),
+        loader_class(test, eval_batch_size, train=False, **common),
+        info,
+    )

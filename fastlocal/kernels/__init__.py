@@ -70,10 +70,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 
 def ema_update_(
-    ema_tensors: list[Tensor],
-    live_tensors: list[Tensor],
-    momentum: float | Tensor,
-    backend: str = "auto",
+    ema_tensors: list[Tensor], live_tensors: list[Tensor], momentum: float | Tensor, backend: str = "auto"
 ) -> None:
     """In place ``ema <- m * ema + (1 - m) * live`` for every pair of the two lists.
 
@@ -94,18 +91,12 @@ def ema_update_(
         from fastlocal.kernels.ema import ema_update_ref
 
         if len(ema_tensors) != len(live_tensors):
-            raise ValueError(
-                f"ema_update_: got {len(ema_tensors)} EMA tensors and {len(live_tensors)} live tensors"
-            )
+            raise ValueError(f"ema_update_: got {len(ema_tensors)} EMA tensors and {len(live_tensors)} live tensors")
         ema_update_ref(ema_tensors, live_tensors, momentum)
 
 
 def gap_linear_cross_entropy(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    target: Tensor,
-    backend: str = "auto",
+    x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, backend: str = "auto"
 ) -> Tensor:
     """``cross_entropy(linear(mean(x, (2, 3)), weight, bias), target)``, mean reduction, fp32 loss.
 

@@ -382,8 +382,7 @@ def _grad_tile_cap(device: torch.device) -> int:
     return 32 if major is not None and major < 9 else _TILE
 
 
-def _grad_blocks(batch: int, channels: int, num_classes: int, max_block: int,
-                 device: torch.device) -> tuple[int, ...]:
+def _grad_blocks(batch: int, channels: int, num_classes: int, max_block: int, device: torch.device) -> tuple[int, ...]:
     """Tiles of kernel 3: (block_b, block_n, block_c, num_c_tiles, num_dw_tiles, rows_per_split, splits).
 
     dW tiles are few for small heads (one for N=10, C=64); then the batch is split so that about 64
@@ -417,13 +416,9 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor
     if batch == 0 or channels == 0 or height * width == 0:
         raise ValueError(f"gap_linear_cross_entropy: x has an empty dim: {tuple(x.shape)}")
     if weight.dim() != 2 or weight.shape[1] != channels or weight.shape[0] == 0:
-        raise ValueError(
-            f"gap_linear_cross_entropy: weight must be (N, C={channels}), got {tuple(weight.shape)}"
-        )
+        raise ValueError(f"gap_linear_cross_entropy: weight must be (N, C={channels}), got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(
-            f"gap_linear_cross_entropy: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}"
-        )
+        raise ValueError(f"gap_linear_cross_entropy: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     if target.shape != (batch,) or target.dtype != torch.int64:
         raise ValueError(
             f"gap_linear_cross_entropy: target must be int64 of shape ({batch},), got {target.dtype} "
@@ -433,13 +428,12 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor
         if tensor is not None and tensor.device != x.device:
             raise ValueError(f"gap_linear_cross_entropy: {name} is on {tensor.device}, x on {x.device}")
     if not (x.is_floating_point() and weight.is_floating_point()):
-        raise ValueError(
-            f"gap_linear_cross_entropy: x and weight must be float, got {x.dtype}, {weight.dtype}"
-        )
+        raise ValueError(f"gap_linear_cross_entropy: x and weight must be float, got {x.dtype}, {weight.dtype}")
 
 
-def _forward_outputs(x: Tensor, weight: Tensor, bias: Tensor | None, need_dx: bool, need_dwb: bool,
-                     splits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _forward_outputs(
+    x: Tensor, weight: Tensor, bias: Tensor | None, need_dx: bool, need_dwb: bool, splits: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward's outputs, allocated (also for the fake tensors torch.compile traces with): loss (),
     dpooled (B, C), dW (S, N, C), db (S, N), all fp32; a gradient not needed is empty."""
     batch, channels, num_classes = x.shape[0], x.shape[1], weight.shape[0]
@@ -451,14 +445,25 @@ def _forward_outputs(x: Tensor, weight: Tensor, bias: Tensor | None, need_dx: bo
     return loss, dpooled, dw, db
 
 
-def _backward_outputs(grad: Tensor, dpooled: Tensor, dw: Tensor, db: Tensor, x_shape: list[int],
-                      x_dtype: torch.dtype, x_channels_last: bool, weight_dtype: torch.dtype,
-                      bias_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_outputs(
+    grad: Tensor,
+    dpooled: Tensor,
+    dw: Tensor,
+    db: Tensor,
+    x_shape: list[int],
+    x_dtype: torch.dtype,
+    x_channels_last: bool,
+    weight_dtype: torch.dtype,
+    bias_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The backward's outputs (dx in x's layout, dW, db), allocated; empty where the saved one is empty."""
     memory_format = torch.channels_last if x_channels_last else torch.contiguous_format
     empty = grad.new_empty(0)
-    dx = torch.empty(x_shape, dtype=x_dtype, device=grad.device, memory_format=memory_format) \
-        if dpooled.numel() > 0 else empty
+    dx = (
+        torch.empty(x_shape, dtype=x_dtype, device=grad.device, memory_format=memory_format)
+        if dpooled.numel() > 0
+        else empty
+    )
     dw_out = grad.new_empty(dw.shape[1:], dtype=weight_dtype) if dw.numel() > 0 else empty
     db_out = grad.new_empty(db.shape[1:], dtype=bias_dtype) if db.numel() > 0 else empty
     return dx, dw_out, db_out
@@ -556,8 +561,9 @@ def _backward_impl(
     batch, channels, height, width = x_shape
     spatial = height * width
     need_dx, need_dw, need_db = dpooled.numel() > 0, dw.numel() > 0, db.numel() > 0
-    dx, dw_out, db_out = _backward_outputs(grad, dpooled, dw, db, x_shape, x_dtype, x_channels_last, weight_dtype,
-                                           bias_dtype)
+    dx, dw_out, db_out = _backward_outputs(
+        grad, dpooled, dw, db, x_shape, x_dtype, x_channels_last, weight_dtype, bias_dtype
+    )
     num_splits = dw.shape[0] if need_dw else (db.shape[0] if need_db else 0)
     block_hw = min(_pow2(spatial), 256)
     block_c = min(_pow2(channels), max(1, 4096 // block_hw))
@@ -588,7 +594,9 @@ def _backward_impl(
 # Explicit schemas: annotation inference differs between torch versions. The ops wrap the launchers
 # themselves; the fakes only allocate the outputs.
 _forward_op = torch.library.custom_op(
-    "fastlocal::gap_linear_ce_fwd", _forward_impl, mutates_args=(),
+    "fastlocal::gap_linear_ce_fwd",
+    _forward_impl,
+    mutates_args=(),
     schema="(Tensor x, Tensor weight, Tensor? bias, Tensor target, bool need_dx, bool need_dwb, "
     "int max_block, int fuse_pool) -> (Tensor, Tensor, Tensor, Tensor)",
 )
@@ -601,7 +609,9 @@ def _forward_fake(x, weight, bias, target, need_dx, need_dwb, max_block, fuse_po
 
 
 _backward_op = torch.library.custom_op(
-    "fastlocal::gap_linear_ce_bwd", _backward_impl, mutates_args=(),
+    "fastlocal::gap_linear_ce_bwd",
+    _backward_impl,
+    mutates_args=(),
     schema="(Tensor grad, Tensor dpooled, Tensor dw, Tensor db, int[] x_shape, ScalarType x_dtype, "
     "bool x_channels_last, ScalarType weight_dtype, ScalarType bias_dtype) -> (Tensor, Tensor, Tensor)",
 )
@@ -634,14 +644,7 @@ class _GapLinearCrossEntropy(torch.autograd.Function):
             grad_loss, dpooled, dw if need_dw else empty, db if need_db else empty, ctx.x_shape,
             ctx.x_dtype, ctx.x_channels_last, ctx.weight_dtype, ctx.bias_dtype,
         )  # fmt: skip
-        return (
-            dx if need_dx else None,
-            dw_out if need_dw else None,
-            db_out if need_db else None,
-            None,
-            None,
-            None,
-        )
+        return (dx if need_dx else None, dw_out if need_dw else None, db_out if need_db else None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -650,13 +653,7 @@ class _GapLinearCrossEntropy(torch.autograd.Function):
 
 
 def gap_linear_cross_entropy(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    target: Tensor,
-    *,
-    max_block: int = 1 << 30,
-    fuse_pool: int = -1,
+    x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, *, max_block: int = 1 << 30, fuse_pool: int = -1
 ) -> Tensor:
     """Fused ``cross_entropy(linear(mean(x, (2, 3)), weight, bias), target)`` (Triton); a 0-d fp32 loss.
 

@@ -51,9 +51,17 @@ ELEMENTWISE_WARPS = 4
 # ----------------------------------------------------------------------------------------------------
 
 
-def batch_norm_act_ref(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None,
-                       running_var: Tensor | None, momentum: float, eps: float, residual: Tensor | None = None,
-                       relu: bool = True) -> Tensor:
+def batch_norm_act_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+    residual: Tensor | None = None,
+    relu: bool = True,
+) -> Tensor:
     """``relu(batch_norm(x, training=True) + residual)`` with PyTorch ops (the ReLU and residual optional)."""
     out = F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
     if residual is not None:
@@ -66,7 +74,6 @@ def batch_norm_act_ref(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Te
 # ----------------------------------------------------------------------------------------------------
 
 if triton is not None:
-
     # Stride legend. Every 4-d tensor is read as an (M, C) matrix, M = N*H*W, through three strides named
     # s<tensor><dim>: <dim> is n (image), c (channel) or hw (pixel within an image, H and W merged); <tensor> is
     #   x: the input, r: the residual (forward) or its gradient (backward), y: the output,
@@ -82,8 +89,19 @@ if triton is not None:
         return n[:, None] * stride_n + hw[:, None] * stride_hw + cols[None, :].to(tl.int64) * stride_c
 
     @triton.jit
-    def bn_stats_partials_kernel(x_ptr, partial_ptr, M, C, hw_size, sxn, sxc, sxhw, rows_per_program,
-                                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def bn_stats_partials_kernel(
+        x_ptr,
+        partial_ptr,
+        M,
+        C,
+        hw_size,
+        sxn,
+        sxc,
+        sxhw,
+        rows_per_program,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         pid_m, pid_c = tl.program_id(0), tl.program_id(1)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         col_mask = cols < C
@@ -109,8 +127,7 @@ if triton is not None:
         tl.store(out + C, tl.sum(s2, axis=0), mask=col_mask)
 
     @triton.jit
-    def _sum_partials(partial_ptr, num_partials, cols, col_mask, C, BLOCK_P: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
+    def _sum_partials(partial_ptr, num_partials, cols, col_mask, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         # The two (num_partials, C) halves of the (num_partials, 2, C) partials, summed over their rows in
         # a fixed order.
         a1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
@@ -124,10 +141,27 @@ if triton is not None:
         return tl.sum(a1, axis=0), tl.sum(a2, axis=0)
 
     @triton.jit
-    def bn_stats_finalize_kernel(x_ptr, partial_ptr, num_partials, weight_ptr, bias_ptr, running_mean_ptr,
-                                 running_var_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, M, C, sxc, eps,
-                                 momentum, UPDATE_RUNNING: tl.constexpr, BLOCK_P: tl.constexpr,
-                                 BLOCK_C: tl.constexpr):
+    def bn_stats_finalize_kernel(
+        x_ptr,
+        partial_ptr,
+        num_partials,
+        weight_ptr,
+        bias_ptr,
+        running_mean_ptr,
+        running_var_ptr,
+        mean_ptr,
+        invstd_ptr,
+        scale_ptr,
+        shift_ptr,
+        M,
+        C,
+        sxc,
+        eps,
+        momentum,
+        UPDATE_RUNNING: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         col_mask = cols < C
         k = tl.load(x_ptr + cols.to(tl.int64) * sxc, mask=col_mask, other=0.0).to(tl.float32)
@@ -153,9 +187,29 @@ if triton is not None:
             tl.store(running_var_ptr + cols, rv_new.to(running_var_ptr.dtype.element_ty), mask=col_mask)
 
     @triton.jit
-    def bn_apply_kernel(x_ptr, res_ptr, y_ptr, scale_ptr, shift_ptr, M, C, hw_size, sxn, sxc, sxhw, srn, src,
-                        srhw, syn, syc, syhw, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def bn_apply_kernel(
+        x_ptr,
+        res_ptr,
+        y_ptr,
+        scale_ptr,
+        shift_ptr,
+        M,
+        C,
+        hw_size,
+        sxn,
+        sxc,
+        sxhw,
+        srn,
+        src,
+        srhw,
+        syn,
+        syc,
+        syhw,
+        HAS_RESIDUAL: tl.constexpr,
+        RELU: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         col_mask = cols < C
@@ -173,8 +227,7 @@ if triton is not None:
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _masked_grad(dy_ptr, y_ptr, rows, cols, mask, hw_size, sdn, sdc, sdhw, syn, syc, syhw,
-                     RELU: tl.constexpr):
+    def _masked_grad(dy_ptr, y_ptr, rows, cols, mask, hw_size, sdn, sdc, sdhw, syn, syc, syhw, RELU: tl.constexpr):
         # dz = dy where the output was positive (the ReLU's gradient), in fp32.
         dz = tl.load(dy_ptr + _tile_offsets(rows, cols, hw_size, sdn, sdc, sdhw), mask=mask, other=0.0)
         dz = dz.to(tl.float32)
@@ -184,10 +237,35 @@ if triton is not None:
         return dz
 
     @triton.jit
-    def bn_grad_partials_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, partial_ptr, dz_ptr, M, C, hw_size,
-                                sdn, sdc, sdhw, syn, syc, syhw, sxn, sxc, sxhw, szn, szc, szhw, rows_per_program,
-                                RELU: tl.constexpr, STORE_DZ: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_C: tl.constexpr):
+    def bn_grad_partials_kernel(
+        dy_ptr,
+        y_ptr,
+        x_ptr,
+        mean_ptr,
+        invstd_ptr,
+        partial_ptr,
+        dz_ptr,
+        M,
+        C,
+        hw_size,
+        sdn,
+        sdc,
+        sdhw,
+        syn,
+        syc,
+        syhw,
+        sxn,
+        sxc,
+        sxhw,
+        szn,
+        szc,
+        szhw,
+        rows_per_program,
+        RELU: tl.constexpr,
+        STORE_DZ: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         # STORE_DZ: also write dz (the residual's gradient), so the dx pass reads it instead of dy and y.
         pid_m, pid_c = tl.program_id(0), tl.program_id(1)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -220,10 +298,41 @@ if triton is not None:
         tl.store(sums_ptr + C + cols, s2, mask=col_mask)
 
     @triton.jit
-    def bn_grad_input_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, sums_ptr, dx_ptr, dres_ptr,
-                             M, C, hw_size, sdn, sdc, sdhw, syn, syc, syhw, sxn, sxc, sxhw, sgn, sgc, sghw, srn,
-                             src, srhw, RELU: tl.constexpr, DZ_STORED: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                             WANT_DX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def bn_grad_input_kernel(
+        dy_ptr,
+        y_ptr,
+        x_ptr,
+        mean_ptr,
+        invstd_ptr,
+        weight_ptr,
+        sums_ptr,
+        dx_ptr,
+        dres_ptr,
+        M,
+        C,
+        hw_size,
+        sdn,
+        sdc,
+        sdhw,
+        syn,
+        syc,
+        syhw,
+        sxn,
+        sxc,
+        sxhw,
+        sgn,
+        sgc,
+        sghw,
+        srn,
+        src,
+        srhw,
+        RELU: tl.constexpr,
+        DZ_STORED: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+        WANT_DX: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         # DZ_STORED: the partial-sums pass already wrote dz into dres; read it back (one tensor, not two).
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -301,14 +410,31 @@ def _grid(rows: int, num_channels: int) -> _Grid:
     rows_per_program = block_m * triton.cdiv(triton.cdiv(rows, block_m), TARGET_PARTIALS)
     partials_warps = max(4, min(16, block_m * block_c // 256))
     block_c_finalize = min(block_c, FINALIZE_CHANNELS)
-    return _Grid(block_c, tile_m, triton.cdiv(num_channels, block_c), triton.cdiv(rows, rows_per_program),
-                 rows_per_program, block_m, partials_warps, block_c_finalize,
-                 triton.cdiv(num_channels, block_c_finalize),
-                 max(4, min(16, FINALIZE_ROWS * block_c_finalize // 256)))
+    return _Grid(
+        block_c,
+        tile_m,
+        triton.cdiv(num_channels, block_c),
+        triton.cdiv(rows, rows_per_program),
+        rows_per_program,
+        block_m,
+        partials_warps,
+        block_c_finalize,
+        triton.cdiv(num_channels, block_c_finalize),
+        max(4, min(16, FINALIZE_ROWS * block_c_finalize // 256)),
+    )
 
 
-def _forward_impl(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, running_mean: Tensor | None,
-                  running_var: Tensor | None, momentum: float, eps: float, relu: bool) -> tuple[Tensor, Tensor]:
+def _forward_impl(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+    relu: bool,
+) -> tuple[Tensor, Tensor]:
     """(y, stats (2, C): the batch mean and 1/std); updates the running statistics in place when given."""
     x, sx = _dense(x, x)
     n, c, h, w = x.shape
@@ -316,18 +442,44 @@ def _forward_impl(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | No
     device = x.device
     g = _grid(rows, c)
     partials = torch.empty(g.programs_m, 2, c, device=device, dtype=torch.float32)
-    bn_stats_partials_kernel[(g.programs_m, g.programs_c)](x, partials, rows, c, hw, *sx, g.rows_per_program,
-                                                           BLOCK_M=g.block_m, BLOCK_C=g.block_c,
-                                                           num_warps=g.partials_warps)
+    bn_stats_partials_kernel[(g.programs_m, g.programs_c)](
+        x,
+        partials,
+        rows,
+        c,
+        hw,
+        *sx,
+        g.rows_per_program,
+        BLOCK_M=g.block_m,
+        BLOCK_C=g.block_c,
+        num_warps=g.partials_warps,
+    )
     stats = torch.empty(2, c, device=device, dtype=torch.float32)
     mean, invstd = stats.unbind(0)
     scale, shift = torch.empty(2, c, device=device, dtype=torch.float32).unbind(0)
     update = running_mean is not None
     bn_stats_finalize_kernel[(g.programs_c_finalize,)](
-        x, partials, g.programs_m, weight, bias, running_mean if update else mean,
-        running_var if update else mean, mean, invstd, scale, shift, rows, c, sx[1], eps,
-        momentum, UPDATE_RUNNING=update, BLOCK_P=FINALIZE_ROWS,
-        BLOCK_C=g.block_c_finalize, num_warps=g.finalize_warps)
+        x,
+        partials,
+        g.programs_m,
+        weight,
+        bias,
+        running_mean if update else mean,
+        running_var if update else mean,
+        mean,
+        invstd,
+        scale,
+        shift,
+        rows,
+        c,
+        sx[1],
+        eps,
+        momentum,
+        UPDATE_RUNNING=update,
+        BLOCK_P=FINALIZE_ROWS,
+        BLOCK_C=g.block_c_finalize,
+        num_warps=g.finalize_warps,
+    )
     y = torch.empty_like(x)
     sy = _nchw_strides(y)
     grid = (triton.cdiv(rows, g.tile_m), g.programs_c)
@@ -335,9 +487,24 @@ def _forward_impl(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | No
         residual, sr = _dense(residual, x)
     else:
         sr = sx
-    bn_apply_kernel[grid](x, residual if residual is not None else x, y, scale, shift, rows, c, hw, *sx, *sr,
-                          *sy, HAS_RESIDUAL=residual is not None, RELU=relu, BLOCK_M=g.tile_m, BLOCK_C=g.block_c,
-                          num_warps=ELEMENTWISE_WARPS)
+    bn_apply_kernel[grid](
+        x,
+        residual if residual is not None else x,
+        y,
+        scale,
+        shift,
+        rows,
+        c,
+        hw,
+        *sx,
+        *sr,
+        *sy,
+        HAS_RESIDUAL=residual is not None,
+        RELU=relu,
+        BLOCK_M=g.tile_m,
+        BLOCK_C=g.block_c,
+        num_warps=ELEMENTWISE_WARPS,
+    )
     return y, stats
 
 
@@ -346,9 +513,18 @@ def _forward_outputs(x: Tensor) -> tuple[Tensor, Tensor]:
     return y, x.new_empty(2, x.shape[1], dtype=torch.float32)
 
 
-def _backward_impl(dy: Tensor, x: Tensor, y: Tensor | None, weight: Tensor, stats: Tensor,
-                   relu: bool, want_dx: bool, want_dres: bool, residual_dtype: torch.dtype,
-                   residual_channels_last: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_impl(
+    dy: Tensor,
+    x: Tensor,
+    y: Tensor | None,
+    weight: Tensor,
+    stats: Tensor,
+    relu: bool,
+    want_dx: bool,
+    want_dres: bool,
+    residual_dtype: torch.dtype,
+    residual_channels_last: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(dx or an empty tensor, the residual's gradient or an empty tensor, sums (2, C): the bias gradient
     sum(dz) and the weight gradient sum(dz * x_hat))."""
     x, sx = _dense(x, x)  # the forward ran on this layout (a no-op for the dense x a convolution writes)
@@ -365,28 +541,70 @@ def _backward_impl(dy: Tensor, x: Tensor, y: Tensor | None, weight: Tensor, stat
     store_dz = want_dres and dres.dtype == dy.dtype
     partials = torch.empty(g.programs_m, 2, c, device=x.device, dtype=torch.float32)
     bn_grad_partials_kernel[(g.programs_m, g.programs_c)](
-        dy, y if y is not None else x, x, mean, invstd, partials, dres if store_dz else x, rows, c, hw, *sd,
-        *sy, *sx, *sr, g.rows_per_program, RELU=relu, STORE_DZ=store_dz, BLOCK_M=g.block_m,
-        BLOCK_C=g.block_c, num_warps=g.partials_warps)
+        dy,
+        y if y is not None else x,
+        x,
+        mean,
+        invstd,
+        partials,
+        dres if store_dz else x,
+        rows,
+        c,
+        hw,
+        *sd,
+        *sy,
+        *sx,
+        *sr,
+        g.rows_per_program,
+        RELU=relu,
+        STORE_DZ=store_dz,
+        BLOCK_M=g.block_m,
+        BLOCK_C=g.block_c,
+        num_warps=g.partials_warps,
+    )
     sums = torch.empty(2, c, device=x.device, dtype=torch.float32)
-    bn_grad_sums_kernel[(g.programs_c_finalize,)](partials, g.programs_m, sums, c, BLOCK_P=FINALIZE_ROWS,
-                                                  BLOCK_C=g.block_c_finalize, num_warps=g.finalize_warps)
+    bn_grad_sums_kernel[(g.programs_c_finalize,)](
+        partials, g.programs_m, sums, c, BLOCK_P=FINALIZE_ROWS, BLOCK_C=g.block_c_finalize, num_warps=g.finalize_warps
+    )
     if want_dx or (want_dres and not store_dz):
         grid = (triton.cdiv(rows, g.tile_m), g.programs_c)
         bn_grad_input_kernel[grid](
-            dy, y if y is not None else x, x, mean, invstd, weight, sums, dx if want_dx else x,
-            dres if want_dres else x, rows, c, hw, *sd, *sy, *sx, *sg, *sr, RELU=relu,
-            DZ_STORED=store_dz, HAS_RESIDUAL=want_dres, WANT_DX=want_dx, BLOCK_M=g.tile_m,
-            BLOCK_C=g.block_c, num_warps=ELEMENTWISE_WARPS)
+            dy,
+            y if y is not None else x,
+            x,
+            mean,
+            invstd,
+            weight,
+            sums,
+            dx if want_dx else x,
+            dres if want_dres else x,
+            rows,
+            c,
+            hw,
+            *sd,
+            *sy,
+            *sx,
+            *sg,
+            *sr,
+            RELU=relu,
+            DZ_STORED=store_dz,
+            HAS_RESIDUAL=want_dres,
+            WANT_DX=want_dx,
+            BLOCK_M=g.tile_m,
+            BLOCK_C=g.block_c,
+            num_warps=ELEMENTWISE_WARPS,
+        )
     return dx, dres, sums
 
 
-def _backward_outputs(x: Tensor, want_dx: bool, want_dres: bool, residual_dtype: torch.dtype,
-                      residual_channels_last: bool) -> tuple[Tensor, Tensor]:
+def _backward_outputs(
+    x: Tensor, want_dx: bool, want_dres: bool, residual_dtype: torch.dtype, residual_channels_last: bool
+) -> tuple[Tensor, Tensor]:
     dx = torch.empty_like(x) if want_dx else x.new_empty(0)
     fmt = torch.channels_last if residual_channels_last else torch.contiguous_format
-    dres = (torch.empty(x.shape, device=x.device, dtype=residual_dtype, memory_format=fmt) if want_dres
-            else x.new_empty(0))
+    dres = (
+        torch.empty(x.shape, device=x.device, dtype=residual_dtype, memory_format=fmt) if want_dres else x.new_empty(0)
+    )
     return dx, dres
 
 
@@ -405,7 +623,9 @@ def _backward_fake(dy, x, y, weight, stats, relu, want_dx, want_dres, residual_d
 # Explicit schemas: annotation inference differs between torch versions. The ops wrap the launchers
 # themselves; the fakes only allocate the outputs.
 _forward_op = torch.library.custom_op(
-    "fastlocal::batch_norm_act_fwd", _forward_impl, mutates_args={"running_mean", "running_var"},
+    "fastlocal::batch_norm_act_fwd",
+    _forward_impl,
+    mutates_args={"running_mean", "running_var"},
     schema="(Tensor x, Tensor weight, Tensor bias, Tensor? residual, Tensor(a!)? running_mean, "
     "Tensor(b!)? running_var, float momentum, float eps, bool relu) -> (Tensor, Tensor)",
 )
@@ -417,7 +637,9 @@ def _forward_fake(x, weight, bias, residual, running_mean, running_var, momentum
 
 
 _backward_op = torch.library.custom_op(
-    "fastlocal::batch_norm_act_bwd", _backward_impl, mutates_args=(),
+    "fastlocal::batch_norm_act_bwd",
+    _backward_impl,
+    mutates_args=(),
     schema="(Tensor dy, Tensor x, Tensor? y, Tensor weight, Tensor stats, bool relu, bool want_dx, "
     "bool want_dres, ScalarType residual_dtype, bool residual_channels_last) -> (Tensor, Tensor, Tensor)",
 )
@@ -428,8 +650,9 @@ class _BatchNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, momentum, eps, relu):
         forward = _forward_op if torch.compiler.is_compiling() else _forward_impl
-        y, stats = forward(x, weight, bias, residual, running_mean, running_var,
-                           momentum if momentum is not None else 0.0, eps, relu)
+        y, stats = forward(
+            x, weight, bias, residual, running_mean, running_var, momentum if momentum is not None else 0.0, eps, relu
+        )
         ctx.save_for_backward(x, y if relu else None, weight, stats)
         ctx.relu = relu
         ctx.residual_like = (residual.dtype, _channels_last(residual)) if residual is not None else None
@@ -442,15 +665,24 @@ class _BatchNormAct(torch.autograd.Function):
         want_dres = ctx.residual_like is not None and ctx.needs_input_grad[3]
         residual_dtype, residual_channels_last = ctx.residual_like or (x.dtype, False)
         backward = _backward_op if torch.compiler.is_compiling() else _backward_impl
-        dx, dres, sums = backward(dy, x, y, weight, stats, ctx.relu, want_dx, want_dres, residual_dtype,
-                                  residual_channels_last)
+        dx, dres, sums = backward(
+            dy, x, y, weight, stats, ctx.relu, want_dx, want_dres, residual_dtype, residual_channels_last
+        )
         dweight = sums[1].to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = sums[0].to(weight.dtype) if ctx.needs_input_grad[2] else None
         return (dx if want_dx else None), dweight, dbias, (dres if want_dres else None), None, None, None, None, None
 
 
-def batch_norm_act(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None,
-                   running_var: Tensor | None, momentum: float, eps: float, residual: Tensor | None = None,
-                   relu: bool = True) -> Tensor:
+def batch_norm_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+    residual: Tensor | None = None,
+    relu: bool = True,
+) -> Tensor:
     """The Triton path of ``fastlocal.kernels.batch_norm_act`` (see there)."""
     return _BatchNormAct.apply(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu)

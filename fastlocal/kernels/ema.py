@@ -80,9 +80,7 @@ def ema_update_ref(ema_tensors: list[Tensor], live_tensors: list[Tensor], moment
 
 
 @torch.no_grad()
-def ema_update_loop_ref(
-    ema_tensors: list[Tensor], live_tensors: list[Tensor], momentum: float | Tensor
-) -> None:
+def ema_update_loop_ref(ema_tensors: list[Tensor], live_tensors: list[Tensor], momentum: float | Tensor) -> None:
     """The authors' per-parameter loop (``ema.mul_(m).add_(live, alpha=1 - m)``); a benchmark baseline."""
     for ema, live in zip(ema_tensors, live_tensors, strict=True):
         if isinstance(momentum, Tensor):
@@ -197,8 +195,7 @@ class _Plan:
         for index, (ema, live) in enumerate(zip(ema_tensors, live_tensors, strict=True)):
             if ema.shape != live.shape:
                 raise ValueError(
-                    f"ema_update_: tensor {index} has EMA shape {tuple(ema.shape)} but live shape "
-                    f"{tuple(live.shape)}"
+                    f"ema_update_: tensor {index} has EMA shape {tuple(ema.shape)} but live shape {tuple(live.shape)}"
                 )
             if ema.device != device or live.device != device:
                 raise ValueError(
@@ -225,12 +222,7 @@ class _Plan:
             ema_size, live_size = ema.element_size(), live.element_size()
             for start in range(0, numel, BLOCK):
                 group_rows.append(
-                    (
-                        ema_address + start * ema_size,
-                        live_address + start * live_size,
-                        min(BLOCK, numel - start),
-                        0,
-                    )
+                    (ema_address + start * ema_size, live_address + start * live_size, min(BLOCK, numel - start), 0)
                 )
         self.groups = [
             _Group(
@@ -299,10 +291,7 @@ def _bump_versions(tensors: tuple[Tensor, ...]) -> None:
 
 
 def ema_update_triton_(
-    ema_tensors: list[Tensor],
-    live_tensors: list[Tensor],
-    momentum: float | Tensor,
-    by_elements: bool = False,
+    ema_tensors: list[Tensor], live_tensors: list[Tensor], momentum: float | Tensor, by_elements: bool = False
 ) -> None:
     """Launcher: one Triton launch per (ema dtype, live dtype, alignment) group of the list."""
     if triton is None:
@@ -354,23 +343,19 @@ def ema_update_triton_(
 
 
 def _ema_update_impl(
-    ema_tensors: list[Tensor],
-    live_tensors: list[Tensor],
-    momentum_value: float,
-    momentum_tensor: Tensor | None,
+    ema_tensors: list[Tensor], live_tensors: list[Tensor], momentum_value: float, momentum_tensor: Tensor | None
 ) -> None:
     ema_update_triton_(
-        ema_tensors,
-        live_tensors,
-        momentum_value if momentum_tensor is None else momentum_tensor,
-        by_elements=True,
+        ema_tensors, live_tensors, momentum_value if momentum_tensor is None else momentum_tensor, by_elements=True
     )
 
 
 # An explicit schema: annotation inference (of list[Tensor] here) differs between torch versions. The op
 # wraps the launcher itself; the fake has nothing to allocate.
 _ema_update_op = torch.library.custom_op(
-    "fastlocal::ema_update_", _ema_update_impl, mutates_args={"ema_tensors"},
+    "fastlocal::ema_update_",
+    _ema_update_impl,
+    mutates_args={"ema_tensors"},
     schema="(Tensor(a!)[] ema_tensors, Tensor[] live_tensors, float momentum_value, Tensor? momentum_tensor) -> ()",
 )
 

@@ -17,13 +17,21 @@ class GreedyLocal(LocalMethod):
         super().__init__(backbone, modules)
         final_channels = backbone.part_info[-1].out_channels
         objectives = [
-            build_objective(objective, self.module_out_info(i).out_channels, i, self.num_modules,
-                            backbone.num_classes, final_channels, backbone.input_size,
-                            num_tokens=self.module_out_info(i).out_size if self.module_out_info(i).tokens else 0)
+            build_objective(
+                objective,
+                self.module_out_info(i).out_channels,
+                i,
+                self.num_modules,
+                backbone.num_classes,
+                final_channels,
+                backbone.input_size,
+                num_tokens=self.module_out_info(i).out_size if self.module_out_info(i).tokens else 0,
+            )
             for i in range(self.num_modules - 1)
         ]
-        warn_untrained([i for i, o in enumerate(objectives) if o is None],
-                       f"infopro.weights = {objective.infopro.weights}")
+        warn_untrained(
+            [i for i, o in enumerate(objectives) if o is None], f"infopro.weights = {objective.infopro.weights}"
+        )
         # Keyed by module index; a module whose objective has only zero weights has none.
         self.objectives = nn.ModuleDict({str(i): o for i, o in enumerate(objectives) if o is not None})
 

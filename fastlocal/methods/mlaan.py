@@ -82,14 +82,25 @@ class MLAAN(LocalMethod):
         module_parts = [m.part_ids for m in modules]
 
         def base_objective(info, i: int):  # the base objective on features described by PartInfo `info`
-            return build_objective(objective, info.out_channels, i, num_modules, backbone.num_classes,
-                                   final_channels, backbone.input_size, info.out_size if info.tokens else 0)
+            return build_objective(
+                objective,
+                info.out_channels,
+                i,
+                num_modules,
+                backbone.num_classes,
+                final_channels,
+                backbone.input_size,
+                info.out_size if info.tokens else 0,
+            )
 
         # A module whose base objective has only zero weights (InfoPro) has no loss: no heads, no LAM.
         self.loss_modules = [i for i in self.head_modules if not objective_is_zero(objective, i, num_modules)]
-        warn_untrained(self.untrained_modules(), f"infopro.weights = {objective.infopro.weights}, mlaan.window = "
-                       f"{self.window}, mlaan.wx = {self.wx}, mlaan.wy = {self.wy}, mlaan.final_weights = "
-                       f"{mlaan.final_weights}")
+        warn_untrained(
+            self.untrained_modules(),
+            f"infopro.weights = {objective.infopro.weights}, mlaan.window = "
+            f"{self.window}, mlaan.wx = {self.wx}, mlaan.wy = {self.wy}, mlaan.final_weights = "
+            f"{mlaan.final_weights}",
+        )
         leaps, self.leaps_source = {}, None
         if mlaan.lam and self.loss_modules:
             leaps, self.leaps_source = leap_lists(backbone, arch, module_parts, self.loss_modules, mlaan.leaps)
@@ -163,8 +174,9 @@ class MLAAN(LocalMethod):
         if key not in self.own_objectives:
             return None  # modules 0..W-2 learn only through later windows
         z = self.lams[key](cascade) if key in self.lams else cascade
-        return self.wx * self.own_objectives[key](own, batch, self.kernels) + \
-            self.wy * self.cascaded_objectives[key](z, batch, self.kernels)
+        return self.wx * self.own_objectives[key](own, batch, self.kernels) + self.wy * self.cascaded_objectives[key](
+            z, batch, self.kernels
+        )
 
     @torch.no_grad()
     def before_optimizer_step(self):

@@ -37,8 +37,15 @@ class ObjectiveOptions:
     """Read for the infopro base: weights, label_loss, decoder_widen."""
 
     def build_head(self, in_channels: int, outputs: int, final_channels: int, tokens: bool) -> nn.Module:
-        return build_head(self.head, in_channels, outputs, final_channels, self.method.head_hidden,
-                          self.method.head_widen, tokens=tokens)
+        return build_head(
+            self.head,
+            in_channels,
+            outputs,
+            final_channels,
+            self.method.head_hidden,
+            self.method.head_widen,
+            tokens=tokens,
+        )
 
 
 class ClassifierObjective(nn.Module):
@@ -65,7 +72,8 @@ def patch_grid(num_tokens: int) -> tuple[int, int]:
             f"InfoPro's decoder reconstructs the image from a feature map or a square grid of patch tokens, but "
             f"these features are a sequence of {num_tokens} tokens, which is neither a square grid nor one after at "
             f"most {MAX_SPECIAL_TOKENS} leading class tokens; use method.name=dgl (or mlaan.base=dgl), or "
-            "infopro.weights with zero reconstruction weights [0, l2, 0, l2]")
+            "infopro.weights with zero reconstruction weights [0, l2, 0, l2]"
+        )
     return side, special
 
 
@@ -116,8 +124,17 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
 class InfoProObjective(nn.Module):
     """l1 * BCE(decoder(h), x01) + l2 * label loss; a part whose weight is 0 is not built."""
 
-    def __init__(self, options: ObjectiveOptions, in_channels: int, image_size: int, num_classes: int,
-                 final_channels: int, recon_weight: float, label_weight: float, num_tokens: int = 0):
+    def __init__(
+        self,
+        options: ObjectiveOptions,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+        final_channels: int,
+        recon_weight: float,
+        label_weight: float,
+        num_tokens: int = 0,
+    ):
         super().__init__()
         self.recon_weight, self.label_weight = recon_weight, label_weight
         self.label_loss = options.infopro.label_loss
@@ -155,8 +172,16 @@ def objective_is_zero(options: ObjectiveOptions, module_index: int, num_modules:
     return options.base == "infopro" and infopro_weights(options.infopro.weights, module_index, num_modules) == (0, 0)
 
 
-def build_objective(options: ObjectiveOptions, in_channels: int, module_index: int, num_modules: int,
-                    num_classes: int, final_channels: int, image_size: int, num_tokens: int = 0) -> nn.Module | None:
+def build_objective(
+    options: ObjectiveOptions,
+    in_channels: int,
+    module_index: int,
+    num_modules: int,
+    num_classes: int,
+    final_channels: int,
+    image_size: int,
+    num_tokens: int = 0,
+) -> nn.Module | None:
     """The base method's local objective on a feature map with `in_channels` channels, or on a sequence of
     `num_tokens` tokens of width `in_channels` (None when all its weights are 0)."""
     if options.base == "dgl":
@@ -177,4 +202,3 @@ def warn_untrained(untrained: list[int], setting: str) -> None:
             "infopro.weights=[5, 0.5, 0, 1]",
             stacklevel=3,
         )
-

@@ -28,11 +28,23 @@ from fastlocal.models.backbone import Backbone
 
 # Attributes each recognised layout reads; the first layout a model has all of is used.
 LAYOUTS = {
-    "ResNet (torchvision ResNet, Wide-ResNet, ResNeXt)": ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2",
-                                                          "layer3", "layer4", "fc"),
+    "ResNet (torchvision ResNet, Wide-ResNet, ResNeXt)": (
+        "conv1",
+        "bn1",
+        "relu",
+        "maxpool",
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+        "fc",
+    ),
     "VisionTransformer": ("conv_proj", "class_token", "encoder", "heads"),
-    "features + avgpool + classifier (VGG-BN, ConvNeXt, MobileNetV3, EfficientNet)": ("features", "avgpool",
-                                                                                 "classifier"),
+    "features + avgpool + classifier (VGG-BN, ConvNeXt, MobileNetV3, EfficientNet)": (
+        "features",
+        "avgpool",
+        "classifier",
+    ),
 }
 
 
@@ -87,8 +99,11 @@ class PoolClassifier(nn.Module):
 def _is_block_sequence(module: nn.Module) -> bool:
     """A stage: a Sequential of blocks (modules with children of their own), not a Sequential of layers."""
     children = list(module.children())
-    return isinstance(module, nn.Sequential) and len(children) > 1 and all(
-        len(list(c.children())) > 0 and not isinstance(c, nn.Sequential) for c in children)
+    return (
+        isinstance(module, nn.Sequential)
+        and len(children) > 1
+        and all(len(list(c.children())) > 0 and not isinstance(c, nn.Sequential) for c in children)
+    )
 
 
 def _features_parts(net: nn.Module):
@@ -171,8 +186,10 @@ class ViTHead(nn.Module):
 
 def _vit_parts(vit: nn.Module, input_size: int):
     if getattr(vit, "image_size", input_size) != input_size:
-        raise ConfigError(f"the VisionTransformer was built for {vit.image_size}x{vit.image_size} images but the "
-                          f"input size is {input_size}; build it with image_size={input_size}")
+        raise ConfigError(
+            f"the VisionTransformer was built for {vit.image_size}x{vit.image_size} images but the "
+            f"input size is {input_size}; build it with image_size={input_size}"
+        )
     blocks = list(vit.encoder.layers)
     return ViTStem(vit), blocks, [(0, i) for i in range(len(blocks))], ViTHead(vit)
 
@@ -187,23 +204,29 @@ def from_arch(arch: str, num_classes: int, input_size: int) -> Backbone:
     try:
         module = importlib.import_module(prefix)
     except ImportError as err:
-        raise ConfigError(f"model.arch = {arch!r}: cannot import {prefix!r} ({err}); put its folder on "
-                          "PYTHONPATH") from None
+        raise ConfigError(
+            f"model.arch = {arch!r}: cannot import {prefix!r} ({err}); put its folder on PYTHONPATH"
+        ) from None
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ConfigError(f"model.arch = {arch!r}: module {prefix!r} has no function {name!r}")
     try:
         model = factory(num_classes=num_classes, input_size=input_size)
     except TypeError as err:
-        raise ConfigError(f"model.arch = {arch!r}: the factory must accept the keyword arguments num_classes and "
-                          f"input_size ({err})") from None
+        raise ConfigError(
+            f"model.arch = {arch!r}: the factory must accept the keyword arguments num_classes and input_size ({err})"
+        ) from None
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model.arch = {arch!r}: the factory returned a {type(model).__name__}; return a "
-                          "fastlocal.Backbone or a supported library model")
+        raise ConfigError(
+            f"model.arch = {arch!r}: the factory returned a {type(model).__name__}; return a "
+            "fastlocal.Backbone or a supported library model"
+        )
     backbone = adapt(model, input_size)
     if backbone.num_classes != num_classes:
-        raise ConfigError(f"model.arch = {arch!r}: the factory's model has {backbone.num_classes} classes but the "
-                          f"data set has {num_classes}")
+        raise ConfigError(
+            f"model.arch = {arch!r}: the factory's model has {backbone.num_classes} classes but the "
+            f"data set has {num_classes}"
+        )
     return backbone
 
 
@@ -212,7 +235,9 @@ def torchvision_model(name: str, num_classes: int, input_size: int) -> nn.Module
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ConfigError(f"model.arch = 'torchvision:{name}': torchvision has no classification model {name!r}; "
-                          "see torchvision.models.list_models()")
+        raise ConfigError(
+            f"model.arch = 'torchvision:{name}': torchvision has no classification model {name!r}; "
+            "see torchvision.models.list_models()"
+        )
     kwargs = {"image_size": input_size} if name.startswith("vit_") else {}
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)

@@ -46,13 +46,21 @@ class Backbone(nn.Module):
     in order; `part_info` describes their outputs at `input_size`.
     """
 
-    def __init__(self, stem: nn.Module, blocks: list[nn.Module], block_ids: list[tuple[int, int]] | None,
-                 head: nn.Module, input_size: int, num_classes: int | None = None):
+    def __init__(
+        self,
+        stem: nn.Module,
+        blocks: list[nn.Module],
+        block_ids: list[tuple[int, int]] | None,
+        head: nn.Module,
+        input_size: int,
+        num_classes: int | None = None,
+    ):
         super().__init__()
         blocks = list(blocks)
         if not blocks:
-            raise ConfigError("a backbone needs at least one block after the stem; pass the network's blocks as "
-                              "an ordered list")
+            raise ConfigError(
+                "a backbone needs at least one block after the stem; pass the network's blocks as an ordered list"
+            )
         for i, part in enumerate([stem, *blocks, head]):
             if not isinstance(part, nn.Module):
                 where = "the stem" if i == 0 else "the head" if i == len(blocks) + 1 else f"block {i - 1}"
@@ -69,8 +77,10 @@ class Backbone(nn.Module):
         self.part_info, logits_shape = self._probe_parts()
         if len(logits_shape) != 1 or (num_classes is not None and logits_shape[0] != num_classes):
             wanted = "(batch, num_classes)" if num_classes is None else f"(batch, {num_classes})"
-            raise ConfigError(f"the head must return logits of shape {wanted}, but it returned "
-                              f"(batch, {', '.join(map(str, logits_shape))})")
+            raise ConfigError(
+                f"the head must return logits of shape {wanted}, but it returned "
+                f"(batch, {', '.join(map(str, logits_shape))})"
+            )
         self.num_classes = logits_shape[0]
 
     @property
@@ -100,9 +110,12 @@ class Backbone(nn.Module):
         x = torch.zeros(1, 3, self.input_size, self.input_size, device=device)
         infos = []
         try:
-            for part, name, stage, index in zip(self.parts, ["stem", *[f"{s}.{i}" for s, i in self.block_ids]],
-                                                [-1, *[s for s, _ in self.block_ids]],
-                                                [0, *[i for _, i in self.block_ids]]):
+            for part, name, stage, index in zip(
+                self.parts,
+                ["stem", *[f"{s}.{i}" for s, i in self.block_ids]],
+                [-1, *[s for s, _ in self.block_ids]],
+                [0, *[i for _, i in self.block_ids]],
+            ):
                 x = _run_part(part, x, "the stem" if stage == -1 else f"block {name}")
                 infos.append(part_info(name, stage, index, x))
             logits = _run_part(self.head, x, "the head")
@@ -115,9 +128,11 @@ def _run_part(part: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
     try:
         out = part(x)
     except Exception as err:  # the user's parts: say which one failed on which input
-        raise ConfigError(f"{what} fails on an input of shape {tuple(x.shape)}: {type(err).__name__}: {err}. "
-                          "Check that each block accepts the previous part's output and that input_size "
-                          "is right") from None
+        raise ConfigError(
+            f"{what} fails on an input of shape {tuple(x.shape)}: {type(err).__name__}: {err}. "
+            "Check that each block accepts the previous part's output and that input_size "
+            "is right"
+        ) from None
     if not isinstance(out, torch.Tensor):
         raise ConfigError(f"{what} returns a {type(out).__name__}; every part must return one tensor")
     return out
@@ -130,9 +145,11 @@ def part_info(name: str, stage: int, index: int, out: torch.Tensor) -> PartInfo:
         return PartInfo(name, stage, index, shape[0], shape[-1], shape)
     if len(shape) == 2:
         return PartInfo(name, stage, index, shape[1], shape[0], shape)
-    raise ConfigError(f"part {name} returns features of shape (batch, {', '.join(map(str, shape))}); local "
-                      "learning needs feature maps (batch, C, H, W) or token sequences (batch, N, D) between "
-                      "the parts")
+    raise ConfigError(
+        f"part {name} returns features of shape (batch, {', '.join(map(str, shape))}); local "
+        "learning needs feature maps (batch, C, H, W) or token sequences (batch, N, D) between "
+        "the parts"
+    )
 
 
 def build_backbone(arch: str, num_classes: int, input_size: int, zero_init_residual: bool = False) -> Backbone:
@@ -148,5 +165,7 @@ def build_backbone(arch: str, num_classes: int, input_size: int, zero_init_resid
         from fastlocal.models.adapters import from_arch
 
         return from_arch(arch, num_classes, input_size)
-    raise ConfigError(f"model.arch = {arch!r} is not valid; choose one of: {', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}, "
-                      "torchvision:<name> or package.module:factory")
+    raise ConfigError(
+        f"model.arch = {arch!r} is not valid; choose one of: {', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}, "
+        "torchvision:<name> or package.module:factory"
+    )

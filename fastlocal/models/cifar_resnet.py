@@ -48,21 +48,24 @@ class BasicBlock(nn.Module):
 
     def _forward_fused(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         out = batch_norm_act(self.conv1(x), self.bn1, backend)
-        shortcut = x if len(self.shortcut) == 0 else batch_norm_act(self.shortcut[0](x), self.shortcut[1], backend,
-                                                                    relu=False)
+        shortcut = (
+            x if len(self.shortcut) == 0 else batch_norm_act(self.shortcut[0](x), self.shortcut[1], backend, relu=False)
+        )
         return batch_norm_act(self.conv2(out), self.bn2, backend, residual=shortcut)
 
 
-def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, backend: str, residual: torch.Tensor | None = None,
-                   relu: bool = True) -> torch.Tensor:
+def batch_norm_act(
+    x: torch.Tensor, bn: nn.BatchNorm2d, backend: str, residual: torch.Tensor | None = None, relu: bool = True
+) -> torch.Tensor:
     """relu(bn(x) + residual) of a BatchNorm2d in training mode, through `fastlocal.kernels.batch_norm_act`."""
     if bn.momentum is None or not bn.track_running_stats or not bn.affine:
         # A cumulative average needs the batch count on the host; keep PyTorch's module for these cases.
         out = bn(x) if residual is None else bn(x) + residual
         return torch.relu(out) if relu else out
     bn.num_batches_tracked.add_(1)
-    return kernels.batch_norm_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps,
-                                  residual, relu, backend=backend)
+    return kernels.batch_norm_act(
+        x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps, residual, relu, backend=backend
+    )
 
 
 def use_fused_batch_norm(modules: Iterable[nn.Module], backend: str | None) -> int:
