@@ -194,26 +194,20 @@ def build_data(
 ) -> DataBundle:
     """Read the configured dataset and return the two loaders (device-resident, or streaming for large images)."""
     kind = choose_loader(cfg, progress)
-    options = dict(seed=seed, rank=rank, world_size=world_size)
     if kind != "device":
-        from fastlocal.data.streaming import build_streaming_data
+        from fastlocal.data.streaming import streaming_loaders
 
-        return build_streaming_data(
-            cfg,
-            kind,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            device=device,
-            drop_last=drop_last,
-            progress=progress,
-            **options,
-        )
-    splits = read_splits(cfg, progress=progress)
-    info = resolve_info(cfg, splits)
-    tensors = {k: [torch.from_numpy(a).to(device) for a in (d.images, d.labels)] for k, d in splits.items()}
-    options.update(mean=info.mean, std=info.std, pad=info.pad, pad_mode=info.pad_mode, flip=info.flip)
+        make, info = streaming_loaders(cfg, kind, device, progress)
+    else:
+        splits = read_splits(cfg, progress=progress)
+        info = resolve_info(cfg, splits)
+        tensors = {k: [torch.from_numpy(a).to(device) for a in (d.images, d.labels)] for k, d in splits.items()}
+        augment = dict(mean=info.mean, std=info.std, pad=info.pad, pad_mode=info.pad_mode, flip=info.flip)
+
+        def make(split: str, batch_size: int, **sharding) -> Loader:
+            return DeviceLoader(*tensors[split], batch_size, train=split == "train", **augment, **sharding)
+
+    sharding = dict(seed=seed, rank=rank, world_size=world_size)
     return DataBundle(
-        DeviceLoader(*tensors["train"], batch_size, train=True, drop_last=drop_last, **options),
-        DeviceLoader(*tensors["test"], eval_batch_size, train=False, **options),
-        info,
+        make("train", batch_size, drop_last=drop_last, **sharding), make("test", eval_batch_size, **sharding), info
     )
