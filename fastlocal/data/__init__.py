@@ -9,6 +9,7 @@ epoch from :func:`~fastlocal.data.sharding.shard_indices`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,26 +116,17 @@ def choose_loader(cfg: DataConfig, progress: bool = True) -> str:
 
 def read_splits(cfg: DataConfig, *, progress: bool = True) -> dict[str, SplitData]:
     """Both splits of the configured dataset as uint8 numpy arrays (on the host), subset as configured."""
-    max_n = {"train": cfg.max_train, "test": cfg.max_test}
     if cfg.source not in sources.NATIVE:
-        return sources.read_imagefolder(
-            root_folder(cfg),
-            cache=sources.cache_dir(cfg.cache_dir),
-            name=cfg.source,
-            max_train=cfg.max_train,
-            max_test=cfg.max_test,
-            image_size=cfg.image_size,
-            on_bad_image=cfg.on_bad_image,
-            progress=progress,
-        )
+        cache = sources.cache_dir(cfg.cache_dir)
+        return sources.read_imagefolder(root_folder(cfg), cache=cache, progress=progress, **dataclasses.asdict(cfg))
     root = Path(cfg.root or DEFAULT_NATIVE_ROOT)
     splits = {}
-    for split in max_n:
+    for split in sources.SPLITS:
         data = sources.read_native(cfg.source, root, split)
-        if max_n[split] > 0:  # the class-balanced first max_n, in file order
+        if getattr(cfg, f"max_{split}") > 0:  # the class-balanced first max_<split>, in file order
             per_class = [[str(i) for i in np.flatnonzero(data.labels == k)] for k in range(len(data.class_names))]
             chosen, _ = sources.choose_images(
-                per_class, max_n[split], lambda name: None, split=split, what=f"{cfg.source} in {root}", progress=False
+                per_class, lambda name: None, cfg, split, f"{cfg.source} in {root}", False
             )
             keep = np.sort([int(name) for names in chosen for name, _ in names])
             data = SplitData(np.ascontiguousarray(data.images[keep]), data.labels[keep], data.class_names)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from fastlocal.config import UserError
+from fastlocal.config import DataConfig, UserError
 
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -131,18 +131,12 @@ def balanced_quotas(counts: Sequence[int], total: int) -> list[int]:
 
 
 def choose_images(
-    per_class: Sequence[Sequence[str]],
-    max_n: int,
-    read: Callable[[str], object],
-    *,
-    split: str,
-    what: str,
-    on_bad_image: str = "error",
-    progress: bool = True,
-    num_threads: int = 8,
+    per_class: list[list[str]], read: Callable, cfg: DataConfig, split: str, what: str, progress: bool = True
 ) -> tuple[list[list[tuple[str, object]]], list[str]]:
-    """Per class, [(name, read(name))] for all names or the class-balanced first `max_n` readable ones,
-    and the sorted names skipped as unreadable. `read` raises BadImage for an unreadable image."""
+    """Per class, [(name, read(name))] for all names or the class-balanced first data.max_<split> readable ones,
+    and the sorted names skipped as unreadable (data.on_bad_image). `read` raises BadImage for an unreadable
+    image; data.num_workers threads read."""
+    max_n = getattr(cfg, f"max_{split}")
     total = sum(len(names) for names in per_class)
     if max_n > total:
         raise DataError(
@@ -155,7 +149,7 @@ def choose_images(
     bar = tqdm(
         desc=f"reading {split} images of {Path(what).name}", unit="img", leave=False, delay=1, disable=not progress
     )
-    pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads))
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, cfg.num_workers))
 
     def attempt(name: str) -> tuple[object, str | None]:
         try:
@@ -181,7 +175,7 @@ def choose_images(
             for name, (value, error) in zip(todo, pool.map(attempt, todo), strict=True):
                 if error is None:
                     values[name] = value
-                elif on_bad_image == "skip":
+                elif cfg.on_bad_image == "skip":
                     bad[name] = error
                 else:
                     raise DataError(
@@ -424,31 +418,20 @@ def cached(cache: Path, name: str, key: str, compute: Callable[[], dict[str, np.
 def read_split(
     folder: ImageFolder,
     split: str,
-    max_n: int,
-    read: Callable[[Path], object],
+    read: Callable,
+    cfg: DataConfig,
     *,
     cache: Path,
-    name: str,
     variant: str,
-    on_bad_image: str = "error",
     progress: bool = True,
-    num_threads: int = 8,
-):
+) -> dict[str, np.ndarray]:
     """The chosen images of `split` (see :func:`choose_images`) as arrays: paths (relative to folder.base),
     labels int64 and, when `read` returns pixels, images uint8 (N, 3, H, W). Read once, then loaded from the
     cache, whose key holds everything they depend on (`variant`: how they were read)."""
 
     def compute() -> dict[str, np.ndarray]:
-        chosen, skipped = choose_images(
-            folder.files[split],
-            max_n,
-            lambda rel: read(folder.base / rel),
-            split=split,
-            what=str(folder.origin),
-            on_bad_image=on_bad_image,
-            progress=progress,
-            num_threads=num_threads,
-        )
+        reader = lambda rel: read(folder.base / rel)
+        chosen, skipped = choose_images(folder.files[split], reader, cfg, split, str(folder.origin), progress)
         entries = [entry for names in chosen for entry in names]
         if not entries:
             raise DataError(f"{folder.origin}: no readable {split} images; check data.root and data.max_{split}")
@@ -469,42 +452,25 @@ def read_split(
             arrays["images"] = np.stack([pixels for _, pixels in entries])
         return arrays
 
-    key = f"v{CACHE_VERSION}|{folder.identity}|{split}|{max_n}|{variant}|{on_bad_image}"
-    arrays = cached(cache, f"{name}-{split}", key, compute)
+    key = f"v{CACHE_VERSION}|{folder.identity}|{split}|{getattr(cfg, f'max_{split}')}|{variant}|{cfg.on_bad_image}"
+    arrays = cached(cache, f"{cfg.source}-{split}", key, compute)
     if len(arrays["skipped"]):
         warnings.warn(
-            f"{name}: skipped {len(arrays['skipped'])} unreadable {split} image(s) in {folder.origin} "
+            f"{cfg.source}: skipped {len(arrays['skipped'])} unreadable {split} image(s) in {folder.origin} "
             f"(data.on_bad_image=skip), e.g. {arrays['skipped'][0]}",
             stacklevel=3,
         )
     return arrays
 
 
-def read_imagefolder(
-    root: str | Path,
-    *,
-    cache: Path,
-    max_train: int = 0,
-    max_test: int = 0,
-    image_size: int = 0,
-    on_bad_image: str = "error",
-    progress: bool = True,
-    name: str = "imagefolder",
-) -> dict:
-    """{split: SplitData} of an image-folder dataset, decoded once and cached in `cache`."""
+def read_imagefolder(root: str | Path, /, *, cache: Path, progress: bool = True, **options) -> dict[str, SplitData]:
+    """{split: SplitData} of the image folder or archive `root`, decoded once and cached in `cache`. `options` are
+    DataConfig fields: max_train, max_test, image_size, on_bad_image, num_workers, and source (names the cache)."""
+    cfg = DataConfig(**{"source": "imagefolder", **options})
     folder = list_imagefolder(root, cache=Path(cache), progress=progress)
-    result = {}
-    for split, max_n in zip(SPLITS, (max_train, max_test), strict=True):
-        arrays = read_split(
-            folder,
-            split,
-            max_n,
-            lambda path: _decode(path, image_size),
-            cache=Path(cache),
-            name=name,
-            variant=f"PIL {image_size}",
-            on_bad_image=on_bad_image,
-            progress=progress,
-        )
-        result[split] = SplitData(arrays["images"], arrays["labels"].astype(np.int64), folder.class_names)
-    return result
+    decode, variant = (lambda path: _decode(path, cfg.image_size)), f"PIL {cfg.image_size}"
+    splits = {}
+    for split in SPLITS:
+        arrays = read_split(folder, split, decode, cfg, cache=Path(cache), variant=variant, progress=progress)
+        splits[split] = SplitData(arrays["images"], arrays["labels"].astype(np.int64), folder.class_names)
+    return splits

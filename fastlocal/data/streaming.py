@@ -52,18 +52,8 @@ def select_images(cfg: DataConfig, split: str, *, formats=None, progress: bool =
     """The checked files of `split` to stream (all, or the class-balanced first data.max_<split>), cached."""
     cache = sources.cache_dir(cfg.cache_dir)
     folder = sources.list_imagefolder(root_folder(cfg), cache=cache, progress=progress)
-    arrays = sources.read_split(
-        folder,
-        split,
-        cfg.max_train if split == "train" else cfg.max_test,
-        lambda path: check_image(path, formats),
-        cache=cache / "checked",
-        name=cfg.source,
-        variant=f"checked {sorted(formats or ['PIL'])}",
-        on_bad_image=cfg.on_bad_image,
-        progress=progress,
-        num_threads=max(1, cfg.num_workers),
-    )
+    check, variant = (lambda path: check_image(path, formats)), f"checked {sorted(formats or ['PIL'])}"
+    arrays = sources.read_split(folder, split, check, cfg, cache=cache / "checked", variant=variant, progress=progress)
     return ImageList(folder.base, arrays["paths"].tolist(), arrays["labels"].astype(np.int64), folder.class_names)
 
 
