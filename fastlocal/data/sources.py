@@ -416,14 +416,7 @@ def cached(cache: Path, name: str, key: str, compute: Callable[[], dict[str, np.
 
 
 def read_split(
-    folder: ImageFolder,
-    split: str,
-    read: Callable,
-    cfg: DataConfig,
-    *,
-    cache: Path,
-    variant: str,
-    progress: bool = True,
+    folder: ImageFolder, split: str, read: Callable, cfg: DataConfig, cache: Path, variant: str, progress: bool = True
 ) -> dict[str, np.ndarray]:
     """The chosen images of `split` (see :func:`choose_images`) as arrays: paths (relative to folder.base),
     labels int64 and, when `read` returns pixels, images uint8 (N, 3, H, W). Read once, then loaded from the
