@@ -159,17 +159,9 @@ def resolve_info(cfg: DataConfig, splits: dict[str, SplitData]) -> DatasetInfo:
             f"{height}x{width}; set a smaller data.pad or data.pad_mode=constant"
         )
     mean, std = normalization(recipe_normalize if cfg.normalize == "auto" else cfg.normalize, lambda: train.images)
-    return DatasetInfo(
-        name=cfg.source,
-        num_classes=len(train.class_names),
-        image_size=int(height),
-        class_names=list(train.class_names),
-        mean=mean,
-        std=std,
-        pad=int(pad),
-        pad_mode=pad_mode,
-        flip=recipe_flip if cfg.flip == "auto" else cfg.flip == "on",
-    )
+    flip = recipe_flip if cfg.flip == "auto" else cfg.flip == "on"
+    classes = list(train.class_names)
+    return DatasetInfo(cfg.source, len(classes), int(height), classes, mean, std, int(pad), pad_mode, flip)
 
 
 def build_data(

@@ -45,19 +45,16 @@ def image_pipeline():
     fn, types = dali.fn, dali.types
 
     @dali.pipeline_def
-    def pipeline(files, labels, file_root, train, stream, decoder, on_cuda):
-        crop = stream.cfg.crop_size
+    def pipeline(files, labels, loader):
+        stream, decoder, on_cuda, crop = loader.stream, loader.decoder, loader.on_cuda, loader.stream.cfg.crop_size
+        root = str(loader.images.base)
         jpegs, labels = fn.readers.file(
-            file_root=file_root, files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name=READER_NAME
+            file_root=root, files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name=READER_NAME
         )
-        if train:
+        if loader.train:
+            area, aspect = [0.08, 1.0], [3 / 4, 4 / 3]  # RandomResizedCrop's scale and ratio
             images = fn.decoders.image_random_crop(
-                jpegs,
-                device=decoder,
-                output_type=types.RGB,
-                random_area=[0.08, 1.0],
-                random_aspect_ratio=[3 / 4, 4 / 3],
-                num_attempts=10,
+                jpegs, device=decoder, output_type=types.RGB, random_area=area, random_aspect_ratio=aspect
             )
             images = fn.resize(images, resize_x=crop, resize_y=crop, interp_type=types.INTERP_LINEAR, antialias=True)
             crop_args = dict(mirror=fn.random.coin_flip(probability=0.5) if stream.flip else 0)
@@ -121,11 +118,7 @@ class DaliLoader(Loader):
                 prefetch_queue_depth=2,
                 device_id=self.device.index if self.on_cuda else None,
                 seed=epoch_seed(self.seed, self.epoch, self.rank) & 0x7FFFFFFF,
-                file_root=str(self.images.base),
-                train=self.train,
-                stream=self.stream,
-                decoder=self.decoder,
-                on_cuda=self.on_cuda,
+                loader=self,
             )
             pipe.build()
             policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL

@@ -13,7 +13,6 @@ import hashlib
 import importlib.resources
 import os
 import shutil
-import stat
 import tarfile
 import tempfile
 import warnings
@@ -104,30 +103,20 @@ def read_native(source: str, root: str | Path, split: str) -> SplitData:
 
 
 def balanced_quotas(counts: Sequence[int], total: int) -> list[int]:
-    """How many images to take from each class so that the `total` is spread evenly.
+    """How many images to take from each class so that the `total` is spread evenly: round-robin over the
+    classes in order, one image from each class that has any left, until `total` are taken.
 
-    Every class gets total // C, and the first total % C classes one more; a class with fewer images
-    than its share gives all it has, and its shortfall is spread over the others the same way, so the
-    result sums to `total` whenever sum(counts) >= total.
+    So every class gets total // C, and the first total % C classes one more; a class with fewer images
+    than its share gives all it has, and its shortfall is spread over the others the same way.
     """
     if total > sum(counts):
         raise ValueError(f"cannot take {total} images from {sum(counts)}")
-    quotas = [0] * len(counts)
-    active = list(range(len(counts)))
-    remaining = total
-    while active:
-        share = remaining // len(active)
-        saturated = [k for k in active if counts[k] <= share]
-        if not saturated:
-            extra = remaining - share * len(active)
-            for position, k in enumerate(active):
-                quotas[k] = share + (1 if position < extra else 0)
-            break
-        for k in saturated:
-            quotas[k] = counts[k]
-            remaining -= counts[k]
-        active = [k for k in active if k not in saturated]
-    return quotas
+    counts, rounds = np.asarray(counts, dtype=np.int64), 0  # rounds: the complete rounds
+    while rounds < counts.max(initial=0) and np.minimum(counts, rounds + 1).sum() <= total:
+        rounds += 1
+    quotas = np.minimum(counts, rounds)
+    quotas[np.flatnonzero(counts > rounds)[: total - quotas.sum()]] += 1  # the last, partial round
+    return quotas.tolist()
 
 
 def choose_images(
@@ -264,8 +253,8 @@ def find_base(origin: Path, folder: Path) -> Path:
     if "train" not in top and "test" not in top:
         inner = _subfolders(folder / top[0]) if len(top) == 1 else []
         if not {"train", "test"} & set(inner):
-            found = sorted([d + "/" for d in top] + [e.name for e in os.scandir(folder) if e.is_file()])
-            found = [f for f in found if f != EXTRACTED_MARKER]
+            files = [e.name for e in os.scandir(folder) if e.is_file() and e.name != EXTRACTED_MARKER]
+            found = sorted([d + "/" for d in top] + files)
             raise DataError(
                 f"{origin}: no train/ and test/ folders; found top-level entries: "
                 f"{', '.join(found) or '(none)'}. Expected the image-folder layout train/<class>/<image> "
@@ -402,7 +391,7 @@ def cached(cache: Path, name: str, key: str, compute: Callable[[], dict[str, np.
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, key=np.array(key), **arrays)
-            os.chmod(tmp, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
+            os.chmod(tmp, 0o644)  # mkstemp's 0o600 would hide the cache from other users
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
