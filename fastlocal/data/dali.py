@@ -97,14 +97,6 @@ class DaliLoader(Loader):
             )
         self.decoder = "mixed" if decoder == "mixed" or (decoder == "auto" and self.on_cuda) else "cpu"
 
-    def _error(self, err: Exception) -> DataError:
-        detail = " ".join(str(err).split())[:600]
-        return DataError(
-            f"the DALI pipeline over {self.images.base} failed: {detail}. The files were checked before "
-            f"the pipeline was built, so one changed since, or DALI cannot decode a file PIL can; "
-            f"remove it or use data.loader=torch"
-        )
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -122,17 +114,13 @@ class DaliLoader(Loader):
             )
             pipe.build()
             policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
-            iterator = DALIGenericIterator([pipe], ["x", "y"], reader_name=READER_NAME, last_batch_policy=policy)
-        except RuntimeError as err:
-            raise self._error(err) from None
-        while True:
-            try:
-                batch = next(iterator)[0]
-            except StopIteration:
-                return
-            except RuntimeError as err:
-                raise self._error(err) from None
-            yield (
-                batch["x"].to(self.device, non_blocking=True),
-                batch["y"].view(-1).to(self.device, torch.int64, non_blocking=True),
-            )
+            for (batch,) in DALIGenericIterator([pipe], ["x", "y"], reader_name=READER_NAME, last_batch_policy=policy):
+                labels = batch["y"].view(-1).to(self.device, torch.int64, non_blocking=True)
+                yield batch["x"].to(self.device, non_blocking=True), labels
+        except RuntimeError as err:  # building or running the pipeline
+            detail = " ".join(str(err).split())[:600]
+            raise DataError(
+                f"the DALI pipeline over {self.images.base} failed: {detail}. The files were checked before "
+                f"the pipeline was built, so one changed since, or DALI cannot decode a file PIL can; "
+                f"remove it or use data.loader=torch"
+            ) from None

@@ -322,12 +322,10 @@ def list_imagefolder(root: str | Path, *, cache: Path, progress: bool = True) ->
         )
     digest = hashlib.sha256(f"folder:{base.resolve()}".encode())
     files: dict[str, list[list[str]]] = {}
+    labels = {c: k for k, c in enumerate(class_names)}
     for split in SPLITS:
         per_class: list[list[str]] = [[] for _ in class_names]
-        samples = make_dataset(
-            str(base / split), {c: k for k, c in enumerate(class_names)}, is_valid_file=_is_image, allow_empty=True
-        )
-        for path, label in samples:
+        for path, label in make_dataset(str(base / split), labels, is_valid_file=_is_image, allow_empty=True):
             relative = Path(path).relative_to(base).as_posix()
             st = os.stat(path)
             digest.update(f"{relative}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
