@@ -91,9 +91,8 @@ class DaliLoader(Loader):
         self.on_cuda, decoder = self.device.type == "cuda", stream.cfg.dali_decoder
         if decoder == "mixed" and not self.on_cuda:
             raise DataError(
-                f"data.dali_decoder = mixed decodes on the GPU, but the run's device is "
-                f"{self.device.type}; use data.dali_decoder=cpu (or auto), or system.device=cuda on a "
-                f"machine with a GPU"
+                f"data.dali_decoder = mixed decodes on the GPU, but the run's device is {self.device.type}; "
+                f"use data.dali_decoder=cpu (or auto), or system.device=cuda on a machine with a GPU"
             )
         self.decoder = "mixed" if decoder == "mixed" or (decoder == "auto" and self.on_cuda) else "cpu"
 

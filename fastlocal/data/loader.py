@@ -129,10 +129,6 @@ class DeviceLoader(Loader):
             self._reflect_rows = reflect_index(height, self.pad, self.device)
             self._reflect_cols = reflect_index(width, self.pad, self.device)
 
-    @property
-    def augments(self) -> bool:
-        return self.train and (self.pad > 0 or self.flip)
-
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float32 (images/255 - mean)/std."""
         return images.float().div_(255).sub_(self._mean).div_(self._std)
@@ -167,7 +163,8 @@ class DeviceLoader(Loader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.order().to(self.device)
         offsets = flips = None
-        if self.augments:
+        augments = self.train and (self.pad > 0 or self.flip)
+        if augments:
             # The whole epoch's randomness first, in a fixed order, so each batch is a pure slice.
             generator = torch.Generator(device=self.device)
             generator.manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
@@ -179,7 +176,7 @@ class DeviceLoader(Loader):
             window = slice(step * self.batch_size, (step + 1) * self.batch_size)
             index = order[window]
             images = self.images.index_select(0, index)
-            if self.augments:
+            if augments:
                 images = self.augment(
                     images, None if offsets is None else offsets[:, window], None if flips is None else flips[window]
                 )

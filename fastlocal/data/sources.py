@@ -92,11 +92,10 @@ def read_native(source: str, root: str | Path, split: str) -> SplitData:
             images, labels = dataset.data, dataset.labels
     except Exception as err:  # noqa: BLE001 -- torchvision raises RuntimeError when missing, others when corrupt
         raise DataError(
-            f"{source}: cannot read {where} under {root} ({type(err).__name__}: {err}). fastlocal never "
-            f"downloads: on a machine with internet run torchvision.datasets.{class_name}(root, "
-            f"download=True) and copy {where} into {root}, or set data.root to the folder that holds it, "
-            f"or use data.source=imagefolder with data.root set to an image folder or archive "
-            f"(train/<class>/*, ...)"
+            f"{source}: cannot read {where} under {root} ({type(err).__name__}: {err}). fastlocal never downloads: "
+            f"on a machine with internet run torchvision.datasets.{class_name}(root, download=True) and copy "
+            f"{where} into {root}, or set data.root to the folder that holds it, or use data.source=imagefolder "
+            f"with data.root set to an image folder or archive (train/<class>/*, ...)"
         ) from None
     class_names = list(getattr(dataset, "classes", None) or [str(k) for k in range(10)])
     return SplitData(np.ascontiguousarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64), class_names)
@@ -256,10 +255,9 @@ def find_base(origin: Path, folder: Path) -> Path:
             files = [e.name for e in os.scandir(folder) if e.is_file() and e.name != EXTRACTED_MARKER]
             found = sorted([d + "/" for d in top] + files)
             raise DataError(
-                f"{origin}: no train/ and test/ folders; found top-level entries: "
-                f"{', '.join(found) or '(none)'}. Expected the image-folder layout train/<class>/<image> "
-                f"and test/<class>/<image>, optionally under one top-level folder (e.g. "
-                f"cifar10-jpeg/train/airplane/0000.jpg)"
+                f"{origin}: no train/ and test/ folders; found top-level entries: {', '.join(found) or '(none)'}. "
+                f"Expected the image-folder layout train/<class>/<image> and test/<class>/<image>, optionally "
+                f"under one top-level folder (e.g. cifar10-jpeg/train/airplane/0000.jpg)"
             )
         base, top = folder / top[0], inner
     for split in SPLITS:
@@ -425,9 +423,8 @@ def read_split(
             odd, odd_pixels = next((e for e in entries if e[1].shape != shape), (None, pixels))
             if odd is not None:
                 raise DataError(
-                    f"images in {folder.origin} differ in size: {first} is {shape[2]}x{shape[1]} but "
-                    f"{odd} is {odd_pixels.shape[2]}x{odd_pixels.shape[1]}; set data.image_size=N to "
-                    f"resize every image to NxN"
+                    f"images in {folder.origin} differ in size: {first} is {shape[2]}x{shape[1]} but {odd} is "
+                    f"{odd_pixels.shape[2]}x{odd_pixels.shape[1]}; set data.image_size=N to resize every image to NxN"
                 )
             arrays["images"] = np.stack([pixels for _, pixels in entries])
         return arrays
