@@ -130,6 +130,7 @@ def test_balanced_quotas():
     assert balanced_quotas([1, 10, 10], 10) == [1, 5, 4]
     assert balanced_quotas([0, 3, 3], 4) == [0, 2, 2]
     assert balanced_quotas([2, 9, 3, 9], 20) == [2, 8, 3, 7]
+    assert balanced_quotas([2, 5, 5], 7) == [2, 3, 2]  # class 0 is used up exactly when the extra one is handed out
     with pytest.raises(ValueError):
         balanced_quotas([1, 1], 3)
 

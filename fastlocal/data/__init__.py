@@ -9,6 +9,7 @@ epoch from :func:`~fastlocal.data.sharding.shard_indices`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,26 +116,17 @@ def choose_loader(cfg: DataConfig, progress: bool = True) -> str:
 
 def read_splits(cfg: DataConfig, *, progress: bool = True) -> dict[str, SplitData]:
     """Both splits of the configured dataset as uint8 numpy arrays (on the host), subset as configured."""
-    max_n = {"train": cfg.max_train, "test": cfg.max_test}
     if cfg.source not in sources.NATIVE:
-        return sources.read_imagefolder(
-            root_folder(cfg),
-            cache=sources.cache_dir(cfg.cache_dir),
-            name=cfg.source,
-            max_train=cfg.max_train,
-            max_test=cfg.max_test,
-            image_size=cfg.image_size,
-            on_bad_image=cfg.on_bad_image,
-            progress=progress,
-        )
+        cache = sources.cache_dir(cfg.cache_dir)
+        return sources.read_imagefolder(root_folder(cfg), cache=cache, progress=progress, **dataclasses.asdict(cfg))
     root = Path(cfg.root or DEFAULT_NATIVE_ROOT)
     splits = {}
-    for split in max_n:
+    for split in sources.SPLITS:
         data = sources.read_native(cfg.source, root, split)
-        if max_n[split] > 0:  # the class-balanced first max_n, in file order
+        if getattr(cfg, f"max_{split}") > 0:  # the class-balanced first max_<split>, in file order
             per_class = [[str(i) for i in np.flatnonzero(data.labels == k)] for k in range(len(data.class_names))]
             chosen, _ = sources.choose_images(
-                per_class, max_n[split], lambda name: None, split=split, what=f"{cfg.source} in {root}", progress=False
+                per_class, lambda name: None, cfg, split, f"{cfg.source} in {root}", False
             )
             keep = np.sort([int(name) for names in chosen for name, _ in names])
             data = SplitData(np.ascontiguousarray(data.images[keep]), data.labels[keep], data.class_names)
@@ -167,17 +159,9 @@ def resolve_info(cfg: DataConfig, splits: dict[str, SplitData]) -> DatasetInfo:
             f"{height}x{width}; set a smaller data.pad or data.pad_mode=constant"
         )
     mean, std = normalization(recipe_normalize if cfg.normalize == "auto" else cfg.normalize, lambda: train.images)
-    return DatasetInfo(
-        name=cfg.source,
-        num_classes=len(train.class_names),
-        image_size=int(height),
-        class_names=list(train.class_names),
-        mean=mean,
-        std=std,
-        pad=int(pad),
-        pad_mode=pad_mode,
-        flip=recipe_flip if cfg.flip == "auto" else cfg.flip == "on",
-    )
+    flip = recipe_flip if cfg.flip == "auto" else cfg.flip == "on"
+    classes = list(train.class_names)
+    return DatasetInfo(cfg.source, len(classes), int(height), classes, mean, std, int(pad), pad_mode, flip)
 
 
 def build_data(
@@ -194,26 +178,20 @@ def build_data(
 ) -> DataBundle:
     """Read the configured dataset and return the two loaders (device-resident, or streaming for large images)."""
     kind = choose_loader(cfg, progress)
-    options = dict(seed=seed, rank=rank, world_size=world_size)
     if kind != "device":
-        from fastlocal.data.streaming import build_streaming_data
+        from fastlocal.data.streaming import streaming_loaders
 
-        return build_streaming_data(
-            cfg,
-            kind,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            device=device,
-            drop_last=drop_last,
-            progress=progress,
-            **options,
-        )
-    splits = read_splits(cfg, progress=progress)
-    info = resolve_info(cfg, splits)
-    tensors = {k: [torch.from_numpy(a).to(device) for a in (d.images, d.labels)] for k, d in splits.items()}
-    options.update(mean=info.mean, std=info.std, pad=info.pad, pad_mode=info.pad_mode, flip=info.flip)
+        make, info = streaming_loaders(cfg, kind, device, progress)
+    else:
+        splits = read_splits(cfg, progress=progress)
+        info = resolve_info(cfg, splits)
+        tensors = {k: [torch.from_numpy(a).to(device) for a in (d.images, d.labels)] for k, d in splits.items()}
+        augment = dict(mean=info.mean, std=info.std, pad=info.pad, pad_mode=info.pad_mode, flip=info.flip)
+
+        def make(split: str, batch_size: int, **sharding) -> Loader:
+            return DeviceLoader(*tensors[split], batch_size, train=split == "train", **augment, **sharding)
+
+    sharding = dict(seed=seed, rank=rank, world_size=world_size)
     return DataBundle(
-        DeviceLoader(*tensors["train"], batch_size, train=True, drop_last=drop_last, **options),
-        DeviceLoader(*tensors["test"], eval_batch_size, train=False, **options),
-        info,
+        make("train", batch_size, drop_last=drop_last, **sharding), make("test", eval_batch_size, **sharding), info
     )

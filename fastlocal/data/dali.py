@@ -11,13 +11,14 @@ the pip extra.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 
 from fastlocal.data.loader import Loader
 from fastlocal.data.sharding import epoch_seed
 from fastlocal.data.sources import DataError, ImageList
+from fastlocal.data.streaming import Stream
 
 READER_NAME = "reader"
 # Image formats DALI's decoders read (PIL's names); a GIF, say, would fail inside the pipeline.
@@ -44,27 +45,27 @@ def image_pipeline():
     fn, types = dali.fn, dali.types
 
     @dali.pipeline_def
-    def pipeline(files, labels, file_root, train, crop, resize, mean, std, flip, decoder, on_cuda):
+    def pipeline(files, labels, loader):
+        stream, decoder, on_cuda, crop = loader.stream, loader.decoder, loader.on_cuda, loader.stream.cfg.crop_size
+        root = str(loader.images.base)
         jpegs, labels = fn.readers.file(
-            file_root=file_root, files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name=READER_NAME
+            file_root=root, files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name=READER_NAME
         )
-        if train:
+        if loader.train:
+            area, aspect = [0.08, 1.0], [3 / 4, 4 / 3]  # RandomResizedCrop's scale and ratio
             images = fn.decoders.image_random_crop(
-                jpegs,
-                device=decoder,
-                output_type=types.RGB,
-                random_area=[0.08, 1.0],
-                random_aspect_ratio=[3 / 4, 4 / 3],
-                num_attempts=10,
+                jpegs, device=decoder, output_type=types.RGB, random_area=area, random_aspect_ratio=aspect
             )
             images = fn.resize(images, resize_x=crop, resize_y=crop, interp_type=types.INTERP_LINEAR, antialias=True)
-            crop_args = dict(mirror=fn.random.coin_flip(probability=0.5) if flip else 0)
+            crop_args = dict(mirror=fn.random.coin_flip(probability=0.5) if stream.flip else 0)
         else:
             images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+            resize = stream.cfg.resize_size
             images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_LINEAR, antialias=True)
             crop_args = dict(crop=(crop, crop), crop_pos_x=0.5, crop_pos_y=0.5)
         if on_cuda and decoder == "cpu":
             images = images.gpu()  # uint8 crops cross PCIe, not float32
+        mean, std = [255 * m for m in stream.mean], [255 * s for s in stream.std]
         images = fn.crop_mirror_normalize(
             images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std, **crop_args
         )
@@ -76,63 +77,24 @@ def image_pipeline():
 class DaliLoader(Loader):
     """Batches from a DALI pipeline over an :class:`~fastlocal.data.sources.ImageList`.
 
-    Yields (x float32 (B, 3, crop, crop) normalised, on `device`; y int64 (B,)). `decoder`: auto (mixed on
-    a CUDA device, cpu otherwise), mixed or cpu; `num_threads`: DALI's CPU worker threads.
+    Yields (x float32 (B, 3, crop, crop) normalised, on the stream's device; y int64 (B,)). From the
+    :class:`~fastlocal.data.streaming.Stream`'s config: dali_decoder, auto (mixed on a CUDA device, cpu
+    otherwise), mixed or cpu; num_workers, DALI's CPU worker threads. `sharding`: as :class:`Loader`'s.
     """
 
-    def __init__(
-        self,
-        images: ImageList,
-        batch_size: int,
-        *,
-        train: bool,
-        crop_size: int,
-        resize_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        flip: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        device: torch.device | str = "cpu",
-        decoder: str = "auto",
-        num_threads: int = 4,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
+    def __init__(self, images: ImageList, batch_size: int, stream: Stream, *, train: bool, **sharding):
         import_dali()
-        super().__init__(
-            len(images), batch_size, train=train, drop_last=drop_last, seed=seed, rank=rank, world_size=world_size
-        )
-        self.images, self.device = images, torch.device(device)
+        super().__init__(len(images), batch_size, train=train, **sharding)
+        self.images, self.stream, self.device = images, stream, stream.device
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        on_cuda = self.device.type == "cuda"
-        if decoder == "mixed" and not on_cuda:
+        self.on_cuda, decoder = self.device.type == "cuda", stream.cfg.dali_decoder
+        if decoder == "mixed" and not self.on_cuda:
             raise DataError(
-                f"data.dali_decoder = mixed decodes on the GPU, but the run's device is "
-                f"{self.device.type}; use data.dali_decoder=cpu (or auto), or system.device=cuda on a "
-                f"machine with a GPU"
+                f"data.dali_decoder = mixed decodes on the GPU, but the run's device is {self.device.type}; "
+                f"use data.dali_decoder=cpu (or auto), or system.device=cuda on a machine with a GPU"
             )
-        self.num_threads = max(1, num_threads)
-        self._options = dict(
-            file_root=str(images.base),
-            train=self.train,
-            crop=int(crop_size),
-            resize=int(resize_size),
-            mean=[255 * m for m in mean],
-            std=[255 * s for s in std],
-            flip=bool(flip),
-            on_cuda=on_cuda,
-            decoder="mixed" if decoder == "mixed" or (decoder == "auto" and on_cuda) else "cpu",
-        )
-
-    def _error(self, err: Exception) -> DataError:
-        detail = " ".join(str(err).split())[:600]
-        return DataError(
-            f"the DALI pipeline over {self.images.base} failed: {detail}. The files were checked before "
-            f"the pipeline was built, so one changed since, or DALI cannot decode a file PIL can; "
-            f"remove it or use data.loader=torch"
-        )
+        self.decoder = "mixed" if decoder == "mixed" or (decoder == "auto" and self.on_cuda) else "cpu"
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -143,25 +105,21 @@ class DaliLoader(Loader):
                 files=[self.images.paths[i] for i in order],
                 labels=[int(self.images.labels[i]) for i in order],
                 batch_size=self.batch_size,
-                num_threads=self.num_threads,
+                num_threads=max(1, self.stream.cfg.num_workers),
                 prefetch_queue_depth=2,
-                device_id=self.device.index if self._options["on_cuda"] else None,
+                device_id=self.device.index if self.on_cuda else None,
                 seed=epoch_seed(self.seed, self.epoch, self.rank) & 0x7FFFFFFF,
-                **self._options,
+                loader=self,
             )
             pipe.build()
             policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
-            iterator = DALIGenericIterator([pipe], ["x", "y"], reader_name=READER_NAME, last_batch_policy=policy)
-        except RuntimeError as err:
-            raise self._error(err) from None
-        while True:
-            try:
-                batch = next(iterator)[0]
-            except StopIteration:
-                return
-            except RuntimeError as err:
-                raise self._error(err) from None
-            yield (
-                batch["x"].to(self.device, non_blocking=True),
-                batch["y"].view(-1).to(self.device, torch.int64, non_blocking=True),
-            )
+            for (batch,) in DALIGenericIterator([pipe], ["x", "y"], reader_name=READER_NAME, last_batch_policy=policy):
+                labels = batch["y"].view(-1).to(self.device, torch.int64, non_blocking=True)
+                yield batch["x"].to(self.device, non_blocking=True), labels
+        except RuntimeError as err:  # building or running the pipeline
+            detail = " ".join(str(err).split())[:600]
+            raise DataError(
+                f"the DALI pipeline over {self.images.base} failed: {detail}. The files were checked before "
+                f"the pipeline was built, so one changed since, or DALI cannot decode a file PIL can; "
+                f"remove it or use data.loader=torch"
+            ) from None

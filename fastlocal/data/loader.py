@@ -62,12 +62,7 @@ class Loader:
         if not self.train:  # evaluation: each image once over all ranks (no wrap-around), so summed counts are exact
             return torch.arange(self.rank, self.num_items, self.world_size)
         return shard_indices(
-            self.num_items,
-            seed=self.seed,
-            epoch=self.epoch,
-            rank=self.rank,
-            world_size=self.world_size,
-            shuffle=self.train,
+            self.num_items, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size
         )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -88,7 +83,8 @@ class DeviceLoader(Loader):
     `pad_mode`, then a horizontal flip with p=0.5 when `flip`); otherwise batches come in order and are
     only normalised. Yields (x float32 (B, 3, H, W) = (images/255 - mean)/std, y int64 (B,)).
     Call :meth:`set_epoch` before iterating each epoch; iterating twice at one epoch repeats it exactly.
-    With `world_size` > 1 this rank reads its :func:`~fastlocal.data.sharding.shard_indices` share.
+    `sharding` (drop_last, seed, rank, world_size) goes to :class:`Loader`: with `world_size` > 1 this rank reads
+    its :func:`~fastlocal.data.sharding.shard_indices` share.
     """
 
     def __init__(
@@ -103,10 +99,7 @@ class DeviceLoader(Loader):
         pad: int = 0,
         pad_mode: str = "reflect",
         flip: bool = False,
-        seed: int = 0,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
+        **sharding,
     ):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -125,9 +118,7 @@ class DeviceLoader(Loader):
                 f"reflect padding needs pad < image size, got pad {pad} for {height}x{width} images; "
                 f"use a smaller pad or pad_mode='constant'"
             )
-        super().__init__(
-            images.shape[0], batch_size, train=train, drop_last=drop_last, seed=seed, rank=rank, world_size=world_size
-        )
+        super().__init__(images.shape[0], batch_size, train=train, **sharding)
         self.images, self.labels, self.device = images, labels, images.device
         self.pad, self.pad_mode, self.flip = int(pad), pad_mode, bool(flip)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -137,10 +128,6 @@ class DeviceLoader(Loader):
         if self.pad > 0 and pad_mode == "reflect":
             self._reflect_rows = reflect_index(height, self.pad, self.device)
             self._reflect_cols = reflect_index(width, self.pad, self.device)
-
-    @property
-    def augments(self) -> bool:
-        return self.train and (self.pad > 0 or self.flip)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float32 (images/255 - mean)/std."""
@@ -176,7 +163,8 @@ class DeviceLoader(Loader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.order().to(self.device)
         offsets = flips = None
-        if self.augments:
+        augments = self.train and (self.pad > 0 or self.flip)
+        if augments:
             # The whole epoch's randomness first, in a fixed order, so each batch is a pure slice.
             generator = torch.Generator(device=self.device)
             generator.manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
@@ -188,7 +176,7 @@ class DeviceLoader(Loader):
             window = slice(step * self.batch_size, (step + 1) * self.batch_size)
             index = order[window]
             images = self.images.index_select(0, index)
-            if self.augments:
+            if augments:
                 images = self.augment(
                     images, None if offsets is None else offsets[:, window], None if flips is None else flips[window]
                 )

@@ -13,7 +13,6 @@ import hashlib
 import importlib.resources
 import os
 import shutil
-import stat
 import tarfile
 import tempfile
 import warnings
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from fastlocal.config import UserError
+from fastlocal.config import DataConfig, UserError
 
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -93,56 +92,39 @@ def read_native(source: str, root: str | Path, split: str) -> SplitData:
             images, labels = dataset.data, dataset.labels
     except Exception as err:  # noqa: BLE001 -- torchvision raises RuntimeError when missing, others when corrupt
         raise DataError(
-            f"{source}: cannot read {where} under {root} ({type(err).__name__}: {err}). fastlocal never "
-            f"downloads: on a machine with internet run torchvision.datasets.{class_name}(root, "
-            f"download=True) and copy {where} into {root}, or set data.root to the folder that holds it, "
-            f"or use data.source=imagefolder with data.root set to an image folder or archive "
-            f"(train/<class>/*, ...)"
+            f"{source}: cannot read {where} under {root} ({type(err).__name__}: {err}). fastlocal never downloads: "
+            f"on a machine with internet run torchvision.datasets.{class_name}(root, download=True) and copy "
+            f"{where} into {root}, or set data.root to the folder that holds it, or use data.source=imagefolder "
+            f"with data.root set to an image folder or archive (train/<class>/*, ...)"
         ) from None
     class_names = list(getattr(dataset, "classes", None) or [str(k) for k in range(10)])
     return SplitData(np.ascontiguousarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64), class_names)
 
 
 def balanced_quotas(counts: Sequence[int], total: int) -> list[int]:
-    """How many images to take from each class so that the `total` is spread evenly.
+    """How many images to take from each class so that the `total` is spread evenly: round-robin over the
+    classes in order, one image from each class that has any left, until `total` are taken.
 
-    Every class gets total // C, and the first total % C classes one more; a class with fewer images
-    than its share gives all it has, and its shortfall is spread over the others the same way, so the
-    result sums to `total` whenever sum(counts) >= total.
+    So every class gets total // C, and the first total % C classes one more; a class with fewer images
+    than its share gives all it has, and its shortfall is spread over the others the same way.
     """
     if total > sum(counts):
         raise ValueError(f"cannot take {total} images from {sum(counts)}")
-    quotas = [0] * len(counts)
-    active = list(range(len(counts)))
-    remaining = total
-    while active:
-        share = remaining // len(active)
-        saturated = [k for k in active if counts[k] <= share]
-        if not saturated:
-            extra = remaining - share * len(active)
-            for position, k in enumerate(active):
-                quotas[k] = share + (1 if position < extra else 0)
-            break
-        for k in saturated:
-            quotas[k] = counts[k]
-            remaining -= counts[k]
-        active = [k for k in active if k not in saturated]
-    return quotas
+    counts, rounds = np.asarray(counts, dtype=np.int64), 0  # rounds: the complete rounds
+    while rounds < counts.max(initial=0) and np.minimum(counts, rounds + 1).sum() <= total:
+        rounds += 1
+    quotas = np.minimum(counts, rounds)
+    quotas[np.flatnonzero(counts > rounds)[: total - quotas.sum()]] += 1  # the last, partial round
+    return quotas.tolist()
 
 
 def choose_images(
-    per_class: Sequence[Sequence[str]],
-    max_n: int,
-    read: Callable[[str], object],
-    *,
-    split: str,
-    what: str,
-    on_bad_image: str = "error",
-    progress: bool = True,
-    num_threads: int = 8,
+    per_class: list[list[str]], read: Callable, cfg: DataConfig, split: str, what: str, progress: bool = True
 ) -> tuple[list[list[tuple[str, object]]], list[str]]:
-    """Per class, [(name, read(name))] for all names or the class-balanced first `max_n` readable ones,
-    and the sorted names skipped as unreadable. `read` raises BadImage for an unreadable image."""
+    """Per class, [(name, read(name))] for all names or the class-balanced first data.max_<split> readable ones,
+    and the sorted names skipped as unreadable (data.on_bad_image). `read` raises BadImage for an unreadable
+    image; data.num_workers threads read."""
+    max_n = getattr(cfg, f"max_{split}")
     total = sum(len(names) for names in per_class)
     if max_n > total:
         raise DataError(
@@ -155,7 +137,7 @@ def choose_images(
     bar = tqdm(
         desc=f"reading {split} images of {Path(what).name}", unit="img", leave=False, delay=1, disable=not progress
     )
-    pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads))
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, cfg.num_workers))
 
     def attempt(name: str) -> tuple[object, str | None]:
         try:
@@ -181,7 +163,7 @@ def choose_images(
             for name, (value, error) in zip(todo, pool.map(attempt, todo), strict=True):
                 if error is None:
                     values[name] = value
-                elif on_bad_image == "skip":
+                elif cfg.on_bad_image == "skip":
                     bad[name] = error
                 else:
                     raise DataError(
@@ -270,13 +252,12 @@ def find_base(origin: Path, folder: Path) -> Path:
     if "train" not in top and "test" not in top:
         inner = _subfolders(folder / top[0]) if len(top) == 1 else []
         if not {"train", "test"} & set(inner):
-            found = sorted([d + "/" for d in top] + [e.name for e in os.scandir(folder) if e.is_file()])
-            found = [f for f in found if f != EXTRACTED_MARKER]
+            files = [e.name for e in os.scandir(folder) if e.is_file() and e.name != EXTRACTED_MARKER]
+            found = sorted([d + "/" for d in top] + files)
             raise DataError(
-                f"{origin}: no train/ and test/ folders; found top-level entries: "
-                f"{', '.join(found) or '(none)'}. Expected the image-folder layout train/<class>/<image> "
-                f"and test/<class>/<image>, optionally under one top-level folder (e.g. "
-                f"cifar10-jpeg/train/airplane/0000.jpg)"
+                f"{origin}: no train/ and test/ folders; found top-level entries: {', '.join(found) or '(none)'}. "
+                f"Expected the image-folder layout train/<class>/<image> and test/<class>/<image>, optionally "
+                f"under one top-level folder (e.g. cifar10-jpeg/train/airplane/0000.jpg)"
             )
         base, top = folder / top[0], inner
     for split in SPLITS:
@@ -339,12 +320,10 @@ def list_imagefolder(root: str | Path, *, cache: Path, progress: bool = True) ->
         )
     digest = hashlib.sha256(f"folder:{base.resolve()}".encode())
     files: dict[str, list[list[str]]] = {}
+    labels = {c: k for k, c in enumerate(class_names)}
     for split in SPLITS:
         per_class: list[list[str]] = [[] for _ in class_names]
-        samples = make_dataset(
-            str(base / split), {c: k for k, c in enumerate(class_names)}, is_valid_file=_is_image, allow_empty=True
-        )
-        for path, label in samples:
+        for path, label in make_dataset(str(base / split), labels, is_valid_file=_is_image, allow_empty=True):
             relative = Path(path).relative_to(base).as_posix()
             st = os.stat(path)
             digest.update(f"{relative}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -408,7 +387,7 @@ def cached(cache: Path, name: str, key: str, compute: Callable[[], dict[str, np.
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, key=np.array(key), **arrays)
-            os.chmod(tmp, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
+            os.chmod(tmp, 0o644)  # mkstemp's 0o600 would hide the cache from other users
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -422,33 +401,15 @@ def cached(cache: Path, name: str, key: str, compute: Callable[[], dict[str, np.
 
 
 def read_split(
-    folder: ImageFolder,
-    split: str,
-    max_n: int,
-    read: Callable[[Path], object],
-    *,
-    cache: Path,
-    name: str,
-    variant: str,
-    on_bad_image: str = "error",
-    progress: bool = True,
-    num_threads: int = 8,
-):
+    folder: ImageFolder, split: str, read: Callable, cfg: DataConfig, cache: Path, variant: str, progress: bool = True
+) -> dict[str, np.ndarray]:
     """The chosen images of `split` (see :func:`choose_images`) as arrays: paths (relative to folder.base),
     labels int64 and, when `read` returns pixels, images uint8 (N, 3, H, W). Read once, then loaded from the
     cache, whose key holds everything they depend on (`variant`: how they were read)."""
 
     def compute() -> dict[str, np.ndarray]:
-        chosen, skipped = choose_images(
-            folder.files[split],
-            max_n,
-            lambda rel: read(folder.base / rel),
-            split=split,
-            what=str(folder.origin),
-            on_bad_image=on_bad_image,
-            progress=progress,
-            num_threads=num_threads,
-        )
+        reader = lambda rel: read(folder.base / rel)
+        chosen, skipped = choose_images(folder.files[split], reader, cfg, split, str(folder.origin), progress)
         entries = [entry for names in chosen for entry in names]
         if not entries:
             raise DataError(f"{folder.origin}: no readable {split} images; check data.root and data.max_{split}")
@@ -462,49 +423,31 @@ def read_split(
             odd, odd_pixels = next((e for e in entries if e[1].shape != shape), (None, pixels))
             if odd is not None:
                 raise DataError(
-                    f"images in {folder.origin} differ in size: {first} is {shape[2]}x{shape[1]} but "
-                    f"{odd} is {odd_pixels.shape[2]}x{odd_pixels.shape[1]}; set data.image_size=N to "
-                    f"resize every image to NxN"
+                    f"images in {folder.origin} differ in size: {first} is {shape[2]}x{shape[1]} but {odd} is "
+                    f"{odd_pixels.shape[2]}x{odd_pixels.shape[1]}; set data.image_size=N to resize every image to NxN"
                 )
             arrays["images"] = np.stack([pixels for _, pixels in entries])
         return arrays
 
-    key = f"v{CACHE_VERSION}|{folder.identity}|{split}|{max_n}|{variant}|{on_bad_image}"
-    arrays = cached(cache, f"{name}-{split}", key, compute)
+    key = f"v{CACHE_VERSION}|{folder.identity}|{split}|{getattr(cfg, f'max_{split}')}|{variant}|{cfg.on_bad_image}"
+    arrays = cached(cache, f"{cfg.source}-{split}", key, compute)
     if len(arrays["skipped"]):
         warnings.warn(
-            f"{name}: skipped {len(arrays['skipped'])} unreadable {split} image(s) in {folder.origin} "
+            f"{cfg.source}: skipped {len(arrays['skipped'])} unreadable {split} image(s) in {folder.origin} "
             f"(data.on_bad_image=skip), e.g. {arrays['skipped'][0]}",
             stacklevel=3,
         )
     return arrays
 
 
-def read_imagefolder(
-    root: str | Path,
-    *,
-    cache: Path,
-    max_train: int = 0,
-    max_test: int = 0,
-    image_size: int = 0,
-    on_bad_image: str = "error",
-    progress: bool = True,
-    name: str = "imagefolder",
-) -> dict:
-    """{split: SplitData} of an image-folder dataset, decoded once and cached in `cache`."""
+def read_imagefolder(root: str | Path, /, *, cache: Path, progress: bool = True, **options) -> dict[str, SplitData]:
+    """{split: SplitData} of the image folder or archive `root`, decoded once and cached in `cache`. `options` are
+    DataConfig fields: max_train, max_test, image_size, on_bad_image, num_workers, and source (names the cache)."""
+    cfg = DataConfig(**{"source": "imagefolder", **options})
     folder = list_imagefolder(root, cache=Path(cache), progress=progress)
-    result = {}
-    for split, max_n in zip(SPLITS, (max_train, max_test), strict=True):
-        arrays = read_split(
-            folder,
-            split,
-            max_n,
-            lambda path: _decode(path, image_size),
-            cache=Path(cache),
-            name=name,
-            variant=f"PIL {image_size}",
-            on_bad_image=on_bad_image,
-            progress=progress,
-        )
-        result[split] = SplitData(arrays["images"], arrays["labels"].astype(np.int64), folder.class_names)
-    return result
+    decode, variant = (lambda path: _decode(path, cfg.image_size)), f"PIL {cfg.image_size}"
+    splits = {}
+    for split in SPLITS:
+        arrays = read_split(folder, split, decode, cfg, cache=Path(cache), variant=variant, progress=progress)
+        splits[split] = SplitData(arrays["images"], arrays["labels"].astype(np.int64), folder.class_names)
+    return splits

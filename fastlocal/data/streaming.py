@@ -11,14 +11,15 @@ the pixels differ, as each library crops and resizes its own way.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fastlocal.config import DataConfig
-from fastlocal.data import DataBundle, DatasetInfo, normalization, root_folder, sources
+from fastlocal.data import DatasetInfo, normalization, root_folder, sources
 from fastlocal.data.loader import Loader
 from fastlocal.data.sharding import epoch_seed
 from fastlocal.data.sources import BadImage, DataError, ImageList
@@ -51,18 +52,8 @@ def select_images(cfg: DataConfig, split: str, *, formats=None, progress: bool =
     """The checked files of `split` to stream (all, or the class-balanced first data.max_<split>), cached."""
     cache = sources.cache_dir(cfg.cache_dir)
     folder = sources.list_imagefolder(root_folder(cfg), cache=cache, progress=progress)
-    arrays = sources.read_split(
-        folder,
-        split,
-        cfg.max_train if split == "train" else cfg.max_test,
-        lambda path: check_image(path, formats),
-        cache=cache / "checked",
-        name=cfg.source,
-        variant=f"checked {sorted(formats or ['PIL'])}",
-        on_bad_image=cfg.on_bad_image,
-        progress=progress,
-        num_threads=max(1, cfg.num_workers),
-    )
+    check, variant = (lambda path: check_image(path, formats)), f"checked {sorted(formats or ['PIL'])}"
+    arrays = sources.read_split(folder, split, check, cfg, cache=cache / "checked", variant=variant, progress=progress)
     return ImageList(folder.base, arrays["paths"].tolist(), arrays["labels"].astype(np.int64), folder.class_names)
 
 
@@ -108,51 +99,46 @@ class _ImageFiles(torch.utils.data.Dataset):
             return self.transform(image), int(self.labels[index])
 
 
+@dataclass(frozen=True)
+class Stream:
+    """What a run's two streaming loaders share: the config (crop_size, resize_size, num_workers, dali_decoder),
+    the normalisation (mean, std in [0, 1] units), the training flip and the device batches go to."""
+
+    cfg: DataConfig
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    flip: bool
+    device: torch.device
+
+
 class TorchImageLoader(Loader):
     """Batches decoded by PIL and transformed by torchvision.transforms.v2 in DataLoader workers.
 
     Workers send uint8 (B, 3, crop, crop) batches (pinned on CUDA), copied with non_blocking and
     normalised on the device, so host-to-device traffic is a quarter of float32's. Every image's
     augmentation is seeded from (seed, epoch, index): an epoch is the same whatever num_workers is.
+    `sharding`: the :class:`Loader` options drop_last, seed, rank, world_size.
     """
 
-    def __init__(
-        self,
-        images: ImageList,
-        batch_size: int,
-        *,
-        train: bool,
-        crop_size: int,
-        resize_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        flip: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        device: torch.device | str = "cpu",
-        num_workers: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        super().__init__(
-            len(images), batch_size, train=train, drop_last=drop_last, seed=seed, rank=rank, world_size=world_size
-        )
-        self.images, self.device = images, torch.device(device)
-        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+    def __init__(self, images: ImageList, batch_size: int, stream: Stream, *, train: bool, **sharding):
+        super().__init__(len(images), batch_size, train=train, **sharding)
+        self.images, self.device, workers = images, stream.device, stream.cfg.num_workers
+        self._mean = torch.tensor(stream.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(stream.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         # The sampler is a plain list of (index, seed) keys, refilled before each epoch: a sampler holding the
         # loader would make a cycle, leaving the workers' shutdown to the garbage collector, which can close
         # their queues first and then wait seconds per worker for a message that never arrives.
         self._keys: list[tuple[int, int]] = []
+        transform = image_transform(train, stream.cfg.crop_size, stream.cfg.resize_size, stream.flip)
         self._loader = torch.utils.data.DataLoader(
-            _ImageFiles(images, image_transform(train, crop_size, resize_size, flip)),
+            _ImageFiles(images, transform),
             batch_size=self.batch_size,
             sampler=self._keys,
-            num_workers=num_workers,
+            num_workers=workers,
             pin_memory=self.device.type == "cuda",
             drop_last=self.drop_last,
-            persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
         )
 
     def keys(self) -> list[tuple[int, int]]:
@@ -171,20 +157,9 @@ class TorchImageLoader(Loader):
             yield images, labels.to(self.device, non_blocking=True)
 
 
-def build_streaming_data(
-    cfg: DataConfig,
-    kind: str,
-    *,
-    batch_size: int,
-    eval_batch_size: int,
-    device: torch.device | str,
-    seed: int,
-    drop_last: bool = False,
-    progress: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-) -> DataBundle:
-    """The streaming loaders (`kind` = torch or dali) for an image folder or archive; see build_data."""
+def streaming_loaders(cfg: DataConfig, kind: str, device: torch.device | str, progress: bool = True):
+    """(make, info) for an image folder or archive streamed by `kind` (torch or dali): make(split, batch_size,
+    **sharding) is the split's loader; see build_data."""
     formats = None
     if kind == "dali":
         from fastlocal.data.dali import DALI_FORMATS, DaliLoader, import_dali
@@ -192,8 +167,8 @@ def build_streaming_data(
         import_dali()  # fail before any listing or extraction work
         formats = DALI_FORMATS
     crop, resize = cfg.crop_size, cfg.resize_size
-    train = select_images(cfg, "train", formats=formats, progress=progress)
-    test = select_images(cfg, "test", formats=formats, progress=progress)
+    images = {split: select_images(cfg, split, formats=formats, progress=progress) for split in ("train", "test")}
+    train = images["train"]
     size = sources.first_image_size(train.base)
     if size is not None and 2 * size <= crop:
         # Upscaling every image 2x or more (e.g. 32 px CIFAR to the default 224) is almost always a mistake.
@@ -210,29 +185,13 @@ def build_streaming_data(
         return np.stack([views[int(i), -1][0].numpy() for i in picks])
 
     mean, std = normalization("imagenet" if cfg.normalize == "auto" else cfg.normalize, sample)
-    flip = cfg.flip != "off"
-    common = dict(
-        crop_size=crop,
-        resize_size=resize,
-        mean=mean,
-        std=std,
-        flip=flip,
-        seed=seed,
-        device=device,
-        rank=rank,
-        world_size=world_size,
-    )
+    stream = Stream(cfg, tuple(mean), tuple(std), cfg.flip != "off", torch.device(device))
     loader_class = DaliLoader if kind == "dali" else TorchImageLoader
-    common.update(
-        dict(decoder=cfg.dali_decoder, num_threads=max(1, cfg.num_workers))
-        if kind == "dali"
-        else dict(num_workers=cfg.num_workers)
-    )
     info = DatasetInfo(
-        cfg.source, len(train.class_names), crop, train.class_names, tuple(mean), tuple(std), 0, "constant", flip
+        cfg.source, len(train.class_names), crop, train.class_names, stream.mean, stream.std, 0, "constant", stream.flip
     )
-    return DataBundle(
-        loader_class(train, batch_size, train=True, drop_last=drop_last, **common),
-        loader_class(test, eval_batch_size, train=False, **common),
-        info,
-    )
+
+    def make(split: str, batch_size: int, **sharding) -> Loader:
+        return loader_class(images[split], batch_size, stream, train=split == "train", **sharding)
+
+    return make, info
