@@ -7,6 +7,18 @@ from fastlocal.methods import METHODS, build_method
 from fastlocal.models import build_backbone
 from fastlocal.split import split_backbone
 
+# The CLI arguments of a run that trains in seconds on the bundled subset (the CLI tests' base).
+TINY_RUN = [
+    "--data.source=bundled",
+    "--data.max_train=100",
+    "--data.max_test=50",
+    "--model.arch=resnet20",
+    "--train.batch_size=25",
+    "--train.eval_batch_size=50",
+    "--log.progress=false",
+    "--system.num_threads=1",
+]
+
 
 def build(method: str, arch: str, k: int, overrides=(), dtype=torch.float64, seed: int = 0, input_size: int = 32):
     """(cfg, backbone, modules, method) with `overrides` as 'section.key=value' strings."""

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from builders import TINY_RUN
 
 import fastlocal.analysis.cka as cka_module
 from fastlocal.analysis.cka import MinibatchCKA, gram_matrix, linear_cka, minibatch_cka, unbiased_hsic
@@ -160,17 +161,7 @@ def test_probe_is_at_chance_on_shuffled_labels():
 
 
 # -- the CLI on tiny runs ------------------------------------------------------------------------------------
-TINY = [
-    "--data.source=bundled",
-    "--data.max_train=100",
-    "--data.max_test=50",
-    "--model.arch=resnet20",
-    "--train.batch_size=25",
-    "--train.eval_batch_size=50",
-    "--log.progress=false",
-    "--system.num_threads=1",
-    "--train.epochs=1",
-]
+TINY = [*TINY_RUN, "--train.epochs=1"]
 ANALYSIS = ["--test-images", "40", "--train-images", "100", "--batch-size", "16", "--map-images", "2", "--no-progress"]
 
 

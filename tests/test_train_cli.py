@@ -11,21 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import TINY_RUN
 from PIL import Image
 
 import fastlocal.engine as engine
 from fastlocal.train import main
 
-TINY = [
-    "--data.source=bundled",
-    "--data.max_train=100",
-    "--data.max_test=50",
-    "--model.arch=resnet20",
-    "--train.batch_size=25",
-    "--train.eval_batch_size=50",
-    "--log.progress=false",
-    "--system.num_threads=1",
-]
+TINY = TINY_RUN
 
 
 def run_cli(args, capsys):

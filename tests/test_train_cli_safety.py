@@ -17,23 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import TINY_RUN
 
 import fastlocal.engine as engine
 from fastlocal.train import LOCK_NAME, main
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--data.source=bundled",
-    "--data.max_train=100",
-    "--data.max_test=50",
-    "--model.arch=resnet20",
-    "--train.batch_size=25",
-    "--train.eval_batch_size=50",
-    "--log.progress=false",
-    "--system.num_threads=1",
-    "--method.name=dgl",
-    "--method.num_modules=2",
-]
+TINY = [*TINY_RUN, "--method.name=dgl", "--method.num_modules=2"]
 
 
 def run_cli(args, capsys):
