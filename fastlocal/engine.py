@@ -69,7 +69,7 @@ def build_optimizer(
 
 
 def learning_rate(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
-    """The LR for a step. `ref`: the reference's CIFAR per-epoch rule (SPEC 5, e = epoch + 1);
+    """The LR for a step. `ref`: the reference's CIFAR per-epoch rule (docs/method.md#recipes, e = epoch + 1);
     `cosine_epoch`: the ImageNet reference's per-epoch cosine (epoch from 0);
     `cosine`: per-iteration linear warmup then cosine decay to 0."""
     lr0, epochs = cfg.optim.lr, cfg.train.epochs
