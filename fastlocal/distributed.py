@@ -194,6 +194,13 @@ def average_buffers(*roots: nn.Module) -> None:
             b.copy_(chunk.view_as(b))
 
 
+def barrier() -> None:
+    """Every rank waits for the others (after rank 0 wrote a checkpoint: no rank moves on and reads it first);
+    nothing without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
     """`values` summed over ranks (a copy); unchanged without a process group."""
     total = values.clone()

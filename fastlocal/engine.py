@@ -271,6 +271,7 @@ class Trainer:
             )
         if self.is_main:  # data parallel: every rank checks (the models are equal, so they agree); rank 0 writes
             save_atomic(ckpt, self.out_dir / CHECKPOINT_NAME)
+        distributed.barrier()
 
     def diverged(self, what: str, completed_epochs: int) -> NonFiniteLossError:
         last_good = (

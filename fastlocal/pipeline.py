@@ -657,6 +657,7 @@ class PipelineTrainer(Trainer):
             from fastlocal.engine import CHECKPOINT_NAME, save_atomic
 
             save_atomic(ckpt, self.out_dir / CHECKPOINT_NAME)
+        distributed.barrier()
 
     def restore(self, ckpt: dict) -> None:
         """A single-device checkpoint (written by one device or gathered from a pipeline): every stage loads
