@@ -1,4 +1,4 @@
-"""scripts/profile_step.py's cost counter, whose FLOP and byte ratios the README quotes."""
+"""scripts/profile_step.py's cost counter, whose FLOP and byte ratios docs/fast-path.md quotes."""
 
 import importlib.util
 from pathlib import Path
