@@ -20,6 +20,21 @@ TINY_RUN = [
 ]
 
 
+def torchrun_tiny_run(out, *extra: str) -> list[str]:
+    """`torchrun --standalone --nproc_per_node=2 -m fastlocal.train` of a tiny MLAAN K=3 run on the bundled
+    subset (CPU, one thread each), with `extra` arguments, writing `out`."""
+    import sys
+
+    return [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+        *("-m", "fastlocal.train", "--data.source=bundled", "--data.max_train=40", "--data.max_test=20"),
+        *("--model.arch=resnet20", "--method.name=mlaan", "--method.num_modules=3", "--train.epochs=1"),
+        *("--system.device=cpu", "--train.batch_size=20", "--log.progress=false", "--system.num_threads=1"),
+        *extra,
+        *("--out", str(out)),
+    ]
+
+
 def build(method: str, arch: str, k: int, overrides=(), dtype=torch.float64, seed: int = 0, input_size: int = 32):
     """(cfg, backbone, modules, method) with `overrides` as 'section.key=value' strings."""
     items = [f"method.name={method}", f"method.num_modules={k}", f"model.arch={arch}", *overrides]

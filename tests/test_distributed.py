@@ -10,14 +10,13 @@ import multiprocessing
 import os
 import socket
 import subprocess
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-from builders import build
+from builders import build, torchrun_tiny_run
 
 from fastlocal import distributed
 from fastlocal.config import ConfigError, build_config
@@ -342,32 +341,13 @@ def test_sync_batch_norm_wiring_on_cpu():
 
 def test_torchrun_cli_trains_data_parallel_writes_world_size_and_resumes(tmp_path):
     out = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "fastlocal.train",
-        "--data.source=bundled",
-        "--data.max_train=40",
-        "--data.max_test=20",
-        "--model.arch=resnet20",
-        "--method.name=mlaan",
-        "--method.num_modules=3",
-        "--train.epochs=1",
-        "--system.device=cpu",
+    command = torchrun_tiny_run(
+        out,
         "--data.loader=torch",
         "--data.num_workers=0",
         "--data.crop_size=32",
         "--data.resize_size=32",  # the device loader's sharding is tested above; here the streaming one's
-        "--train.batch_size=20",
-        "--log.progress=false",
-        "--system.num_threads=1",
-        "--out",
-        str(out),
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import build
+from builders import build, torchrun_tiny_run
 
 from fastlocal import distributed
 from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
@@ -326,29 +326,7 @@ def test_torchrun_cli_trains_a_pipeline_and_resumes_on_one_device(tmp_path):
     import sys
 
     out = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "fastlocal.train",
-        "--data.source=bundled",
-        "--data.max_train=40",
-        "--data.max_test=20",
-        "--model.arch=resnet20",
-        "--method.name=mlaan",
-        "--method.num_modules=3",
-        "--train.epochs=1",
-        "--system.device=cpu",
-        "--train.batch_size=20",
-        "--log.progress=false",
-        "--system.num_threads=1",
-        "--system.parallel=modules",
-        "--out",
-        str(out),
-    ]
+    command = torchrun_tiny_run(out, "--system.parallel=modules")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
