@@ -4,7 +4,7 @@ Small images (cifar10, svhn, stl10, the bundled subset, image folders of small i
 into a uint8 cache and served from the device by :class:`DeviceLoader`. Large images (ImageNet-style
 image folders) stream through :class:`~fastlocal.data.streaming.TorchImageLoader` or, the fast path,
 :class:`~fastlocal.data.dali.DaliLoader`. Every loader is a :class:`Loader` reading its share of each
-epoch from :func:`~fastlocal.data.sharding.shard_indices`.
+epoch from :func:`~fastlocal.data.loader.shard_indices`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ NORMALIZATIONS = {
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-IMAGENET_MEAN, IMAGENET_STD = NORMALIZATIONS["imagenet"]
 
 
 @dataclass
@@ -105,13 +104,9 @@ def choose_loader(cfg: DataConfig, progress: bool = True) -> str:
         return "device"
     if cfg.image_size > 0:
         return "torch" if cfg.image_size >= STREAMING_MIN_SIZE else "device"
-    root = Path(cfg.root).expanduser().absolute()
-    if not root.exists():
-        return "device"  # the reader names the missing folder
-    cache = sources.cache_dir(cfg.cache_dir)
-    folder = root if root.is_dir() else sources.extract_archive(root, cache, progress=progress)
-    size = sources.first_image_size(sources.find_base(root, folder))
-    return "torch" if size is not None and size >= STREAMING_MIN_SIZE else "device"
+    folder = sources.list_imagefolder(root_folder(cfg), cache=sources.cache_dir(cfg.cache_dir), progress=progress)
+    first = next(names[0] for names in folder.files["train"] if names)  # every listed class has images
+    return "torch" if sources.shorter_side(folder.base / first) >= STREAMING_MIN_SIZE else "device"
 
 
 def read_splits(cfg: DataConfig, *, progress: bool = True) -> dict[str, SplitData]:
@@ -164,19 +159,9 @@ def resolve_info(cfg: DataConfig, splits: dict[str, SplitData]) -> DatasetInfo:
     return DatasetInfo(cfg.source, len(classes), int(height), classes, mean, std, int(pad), pad_mode, flip)
 
 
-def build_data(
-    cfg: DataConfig,
-    *,
-    batch_size: int,
-    eval_batch_size: int,
-    device: torch.device | str,
-    seed: int,
-    drop_last: bool = False,
-    progress: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-) -> DataBundle:
-    """Read the configured dataset and return the two loaders (device-resident, or streaming for large images)."""
+def build_data(cfg: DataConfig, *, batch_size: int, eval_batch_size: int, device, progress=True, **sharding):
+    """Read the configured dataset and return the two loaders (device-resident, or streaming for large images).
+    `sharding`: the :class:`Loader` options seed, rank, world_size and drop_last (training only)."""
     kind = choose_loader(cfg, progress)
     if kind != "device":
         from fastlocal.data.streaming import streaming_loaders
@@ -191,7 +176,4 @@ def build_data(
         def make(split: str, batch_size: int, **sharding) -> Loader:
             return DeviceLoader(*tensors[split], batch_size, train=split == "train", **augment, **sharding)
 
-    sharding = dict(seed=seed, rank=rank, world_size=world_size)
-    return DataBundle(
-        make("train", batch_size, drop_last=drop_last, **sharding), make("test", eval_batch_size, **sharding), info
-    )
+    return DataBundle(make("train", batch_size, **sharding), make("test", eval_batch_size, **sharding), info)

@@ -15,10 +15,8 @@ from collections.abc import Iterator
 
 import torch
 
-from fastlocal.data.loader import Loader
-from fastlocal.data.sharding import epoch_seed
+from fastlocal.data.loader import Loader, epoch_seed
 from fastlocal.data.sources import DataError, ImageList
-from fastlocal.data.streaming import Stream
 
 READER_NAME = "reader"
 # Image formats DALI's decoders read (PIL's names); a GIF, say, would fail inside the pipeline.
@@ -46,8 +44,8 @@ def image_pipeline():
 
     @dali.pipeline_def
     def pipeline(files, labels, loader):
-        stream, decoder, on_cuda, crop = loader.stream, loader.decoder, loader.on_cuda, loader.stream.cfg.crop_size
-        root = str(loader.images.base)
+        cfg, info, decoder, crop = loader.cfg, loader.info, loader.decoder, loader.cfg.crop_size
+        root, linear = str(loader.images.base), dict(interp_type=types.INTERP_LINEAR, antialias=True)
         jpegs, labels = fn.readers.file(
             file_root=root, files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name=READER_NAME
         )
@@ -56,20 +54,19 @@ def image_pipeline():
             images = fn.decoders.image_random_crop(
                 jpegs, device=decoder, output_type=types.RGB, random_area=area, random_aspect_ratio=aspect
             )
-            images = fn.resize(images, resize_x=crop, resize_y=crop, interp_type=types.INTERP_LINEAR, antialias=True)
-            crop_args = dict(mirror=fn.random.coin_flip(probability=0.5) if stream.flip else 0)
+            images = fn.resize(images, resize_x=crop, resize_y=crop, **linear)
+            crop_args = dict(mirror=fn.random.coin_flip(probability=0.5) if info.flip else 0)
         else:
             images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
-            resize = stream.cfg.resize_size
-            images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_LINEAR, antialias=True)
+            images = fn.resize(images, resize_shorter=cfg.resize_size, **linear)
             crop_args = dict(crop=(crop, crop), crop_pos_x=0.5, crop_pos_y=0.5)
-        if on_cuda and decoder == "cpu":
+        if loader.on_cuda and decoder == "cpu":
             images = images.gpu()  # uint8 crops cross PCIe, not float32
-        mean, std = [255 * m for m in stream.mean], [255 * s for s in stream.std]
+        mean, std = [255 * m for m in info.mean], [255 * s for s in info.std]
         images = fn.crop_mirror_normalize(
             images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std, **crop_args
         )
-        return images, labels.gpu() if on_cuda else labels
+        return images, labels.gpu() if loader.on_cuda else labels
 
     return pipeline
 
@@ -77,18 +74,18 @@ def image_pipeline():
 class DaliLoader(Loader):
     """Batches from a DALI pipeline over an :class:`~fastlocal.data.sources.ImageList`.
 
-    Yields (x float32 (B, 3, crop, crop) normalised, on the stream's device; y int64 (B,)). From the
-    :class:`~fastlocal.data.streaming.Stream`'s config: dali_decoder, auto (mixed on a CUDA device, cpu
+    Yields (x float32 (B, 3, crop, crop) normalised with `info`'s mean and std, on `device`; y int64 (B,)).
+    From `cfg` (DataConfig): crop_size, resize_size; dali_decoder, auto (mixed on a CUDA device, cpu
     otherwise), mixed or cpu; num_workers, DALI's CPU worker threads. `sharding`: as :class:`Loader`'s.
     """
 
-    def __init__(self, images: ImageList, batch_size: int, stream: Stream, *, train: bool, **sharding):
+    def __init__(self, images: ImageList, batch_size: int, cfg, info, *, device, train, **sharding):
         import_dali()
         super().__init__(len(images), batch_size, train=train, **sharding)
-        self.images, self.stream, self.device = images, stream, stream.device
+        self.images, self.cfg, self.info, self.device = images, cfg, info, torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.on_cuda, decoder = self.device.type == "cuda", stream.cfg.dali_decoder
+        self.on_cuda, decoder = self.device.type == "cuda", cfg.dali_decoder
         if decoder == "mixed" and not self.on_cuda:
             raise DataError(
                 f"data.dali_decoder = mixed decodes on the GPU, but the run's device is {self.device.type}; "
@@ -105,7 +102,7 @@ class DaliLoader(Loader):
                 files=[self.images.paths[i] for i in order],
                 labels=[int(self.images.labels[i]) for i in order],
                 batch_size=self.batch_size,
-                num_threads=max(1, self.stream.cfg.num_workers),
+                num_threads=max(1, self.cfg.num_workers),
                 prefetch_queue_depth=2,
                 device_id=self.device.index if self.on_cuda else None,
                 seed=epoch_seed(self.seed, self.epoch, self.rank) & 0x7FFFFFFF,

@@ -1,4 +1,8 @@
-"""The loader interface, and the loader whose whole dataset lives on the device as uint8.
+"""The loader interface, which items each process reads, and the loader whose dataset lives on the device.
+
+Every loader (device-resident, torch workers, DALI) takes its order from :func:`shard_indices`, so an
+epoch is a function of (seed, epoch, rank, world size): a resumed run reads what an uninterrupted one
+would, and N processes together read every item once per epoch (plus the wrap-around padding).
 
 A :class:`DeviceLoader` training batch is one index_select and one gather that does the augmentation of
 the whole batch: the random crop is a per-image (row, column) offset into the padded batch, the flip
@@ -11,14 +15,33 @@ tensors with Python integers only, without synchronising with the host.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastlocal.data.sharding import epoch_seed, shard_indices
+_UINT64 = (1 << 64) - 1
 
-PAD_MODES = ("reflect", "constant")
+
+def epoch_seed(seed: int, epoch: int, *more: int) -> int:
+    """A 63-bit generator seed mixing (seed, epoch, *more) with numpy's SeedSequence, so nearby tuples give
+    unrelated streams (torch.manual_seed(seed + epoch) would make epoch 1 of seed 0 epoch 0 of seed 1)."""
+    entropy = [value & _UINT64 for value in (seed, epoch, *more)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1
+
+
+def shard_indices(num_items: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """int64 (ceil(num_items / world_size),): the items rank `rank` reads in `epoch`, in reading order: a
+    permutation drawn from (seed, epoch), then as torch.utils.data.DistributedSampler: padded to a multiple
+    of world_size by wrapping around, and rank r takes order[r::world_size]."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+    total = -(-num_items // world_size) * world_size
+    if total > num_items:
+        order = order.repeat(-(-total // num_items))[:total]
+    return order[rank::world_size]
 
 
 class Loader:
@@ -30,17 +53,7 @@ class Loader:
     evaluation keeps the order and never drops one.
     """
 
-    def __init__(
-        self,
-        num_items: int,
-        batch_size: int,
-        *,
-        train: bool,
-        drop_last: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
+    def __init__(self, num_items: int, batch_size: int, *, train: bool, drop_last=False, seed=0, rank=0, world_size=1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.num_items, self.batch_size, self.train, self.seed = num_items, int(batch_size), train, seed
@@ -53,6 +66,15 @@ class Loader:
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration gives."""
         self.epoch = int(epoch)
+
+    def normalize_with(self, mean, std) -> None:
+        """Per-channel mean and std (in [0, 1] units) for :meth:`normalize`, kept on self.device."""
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> float32 (images/255 - mean)/std."""
+        return images.float().div_(255).sub_(self._mean).div_(self._std)
 
     def __len__(self) -> int:
         return self.num_images // self.batch_size if self.drop_last else -(-self.num_images // self.batch_size)
@@ -82,56 +104,27 @@ class DeviceLoader(Loader):
     With `train`, each epoch is shuffled and augmented (random crop with `pad` pixels of padding in
     `pad_mode`, then a horizontal flip with p=0.5 when `flip`); otherwise batches come in order and are
     only normalised. Yields (x float32 (B, 3, H, W) = (images/255 - mean)/std, y int64 (B,)).
-    Call :meth:`set_epoch` before iterating each epoch; iterating twice at one epoch repeats it exactly.
-    `sharding` (drop_last, seed, rank, world_size) goes to :class:`Loader`: with `world_size` > 1 this rank reads
-    its :func:`~fastlocal.data.sharding.shard_indices` share.
+    Iterating twice at one epoch repeats it exactly. `sharding`: the :class:`Loader` options.
     """
 
     def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        batch_size: int,
-        *,
-        train: bool,
-        mean: Sequence[float],
-        std: Sequence[float],
-        pad: int = 0,
-        pad_mode: str = "reflect",
-        flip: bool = False,
-        **sharding,
+        self, images, labels, batch_size, *, train, mean, std, pad=0, pad_mode="reflect", flip=False, **sharding
     ):
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        if labels.dtype != torch.int64 or labels.shape != images.shape[:1] or labels.device != images.device:
+        # pad, pad_mode and flip are validated with the config (fastlocal.config, data.resolve_info).
+        if images.dtype != torch.uint8 or images.ndim != 4 or labels.shape != images.shape[:1]:
             raise ValueError(
-                f"labels must be int64 ({images.shape[0]},) on {images.device}, got {labels.dtype} "
-                f"{tuple(labels.shape)} on {labels.device}"
+                f"need uint8 (N, 3, H, W) images and (N,) labels, got {images.dtype} {tuple(images.shape)}"
             )
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std need 3 values each, std positive; got {mean}, {std}")
-        if pad < 0 or pad_mode not in PAD_MODES:
-            raise ValueError(f"pad must be >= 0 and pad_mode one of {PAD_MODES}; got {pad}, {pad_mode!r}")
         height, width = images.shape[2], images.shape[3]
-        if train and pad > 0 and pad_mode == "reflect" and pad >= min(height, width):
-            raise ValueError(
-                f"reflect padding needs pad < image size, got pad {pad} for {height}x{width} images; "
-                f"use a smaller pad or pad_mode='constant'"
-            )
         super().__init__(images.shape[0], batch_size, train=train, **sharding)
         self.images, self.labels, self.device = images, labels, images.device
         self.pad, self.pad_mode, self.flip = int(pad), pad_mode, bool(flip)
-        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.normalize_with(mean, std)
         self._rows = torch.arange(height, device=self.device)
         self._cols = torch.arange(width, device=self.device)
         if self.pad > 0 and pad_mode == "reflect":
             self._reflect_rows = reflect_index(height, self.pad, self.device)
             self._reflect_cols = reflect_index(width, self.pad, self.device)
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> float32 (images/255 - mean)/std."""
-        return images.float().div_(255).sub_(self._mean).div_(self._std)
 
     def augment(self, images: torch.Tensor, offsets: torch.Tensor | None, flips: torch.Tensor | None) -> torch.Tensor:
         """Random crop and flip of a uint8 batch, as one gather from the (virtually) padded batch.

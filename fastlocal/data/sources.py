@@ -247,27 +247,18 @@ def _subfolders(folder: Path) -> list[str]:
 
 def find_base(origin: Path, folder: Path) -> Path:
     """The folder holding train/ and test/: `folder` or its single subfolder, else a DataError."""
-    top = _subfolders(folder)
-    base = folder
-    if "train" not in top and "test" not in top:
-        inner = _subfolders(folder / top[0]) if len(top) == 1 else []
-        if not {"train", "test"} & set(inner):
-            files = [e.name for e in os.scandir(folder) if e.is_file() and e.name != EXTRACTED_MARKER]
-            found = sorted([d + "/" for d in top] + files)
-            raise DataError(
-                f"{origin}: no train/ and test/ folders; found top-level entries: {', '.join(found) or '(none)'}. "
-                f"Expected the image-folder layout train/<class>/<image> and test/<class>/<image>, optionally "
-                f"under one top-level folder (e.g. cifar10-jpeg/train/airplane/0000.jpg)"
-            )
-        base, top = folder / top[0], inner
-    for split in SPLITS:
-        if split not in top:
-            where = f"{base.name}/" if base != folder else "the top level"
-            others = ", ".join(d + "/" for d in top if d != split) or "nothing"
-            raise DataError(
-                f"{origin}: no {split}/ folder at {where} (it holds: {others}); put the images in "
-                f"train/<class>/<image> and test/<class>/<image>"
-            )
+    top, base = _subfolders(folder), folder
+    if len(top) == 1 and not {"train", "test"} & set(top):  # one top-level folder that holds the splits
+        base, top = folder / top[0], _subfolders(folder / top[0])
+    missing = [split + "/" for split in SPLITS if split not in top]
+    if missing:
+        files = [e.name for e in os.scandir(base) if e.is_file() and e.name != EXTRACTED_MARKER]
+        raise DataError(
+            f"{origin}: no {' and '.join(missing)} folder at {f'{base.name}/' if base != folder else 'the top level'} "
+            f"(it holds: {', '.join(sorted([d + '/' for d in top] + files)) or 'nothing'}). Expected the image-folder "
+            f"layout train/<class>/<image> and test/<class>/<image>, optionally under one top-level folder "
+            f"(e.g. cifar10-jpeg/train/airplane/0000.jpg)"
+        )
     return base
 
 
@@ -340,20 +331,15 @@ def list_imagefolder(root: str | Path, *, cache: Path, progress: bool = True) ->
     return ImageFolder(origin, base, class_names, files, digest.hexdigest())
 
 
-def first_image_size(base: Path) -> int | None:
-    """Shorter side of the first training image under `base` (None when there is none to read)."""
+def shorter_side(path: Path) -> int:
+    """The shorter side of the image at `path` in pixels, 0 when it does not open (its reader reports it)."""
     from PIL import Image
 
     try:
-        for dirpath, dirnames, filenames in os.walk(base / "train"):
-            dirnames.sort()
-            image = next((f for f in sorted(filenames) if _is_image(f)), None)
-            if image is not None:
-                with Image.open(Path(dirpath) / image) as img:
-                    return min(img.size)
-    except Exception:  # noqa: BLE001 -- the chosen reader reports the file properly
-        return None
-    return None
+        with Image.open(path) as img:
+            return min(img.size)
+    except Exception:  # noqa: BLE001 -- PIL raises many types on bad data
+        return 0
 
 
 def _decode(path: Path, image_size: int) -> np.ndarray:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,7 @@ import torch
 
 from fastlocal.config import DataConfig
 from fastlocal.data import DatasetInfo, normalization, root_folder, sources
-from fastlocal.data.loader import Loader
-from fastlocal.data.sharding import epoch_seed
+from fastlocal.data.loader import Loader, epoch_seed
 from fastlocal.data.sources import BadImage, DataError, ImageList
 
 # data.normalize = dataset estimates the statistics from this many training images (evaluation view).
@@ -75,9 +73,6 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __init__(self, images: ImageList, transform):
         self.base, self.paths, self.labels, self.transform = images.base, images.paths, images.labels, transform
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         from PIL import Image
 
@@ -91,24 +86,11 @@ class _ImageFiles(torch.utils.data.Dataset):
                 f"cannot read image {path} ({type(err).__name__}: {err}); it changed after the "
                 f"up-front check? delete or replace it"
             ) from None
-        if seed < 0:
-            return self.transform(image), int(self.labels[index])
         # Seeded per image, so a crop does not depend on the worker count; fork_rng keeps the caller's RNG.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[], enabled=seed >= 0):
+            if seed >= 0:
+                torch.manual_seed(seed)
             return self.transform(image), int(self.labels[index])
-
-
-@dataclass(frozen=True)
-class Stream:
-    """What a run's two streaming loaders share: the config (crop_size, resize_size, num_workers, dali_decoder),
-    the normalisation (mean, std in [0, 1] units), the training flip and the device batches go to."""
-
-    cfg: DataConfig
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    flip: bool
-    device: torch.device
 
 
 class TorchImageLoader(Loader):
@@ -117,19 +99,20 @@ class TorchImageLoader(Loader):
     Workers send uint8 (B, 3, crop, crop) batches (pinned on CUDA), copied with non_blocking and
     normalised on the device, so host-to-device traffic is a quarter of float32's. Every image's
     augmentation is seeded from (seed, epoch, index): an epoch is the same whatever num_workers is.
-    `sharding`: the :class:`Loader` options drop_last, seed, rank, world_size.
+    `sharding`: the :class:`Loader` options.
     """
 
-    def __init__(self, images: ImageList, batch_size: int, stream: Stream, *, train: bool, **sharding):
+    def __init__(
+        self, images: ImageList, batch_size: int, cfg: DataConfig, info: DatasetInfo, *, device, train, **sharding
+    ):
         super().__init__(len(images), batch_size, train=train, **sharding)
-        self.images, self.device, workers = images, stream.device, stream.cfg.num_workers
-        self._mean = torch.tensor(stream.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(stream.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.images, self.device, workers = images, torch.device(device), cfg.num_workers
+        self.normalize_with(info.mean, info.std)
         # The sampler is a plain list of (index, seed) keys, refilled before each epoch: a sampler holding the
         # loader would make a cycle, leaving the workers' shutdown to the garbage collector, which can close
         # their queues first and then wait seconds per worker for a message that never arrives.
         self._keys: list[tuple[int, int]] = []
-        transform = image_transform(train, stream.cfg.crop_size, stream.cfg.resize_size, stream.flip)
+        transform = image_transform(train, cfg.crop_size, cfg.resize_size, info.flip)
         self._loader = torch.utils.data.DataLoader(
             _ImageFiles(images, transform),
             batch_size=self.batch_size,
@@ -153,8 +136,7 @@ class TorchImageLoader(Loader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._keys[:] = self.keys()
         for images, labels in self._loader:
-            images = images.to(self.device, non_blocking=True).float().div_(255).sub_(self._mean).div_(self._std)
-            yield images, labels.to(self.device, non_blocking=True)
+            yield self.normalize(images.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)
 
 
 def streaming_loaders(cfg: DataConfig, kind: str, device: torch.device | str, progress: bool = True):
@@ -169,8 +151,8 @@ def streaming_loaders(cfg: DataConfig, kind: str, device: torch.device | str, pr
     crop, resize = cfg.crop_size, cfg.resize_size
     images = {split: select_images(cfg, split, formats=formats, progress=progress) for split in ("train", "test")}
     train = images["train"]
-    size = sources.first_image_size(train.base)
-    if size is not None and 2 * size <= crop:
+    size = sources.shorter_side(train.base / train.paths[0])
+    if 0 < size <= crop // 2:
         # Upscaling every image 2x or more (e.g. 32 px CIFAR to the default 224) is almost always a mistake.
         warnings.warn(
             f"the {kind} loader crops data.crop_size = {crop} pixels, but the images are {size} px, so "
@@ -185,13 +167,11 @@ def streaming_loaders(cfg: DataConfig, kind: str, device: torch.device | str, pr
         return np.stack([views[int(i), -1][0].numpy() for i in picks])
 
     mean, std = normalization("imagenet" if cfg.normalize == "auto" else cfg.normalize, sample)
-    stream = Stream(cfg, tuple(mean), tuple(std), cfg.flip != "off", torch.device(device))
     loader_class = DaliLoader if kind == "dali" else TorchImageLoader
-    info = DatasetInfo(
-        cfg.source, len(train.class_names), crop, train.class_names, stream.mean, stream.std, 0, "constant", stream.flip
-    )
+    classes, flip = train.class_names, cfg.flip != "off"
+    info = DatasetInfo(cfg.source, len(classes), crop, classes, tuple(mean), tuple(std), 0, "constant", flip)
 
     def make(split: str, batch_size: int, **sharding) -> Loader:
-        return loader_class(images[split], batch_size, stream, train=split == "train", **sharding)
+        return loader_class(images[split], batch_size, cfg, info, device=device, train=split == "train", **sharding)
 
     return make, info
