@@ -673,3 +673,40 @@ def test_hybrid_options_fail_with_what_to_set():
     # A hybrid run resumes as a pipeline or on one device.
     for mode in ("modules", "none"):
         assert resume_config(to_dict(cfg), [f"system.parallel={mode}"], METHODS).system.parallel == mode
+
+
+def test_cli_rejects_pipeline_stages_that_do_not_divide_the_processes(monkeypatch, capsys):
+    from fastlocal.train import main
+
+    torchrun = dict(RANK="0", WORLD_SIZE="3", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    args = ["--log.progress=false", "--system.parallel=hybrid", "--system.pipeline_stages=2"]
+    assert main(args) == 2  # before joining any process group
+    assert "system.pipeline_stages = 2 must divide the number of processes, 3" in capsys.readouterr().err
+    assert main(args[:2]) == 2
+    assert "set system.pipeline_stages=S" in capsys.readouterr().err
+
+
+def test_torchrun_cli_trains_hybrid_and_resumes_as_a_pipeline(tmp_path):
+    import json
+    import subprocess
+
+    out = tmp_path / "run"
+    command = torchrun_tiny_run(out, "--system.parallel=hybrid", "--system.pipeline_stages=2", processes=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parallel"] == "hybrid" and summary["world_size"] == 4 and summary["data_replicas"] == 2
+    assert result.stdout.count("final test accuracy") == 1  # rank 0 alone logs
+    assert "(20 train / 10 test images)" in result.stdout  # replica 0's shard of the 40 / 20
+    assert "2 data replicas x 2 pipeline stages" in result.stdout
+    # The gathered checkpoint continues as a 2-stage pipeline (system.pipeline_stages is ignored there).
+    resume = torchrun_tiny_run(out, "--system.parallel=modules", processes=2)
+    resume = [*resume[: resume.index("fastlocal.train") + 1], "--resume", str(out), "--train.epochs=2"]
+    resume.append("--system.parallel=modules")
+    result = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["parallel"] == "modules"
