@@ -140,12 +140,11 @@ def hybrid_mesh(num_stages: int, device: torch.device) -> Mesh:
     alike)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    world, rank = dist.get_world_size(), dist.get_rank()
-    replicas = hybrid_replicas(world, num_stages)
+    replicas = hybrid_replicas(dist.get_world_size(), num_stages)
     mesh = init_device_mesh(device.type, (replicas, num_stages), mesh_dim_names=("data", "pipe"))
     pipe_group = mesh.get_group("pipe")
     return Mesh(
-        replica=rank // num_stages,
+        replica=mesh.get_local_rank("data"),
         num_replicas=replicas,
         pipe_ranks=tuple(dist.get_process_group_ranks(pipe_group)),
         data_group=mesh.get_group("data"),
