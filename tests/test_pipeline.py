@@ -550,6 +550,8 @@ HYBRID = {  # name -> (method, K, overrides, stage sizes); MLAAN's cascade and E
     "dgl": ("dgl", 4, [], [2, 2]),
     "mlaan-w2": ("mlaan", 4, ["mlaan.window=2"], [2, 2]),
 }
+# The stale cascade adds to stage 0's gradients after its flush: averaged only then (else GradientAverager raises).
+HYBRID_STALE = ("mlaan", 4, ["mlaan.window=2", "pipeline.cascade=stale"], [2, 2])
 
 
 def half(tensor: torch.Tensor, replica: int) -> torch.Tensor:
@@ -575,7 +577,7 @@ def _hybrid_steps(rank: int, world: int, out: Path) -> None:
 
     mesh = hybrid_mesh(2, torch.device("cpu"))
     assert (mesh.replica, mesh.pipe_ranks) == (rank // 2, (rank // 2 * 2, rank // 2 * 2 + 1))
-    for name, (method, k, overrides, sizes) in HYBRID.items():
+    for name, (method, k, overrides, sizes) in {**HYBRID, "mlaan-stale": HYBRID_STALE}.items():
         trainer = hybrid_trainer(rank, world, mesh, method, k, overrides, sizes, out)
         trainer.begin(STEPS)
         for x, y in batches():
@@ -637,7 +639,7 @@ def test_hybrid_mesh_steps_equal_data_parallel_and_fit_gathers_and_evaluates(tmp
     from fastlocal.engine import evaluate
 
     assert launch(_hybrid_steps, 4, tmp_path, timeout_s=150) == [0] * 4
-    for name, (method, k, overrides, _) in HYBRID.items():
+    for name in [*HYBRID, "mlaan-stale"]:
         for stage in range(2):  # replica 1's stage equals replica 0's, bit for bit
             a = torch.load(tmp_path / f"{name}-rank{stage}.pt", weights_only=True)
             b = torch.load(tmp_path / f"{name}-rank{2 + stage}.pt", weights_only=True)
@@ -645,6 +647,7 @@ def test_hybrid_mesh_steps_equal_data_parallel_and_fit_gathers_and_evaluates(tmp
                 assert a[part].keys() == b[part].keys()
                 for key in a[part]:
                     assert torch.equal(a[part][key], b[part][key]), (name, stage, part, key)
+    for name, (method, k, overrides, _) in HYBRID.items():
         got = torch.load(tmp_path / f"{name}.pt", weights_only=True)
         assert_same_checkpoint(got, data_parallel_reference(method, k, overrides), f"hybrid {name}")
     assert not (tmp_path / "other").exists()
