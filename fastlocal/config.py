@@ -230,15 +230,18 @@ class SystemConfig:
     model and trains on its shard of each global batch of train.batch_size; each module's gradients are
     averaged across ranks as soon as the module is flushed), modules (pipeline: `torchrun --nproc_per_node=S
     -m fastlocal.train ... --system.parallel=modules` puts contiguous groups of local modules on S stages,
-    one device each, which train at the same time: docs/pipeline.md). hybrid (data x pipeline) is not
-    implemented yet."""
+    one device each, which train at the same time: docs/pipeline.md), hybrid (both: `torchrun
+    --nproc_per_node=W ... --system.parallel=hybrid --system.pipeline_stages=S` runs W/S data replicas of an
+    S-stage pipeline on a (data, pipeline) device mesh; train.batch_size is the global batch, each stage's
+    gradients are averaged over the replicas holding it: docs/pipeline.md#data-x-pipeline-hybrid)."""
     sync_batch_norm: bool = False
     """Data parallel, CUDA only: batch norm computes its batch statistics over the global batch
     (torch.nn.SyncBatchNorm) instead of per rank. Either way the running statistics are averaged across
     ranks before every evaluation and checkpoint."""
     pipeline_stages: Annotated[int, Min(0)] = 0
-    """system.parallel = hybrid: the pipeline stages of the (data, pipeline) device mesh (0 = every process
-    is a stage). Not used yet: hybrid is not implemented."""
+    """system.parallel = hybrid: the pipeline stages S of the (data, pipeline) device mesh; it must divide the
+    number of processes W, which gives W/S data replicas. The other modes ignore it (so a hybrid run resumes
+    with --system.parallel=modules or none as it is)."""
 
 
 @dataclass
@@ -504,10 +507,10 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
             "system.sync_batch_norm = true and system.fused_batch_norm = true do not combine (the fused "
             "kernel computes per-rank statistics); set system.fused_batch_norm=false or auto"
         )
-    if cfg.system.parallel == "hybrid":
+    if cfg.system.parallel == "hybrid" and cfg.system.pipeline_stages == 0:
         raise ConfigError(
-            "system.parallel = hybrid (data x pipeline parallel) is not implemented yet; use "
-            "system.parallel=modules (pipeline) or data under torchrun, or none"
+            "system.parallel = hybrid needs the pipeline's stage count: set system.pipeline_stages=S, a divisor "
+            "of the number of processes W (W/S data replicas of an S-stage pipeline)"
         )
     if cfg.pipeline.stage_sizes and (
         min(cfg.pipeline.stage_sizes) < 1 or sum(cfg.pipeline.stage_sizes) != resolve_num_modules(cfg.method)
@@ -577,14 +580,16 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> None:
 
 # What `--resume` may change: keys that do not change what the epochs already run computed, and
 # train.epochs (which changes the LR schedule of the remaining epochs; the CLI says so).
-# system.parallel and pipeline.stage_sizes too: a run moves between one device and a pipeline (the pipeline gives
-# the single-device weights), and its checkpoint has the single-device format either way.
+# system.parallel, system.pipeline_stages and pipeline.stage_sizes too: a run moves between one device, a pipeline
+# and a hybrid mesh (the pipeline gives the single-device weights), and its checkpoint has the single-device format
+# every way.
 RESUME_OVERRIDABLE = (
     "log.progress",
     "log.measure_memory",
     "data.cache_dir",
     "train.epochs",
     "system.parallel",
+    "system.pipeline_stages",
     "pipeline.stage_sizes",
 )
 

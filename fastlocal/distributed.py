@@ -73,7 +73,7 @@ def launched_by_torchrun() -> bool:
 
 
 def resolve_parallel(parallel: str) -> str:
-    """system.parallel -> "data", "modules" or "none": auto is data parallel under torchrun."""
+    """system.parallel -> "data", "modules", "hybrid" or "none": auto is data parallel under torchrun."""
     torchrun = launched_by_torchrun()
     if parallel == "auto":
         return "data" if torchrun else "none"
@@ -82,6 +82,12 @@ def resolve_parallel(parallel: str) -> str:
             "system.parallel = modules puts the local modules on several processes, one stage each, "
             "started by torchrun, e.g. torchrun --nproc_per_node=2 -m fastlocal.train --config FILE "
             "--system.parallel=modules; use system.parallel=none (or auto) for one process"
+        )
+    if parallel == "hybrid" and not (torchrun and int(os.environ["WORLD_SIZE"]) > 1):
+        raise UserError(
+            "system.parallel = hybrid runs data replicas of a pipeline on several processes started by "
+            "torchrun, e.g. torchrun --nproc_per_node=4 -m fastlocal.train --config FILE "
+            "--system.parallel=hybrid --system.pipeline_stages=2; use system.parallel=none (or auto) for one process"
         )
     if parallel == "data" and not torchrun:
         raise UserError(
@@ -180,17 +186,17 @@ def broadcast_from_rank0(*roots: nn.Module) -> None:
 
 
 @torch.no_grad()
-def average_buffers(*roots: nn.Module) -> None:
-    """Floating-point buffers (batch-norm running statistics) take the mean over ranks; integer buffers (the
-    batch counters) are equal on every rank already."""
+def average_buffers(*roots: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Floating-point buffers (batch-norm running statistics) take the mean over the ranks of `group` (default:
+    all); integer buffers (the batch counters) are equal on those ranks already."""
     buffers = [b for root in roots for b in root.buffers() if b.is_floating_point()]
-    world = dist.get_world_size()
+    world = dist.get_world_size(group)
     for dtype in sorted({b.dtype for b in buffers}, key=str):
-        group = [b for b in buffers if b.dtype == dtype]
-        flat = torch.cat([b.reshape(-1) for b in group])
-        dist.all_reduce(flat)
+        same = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.reshape(-1) for b in same])
+        dist.all_reduce(flat, group=group)
         flat.div_(world)
-        for b, chunk in zip(group, flat.split([b.numel() for b in group])):
+        for b, chunk in zip(same, flat.split([b.numel() for b in same])):
             b.copy_(chunk.view_as(b))
 
 
@@ -244,14 +250,21 @@ def module_parameter_groups(
 
 
 class GradientAverager:
-    """Averages each module's gradients across ranks, one asynchronous flat all-reduce per module and dtype,
-    started when the module is flushed (`after_flush`), awaited by `finish` before the optimizer step."""
+    """Averages each module's gradients across the ranks of `group` (default: all; the hybrid mesh: the data
+    replicas of one pipeline stage), one asynchronous flat all-reduce per module and dtype, started when the
+    module is flushed (`after_flush`), awaited by `finish` before the optimizer step."""
 
     def __init__(
-        self, modules: list[LocalModule], method: nn.Module, backbone: nn.Module, world_size: int | None = None
+        self,
+        modules: list[LocalModule],
+        method: nn.Module,
+        backbone: nn.Module,
+        world_size: int | None = None,
+        group: dist.ProcessGroup | None = None,
     ):
         self.groups = module_parameter_groups(modules, method, backbone)
-        self.world_size = dist.get_world_size() if world_size is None else world_size
+        self.group = group
+        self.world_size = dist.get_world_size(group) if world_size is None else world_size
         self._pending: list[tuple[list[nn.Parameter], torch.Tensor, object, list]] = []
 
     def bytes_per_module(self) -> list[int]:
@@ -264,7 +277,7 @@ class GradientAverager:
             params = [p for p in group if p.dtype == dtype]
             # A parameter without a gradient adds zeros: the collectives are the same on every rank.
             flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params])
-            work = dist.all_reduce(flat, async_op=True)
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
             self._pending.append((params, flat, work, [_grad_stamp(p) for p in params]))
 
     @torch.no_grad()

@@ -417,7 +417,7 @@ class Trainer:
                 raise RunInterrupted(self.stop_signal)
             row = self.train_epoch(epoch)
             if self.grad_averager is not None:  # data parallel, the stated rule: running statistics are the mean
-                distributed.average_buffers(self.backbone, self.method)
+                distributed.average_buffers(self.backbone, self.method, group=self.grad_averager.group)
             row["test_acc"] = self.test_accuracy()
             self.state.epoch = epoch + 1
             self.state.history.append(row)

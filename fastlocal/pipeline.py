@@ -32,6 +32,11 @@ MLAAN crosses boundaries twice, both handled exactly (`pipeline.cascade = exact`
 
 Messages between a pair of stages in one direction are sent and received in the same order (tags name
 their kind), so the same code works with gloo and NCCL.
+
+`system.parallel = hybrid` runs D data replicas of an S-stage pipeline on a (data, pipe) device mesh
+(:class:`Mesh`): the messages above go between the stages of one replica; each stage's gradients are averaged
+over the D replicas holding that stage (fastlocal.distributed.GradientAverager on the stage's data group), so
+the step is data parallelism's with each replica's shard through the pipeline.
 """
 
 from __future__ import annotations
@@ -93,12 +98,73 @@ def module_of_tensors(modules: Sequence[LocalModule], method: nn.Module) -> dict
     return owner
 
 
+# -- the (data, pipeline) device mesh ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Mesh:
+    """Where this process sits among D data replicas x S pipeline stages: stage k of its replica is global rank
+    `pipe_ranks[k]`. `data_group` holds the D ranks of this process's stage (None: one replica), `pipe_group`
+    its replica's S stages (None: every rank)."""
+
+    replica: int
+    num_replicas: int
+    pipe_ranks: tuple[int, ...]
+    data_group: dist.ProcessGroup | None = None
+    pipe_group: dist.ProcessGroup | None = None
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.pipe_ranks)
+
+
+def pipeline_mesh(world_size: int) -> Mesh:
+    """`system.parallel = modules`: one replica, stage k is rank k."""
+    return Mesh(0, 1, tuple(range(world_size)))
+
+
+def hybrid_replicas(world_size: int, num_stages: int) -> int:
+    """D = W / S data replicas, or a ConfigError naming W and S."""
+    if num_stages < 1 or world_size % num_stages:
+        raise ConfigError(
+            f"system.pipeline_stages = {num_stages} must divide the number of processes, {world_size} (torchrun's "
+            f"--nproc_per_node times its nodes): the mesh is (W / S data replicas) x (S stages); choose S from "
+            f"{[s for s in range(1, world_size + 1) if world_size % s == 0]} or start a multiple of {num_stages} "
+            "processes"
+        )
+    return world_size // num_stages
+
+
+def hybrid_mesh(num_stages: int, device: torch.device) -> Mesh:
+    """`system.parallel = hybrid`: the (data, pipe) mesh over every rank, pipe innermost (rank = replica * S +
+    stage), so the stages of a replica sit on neighbouring ranks (one node, the fast link) and the gradient
+    all-reduces cross replicas. torch.distributed.device_mesh.init_device_mesh builds the groups (gloo and NCCL
+    alike)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    replicas = hybrid_replicas(dist.get_world_size(), num_stages)
+    mesh = init_device_mesh(device.type, (replicas, num_stages), mesh_dim_names=("data", "pipe"))
+    pipe_group = mesh.get_group("pipe")
+    return Mesh(
+        replica=mesh.get_local_rank("data"),
+        num_replicas=replicas,
+        pipe_ranks=tuple(dist.get_process_group_ranks(pipe_group)),
+        data_group=mesh.get_group("data"),
+        pipe_group=pipe_group,
+    )
+
+
 @dataclass(frozen=True)
 class Stage:
     rank: int
+    """The stage's index in its pipeline (0 first)."""
     num_stages: int
     modules: range
     """The global indices of the local modules this stage holds."""
+    ranks: tuple[int, ...] = ()
+    """The global ranks of the pipeline's stages, first stage first (empty: stage k is rank k)."""
+
+    def peer(self, k: int) -> int:
+        """The global rank of stage k of this pipeline."""
+        return self.ranks[k] if self.ranks else k
 
     @property
     def is_first(self) -> bool:
@@ -181,7 +247,9 @@ class _DataView:
 
 class PipelineTrainer(Trainer):
     """`Trainer` for one pipeline stage: the same epochs, LR, logging and run directory (written by rank 0),
-    with the step, the evaluation and the checkpoints going through the pipeline."""
+    with the step, the evaluation and the checkpoints going through the pipeline. With a `mesh` of several
+    replicas (hybrid), this stage's gradients are averaged over its data group before every optimizer step and
+    its batch-norm running statistics before every evaluation and checkpoint, as in data parallelism."""
 
     def __init__(
         self,
@@ -195,14 +263,17 @@ class PipelineTrainer(Trainer):
         parallel: distributed.DataParallel,
         stage_sizes: Sequence[int] | None = None,
         log=print,
+        mesh: Mesh | None = None,
     ):
         super().__init__(cfg, backbone, modules, method, data, device, out_dir, parallel=None)
         self.parallel = parallel
         self.is_main = parallel.is_main
+        self.mesh = mesh or pipeline_mesh(parallel.world_size)
+        self.world_size = self.mesh.num_replicas  # the Trainer's divisor of summed losses, multiplier of images
         self.nonfinite_check_steps = 0  # a check is a collective, which would drain the pipeline: once an epoch
         self.measure_cpu_memory = False  # the saved-tensor accounting measures one process's step (not a stage's)
         self.all_params = self.params
-        num_stages = parallel.world_size
+        num_stages = self.mesh.num_stages
         if num_stages > len(modules):  # checked on every stage, before rank 0 alone measures the costs
             raise ConfigError(
                 f"{num_stages} pipeline stages need at least as many local modules, but "
@@ -211,11 +282,12 @@ class PipelineTrainer(Trainer):
         sizes = list(stage_sizes or cfg.pipeline.stage_sizes or self._measured_partition(num_stages))
         if len(sizes) != num_stages:
             raise ConfigError(
-                f"pipeline.stage_sizes = {sizes} names {len(sizes)} stages but torchrun started "
-                f"{num_stages} processes; give one module count per process"
+                f"pipeline.stage_sizes = {sizes} names {len(sizes)} stages but the pipeline has {num_stages} "
+                "(torchrun's processes; hybrid: system.pipeline_stages); give one module count per stage"
             )
         self.ranges = stage_ranges(sizes)
-        self.stage = Stage(parallel.rank, num_stages, self.ranges[parallel.rank])
+        index = self.mesh.pipe_ranks.index(parallel.rank)
+        self.stage = Stage(index, num_stages, self.ranges[index], self.mesh.pipe_ranks)
         log(
             f"pipeline: {num_stages} stages holding modules "
             + " | ".join(f"{r.start}-{r.stop - 1}" for r in self.ranges)
@@ -227,6 +299,10 @@ class PipelineTrainer(Trainer):
         self.params = [p for p in self.all_params if self.tensor_stage.get(id(p), last) == self.stage.rank]
         self.lr_on_device = False
         self.optimizer = build_optimizer(self.params, cfg, device)
+        if self.mesh.num_replicas > 1:  # hybrid: this stage's gradients, averaged over the replicas holding it
+            self.grad_averager = distributed.GradientAverager(modules, method, backbone, group=self.mesh.data_group)
+        # The stale cascade adds to the last modules' gradients after their flush: average them all at the end.
+        self._average_after_step = cfg.pipeline.cascade == "stale"
         self.run_step = self.eager_step
         self.channels_last_input = self.channels_last
         self.channels_last = False  # stage 0 converts the batch itself (other stages get no loader batch)
@@ -309,7 +385,7 @@ class PipelineTrainer(Trainer):
 
     def _message_buffers(self, activation_shape, dtype) -> list[torch.Tensor]:
         """[batch size, activation, labels(, images)] for one batch of at most train.batch_size images."""
-        batch = self.cfg.train.batch_size
+        batch = self.cfg.train.batch_size // self.mesh.num_replicas  # hybrid: one replica's share
         device = self.device
         buffers = [
             torch.zeros(1, dtype=torch.int64, device=device),
@@ -332,7 +408,7 @@ class PipelineTrainer(Trainer):
             self._buffers_in = [self._message_buffers(shape, dtype) for _ in range(2)]
         buffers = self._buffers_in[step % 2]
         self._receive_works[step % 2] = self._post(
-            [dist.P2POp(dist.irecv, b, self.stage.rank - 1, tag=TAG_ACTIVATION) for b in buffers]
+            [dist.P2POp(dist.irecv, b, self.stage.peer(self.stage.rank - 1), tag=TAG_ACTIVATION) for b in buffers]
         )
 
     def _send_output(self, step: int, output: torch.Tensor, batch: Batch) -> None:
@@ -346,7 +422,8 @@ class PipelineTrainer(Trainer):
         buffers[2][:n].copy_(batch.y)
         if self.send_images:
             buffers[3][:n].copy_(batch.x)
-        works = self._post([dist.P2POp(dist.isend, b, self.stage.rank + 1, tag=TAG_ACTIVATION) for b in buffers])
+        next_rank = self.stage.peer(self.stage.rank + 1)
+        works = self._post([dist.P2POp(dist.isend, b, next_rank, tag=TAG_ACTIVATION) for b in buffers])
         self._pending.append((step, works, []))
 
     def _wait_sends(self, older_than: int) -> None:
@@ -363,14 +440,15 @@ class PipelineTrainer(Trainer):
         """Owner: the live tensors other stages' EMA copies follow, as they are before this step's update."""
         for receiver, tensors in sorted(self.weights_to.items()):
             flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-            works = self._post([dist.P2POp(dist.isend, flat, receiver, tag=TAG_WEIGHTS)])
+            works = self._post([dist.P2POp(dist.isend, flat, self.stage.peer(receiver), tag=TAG_WEIGHTS)])
             self._pending.append((step, works, [flat]))
 
     def _post_receive_weights(self) -> list[tuple[list, torch.Tensor, list[torch.Tensor]]]:
         received = []
         for owner, tensors in sorted(self.weights_from.items()):
             flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=self.device)
-            received.append((self._post([dist.P2POp(dist.irecv, flat, owner, tag=TAG_WEIGHTS)]), flat, tensors))
+            works = self._post([dist.P2POp(dist.irecv, flat, self.stage.peer(owner), tag=TAG_WEIGHTS)])
+            received.append((works, flat, tensors))
         return received
 
     def _sends_cotangent_back(self) -> bool:
@@ -390,7 +468,10 @@ class PipelineTrainer(Trainer):
         present = torch.tensor([g is not None for g in outgoing], dtype=torch.int64, device=self.device)
         stacked = torch.stack([like.new_zeros(like.shape) if g is None else g for g in outgoing])
         works = self._post(
-            [dist.P2POp(dist.isend, t, self.stage.rank - 1, tag=TAG_COTANGENT) for t in (present, stacked)]
+            [
+                dist.P2POp(dist.isend, t, self.stage.peer(self.stage.rank - 1), tag=TAG_COTANGENT)
+                for t in (present, stacked)
+            ]
         )
         self._pending.append((step, works, [present, stacked]))
 
@@ -421,7 +502,7 @@ class PipelineTrainer(Trainer):
         if self._gets_cotangent():
             incoming = self._cotangent_buffers(inputs.shape[0])
             cotangent_works = self._post(
-                [dist.P2POp(dist.irecv, t, stage.rank + 1, tag=TAG_COTANGENT) for t in incoming]
+                [dist.P2POp(dist.irecv, t, stage.peer(stage.rank + 1), tag=TAG_COTANGENT) for t in incoming]
             )
         # stale: the cotangent of this step is applied at the next (the epoch's last step waits for its own).
         stale = self.cfg.pipeline.cascade == "stale" and self._gets_cotangent() and step < self._steps - 1
@@ -430,9 +511,20 @@ class PipelineTrainer(Trainer):
             self._apply_stale_cotangent()
         if stale and cotangent_works is not None:
             self._stale = (incoming, cotangent_works, self._kept_input)
+        if self.grad_averager is not None:
+            if self._average_after_step:
+                for j in stage.modules:
+                    self.grad_averager.after_flush(j)
+            self.grad_averager.finish()
         self._ema_step(step)
         self.optimizer.step()
         return loss
+
+    def _flush(self, cotangents: StageCotangents, j: int) -> None:
+        """Module j's weight VJP; hybrid: then the all-reduce of its gradients starts (it overlaps the rest)."""
+        cotangents.flush(j)
+        if self.grad_averager is not None and not self._average_after_step:
+            self.grad_averager.after_flush(j)
 
     def _ema_step(self, step: int) -> None:
         """MLAAN's EMA of this stage's LAM copies. ema_every = 1: every pair, with the live weights of this step
@@ -542,7 +634,7 @@ class PipelineTrainer(Trainer):
             if i == cascade_done_after:
                 self._send_cotangent(step, cotangents.outgoing, inputs)
             if i - window + 1 >= lo:  # its last loss has run, and no later stage's cascade reaches it
-                cotangents.flush(i - window + 1)
+                self._flush(cotangents, i - window + 1)
             previous = output
         if incoming_works is not None and wait_incoming:  # exact cascade: the next stage's cotangents of this step
             for work in incoming_works:
@@ -554,7 +646,7 @@ class PipelineTrainer(Trainer):
         if self._sends_cotangent_back() and (cascade_done_after is None or cascade_done_after >= hi):
             self._send_cotangent(step, cotangents.outgoing, inputs)  # the window is longer than this stage
         for j in range(max(lo, hi - window + 1), hi):
-            cotangents.flush(j)
+            self._flush(cotangents, j)
         return last_loss
 
     def drain(self) -> None:
@@ -622,9 +714,12 @@ class PipelineTrainer(Trainer):
         }
 
     def checkpoint(self) -> dict | None:
-        """The single-device checkpoint, gathered on rank 0 (None on the other stages)."""
+        """The single-device checkpoint, gathered on rank 0 from its replica's stages (None on the other ranks;
+        the replicas of a hybrid mesh hold the same model)."""
+        if self.mesh.replica != 0:
+            return None
         parts = [None] * self.stage.num_stages if self.is_main else None
-        dist.gather_object(self.owned_state(), parts, dst=0)
+        dist.gather_object(self.owned_state(), parts, dst=0, group=self.mesh.pipe_group)
         if not self.is_main:
             return None
         backbone, method, state = {}, {}, {}
@@ -673,8 +768,9 @@ class PipelineTrainer(Trainer):
     def summary(self) -> dict:
         summary = super().summary()
         summary.update(
-            world_size=self.stage.num_stages,
-            parallel="modules",
+            world_size=self.stage.num_stages * self.mesh.num_replicas,
+            parallel="hybrid" if self.mesh.num_replicas > 1 else "modules",
+            data_replicas=self.mesh.num_replicas,
             pipeline_stages=[[r.start, r.stop - 1] for r in self.ranges],
         )
         return summary
@@ -692,7 +788,8 @@ def pipeline_evaluate(
     channels_last: bool = False,
 ) -> float:
     """Top-1 accuracy (%) of the backbone's final head: stage 0 reads the test batches, each stage runs its
-    modules in eval mode and passes the output (and the labels) on; the last stage counts."""
+    modules in eval mode and passes the output (and the labels) on; the last stage counts (hybrid: every
+    replica on its shard of the test set; the counts are summed over all ranks)."""
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
@@ -705,20 +802,22 @@ def pipeline_evaluate(
                 x = x.contiguous(memory_format=torch.channels_last)
         else:
             n = torch.zeros(1, dtype=torch.int64, device=device)
-            dist.recv(n, stage.rank - 1, tag=TAG_ACTIVATION)
+            previous = stage.peer(stage.rank - 1)
+            dist.recv(n, previous, tag=TAG_ACTIVATION)
             shape, dtype = out_shapes[lo - 1]
             x = torch.empty(int(n.item()), *shape, dtype=dtype, device=device)
             y = torch.empty(int(n.item()), dtype=torch.int64, device=device)
-            dist.recv(x, stage.rank - 1, tag=TAG_ACTIVATION)
-            dist.recv(y, stage.rank - 1, tag=TAG_ACTIVATION)
+            dist.recv(x, previous, tag=TAG_ACTIVATION)
+            dist.recv(y, previous, tag=TAG_ACTIVATION)
         for i in range(lo, hi):
             x = modules[i](x)
         if stage.is_last:
             correct += (backbone.head(x).argmax(1) == y).sum()
         else:
-            dist.send(torch.tensor([x.shape[0]], dtype=torch.int64, device=device), stage.rank + 1, tag=TAG_ACTIVATION)
-            dist.send(x.contiguous(), stage.rank + 1, tag=TAG_ACTIVATION)
-            dist.send(y.contiguous(), stage.rank + 1, tag=TAG_ACTIVATION)
+            following = stage.peer(stage.rank + 1)
+            dist.send(torch.tensor([x.shape[0]], dtype=torch.int64, device=device), following, tag=TAG_ACTIVATION)
+            dist.send(x.contiguous(), following, tag=TAG_ACTIVATION)
+            dist.send(y.contiguous(), following, tag=TAG_ACTIVATION)
     backbone.train(was_training)
     total = loader.num_images if stage.is_last else 0
     correct, total = distributed.sum_across_ranks(torch.stack([correct, torch.tensor(total, device=device)]))

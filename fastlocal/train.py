@@ -85,13 +85,19 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
 
     device = resolve_device(cfg.system.device)
     # Data parallel under torchrun (fastlocal.distributed): one process per device, train.batch_size is global.
-    parallel, rank, world_size, batch_size = None, 0, 1, cfg.train.batch_size
+    parallel, mesh, rank, world_size, batch_size = None, None, 0, 1, cfg.train.batch_size
     mode = distributed.resolve_parallel(cfg.system.parallel)
-    if mode == "modules":  # pipeline (fastlocal.pipeline): every stage reads the whole data set, stage 0 uses it
-        from fastlocal.pipeline import check_pipeline
+    if mode in ("modules", "hybrid"):  # pipeline (fastlocal.pipeline): every stage reads the data, stage 0 uses it
+        from fastlocal.pipeline import check_pipeline, hybrid_mesh, hybrid_replicas
 
         check_pipeline(cfg)
+        if mode == "hybrid":  # D = W/S replicas of the pipeline, each on its shard of every global batch
+            replicas = hybrid_replicas(int(os.environ["WORLD_SIZE"]), cfg.system.pipeline_stages)
+            batch_size = distributed.per_rank_batch(cfg.train.batch_size, replicas)
         parallel, device = distributed.init_data_parallel(device)
+        if mode == "hybrid":
+            mesh = hybrid_mesh(cfg.system.pipeline_stages, device)
+            rank, world_size = mesh.replica, mesh.num_replicas
         if not parallel.is_main:
             log = distributed.silent_log
     elif mode == "data":
@@ -117,7 +123,7 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
         device=device,
         seed=cfg.system.seed,
         drop_last=cfg.train.drop_last,
-        progress=cfg.log.progress and rank == 0,
+        progress=cfg.log.progress and (parallel is None or parallel.is_main),
         rank=rank,
         world_size=world_size,
     )
@@ -148,10 +154,10 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
         if cfg.system.sync_batch_norm:
             distributed.use_sync_batch_norm(backbone, method)
         distributed.broadcast_from_rank0(backbone, method)
-    if mode == "modules":
+    if mode in ("modules", "hybrid"):
         from fastlocal.pipeline import PipelineTrainer
 
-        trainer = PipelineTrainer(cfg, backbone, modules, method, data, device, out_dir, parallel, log=log)
+        trainer = PipelineTrainer(cfg, backbone, modules, method, data, device, out_dir, parallel, log=log, mesh=mesh)
     else:
         trainer = Trainer(cfg, backbone, modules, method, data, device, out_dir, parallel)
     if checkpoint is not None:
@@ -162,6 +168,12 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
         f"({data.train.num_images} train / {data.test.num_images} test images) on {device}"
         + (f", rank 0 of {world_size} (data parallel; the image counts are per rank)" if mode == "data" else "")
         + (f", {parallel.world_size} pipeline stages" if mode == "modules" else "")
+        + (
+            f", {world_size} data replicas x {cfg.system.pipeline_stages} pipeline stages (the image counts are "
+            "per replica)"
+            if mode == "hybrid"
+            else ""
+        )
     )
     log(f"modules: {describe_split(backbone, [m.part_ids for m in modules])}")
     if getattr(method, "leaps_source", None):

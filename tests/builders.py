@@ -20,13 +20,13 @@ TINY_RUN = [
 ]
 
 
-def torchrun_tiny_run(out, *extra: str) -> list[str]:
+def torchrun_tiny_run(out, *extra: str, processes: int = 2) -> list[str]:
     """`torchrun --standalone --nproc_per_node=2 -m fastlocal.train` of a tiny MLAAN K=3 run on the bundled
     subset (CPU, one thread each), with `extra` arguments, writing `out`."""
     import sys
 
     return [
-        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"),
         *("-m", "fastlocal.train", "--data.source=bundled", "--data.max_train=40", "--data.max_test=20"),
         *("--model.arch=resnet20", "--method.name=mlaan", "--method.num_modules=3", "--train.epochs=1"),
         *("--system.device=cpu", "--train.batch_size=20", "--log.progress=false", "--system.num_threads=1"),

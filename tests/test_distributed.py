@@ -311,8 +311,10 @@ def test_parallel_option(monkeypatch):
     for name in distributed.TORCHRUN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     assert distributed.resolve_parallel("auto") == "none"
-    with pytest.raises(ConfigError, match="not implemented yet"):
+    with pytest.raises(ConfigError, match="set system.pipeline_stages"):
         build_config(None, ["system.parallel=hybrid"], METHODS)
+    with pytest.raises(Exception, match="torchrun"):
+        distributed.resolve_parallel("hybrid")
     with pytest.raises(Exception, match="torchrun"):
         distributed.resolve_parallel("modules")
     with pytest.raises(Exception, match="torchrun"):

@@ -118,14 +118,15 @@ class Float64:
         return ((x.double(), y) for x, y in self.loader)
 
 
-def tiny_data() -> DataBundle:
+def tiny_data(rank: int = 0, world: int = 1) -> DataBundle:
+    """16 training and 6 test images; with `world` > 1 the shard of data replica `rank` (global batch BATCH)."""
     g = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (22, 3, SIZE, SIZE), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 10, (22,), generator=g)
     info = DatasetInfo("tiny", 10, SIZE, [str(c) for c in range(10)], *STATS, pad=0, pad_mode="reflect", flip=False)
-    common = dict(mean=info.mean, std=info.std, pad=0, flip=False)
+    common = dict(mean=info.mean, std=info.std, pad=0, flip=False, rank=rank, world_size=world)
     return DataBundle(
-        Float64(DeviceLoader(images[:16], labels[:16], BATCH, train=True, **common)),
+        Float64(DeviceLoader(images[:16], labels[:16], BATCH // world, train=True, **common)),
         Float64(DeviceLoader(images[16:], labels[16:], 4, train=False, **common)),
         info,
     )
@@ -314,7 +315,7 @@ def test_single_device_names_for_the_options():
     from fastlocal.config import ConfigError, build_config
     from fastlocal.methods import METHODS
 
-    with pytest.raises(ConfigError, match="hybrid"):
+    with pytest.raises(ConfigError, match="set system.pipeline_stages"):
         build_config(None, ["system.parallel=hybrid"], METHODS)
     with pytest.raises(ConfigError, match="stage_sizes"):
         build_config(None, ["method.num_modules=4", "pipeline.stage_sizes=1,2"], METHODS)
@@ -541,3 +542,174 @@ def test_pipelined_bp_baseline_equals_micro_batched_backprop_on_one_device(tmp_p
         assert got.keys() == expected[rank].keys()
         for key, value in expected[rank].items():
             torch.testing.assert_close(got[key], value, rtol=1e-12, atol=1e-14, msg=f"stage {rank} {key}")
+
+
+# -- hybrid: 2 data replicas x 2 pipeline stages ------------------------------------------------------------------
+REPLICAS = 2
+HYBRID = {  # name -> (method, K, overrides, stage sizes); MLAAN's cascade and EMA copies cross the stage boundary
+    "dgl": ("dgl", 4, [], [2, 2]),
+    "mlaan-w2": ("mlaan", 4, ["mlaan.window=2"], [2, 2]),
+}
+# The stale cascade adds to stage 0's gradients after its flush: averaged only then (else GradientAverager raises).
+HYBRID_STALE = ("mlaan", 4, ["mlaan.window=2", "pipeline.cascade=stale"], [2, 2])
+
+
+def half(tensor: torch.Tensor, replica: int) -> torch.Tensor:
+    """Data replica `replica`'s shard of a global batch."""
+    size = tensor.shape[0] // REPLICAS
+    return tensor[replica * size : (replica + 1) * size]
+
+
+def hybrid_trainer(rank: int, world: int, mesh, method: str, k: int, overrides, sizes, out: Path, epochs: int = 1):
+    # Every rank builds from its own seed: the broadcast from rank 0 (as fastlocal.train does) makes them equal.
+    overrides = [*overrides, *COMMON, f"train.epochs={epochs}"]
+    cfg, backbone, modules, built = build(method, "resnet20", k, overrides, input_size=SIZE, seed=rank)
+    distributed.broadcast_from_rank0(backbone, built)
+    parallel = distributed.DataParallel(rank, world, rank)
+    data = tiny_data(mesh.replica, REPLICAS)
+    return PipelineTrainer(
+        cfg, backbone, modules, built, data, torch.device("cpu"), out, parallel, sizes, lambda *a: None, mesh
+    )
+
+
+def _hybrid_steps(rank: int, world: int, out: Path) -> None:
+    from fastlocal.pipeline import hybrid_mesh
+
+    mesh = hybrid_mesh(2, torch.device("cpu"))
+    assert (mesh.replica, mesh.pipe_ranks) == (rank // 2, (rank // 2 * 2, rank // 2 * 2 + 1))
+    for name, (method, k, overrides, sizes) in {**HYBRID, "mlaan-stale": HYBRID_STALE}.items():
+        trainer = hybrid_trainer(rank, world, mesh, method, k, overrides, sizes, out)
+        trainer.begin(STEPS)
+        for x, y in batches():
+            if trainer.stage.is_first:
+                trainer.eager_step(half(x, mesh.replica), half(y, mesh.replica))
+            else:
+                trainer.eager_step(None, None)
+        trainer.drain()
+        distributed.average_buffers(trainer.backbone, trainer.method, group=mesh.data_group)  # as fit() does
+        torch.save(trainer.owned_state(), out / f"{name}-rank{rank}.pt")
+        ckpt = trainer.checkpoint()
+        if rank == 0:
+            torch.save(ckpt, out / f"{name}.pt")
+    # fit(): training, evaluation through each replica's pipeline on its test shard, the gathered checkpoint.
+    method, k, overrides, sizes = HYBRID["mlaan-w2"]
+    trainer = hybrid_trainer(rank, world, mesh, method, k, overrides, sizes, out / ("fit" if rank == 0 else "other"))
+    trainer.fit()
+
+
+def data_parallel_reference(method: str, k: int, overrides) -> dict:
+    """Data parallelism's definition in one process (as tests/test_distributed.py): each replica's half of every
+    batch through the single-device schedule from the same weights, with that replica's own batch-norm running
+    statistics; the gradients averaged, one EMA update, one optimizer step; at the end the running statistics
+    averaged over the replicas. The checkpoint."""
+    cfg, backbone, modules, built = build(method, "resnet20", k, [*overrides, *COMMON], input_size=SIZE)
+    trainer = Trainer(cfg, backbone, modules, built, tiny_data(), torch.device("cpu"), Path("unused"))
+    buffers = [*backbone.buffers(), *built.buffers()]
+    running = [[b.clone() for b in buffers] for _ in range(REPLICAS)]
+    ema_update = built.before_optimizer_step
+    built.before_optimizer_step = lambda: None  # the EMA moves once per step, below
+    for x, y in batches():
+        grads = []
+        for replica in range(REPLICAS):
+            with torch.no_grad():
+                for b, value in zip(buffers, running[replica]):
+                    b.copy_(value)
+            trainer.zero_grad()
+            local_train_step(modules, built, Batch(half(x, replica), half(y, replica), *STATS))
+            grads.append([None if p.grad is None else p.grad.clone() for p in trainer.params])
+            running[replica] = [b.clone() for b in buffers]
+        for i, p in enumerate(trainer.params):
+            p.grad = None if grads[0][i] is None else sum(g[i] for g in grads) / REPLICAS
+        ema_update()
+        trainer.optimizer.step()
+    del built.before_optimizer_step
+    with torch.no_grad():
+        for i, b in enumerate(buffers):
+            b.copy_(sum(r[i] for r in running) / REPLICAS if b.is_floating_point() else running[0][i])
+    return trainer.checkpoint()
+
+
+def test_hybrid_mesh_steps_equal_data_parallel_and_fit_gathers_and_evaluates(tmp_path):
+    """4 gloo ranks as 2 data replicas x 2 stages (float64): after 3 steps the gathered checkpoint (weights, EMA
+    copies, averaged batch-norm statistics, optimizer state) equals data parallelism's averaged-gradient
+    reference, and the replicas hold the same stages; one epoch of fit() evaluates the whole test set (each
+    replica its shard) and writes a checkpoint that resumes on one device."""
+    import json
+
+    from fastlocal.engine import evaluate
+
+    assert launch(_hybrid_steps, 4, tmp_path, timeout_s=150) == [0] * 4
+    for name in [*HYBRID, "mlaan-stale"]:
+        for stage in range(2):  # replica 1's stage equals replica 0's, bit for bit
+            a = torch.load(tmp_path / f"{name}-rank{stage}.pt", weights_only=True)
+            b = torch.load(tmp_path / f"{name}-rank{2 + stage}.pt", weights_only=True)
+            for part in ("backbone", "method"):
+                assert a[part].keys() == b[part].keys()
+                for key in a[part]:
+                    assert torch.equal(a[part][key], b[part][key]), (name, stage, part, key)
+    for name, (method, k, overrides, _) in HYBRID.items():
+        got = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        assert_same_checkpoint(got, data_parallel_reference(method, k, overrides), f"hybrid {name}")
+    assert not (tmp_path / "other").exists()
+    summary = json.loads((tmp_path / "fit" / "summary.json").read_text())
+    assert summary["parallel"] == "hybrid" and summary["world_size"] == 4 and summary["data_replicas"] == 2
+    method, k, overrides, _ = HYBRID["mlaan-w2"]
+    cfg, backbone, modules, built = build(
+        method, "resnet20", k, [*overrides, *COMMON, "train.epochs=2"], input_size=SIZE
+    )
+    single = Trainer(cfg, backbone, modules, built, tiny_data(), torch.device("cpu"), tmp_path / "fit")
+    single.load_checkpoint(tmp_path / "fit" / "checkpoint.pt")
+    # Every test image counted once: one device evaluating the gathered checkpoint on the whole test set agrees.
+    assert evaluate(backbone, single.data.test) == summary["final_test_acc"]
+    assert single.fit(log=lambda *a: None)["epochs"] == 2
+
+
+def test_hybrid_options_fail_with_what_to_set():
+    from fastlocal.config import ConfigError, build_config, resume_config, to_dict
+    from fastlocal.methods import METHODS
+    from fastlocal.pipeline import hybrid_replicas
+
+    assert hybrid_replicas(8, 4) == 2
+    with pytest.raises(ConfigError, match="must divide the number of processes, 6"):
+        hybrid_replicas(6, 4)
+    cfg = build_config(None, ["system.parallel=hybrid", "system.pipeline_stages=2"], METHODS)
+    # A hybrid run resumes as a pipeline or on one device.
+    for mode in ("modules", "none"):
+        assert resume_config(to_dict(cfg), [f"system.parallel={mode}"], METHODS).system.parallel == mode
+
+
+def test_cli_rejects_pipeline_stages_that_do_not_divide_the_processes(monkeypatch, capsys):
+    from fastlocal.train import main
+
+    torchrun = dict(RANK="0", WORLD_SIZE="3", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    args = ["--log.progress=false", "--system.parallel=hybrid", "--system.pipeline_stages=2"]
+    assert main(args) == 2  # before joining any process group
+    assert "system.pipeline_stages = 2 must divide the number of processes, 3" in capsys.readouterr().err
+    assert main(args[:2]) == 2
+    assert "set system.pipeline_stages=S" in capsys.readouterr().err
+
+
+def test_torchrun_cli_trains_hybrid_and_resumes_as_a_pipeline(tmp_path):
+    import json
+    import subprocess
+
+    out = tmp_path / "run"
+    command = torchrun_tiny_run(out, "--system.parallel=hybrid", "--system.pipeline_stages=2", processes=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parallel"] == "hybrid" and summary["world_size"] == 4 and summary["data_replicas"] == 2
+    assert result.stdout.count("final test accuracy") == 1  # rank 0 alone logs
+    assert "(20 train / 10 test images)" in result.stdout  # replica 0's shard of the 40 / 20
+    assert "2 data replicas x 2 pipeline stages" in result.stdout
+    # The gathered checkpoint continues as a 2-stage pipeline (system.pipeline_stages is ignored there).
+    resume = torchrun_tiny_run(out, "--system.parallel=modules", processes=2)
+    resume = [*resume[: resume.index("fastlocal.train") + 1], "--resume", str(out), "--train.epochs=2"]
+    resume.append("--system.parallel=modules")
+    result = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["parallel"] == "modules"
