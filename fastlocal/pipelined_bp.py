@@ -154,6 +154,12 @@ class PipelinedBackpropTrainer(PipelineTrainer):
                 f"= {len(modules)}; with method.name = bp it says where the stages may cut the backbone: raise it "
                 "(up to the backbone's blocks) or start fewer processes"
             )
+        if cfg.pipeline.micro_batches < num_stages:
+            raise ConfigError(
+                f"pipeline.micro_batches = {cfg.pipeline.micro_batches} is fewer than the {num_stages} pipeline "
+                "stages; the 1F1B schedule needs at least one micro-batch per stage: raise it (the bubble shrinks "
+                "as (S - 1) / (M + S - 1)) or start fewer processes"
+            )
         if not cfg.train.drop_last and data.train.num_images % cfg.train.batch_size:
             raise ConfigError(
                 f"pipelined backprop splits every batch into pipeline.micro_batches equal micro-batches, but the "
