@@ -260,8 +260,8 @@ class PipelineConfig:
     () = partition by each module's cost measured on this device at the start of the run."""
     micro_batches: Annotated[int, Min(1)] = 4
     """method.name = bp (pipelined backprop, Schedule1F1B): each batch runs through the stages as this many
-    equal micro-batches (train.batch_size must divide by it); the gradient is their mean and batch norm
-    normalises each micro-batch (docs/pipeline.md#the-pipelined-bp-baseline)."""
+    equal micro-batches (at least one per stage; train.batch_size must divide by it); the gradient is their
+    mean and batch norm normalises each micro-batch (docs/pipeline.md#the-pipelined-bp-baseline)."""
 
 
 @dataclass
