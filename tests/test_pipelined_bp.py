@@ -125,9 +125,15 @@ def test_fit_equals_micro_batched_backprop_and_resumes_on_one_device(tmp_path):
     assert_same_checkpoint(third["pipe"], third["single"], "resumed on one device")
 
 
-def test_micro_batches_and_partial_batches_are_checked():
+def test_micro_batches_and_partial_batches_are_checked(capsys, tmp_path):
+    from fastlocal.train import main
+
     with pytest.raises(ConfigError, match="does not split into pipeline.micro_batches = 3"):
         build_bp(["pipeline.micro_batches=3"])
+    bp_pipeline = ["--method.name=bp", "--method.num_modules=4", "--system.parallel=modules"]
+    assert main([*bp_pipeline, "--train.batch_size=8", "--pipeline.micro_batches=3", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastlocal: error: train.batch_size = 8 does not split") and "Traceback" not in err
     with pytest.raises(ConfigError, match="method.num_modules must be 1"):
         build_config(None, ["method.name=bp", "method.num_modules=4"], METHODS)  # K > 1 only cuts a pipeline
     with pytest.raises(ConfigError, match="1F1B schedule needs at least one micro-batch per stage"):
