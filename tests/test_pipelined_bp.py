@@ -88,12 +88,17 @@ def test_steps_on_three_stages_equal_micro_batched_backprop(tmp_path):
 def _fit(rank: int, world: int, out: Path) -> None:
     trainer = pipelined_trainer(rank, world, ["train.epochs=2"], [2, 2], out / "pipe" if rank == 0 else out / "rank1")
     trainer.fit(log=lambda *a: None)
+    # The one-device reference's checkpoint continues in the pipeline.
+    out3 = out / "single-in-pipe" if rank == 0 else out / "rank1"
+    resumed = pipelined_trainer(rank, world, ["train.epochs=3"], [2, 2], out3)
+    resumed.load_checkpoint(out / "single" / "checkpoint.pt")
+    resumed.fit(log=lambda *a: None)
 
 
 def test_fit_equals_micro_batched_backprop_and_resumes_on_one_device(tmp_path):
     """Two epochs of fit() on 2 stages (LR schedule, evaluation through the stages, gathered checkpoints) equal
     the one-device reference, loss and accuracy included; the checkpoint resumes on one device (plain BP), as
-    the reference's does."""
+    the reference's does, and the reference's resumes in the pipeline."""
     reference = micro_batched_reference(["train.epochs=2"], tmp_path / "single")
     reference.fit(log=lambda *a: None)
     assert launch(_fit, 2, tmp_path, timeout_s=150) == [0, 0]
@@ -123,6 +128,13 @@ def test_fit_equals_micro_batched_backprop_and_resumes_on_one_device(tmp_path):
         assert resumed.fit(log=lambda *a: None)["epochs"] == 3
         third[run] = resumed.checkpoint()
     assert_same_checkpoint(third["pipe"], third["single"], "resumed on one device")
+    # And the reference's checkpoint resumed in the pipeline: the reference's own third epoch.
+    reference3 = micro_batched_reference(["train.epochs=3"], tmp_path / "single-3-micro")
+    reference3.load_checkpoint(tmp_path / "single" / "checkpoint.pt")
+    reference3.fit(log=lambda *a: None)
+    in_pipeline = torch.load(tmp_path / "single-in-pipe" / "checkpoint.pt", weights_only=True)
+    assert in_pipeline["state"]["epoch"] == 3
+    assert_same_checkpoint(in_pipeline, reference3.checkpoint(), "resumed in the pipeline")
 
 
 def test_micro_batches_and_partial_batches_are_checked(capsys, tmp_path):
