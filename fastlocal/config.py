@@ -105,8 +105,9 @@ class MethodConfig:
     """Training method: bp, dgl, infopro, mlaan, or one registered with fastlocal.methods.register_method
     (validate checks it against that registry)."""
     num_modules: Annotated[int, Min(0)] = 0
-    """K, the number of gradient-isolated local modules (bp needs 1); 0 = the method's default
-    (1 for bp, 4 for the others: resolve_num_modules)."""
+    """K, the number of gradient-isolated local modules; 0 = the method's default (1 for bp, 4 for the
+    others: resolve_num_modules). bp needs 1, except with system.parallel = modules, where K places the
+    stage boundaries of pipelined backprop (the same split a local method with this K trains)."""
     split: Literal["uniform", "balanced", "reference"] = "uniform"
     """How blocks are grouped: uniform (contiguous groups, larger first), balanced (by saved activation
     bytes), or reference (the authors' split for this arch and K; an error where they wrote none). uniform
@@ -260,6 +261,10 @@ class PipelineConfig:
     stage_sizes: tuple[int, ...] = ()
     """How many local modules each stage holds, first stage first (they must sum to method.num_modules);
     () = partition by each module's cost measured on this device at the start of the run."""
+    micro_batches: Annotated[int, Min(1)] = 4
+    """method.name = bp (pipelined backprop, Schedule1F1B): each batch runs through the stages as this many
+    equal micro-batches (at least one per stage; train.batch_size must divide by it); the gradient is their
+    mean and batch norm normalises each micro-batch (docs/pipeline.md#the-pipelined-bp-baseline)."""
 
 
 @dataclass
@@ -482,10 +487,21 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
         )
     _validate_data(cfg.data, cfg.system.device)
     num_modules = resolve_num_modules(cfg.method)
-    if cfg.method.name == "bp" and num_modules != 1:
+    if cfg.method.name == "bp" and num_modules != 1 and cfg.system.parallel != "modules":
         raise ConfigError(
             f"method.name = bp trains end to end, so method.num_modules must be 1 (got {num_modules}); "
-            "use method.name=dgl for K local modules"
+            "use method.name=dgl for K local modules (with system.parallel=modules, K cuts the backbone "
+            "for pipelined backprop; to resume such a run on one device add --method.num_modules=1)"
+        )
+    if (
+        cfg.method.name == "bp"
+        and cfg.system.parallel == "modules"
+        and cfg.train.batch_size % cfg.pipeline.micro_batches
+    ):
+        raise ConfigError(
+            f"train.batch_size = {cfg.train.batch_size} does not split into pipeline.micro_batches = "
+            f"{cfg.pipeline.micro_batches} equal micro-batches; choose a batch size divisible by it, or another "
+            "pipeline.micro_batches"
         )
     if len(cfg.infopro.weights) != 4 or min(cfg.infopro.weights) < 0:
         raise ConfigError(
@@ -506,6 +522,11 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
         raise ConfigError(
             "system.sync_batch_norm = true and system.fused_batch_norm = true do not combine (the fused "
             "kernel computes per-rank statistics); set system.fused_batch_norm=false or auto"
+        )
+    if cfg.system.parallel == "hybrid" and cfg.method.name == "bp":
+        raise ConfigError(
+            "system.parallel = hybrid trains local modules; pipelined backprop runs with system.parallel=modules "
+            "(or data-parallel bp with system.parallel=data)"
         )
     if cfg.system.parallel == "hybrid" and cfg.system.pipeline_stages == 0:
         raise ConfigError(
@@ -583,6 +604,8 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> None:
 # system.parallel, system.pipeline_stages and pipeline.stage_sizes too: a run moves between one device, a pipeline
 # and a hybrid mesh (the pipeline gives the single-device weights), and its checkpoint has the single-device format
 # every way.
+# For bp, method.num_modules and pipeline.micro_batches too (RESUME_OVERRIDABLE_BP): K only cuts a pipeline's stages,
+# and the micro-batches change only how the later steps normalise, as moving bp onto one device does.
 RESUME_OVERRIDABLE = (
     "log.progress",
     "log.measure_memory",
@@ -592,24 +615,27 @@ RESUME_OVERRIDABLE = (
     "system.pipeline_stages",
     "pipeline.stage_sizes",
 )
+RESUME_OVERRIDABLE_BP = ("method.num_modules", "pipeline.micro_batches")
 
 
 def resume_config(
     saved: dict, overrides: typing.Sequence[str], method_names: typing.Iterable[str] | None = None
 ) -> Config:
     """The config of a resumed run: the one saved in its checkpoint, with `overrides` allowed only for the keys
-    in RESUME_OVERRIDABLE; any other difference is a ConfigError that lists the keys."""
+    in RESUME_OVERRIDABLE (and RESUME_OVERRIDABLE_BP for bp); any other difference is a ConfigError that lists
+    the keys."""
     before = from_dict(saved, method_names)
     cfg = from_dict(saved, method_names)
     apply_overrides(cfg, overrides)
     validate(cfg, method_names)
     old, new = _flat(before), _flat(cfg)
-    changed = [key for key in new if new[key] != old[key] and key not in RESUME_OVERRIDABLE]
+    allowed = RESUME_OVERRIDABLE + (RESUME_OVERRIDABLE_BP if cfg.method.name == "bp" else ())
+    changed = [key for key in new if new[key] != old[key] and key not in allowed]
     if changed:
         listed = "; ".join(f"{key} = {old[key]!r} in the run, {new[key]!r} asked" for key in changed)
         raise ConfigError(
             f"--resume continues a run with the config it was trained with, but {listed}. Only "
-            f"{', '.join(RESUME_OVERRIDABLE)} may change on resume; to train with other values, "
+            f"{', '.join(allowed)} may change on resume; to train with other values, "
             "start a new run: --config RUN/config.toml --out NEW_DIR with your overrides"
         )
     return cfg

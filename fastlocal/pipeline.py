@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastlocal import distributed
-from fastlocal.config import Config, ConfigError, UserError, to_dict
+from fastlocal.config import Config, ConfigError, to_dict
 from fastlocal.engine import Trainer, build_optimizer, non_finite_tensors
 from fastlocal.methods import Batch, LocalMethod
 from fastlocal.schedule import _accumulate
@@ -768,6 +768,7 @@ class PipelineTrainer(Trainer):
     def summary(self) -> dict:
         summary = super().summary()
         summary.update(
+            num_parameters=sum(p.numel() for p in self.all_params),  # every stage's, not this one's
             world_size=self.stage.num_stages * self.mesh.num_replicas,
             parallel="hybrid" if self.mesh.num_replicas > 1 else "modules",
             data_replicas=self.mesh.num_replicas,
@@ -958,11 +959,6 @@ def check_pipeline(cfg: Config) -> None:
             "system.sync_batch_norm = true is for data parallelism; a pipeline stage holds whole "
             "batches. Set system.sync_batch_norm=false"
         )
-    if cfg.method.name == "bp":
-        raise UserError(
-            "method.name = bp has one module, which cannot be split over stages; use a local method "
-            "(dgl, infopro, mlaan) with system.parallel=modules"
-        )
 
 
 # -- the throughput model --------------------------------------------------------------------------------------
@@ -1150,60 +1146,3 @@ def profile(
         **predict_pipelined_bp(dgl, bp_sizes, micro_batches, link),
     }
     return result
-
-
-# -- the baseline: pipelined backprop on the same stages ----------------------------------------------------------
-class PipelinedBackprop:
-    """End-to-end backprop of the same backbone over the same stages, with `torch.distributed.pipelining`
-    (`Schedule1F1B`, `micro_batches` per batch; the gradients are the mean over micro-batches, batch norm
-    normalises each micro-batch). Stage k holds the backbone parts of the local modules `modules` (and the
-    last stage the final head); every rank calls `step` with the batch (only stage 0 reads the images, only
-    the last the labels)."""
-
-    def __init__(
-        self,
-        cfg: Config,
-        backbone,
-        modules: Sequence[LocalModule],
-        stage: Stage,
-        device: torch.device,
-        micro_batches: int,
-    ):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B
-
-        if cfg.train.batch_size % micro_batches:
-            raise ConfigError(
-                f"train.batch_size = {cfg.train.batch_size} must split into {micro_batches} equal micro-batches"
-            )
-        parts = [p for i in stage.modules for p in modules[i].part_ids]
-        layers = [backbone.parts[p] for p in parts] + ([backbone.head] if stage.is_last else [])
-        self.submodule = nn.Sequential(*layers)
-        self.stage, self.micro_batches = stage, micro_batches
-        micro = cfg.train.batch_size // micro_batches
-        dtype = next(backbone.parameters()).dtype
-        with torch.no_grad():  # the example micro-batch this stage receives, in eval mode (statistics untouched)
-            was = backbone.training
-            backbone.eval()
-            x = torch.zeros(micro, 3, backbone.input_size, backbone.input_size, device=device, dtype=dtype)
-            for p in range(parts[0]):
-                x = backbone.parts[p](x)
-            backbone.train(was)
-        self.pipeline_stage = PipelineStage(self.submodule, stage.rank, stage.num_stages, device, input_args=(x,))
-        self.schedule = Schedule1F1B(
-            self.pipeline_stage, micro_batches, loss_fn=lambda logits, y: nn.functional.cross_entropy(logits, y)
-        )
-        self.optimizer = build_optimizer([p for p in self.submodule.parameters() if p.requires_grad], cfg, device)
-
-    def step(self, x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
-        """One batch: forward and backward of every micro-batch (1F1B), then the optimizer step. The last
-        stage returns the mean micro-batch loss."""
-        self.optimizer.zero_grad(set_to_none=True)
-        losses = []
-        if self.stage.is_first:
-            self.schedule.step(x)
-        elif self.stage.is_last:
-            self.schedule.step(target=y, losses=losses)
-        else:
-            self.schedule.step()
-        self.optimizer.step()
-        return torch.stack(losses).mean().detach() if losses else None

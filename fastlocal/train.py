@@ -154,7 +154,11 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
         if cfg.system.sync_batch_norm:
             distributed.use_sync_batch_norm(backbone, method)
         distributed.broadcast_from_rank0(backbone, method)
-    if mode in ("modules", "hybrid"):
+    if mode == "modules" and cfg.method.name == "bp":
+        from fastlocal.pipelined_bp import PipelinedBackpropTrainer
+
+        trainer = PipelinedBackpropTrainer(cfg, backbone, method, data, device, out_dir, parallel, log=log)
+    elif mode in ("modules", "hybrid"):
         from fastlocal.pipeline import PipelineTrainer
 
         trainer = PipelineTrainer(cfg, backbone, modules, method, data, device, out_dir, parallel, log=log, mesh=mesh)
@@ -164,7 +168,7 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
         trainer.restore(checkpoint)
         log(f"resuming {out_dir} after epoch {trainer.state.epoch}")
     log(
-        f"{cfg.method.name} {cfg.model.arch} K={len(modules)} on {data.info.name} "
+        f"{cfg.method.name} {cfg.model.arch} K={len(trainer.modules)} on {data.info.name} "
         f"({data.train.num_images} train / {data.test.num_images} test images) on {device}"
         + (f", rank 0 of {world_size} (data parallel; the image counts are per rank)" if mode == "data" else "")
         + (f", {parallel.world_size} pipeline stages" if mode == "modules" else "")
@@ -175,7 +179,7 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
             else ""
         )
     )
-    log(f"modules: {describe_split(backbone, [m.part_ids for m in modules])}")
+    log(f"modules: {describe_split(backbone, [m.part_ids for m in trainer.modules])}")
     if getattr(method, "leaps_source", None):
         log(describe_leaps(cfg, method.leaps_source))
     summary = trainer.fit(log=log)

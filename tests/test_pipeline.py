@@ -19,7 +19,7 @@ from builders import build, torchrun_tiny_run
 
 from fastlocal import distributed
 from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
-from fastlocal.engine import Trainer, build_optimizer
+from fastlocal.engine import Trainer
 from fastlocal.methods import Batch
 from fastlocal.pipeline import PipelineTrainer, StageCotangents, partition, stage_ranges
 from fastlocal.schedule import local_train_step
@@ -508,42 +508,6 @@ def test_stale_cascade_and_ema_every_follow_their_written_rules(tmp_path):
             assert_same_checkpoint(got, exact, name)
 
 
-def _pipelined_bp(rank: int, world: int, out: Path) -> None:
-    from fastlocal.pipeline import PipelinedBackprop, Stage
-
-    cfg, backbone, modules, _ = build("dgl", "resnet20", 4, COMMON, input_size=SIZE)
-    stage = Stage(rank, world, stage_ranges([2, 2])[rank])
-    baseline = PipelinedBackprop(cfg, backbone, modules, stage, torch.device("cpu"), micro_batches=2)
-    for x, y in batches():
-        baseline.step(x if stage.is_first else None, y if stage.is_last else None)
-    torch.save(baseline.submodule.state_dict(), out / f"bp-stage{rank}.pt")
-
-
-def test_pipelined_bp_baseline_equals_micro_batched_backprop_on_one_device(tmp_path):
-    """The 1F1B baseline on the local split's stages: the gradient of the mean micro-batch loss (batch norm per
-    micro-batch), as one device accumulating micro-batches."""
-    assert launch(_pipelined_bp, 2, tmp_path, timeout_s=120) == [0, 0]
-    cfg, backbone, modules, _ = build("dgl", "resnet20", 4, COMMON, input_size=SIZE)
-    optimizer = build_optimizer(list(backbone.parameters()), cfg)
-    for x, y in batches():
-        optimizer.zero_grad()
-        for xm, ym in zip(x.chunk(2), y.chunk(2)):
-            (torch.nn.functional.cross_entropy(backbone(xm), ym) / 2).backward()
-        optimizer.step()
-    parts = [
-        torch.nn.Sequential(*[backbone.parts[p] for i in r for p in modules[i].part_ids]) for r in stage_ranges([2, 2])
-    ]
-    expected = [
-        parts[0].state_dict(),
-        {**parts[1].state_dict(), **{f"{len(parts[1])}.{k}": v for k, v in backbone.head.state_dict().items()}},
-    ]
-    for rank in range(2):
-        got = torch.load(tmp_path / f"bp-stage{rank}.pt", weights_only=True)
-        assert got.keys() == expected[rank].keys()
-        for key, value in expected[rank].items():
-            torch.testing.assert_close(got[key], value, rtol=1e-12, atol=1e-14, msg=f"stage {rank} {key}")
-
-
 # -- hybrid: 2 data replicas x 2 pipeline stages ------------------------------------------------------------------
 REPLICAS = 2
 HYBRID = {  # name -> (method, K, overrides, stage sizes); MLAAN's cascade and EMA copies cross the stage boundary
@@ -672,6 +636,8 @@ def test_hybrid_options_fail_with_what_to_set():
     assert hybrid_replicas(8, 4) == 2
     with pytest.raises(ConfigError, match="must divide the number of processes, 6"):
         hybrid_replicas(6, 4)
+    with pytest.raises(ConfigError, match="pipelined backprop runs with system.parallel=modules"):
+        build_config(None, ["system.parallel=hybrid", "system.pipeline_stages=2", "method.name=bp"], METHODS)
     cfg = build_config(None, ["system.parallel=hybrid", "system.pipeline_stages=2"], METHODS)
     # A hybrid run resumes as a pipeline or on one device.
     for mode in ("modules", "none"):

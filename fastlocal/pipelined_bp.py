@@ -1,0 +1,245 @@
+"""The baseline: end-to-end backprop pipelined over the same stages (`method.name = bp`, `system.parallel = modules`).
+
+docs/pipeline.md#the-pipelined-bp-baseline. The backbone is cut into the K local modules a local method with
+`method.num_modules = K` would train (the same split), the modules are grouped into S stages (one process and
+device each) as `fastlocal.pipeline` groups them (`pipeline.stage_sizes`, or by measured cost), and every
+batch runs through `torch.distributed.pipelining` with `Schedule1F1B` in `pipeline.micro_batches` equal
+micro-batches. The gradient is the mean over micro-batches of the end-to-end cross-entropy's gradient; batch
+norm normalises each micro-batch (and updates its running statistics once per micro-batch), so the step
+equals one device accumulating the micro-batches' gradients, not one device's full-batch step.
+
+Stage 0 reads the batch and sends the labels to the last stage, which computes the loss. The epochs, LR
+schedule, logging, evaluation through the stages and the checkpoints gathered into the single-device format
+are `fastlocal.pipeline.PipelineTrainer`'s.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastlocal import distributed
+from fastlocal.config import Config, ConfigError, resolve_num_modules
+from fastlocal.engine import Trainer, build_optimizer
+from fastlocal.methods import LocalMethod
+from fastlocal.pipeline import (
+    PipelineTrainer,
+    Stage,
+    _DataView,
+    _StepsOnly,
+    measure_module_costs,
+    module_of_tensors,
+    partition,
+    pipeline_mesh,
+    stage_ranges,
+)
+from fastlocal.split import LocalModule, split_backbone
+
+TAG_LABELS = 4  # fastlocal.pipeline's tags are 1-3; torch.distributed.pipelining sends with tag 0
+
+
+class PipelinedBackprop:
+    """Stage `stage` of end-to-end backprop through `torch.distributed.pipelining` (`Schedule1F1B`): the local
+    modules `stage.modules` (and, on the last stage, the backbone's final head) as one `PipelineStage`.
+    `forward_backward` fills the gradients of one batch; the optimizer is the caller's."""
+
+    def __init__(
+        self,
+        backbone,
+        modules: list[LocalModule],
+        stage: Stage,
+        device: torch.device,
+        batch_size: int,
+        micro_batches: int,
+        forward_context=None,
+    ):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+        if batch_size % micro_batches:
+            raise ConfigError(
+                f"train.batch_size = {batch_size} does not split into pipeline.micro_batches = {micro_batches} "
+                "equal micro-batches; choose a batch size divisible by the micro-batch count"
+            )
+        layers = [modules[i] for i in stage.modules] + ([backbone.head] if stage.is_last else [])
+        self.submodule = _Forward(nn.Sequential(*layers), forward_context)
+        self.stage, self.micro_batches = stage, micro_batches
+        dtype = next(backbone.parameters()).dtype
+        with torch.no_grad():  # the micro-batch this stage receives, from an eval-mode forward (statistics untouched)
+            was = backbone.training
+            backbone.eval()
+            size = backbone.input_size
+            x = torch.zeros(batch_size // micro_batches, 3, size, size, device=device, dtype=dtype)
+            for i in range(stage.modules.start):
+                x = modules[i](x)
+            backbone.train(was)
+        self.pipeline_stage = PipelineStage(self.submodule, stage.rank, stage.num_stages, device, input_args=(x,))
+        # scale_grads (the default): each micro-batch's gradient is divided by their number, so the sum is the mean.
+        self.schedule = Schedule1F1B(self.pipeline_stage, micro_batches, loss_fn=nn.functional.cross_entropy)
+
+    def forward_backward(self, x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
+        """One batch (x on the first stage, the labels y on the last): forward and backward of every
+        micro-batch, 1F1B. The last stage returns the mean micro-batch loss, the others None."""
+        losses: list[torch.Tensor] = []
+        args = (x,) if self.stage.is_first else ()
+        last = self.stage.is_last
+        self.schedule.step(*args, target=y if last else None, losses=losses if last else None, return_outputs=False)
+        return torch.stack(losses).mean().detach() if last else None
+
+
+class _Forward(nn.Module):
+    """A stage's layers with every forward in the run's forward context (bf16 autocast or nothing)."""
+
+    def __init__(self, layers: nn.Module, forward_context=None):
+        super().__init__()
+        self.layers, self.forward_context = layers, forward_context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.forward_context is None:
+            return self.layers(x)
+        with self.forward_context():
+            return self.layers(x)
+
+
+class _EndToEndLoss(nn.Module):
+    """What `measure_module_costs` needs of a method to time end-to-end backprop's modules: no local losses,
+    the final head's cross-entropy after the last module."""
+
+    window = 1
+
+    def __init__(self, backbone, num_modules: int):
+        super().__init__()
+        object.__setattr__(self, "backbone", backbone)  # not a submodule: its state is the backbone's
+        self.last = num_modules - 1
+
+    def module_loss(self, i, own, cascade, batch):
+        return nn.functional.cross_entropy(self.backbone.head(own), batch.y) if i == self.last else None
+
+
+def backprop_module_costs(modules, backbone, cfg: Config, info, device, forward_context) -> list[float]:
+    """Each module's cost in end-to-end backprop (seconds per batch on this device): forward, input and weight
+    VJPs, optimizer step, and on the last module the final head's loss."""
+    costs = measure_module_costs(modules, _EndToEndLoss(backbone, len(modules)), cfg, info, device, forward_context)
+    return [c["forward"] + c["loss"] + c["input_vjp"] + c["weight_vjp"] + c["optimizer"] for c in costs]
+
+
+class PipelinedBackpropTrainer(PipelineTrainer):
+    """`Trainer` for one stage of pipelined backprop. It shares `PipelineTrainer`'s evaluation through the
+    stages, gathered checkpoints and summary (they read only `stage`, `ranges`, `tensor_stage`, `params`,
+    `all_params`, `out_shapes`), not its local step: its own __init__ sets those attributes and replaces
+    PipelineTrainer's."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        backbone,
+        method: LocalMethod,
+        data,
+        device: torch.device,
+        out_dir,
+        parallel: distributed.DataParallel,
+        stage_sizes=None,
+        log=print,
+    ):
+        # The cut: the K local modules a local method with this K and split trains (method holds one: bp's).
+        modules = split_backbone(
+            backbone, resolve_num_modules(cfg.method), cfg.method.stem_separate, cfg.method.split, cfg.model.arch
+        )
+        Trainer.__init__(self, cfg, backbone, modules, method, data, device, out_dir, parallel=None)
+        self.parallel, self.is_main = parallel, parallel.is_main
+        self.measure_cpu_memory = False  # the saved-tensor accounting measures one process's step (not a stage's)
+        num_stages = parallel.world_size
+        if num_stages > len(modules):
+            raise ConfigError(
+                f"{num_stages} pipeline stages need at least as many local modules to hold, but method.num_modules "
+                f"= {len(modules)}; with method.name = bp it says where the stages may cut the backbone: raise it "
+                "(up to the backbone's blocks) or start fewer processes"
+            )
+        if cfg.pipeline.micro_batches < num_stages:
+            raise ConfigError(
+                f"pipeline.micro_batches = {cfg.pipeline.micro_batches} is fewer than the {num_stages} pipeline "
+                "stages; the 1F1B schedule needs at least one micro-batch per stage: raise it (the bubble shrinks "
+                "as (S - 1) / (M + S - 1)) or start fewer processes"
+            )
+        if not cfg.train.drop_last and data.train.num_images % cfg.train.batch_size:
+            raise ConfigError(
+                f"pipelined backprop splits every batch into pipeline.micro_batches equal micro-batches, but the "
+                f"{data.train.num_images} training images leave a last batch of "
+                f"{data.train.num_images % cfg.train.batch_size} (train.batch_size = {cfg.train.batch_size}); "
+                "set train.drop_last=true or a batch size that divides the training set"
+            )
+        sizes = list(stage_sizes or cfg.pipeline.stage_sizes or self._measured_bp_partition(num_stages))
+        if len(sizes) != num_stages:
+            raise ConfigError(
+                f"pipeline.stage_sizes = {sizes} names {len(sizes)} stages but torchrun started "
+                f"{num_stages} processes; give one module count per process"
+            )
+        self.ranges = stage_ranges(sizes)
+        self.mesh = pipeline_mesh(num_stages)  # one replica (hybrid is for local methods)
+        self.stage = Stage(parallel.rank, num_stages, self.ranges[parallel.rank], self.mesh.pipe_ranks)
+        log(
+            f"pipelined backprop (1F1B, {cfg.pipeline.micro_batches} micro-batches): {num_stages} stages holding "
+            "modules " + " | ".join(f"{r.start}-{r.stop - 1}" for r in self.ranges)
+        )
+        stage_of_module = [s for s, r in enumerate(self.ranges) for _ in r]
+        self.tensor_stage = {key: stage_of_module[j] for key, j in module_of_tensors(modules, method).items()}
+        self.all_params = self.params
+        last = num_stages - 1  # the final head (no module holds it) is the last stage's
+        self.params = [p for p in self.all_params if self.tensor_stage.get(id(p), last) == self.stage.rank]
+        self.lr_on_device = False
+        self.optimizer = build_optimizer(self.params, cfg, device)
+        self.run_step = self.eager_step  # no CUDA graph: the schedule's messages are not capturable
+        self.channels_last_input = self.channels_last and self.stage.is_first
+        self.channels_last = False  # stage 0 converts the batch itself (the other stages get no images)
+        if not self.stage.is_first:
+            self.data = _DataView(data, _StepsOnly(data.train))
+        self.pipeline = PipelinedBackprop(
+            backbone,
+            modules,
+            self.stage,
+            device,
+            cfg.train.batch_size,
+            cfg.pipeline.micro_batches,
+            self.forward_context,
+        )
+        self._probe_shapes()  # for the evaluation through the stages
+        self._labels = torch.zeros(cfg.train.batch_size, dtype=torch.int64, device=device)
+        self._no_loss = torch.zeros((), dtype=torch.float64, device=device)
+
+    def _measured_bp_partition(self, num_stages: int) -> list[int]:
+        """Rank 0 measures each module's end-to-end backprop cost on this device; every stage takes its
+        partition (the slowest stage as fast as it can be)."""
+        sizes = [None]
+        if self.is_main:
+            costs = backprop_module_costs(
+                self.modules, self.backbone, self.cfg, self.data.info, self.device, self.forward_context
+            )
+            sizes = [partition(costs, num_stages)]
+        dist.broadcast_object_list(sizes, src=0)
+        return sizes[0]
+
+    def step_without_zero_grad(self, x, y) -> torch.Tensor:
+        """One batch through the pipeline, then this stage's optimizer step. Returns the batch's loss on the last
+        stage (the mean over its micro-batches), 0 elsewhere: summed over stages, it is the loss."""
+        stage, label_send = self.stage, None
+        if stage.is_first:
+            if self.channels_last_input:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if not stage.is_last:
+                label_send = dist.isend(y.contiguous(), stage.num_stages - 1, tag=TAG_LABELS)
+        elif stage.is_last:
+            dist.recv(self._labels, 0, tag=TAG_LABELS)
+            y = self._labels
+        loss = self.pipeline.forward_backward(x, y)
+        if label_send is not None:
+            label_send.wait()
+        self.optimizer.step()
+        return self._no_loss if loss is None else loss
+
+    def train_epoch(self, epoch: int) -> dict:
+        return Trainer.train_epoch(self, epoch)  # every step is complete when it returns: nothing to drain
+
+    def summary(self) -> dict:
+        summary = super().summary()
+        summary.update(schedule="1F1B", micro_batches=self.cfg.pipeline.micro_batches)
+        return summary
