@@ -4,7 +4,8 @@
 #
 #   bash bench/gpu_evidence.sh short [OUT_DIR]   point 1: the short recipe on all of CIFAR-10, BP, DGL K=16
 #                                                (stem separate), MLAAN K=15 on ResNet-32, fast path and plain
-#                                                fp32 path (six runs)
+#                                                fp32 path (six runs); issue 16's pipeline profile
+#                                                (`fastlocal.plan --profile`, ResNet-110 K=54, 4 stages, ~60 s)
 #   bash bench/gpu_evidence.sh long [OUT_DIR]    point 2: the paper's Table 1 recipe (batch 1024, LR 0.8,
 #                                                schedule ref) for LONG_EPOCHS (100) epochs, MLAAN K=15 and BP
 #                                                with the fast path; point 5: paper Table 3's ImageNet rows on
@@ -37,7 +38,8 @@
 #   short fp32 BP       15 ep x (98 x 24 ms)                    50 s        75 s
 #   short fp32 DGL K=16 15 ep x (98 x 29 ms)                    57 s        80 s
 #   short fp32 MLAAN    15 ep x (98 x 70 ms) = 7.2 s an epoch  120 s       180 s
-#   short                                                     ~370 s       605 s, cut to the 520 s deadline
+#   short pipeline profile (plan --profile, K=54, batch 128)     60 s        90 s
+#   short                                                     ~430 s       695 s, cut to the 520 s deadline
 #   long  fast MLAAN  E ep x (48 x 29.4 ms + 0.12 s eager + 0.3 s)  E=100: 215 s   30 s + 2.6 s x E
 #   long  fast BP     E ep x (48 x 10 ms + 0.02 s eager + 0.2 s)    E=100:  90 s   30 s + 1.1 s x E
 #   long  ImageNet memory, 6 cases x 6 steps, autotuning, Triton     60 s       120 s
@@ -156,6 +158,22 @@ if [ "$PART" = short ]; then
       i=$((i + 1))
     done
   done
+  # Issue 16's H200 profile: the pipeline throughput model fed with this GPU's measured module costs (modelled
+  # 4 stages on an NVLink-class link; NCCL refuses two ranks on one GPU, so this is not a measured pipeline).
+  if [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",pipeline-profile,"* ]]; then
+    mkdir -p "$RUNS/pipeline-profile"
+    PROFILE=(--model.arch=resnet110 --method.num_modules=54 --train.batch_size=128 --system.device=cuda)
+    [ "$TINY" = 1 ] && PROFILE=(--model.arch=resnet20 --method.num_modules=8 --train.batch_size=16 --system.device=cpu)
+    cmd=("$PYTHON" -m fastlocal.plan "${PROFILE[@]}" --profile --stages 4 --link-gbps 3600)
+    printf '%q ' "${cmd[@]}" > "$RUNS/pipeline-profile/command.txt"
+    lim=$(limit 90)
+    echo
+    echo "== pipeline-profile (hard stop $lim s): $(cat "$RUNS/pipeline-profile/command.txt")"
+    (( lim > 0 )) && timeout --signal=INT --kill-after=5 "$lim" "${cmd[@]}" > "$RUNS/pipeline-profile/pipeline_profile.json"
+    echo "== pipeline-profile: exit $?"
+    "$PYTHON" -c "import json, sys; d = json.load(open(sys.argv[1])); print(json.dumps(d['predicted'], indent=1))" \
+      "$RUNS/pipeline-profile/pipeline_profile.json" || true
+  fi
 else
   EPOCHS=(--train.epochs="$LONG_EPOCHS")
   run_train "table1-mlaan-k15-resnet32-fast-${LONG_EPOCHS}ep" $(( 30 + LONG_EPOCHS * 26 / 10 )) \
