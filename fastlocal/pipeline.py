@@ -1017,33 +1017,6 @@ def predict_step(
     }
 
 
-def predict_pipelined_bp(
-    costs: Sequence[dict], sizes: Sequence[int], micro_batches: int, link_bytes_per_second: float = 0.0
-) -> dict:
-    """Pipelined backprop (1F1B, `micro_batches` per batch) on the same stages: stage k's forward and backward
-    through its modules (no local heads; the last stage adds the final loss), the optimizer step once per
-    batch; step = (M + S - 1) / M * max_k (work_k + c_k)."""
-    ranges = stage_ranges(sizes)
-    last = len(costs) - 1
-    work = []
-    for k, r in enumerate(ranges):
-        t = sum(costs[i]["forward"] + costs[i]["input_vjp"] + costs[i]["weight_vjp"] + costs[i]["optimizer"] for i in r)
-        if k == len(ranges) - 1:
-            t += costs[last]["loss"]
-        sent = costs[r.stop - 1]["output_bytes"] / link_bytes_per_second if link_bytes_per_second else 0.0
-        work.append(t + (2 * sent if k < len(ranges) - 1 else 0.0))  # activation forward, gradient back
-    single = sum(c["forward"] + c["input_vjp"] + c["weight_vjp"] + c["optimizer"] for c in costs) + costs[last]["loss"]
-    m, s = micro_batches, len(ranges)
-    step = (m + s - 1) / m * max(work)
-    return {
-        "stage_seconds": work,
-        "step_seconds": step,
-        "single_device_seconds": single,
-        "speedup": single / step,
-        "micro_batches": m,
-    }
-
-
 def measure_single_device_step(
     modules, method, cfg: Config, info, device: torch.device, forward_context, repeats: int = 5
 ) -> float:
@@ -1095,6 +1068,7 @@ def profile(
     import dataclasses
     from types import SimpleNamespace
 
+    from fastlocal.pipelined_bp import backprop_work, measure_backprop_costs, predict_pipelined_bp
     from fastlocal.plan import build_model
     from fastlocal.schedule import forward_context_for
     from fastlocal.train import resolve_device
@@ -1113,7 +1087,7 @@ def profile(
         "note": "modelled from measured per-module costs (docs/pipeline.md), not a measured pipeline; "
         "the link is " + (f"{link_gbps} Gbit/s" if link_gbps else "not modelled (free)"),
     }
-    all_costs = {}
+    all_costs, learners = {}, {}
     for name in ("dgl", "mlaan"):
         method_cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name=name))
         torch.manual_seed(cfg.system.seed)
@@ -1131,6 +1105,7 @@ def profile(
             "sum_within_10_percent": abs(total - step) <= 0.1 * step,
         }
         all_costs[name] = (costs, method.window)
+        learners[name] = learner
     dgl, _ = all_costs["dgl"]
     mlaan, window = all_costs["mlaan"]
     for label, costs, w, cascade in (
@@ -1140,9 +1115,12 @@ def profile(
     ):
         sizes = partition([c["total"] for c in costs], num_stages)
         result["predicted"][label] = {"stage_sizes": sizes, **predict_step(costs, sizes, w, cascade, link)}
-    bp_sizes = partition([c["forward"] + c["input_vjp"] + c["weight_vjp"] + c["optimizer"] for c in dgl], num_stages)
+    # Pipelined BP: DGL's modules (the same split) timed as end-to-end backprop.
+    dgl_learner = learners["dgl"]
+    bp = measure_backprop_costs(dgl_learner.local_modules, dgl_learner.backbone, cfg, info, device, forward_context)
+    bp_sizes = partition([backprop_work(c) for c in bp], num_stages)
     result["predicted"]["pipelined_bp"] = {
         "stage_sizes": bp_sizes,
-        **predict_pipelined_bp(dgl, bp_sizes, micro_batches, link),
+        **predict_pipelined_bp(bp, bp_sizes, micro_batches, link),
     }
     return result

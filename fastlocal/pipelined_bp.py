@@ -15,6 +15,8 @@ are `fastlocal.pipeline.PipelineTrainer`'s.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -116,11 +118,37 @@ class _EndToEndLoss(nn.Module):
         return nn.functional.cross_entropy(self.backbone.head(own), batch.y) if i == self.last else None
 
 
-def backprop_module_costs(modules, backbone, cfg: Config, info, device, forward_context) -> list[float]:
-    """Each module's cost in end-to-end backprop (seconds per batch on this device): forward, input and weight
-    VJPs, optimizer step, and on the last module the final head's loss."""
-    costs = measure_module_costs(modules, _EndToEndLoss(backbone, len(modules)), cfg, info, device, forward_context)
-    return [c["forward"] + c["loss"] + c["input_vjp"] + c["weight_vjp"] + c["optimizer"] for c in costs]
+def measure_backprop_costs(modules, backbone, cfg: Config, info, device, forward_context) -> list[dict]:
+    """`measure_module_costs` for end-to-end backprop over the same modules: no local heads, the final head's
+    loss on the last module only."""
+    return measure_module_costs(modules, _EndToEndLoss(backbone, len(modules)), cfg, info, device, forward_context)
+
+
+def backprop_work(cost: dict) -> float:
+    """A module's share of a backprop step (seconds per batch): forward, loss, input and weight VJPs, optimizer."""
+    return cost["forward"] + cost["loss"] + cost["input_vjp"] + cost["weight_vjp"] + cost["optimizer"]
+
+
+def predict_pipelined_bp(
+    costs: Sequence[dict], sizes: Sequence[int], micro_batches: int, link_bytes_per_second: float = 0.0
+) -> dict:
+    """Pipelined backprop (1F1B, M = `micro_batches`) on stages of `sizes` modules, from `costs` of
+    :func:`measure_backprop_costs`: stage k works w_k = the sum of its modules' :func:`backprop_work` plus,
+    but for the last stage, twice its output's sending time c_k (activation forward, gradient back);
+    step = (M + S - 1) / M * max_k w_k; one device: the sum of every module's work."""
+    work = []
+    for k, r in enumerate(stage_ranges(sizes)):
+        sent = costs[r.stop - 1]["output_bytes"] / link_bytes_per_second if link_bytes_per_second else 0.0
+        work.append(sum(backprop_work(costs[i]) for i in r) + (2 * sent if k < len(sizes) - 1 else 0.0))
+    single, m = sum(backprop_work(c) for c in costs), micro_batches
+    step = (m + len(sizes) - 1) / m * max(work)
+    return {
+        "stage_seconds": work,
+        "step_seconds": step,
+        "single_device_seconds": single,
+        "speedup": single / step,
+        "micro_batches": m,
+    }
 
 
 class PipelinedBackpropTrainer(PipelineTrainer):
@@ -211,10 +239,10 @@ class PipelinedBackpropTrainer(PipelineTrainer):
         partition (the slowest stage as fast as it can be)."""
         sizes = [None]
         if self.is_main:
-            costs = backprop_module_costs(
+            costs = measure_backprop_costs(
                 self.modules, self.backbone, self.cfg, self.data.info, self.device, self.forward_context
             )
-            sizes = [partition(costs, num_stages)]
+            sizes = [partition([backprop_work(c) for c in costs], num_stages)]
         dist.broadcast_object_list(sizes, src=0)
         return sizes[0]
 

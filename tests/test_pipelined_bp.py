@@ -176,3 +176,21 @@ def test_torchrun_cli_trains_pipelined_backprop_and_resumes_on_one_device(tmp_pa
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+
+
+def test_the_throughput_model_of_pipelined_backprop():
+    """docs/pipeline.md's formula, with costs typed here: w_k = the stage's forward + loss + VJPs + optimizer,
+    plus twice its output's sending time but on the last stage; step = (M + S - 1) / M * max_k w_k."""
+    from fastlocal.pipelined_bp import predict_pipelined_bp
+
+    names = ("forward", "loss", "input_vjp", "weight_vjp", "optimizer", "output_bytes")
+    costs = [
+        dict(zip(names, (1.0, 0.0, 0.5, 1.0, 0.1, 50))),  # 2.6 s of work; 50 bytes = 0.5 s at 100 bytes/s
+        dict(zip(names, (2.0, 0.0, 1.0, 2.0, 0.2, 80))),  # 5.2 s
+        dict(zip(names, (1.0, 0.5, 0.5, 1.0, 0.1, 40))),  # 3.1 s, the final loss included; the last stage sends none
+    ]
+    got = predict_pipelined_bp(costs, [1, 2], micro_batches=4, link_bytes_per_second=100.0)
+    assert got["stage_seconds"] == pytest.approx([2.6 + 2 * 0.5, 5.2 + 3.1])
+    assert got["step_seconds"] == pytest.approx((4 + 2 - 1) / 4 * 8.3)
+    assert got["single_device_seconds"] == pytest.approx(10.9)
+    assert got["speedup"] == pytest.approx(10.9 / ((4 + 2 - 1) / 4 * 8.3))
