@@ -342,9 +342,10 @@ def test_torchrun_cli_trains_a_pipeline_and_resumes_on_one_device(tmp_path):
     assert json.loads((out / "summary.json").read_text())["epochs"] == 2
 
 
-SLEEPS = [0.12, 0.08, 0.20, 0.16, 0.24, 0.10, 0.14, 0.18]
+SLEEPS = [0.24, 0.16, 0.40, 0.32, 0.48, 0.20, 0.28, 0.36]
 """A cost profile (seconds per module and step) the replay test plays with sleeps: far above the tiny model's
-own compute, and sleeping needs no CPU, so four ranks replay it faithfully on a busy two-core machine."""
+own compute, and sleeping needs no CPU, so four ranks replay it faithfully on a busy two-core machine (at
+half these sleeps, a load of 5 on the 2 cores once put the steady step 11 % above the model's)."""
 REPLAY_STEPS, REPLAY_WARMUP = 12, 3
 
 
