@@ -41,6 +41,7 @@ the step is data parallelism's with each replica's shard through the pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -327,11 +328,14 @@ class PipelineTrainer(Trainer):
 
     # -- setup ---------------------------------------------------------------------------------------
     def _measured_partition(self, num_stages: int) -> list[int]:
-        """Rank 0 measures each module's cost on this device; every stage takes its partition."""
+        """Rank 0 measures each module's cost on this device, at the batch one replica's pipeline carries; every
+        stage takes its partition."""
         sizes = [None]
         if self.parallel.is_main:
+            train = dataclasses.replace(self.cfg.train, batch_size=self.cfg.train.batch_size // self.mesh.num_replicas)
+            cfg = dataclasses.replace(self.cfg, train=train)
             costs = measure_module_costs(
-                self.modules, self.method, self.cfg, self.data.info, self.device, self.forward_context
+                self.modules, self.method, cfg, self.data.info, self.device, self.forward_context
             )
             sizes = [partition([c["total"] for c in costs], num_stages)]
         dist.broadcast_object_list(sizes, src=0)
@@ -1065,7 +1069,6 @@ def profile(
     DGL and MLAAN (the config's K, split and options), the check of their sum against a measured single-device
     step, and the predicted steady step and speed-up of DGL, MLAAN exact, MLAAN stale and pipelined BP on S
     stages, each partitioned by its own costs. A model fed with measured costs: no pipeline runs here."""
-    import dataclasses
     from types import SimpleNamespace
 
     from fastlocal.pipelined_bp import backprop_work, measure_backprop_costs, predict_pipelined_bp
