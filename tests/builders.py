@@ -1,4 +1,9 @@
-"""Shared test builders: a backbone, its split and a method from a few config overrides."""
+"""Shared test builders: a backbone, its split and a method from a few config overrides; CLI runs."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -33,6 +38,15 @@ def torchrun_tiny_run(out, *extra: str, processes: int = 2) -> list[str]:
         *extra,
         *("--out", str(out)),
     ]
+
+
+def run_cli(command: list[str], out, expect: int = 0) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """Run a CLI command (one thread per process, a 240 s hard stop); check its exit status; the process and,
+    after a successful run, the run directory `out`'s summary.json."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == expect, result.stderr[-3000:]
+    return result, json.loads((Path(out) / "summary.json").read_text()) if expect == 0 else None
 
 
 def build(method: str, arch: str, k: int, overrides=(), dtype=torch.float64, seed: int = 0, input_size: int = 32):

@@ -9,14 +9,13 @@ import json
 import multiprocessing
 import os
 import socket
-import subprocess
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-from builders import build, torchrun_tiny_run
+from builders import build, run_cli, torchrun_tiny_run
 
 from fastlocal import distributed
 from fastlocal.config import ConfigError, build_config
@@ -350,17 +349,13 @@ def test_torchrun_cli_trains_data_parallel_writes_world_size_and_resumes(tmp_pat
         "--data.crop_size=32",
         "--data.resize_size=32",  # the device loader's sharding is tested above; here the streaming one's
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    result, summary = run_cli(command, out)
     assert summary["world_size"] == 2 and summary["parallel"] == "data" and summary["epochs"] == 1
     assert result.stdout.count("final test accuracy") == 1  # rank 0 alone logs
     assert "(20 train / 10 test images)" in result.stdout  # rank 0's shard of the 40 / 20
     resume = [*command[: command.index("fastlocal.train") + 1], "--resume", str(out), "--train.epochs=2"]
-    result = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming" in result.stdout and json.loads((out / "summary.json").read_text())["epochs"] == 2
+    result, summary = run_cli(resume, out)
+    assert "resuming" in result.stdout and summary["epochs"] == 2
 
 
 def _sync_batch_norm_step(rank: int, out: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import build, torchrun_tiny_run
+from builders import build, run_cli, torchrun_tiny_run
 
 from fastlocal import distributed
 from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
@@ -322,24 +322,16 @@ def test_single_device_names_for_the_options():
 
 
 def test_torchrun_cli_trains_a_pipeline_and_resumes_on_one_device(tmp_path):
-    import json
-    import subprocess
     import sys
 
     out = tmp_path / "run"
-    command = torchrun_tiny_run(out, "--system.parallel=modules")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    result, summary = run_cli(torchrun_tiny_run(out, "--system.parallel=modules"), out)
     assert summary["parallel"] == "modules" and summary["world_size"] == 2 and summary["epochs"] == 1
     assert result.stdout.count("final test accuracy") == 1  # rank 0 alone logs
     assert "pipeline: 2 stages" in result.stdout  # partitioned by the measured costs
     resume = [sys.executable, "-m", "fastlocal.train", "--resume", str(out), "--train.epochs=2"]
     resume.append("--system.parallel=none")  # the saved config says modules
-    result = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    assert run_cli(resume, out)[1]["epochs"] == 2
 
 
 SLEEPS = [0.24, 0.16, 0.40, 0.32, 0.48, 0.20, 0.28, 0.36]
@@ -659,15 +651,10 @@ def test_cli_rejects_pipeline_stages_that_do_not_divide_the_processes(monkeypatc
 
 
 def test_torchrun_cli_trains_hybrid_and_resumes_as_a_pipeline(tmp_path):
-    import json
-    import subprocess
 
     out = tmp_path / "run"
     command = torchrun_tiny_run(out, "--system.parallel=hybrid", "--system.pipeline_stages=2", processes=4)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    result, summary = run_cli(command, out)
     assert summary["parallel"] == "hybrid" and summary["world_size"] == 4 and summary["data_replicas"] == 2
     assert result.stdout.count("final test accuracy") == 1  # rank 0 alone logs
     assert "(20 train / 10 test images)" in result.stdout  # replica 0's shard of the 40 / 20
@@ -676,7 +663,5 @@ def test_torchrun_cli_trains_hybrid_and_resumes_as_a_pipeline(tmp_path):
     resume = torchrun_tiny_run(out, "--system.parallel=modules", processes=2)
     resume = [*resume[: resume.index("fastlocal.train") + 1], "--resume", str(out), "--train.epochs=2"]
     resume.append("--system.parallel=modules")
-    result = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = run_cli(resume, out)[1]
     assert summary["epochs"] == 2 and summary["parallel"] == "modules"

@@ -7,14 +7,12 @@ each micro-batch and updates its running statistics once per micro-batch), one S
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from builders import torchrun_tiny_run
+from builders import run_cli, torchrun_tiny_run
 from test_pipeline import COMMON, SIZE, STEPS, assert_same_checkpoint, batches, launch, tiny_data
 
 from fastlocal import distributed
@@ -157,25 +155,14 @@ def test_micro_batches_and_partial_batches_are_checked(capsys, tmp_path):
 def test_torchrun_cli_trains_pipelined_backprop_and_resumes_on_one_device(tmp_path):
     out = tmp_path / "run"
     command = torchrun_tiny_run(out, "--method.name=bp", "--system.parallel=modules", "--pipeline.micro_batches=2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result, summary = run_cli(command, out)
     assert "pipelined backprop (1F1B, 2 micro-batches): 2 stages" in result.stdout  # partitioned by measured cost
-    summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "bp" and summary["parallel"] == "modules" and summary["world_size"] == 2
     assert summary["num_modules"] == 3 and summary["images_per_second"] > 0
     resume = [sys.executable, "-m", "fastlocal.train", "--resume", str(out), "--train.epochs=2"]
-    result = subprocess.run([*resume, "--system.parallel=none"], env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 2 and "add --method.num_modules=1" in result.stderr  # bp's K on one device
-    result = subprocess.run(
-        [*resume, "--system.parallel=none", "--method.num_modules=1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    result, _ = run_cli([*resume, "--system.parallel=none"], out, expect=2)
+    assert "add --method.num_modules=1" in result.stderr  # bp's K on one device
+    assert run_cli([*resume, "--system.parallel=none", "--method.num_modules=1"], out)[1]["epochs"] == 2
 
 
 def test_the_throughput_model_of_pipelined_backprop():
