@@ -267,48 +267,12 @@ class PipelineTrainer(Trainer):
         mesh: Mesh | None = None,
     ):
         super().__init__(cfg, backbone, modules, method, data, device, out_dir, parallel=None)
-        self.parallel = parallel
-        self.is_main = parallel.is_main
-        self.mesh = mesh or pipeline_mesh(parallel.world_size)
-        self.world_size = self.mesh.num_replicas  # the Trainer's divisor of summed losses, multiplier of images
         self.nonfinite_check_steps = 0  # a check is a collective, which would drain the pipeline: once an epoch
-        self.measure_cpu_memory = False  # the saved-tensor accounting measures one process's step (not a stage's)
-        self.all_params = self.params
-        num_stages = self.mesh.num_stages
-        if num_stages > len(modules):  # checked on every stage, before rank 0 alone measures the costs
-            raise ConfigError(
-                f"{num_stages} pipeline stages need at least as many local modules, but "
-                f"method.num_modules = {len(modules)}; raise it or start fewer processes"
-            )
-        sizes = list(stage_sizes or cfg.pipeline.stage_sizes or self._measured_partition(num_stages))
-        if len(sizes) != num_stages:
-            raise ConfigError(
-                f"pipeline.stage_sizes = {sizes} names {len(sizes)} stages but the pipeline has {num_stages} "
-                "(torchrun's processes; hybrid: system.pipeline_stages); give one module count per stage"
-            )
-        self.ranges = stage_ranges(sizes)
-        index = self.mesh.pipe_ranks.index(parallel.rank)
-        self.stage = Stage(index, num_stages, self.ranges[index], self.mesh.pipe_ranks)
-        log(
-            f"pipeline: {num_stages} stages holding modules "
-            + " | ".join(f"{r.start}-{r.stop - 1}" for r in self.ranges)
-        )
-        self.stage_of_module = [s for s, r in enumerate(self.ranges) for _ in r]
-        owner = module_of_tensors(modules, method)
-        self.tensor_stage = {key: self.stage_of_module[j] for key, j in owner.items()}
-        last = num_stages - 1
-        self.params = [p for p in self.all_params if self.tensor_stage.get(id(p), last) == self.stage.rank]
-        self.lr_on_device = False
-        self.optimizer = build_optimizer(self.params, cfg, device)
+        self.place_on_stages(parallel, mesh or pipeline_mesh(parallel.world_size), stage_sizes, log, "pipeline")
         if self.mesh.num_replicas > 1:  # hybrid: this stage's gradients, averaged over the replicas holding it
             self.grad_averager = distributed.GradientAverager(modules, method, backbone, group=self.mesh.data_group)
         # The stale cascade adds to the last modules' gradients after their flush: average them all at the end.
         self._average_after_step = cfg.pipeline.cascade == "stale"
-        self.run_step = self.eager_step
-        self.channels_last_input = self.channels_last
-        self.channels_last = False  # stage 0 converts the batch itself (other stages get no loader batch)
-        if not self.stage.is_first:
-            self.data = _DataView(data, _StepsOnly(data.train))
         self.window = method.window
         self.send_images = uses_images(cfg)
         self._probe_shapes()
@@ -327,6 +291,49 @@ class PipelineTrainer(Trainer):
             )
 
     # -- setup ---------------------------------------------------------------------------------------
+    def place_on_stages(self, parallel, mesh: Mesh, stage_sizes, log, name: str) -> None:
+        """What every pipeline trainer (this one, pipelined backprop's) sets up: this process's stage of `mesh`,
+        the modules' partition (`stage_sizes`, pipeline.stage_sizes, or balanced by :meth:`module_costs`), the
+        parameters this stage owns and their optimizer, and the data it reads (stage 0 alone reads batches)."""
+        self.parallel, self.is_main, self.mesh = parallel, parallel.is_main, mesh
+        self.world_size = mesh.num_replicas  # the Trainer's divisor of summed losses, multiplier of images
+        self.measure_cpu_memory = False  # the saved-tensor accounting measures one process's step (not a stage's)
+        num_stages = mesh.num_stages
+        if num_stages > len(self.modules):  # checked on every stage, before rank 0 alone measures the costs
+            raise ConfigError(
+                f"{num_stages} pipeline stages need at least as many local modules, but method.num_modules = "
+                f"{len(self.modules)} (for bp: where the stages may cut); raise it or start fewer processes"
+            )
+        sizes = list(stage_sizes or self.cfg.pipeline.stage_sizes or self._measured_partition(num_stages))
+        if len(sizes) != num_stages:
+            raise ConfigError(
+                f"pipeline.stage_sizes = {sizes} names {len(sizes)} stages but the pipeline has {num_stages} "
+                "(torchrun's processes; hybrid: system.pipeline_stages); give one module count per stage"
+            )
+        self.ranges = stage_ranges(sizes)
+        index = mesh.pipe_ranks.index(parallel.rank)
+        self.stage = Stage(index, num_stages, self.ranges[index], mesh.pipe_ranks)
+        log(
+            f"{name}: {num_stages} stages holding modules " + " | ".join(f"{r.start}-{r.stop - 1}" for r in self.ranges)
+        )
+        self.stage_of_module = [s for s, r in enumerate(self.ranges) for _ in r]
+        owner = module_of_tensors(self.modules, self.method)
+        self.tensor_stage = {key: self.stage_of_module[j] for key, j in owner.items()}
+        self.all_params, last = self.params, num_stages - 1  # the final head (no module holds it): the last stage's
+        self.params = [p for p in self.all_params if self.tensor_stage.get(id(p), last) == self.stage.rank]
+        self.lr_on_device = False
+        self.optimizer = build_optimizer(self.params, self.cfg, self.device)
+        self.run_step = self.eager_step  # no CUDA graph: a step's messages are not capturable
+        self.channels_last_input = self.channels_last
+        self.channels_last = False  # stage 0 converts the batch itself (other stages get no loader batch)
+        if not self.stage.is_first:
+            self.data = _DataView(self.data, _StepsOnly(self.data.train))
+
+    def module_costs(self, cfg: Config) -> list[float]:
+        """Each module's measured cost on this device (at `cfg`'s batch size), which the partition balances."""
+        costs = measure_module_costs(self.modules, self.method, cfg, self.data.info, self.device, self.forward_context)
+        return [c["total"] for c in costs]
+
     def _measured_partition(self, num_stages: int) -> list[int]:
         """Rank 0 measures each module's cost on this device, at the batch one replica's pipeline carries; every
         stage takes its partition."""
@@ -334,10 +341,7 @@ class PipelineTrainer(Trainer):
         if self.parallel.is_main:
             train = dataclasses.replace(self.cfg.train, batch_size=self.cfg.train.batch_size // self.mesh.num_replicas)
             cfg = dataclasses.replace(self.cfg, train=train)
-            costs = measure_module_costs(
-                self.modules, self.method, cfg, self.data.info, self.device, self.forward_context
-            )
-            sizes = [partition([c["total"] for c in costs], num_stages)]
+            sizes = [partition(self.module_costs(cfg), num_stages)]
         dist.broadcast_object_list(sizes, src=0)
         return sizes[0]
 

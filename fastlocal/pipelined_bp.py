@@ -23,19 +23,9 @@ from torch import nn
 
 from fastlocal import distributed
 from fastlocal.config import Config, ConfigError, resolve_num_modules
-from fastlocal.engine import Trainer, build_optimizer
+from fastlocal.engine import Trainer
 from fastlocal.methods import LocalMethod
-from fastlocal.pipeline import (
-    PipelineTrainer,
-    Stage,
-    _DataView,
-    _StepsOnly,
-    measure_module_costs,
-    module_of_tensors,
-    partition,
-    pipeline_mesh,
-    stage_ranges,
-)
+from fastlocal.pipeline import PipelineTrainer, Stage, measure_module_costs, pipeline_mesh, stage_ranges
 from fastlocal.split import LocalModule, split_backbone
 
 TAG_LABELS = 4  # fastlocal.pipeline's tags are 1-3; torch.distributed.pipelining sends with tag 0
@@ -152,10 +142,10 @@ def predict_pipelined_bp(
 
 
 class PipelinedBackpropTrainer(PipelineTrainer):
-    """`Trainer` for one stage of pipelined backprop. It shares `PipelineTrainer`'s evaluation through the
-    stages, gathered checkpoints and summary (they read only `stage`, `ranges`, `tensor_stage`, `params`,
-    `all_params`, `out_shapes`), not its local step: its own __init__ sets those attributes and replaces
-    PipelineTrainer's."""
+    """`Trainer` for one stage of pipelined backprop. It shares `PipelineTrainer`'s placement on the stages
+    (:meth:`~fastlocal.pipeline.PipelineTrainer.place_on_stages`, balanced by this class's `module_costs`),
+    evaluation through the stages, gathered checkpoints and summary; not its local step (its __init__ skips
+    PipelineTrainer's, which sets up the local schedule's messages)."""
 
     def __init__(
         self,
@@ -174,15 +164,7 @@ class PipelinedBackpropTrainer(PipelineTrainer):
             backbone, resolve_num_modules(cfg.method), cfg.method.stem_separate, cfg.method.split, cfg.model.arch
         )
         Trainer.__init__(self, cfg, backbone, modules, method, data, device, out_dir, parallel=None)
-        self.parallel, self.is_main = parallel, parallel.is_main
-        self.measure_cpu_memory = False  # the saved-tensor accounting measures one process's step (not a stage's)
         num_stages = parallel.world_size
-        if num_stages > len(modules):
-            raise ConfigError(
-                f"{num_stages} pipeline stages need at least as many local modules to hold, but method.num_modules "
-                f"= {len(modules)}; with method.name = bp it says where the stages may cut the backbone: raise it "
-                "(up to the backbone's blocks) or start fewer processes"
-            )
         if cfg.pipeline.micro_batches < num_stages:
             raise ConfigError(
                 f"pipeline.micro_batches = {cfg.pipeline.micro_batches} is fewer than the {num_stages} pipeline "
@@ -196,31 +178,8 @@ class PipelinedBackpropTrainer(PipelineTrainer):
                 f"{data.train.num_images % cfg.train.batch_size} (train.batch_size = {cfg.train.batch_size}); "
                 "set train.drop_last=true or a batch size that divides the training set"
             )
-        sizes = list(stage_sizes or cfg.pipeline.stage_sizes or self._measured_bp_partition(num_stages))
-        if len(sizes) != num_stages:
-            raise ConfigError(
-                f"pipeline.stage_sizes = {sizes} names {len(sizes)} stages but torchrun started "
-                f"{num_stages} processes; give one module count per process"
-            )
-        self.ranges = stage_ranges(sizes)
-        self.mesh = pipeline_mesh(num_stages)  # one replica (hybrid is for local methods)
-        self.stage = Stage(parallel.rank, num_stages, self.ranges[parallel.rank], self.mesh.pipe_ranks)
-        log(
-            f"pipelined backprop (1F1B, {cfg.pipeline.micro_batches} micro-batches): {num_stages} stages holding "
-            "modules " + " | ".join(f"{r.start}-{r.stop - 1}" for r in self.ranges)
-        )
-        stage_of_module = [s for s, r in enumerate(self.ranges) for _ in r]
-        self.tensor_stage = {key: stage_of_module[j] for key, j in module_of_tensors(modules, method).items()}
-        self.all_params = self.params
-        last = num_stages - 1  # the final head (no module holds it) is the last stage's
-        self.params = [p for p in self.all_params if self.tensor_stage.get(id(p), last) == self.stage.rank]
-        self.lr_on_device = False
-        self.optimizer = build_optimizer(self.params, cfg, device)
-        self.run_step = self.eager_step  # no CUDA graph: the schedule's messages are not capturable
-        self.channels_last_input = self.channels_last and self.stage.is_first
-        self.channels_last = False  # stage 0 converts the batch itself (the other stages get no images)
-        if not self.stage.is_first:
-            self.data = _DataView(data, _StepsOnly(data.train))
+        name = f"pipelined backprop (1F1B, {cfg.pipeline.micro_batches} micro-batches)"
+        self.place_on_stages(parallel, pipeline_mesh(num_stages), stage_sizes, log, name)
         self.pipeline = PipelinedBackprop(
             backbone,
             modules,
@@ -234,17 +193,12 @@ class PipelinedBackpropTrainer(PipelineTrainer):
         self._labels = torch.zeros(cfg.train.batch_size, dtype=torch.int64, device=device)
         self._no_loss = torch.zeros((), dtype=torch.float64, device=device)
 
-    def _measured_bp_partition(self, num_stages: int) -> list[int]:
-        """Rank 0 measures each module's end-to-end backprop cost on this device; every stage takes its
-        partition (the slowest stage as fast as it can be)."""
-        sizes = [None]
-        if self.is_main:
-            costs = measure_backprop_costs(
-                self.modules, self.backbone, self.cfg, self.data.info, self.device, self.forward_context
-            )
-            sizes = [partition([backprop_work(c) for c in costs], num_stages)]
-        dist.broadcast_object_list(sizes, src=0)
-        return sizes[0]
+    def module_costs(self, cfg: Config) -> list[float]:
+        """Each module's measured cost in end-to-end backprop, which the partition balances."""
+        costs = measure_backprop_costs(
+            self.modules, self.backbone, cfg, self.data.info, self.device, self.forward_context
+        )
+        return [backprop_work(c) for c in costs]
 
     def step_without_zero_grad(self, x, y) -> torch.Tensor:
         """One batch through the pipeline, then this stage's optimizer step. Returns the batch's loss on the last
