@@ -1,12 +1,17 @@
-"""Shared test builders: a backbone, its split and a method from a few config overrides; CLI runs."""
+"""Shared test builders: a backbone, its split and a method from a few config overrides; CLI runs; gloo ranks."""
 
 import json
+import multiprocessing
 import os
+import socket
 import subprocess
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
+from fastlocal import distributed
 from fastlocal.config import build_config
 from fastlocal.methods import METHODS, build_method
 from fastlocal.models import build_backbone
@@ -47,6 +52,53 @@ def run_cli(command: list[str], out, expect: int = 0) -> tuple[subprocess.Comple
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == expect, result.stderr[-3000:]
     return result, json.loads((Path(out) / "summary.json").read_text()) if expect == 0 else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, out: str, job, timeout_s: float, device_type: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    distributed.init_data_parallel(torch.device(device_type), timeout=timedelta(seconds=timeout_s))
+    try:
+        job(rank, world, Path(out))
+    finally:
+        distributed.close()
+
+
+def launch(
+    job, world: int, out: Path, timeout_s: float = 120, collective_timeout_s: float = 60, device_type: str = "cpu"
+) -> list[int]:
+    """Run `job(rank, world, out)` on `world` spawned ranks (gloo on CPU; NCCL with device_type cuda); their exit
+    codes. A collective waits at most `collective_timeout_s`; the ranks are killed and the test fails after
+    `timeout_s` (a deadlock fails instead of hanging)."""
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    args = (world, port, str(out), job, collective_timeout_s, device_type)
+    procs = [ctx.Process(target=_rank, args=(r, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"ranks {hung} still ran after {timeout_s} s: a deadlock"
+    return [p.exitcode for p in procs]
 
 
 def build(method: str, arch: str, k: int, overrides=(), dtype=torch.float64, seed: int = 0, input_size: int = 32):

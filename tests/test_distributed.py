@@ -6,16 +6,11 @@ gradients are averaged, then one EMA update and one optimizer step.
 """
 
 import json
-import multiprocessing
-import os
-import socket
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-from builders import build, run_cli, torchrun_tiny_run
+from builders import build, launch, run_cli, torchrun_tiny_run
 
 from fastlocal import distributed
 from fastlocal.config import ConfigError, build_config
@@ -37,53 +32,6 @@ CASES = {
     "mlaan-w3": ("mlaan", 4, ["mlaan.window=3"]),
     "mlaan-w3-no-lam": ("mlaan", 4, ["mlaan.window=3", "mlaan.lam=false"]),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out: str, job, timeout_s: float, device_type: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
-    torch.set_num_threads(1)
-    distributed.init_data_parallel(torch.device(device_type), timeout=timedelta(seconds=timeout_s))
-    try:
-        job(rank, Path(out))
-    finally:
-        distributed.close()
-
-
-def launch(
-    job, out: Path, timeout_s: float = 120, collective_timeout_s: float = 60, device_type: str = "cpu"
-) -> list[int]:
-    """Run `job(rank, out)` on WORLD spawned ranks; their exit codes. Kills them and fails after `timeout_s`."""
-    ctx = multiprocessing.get_context("spawn")
-    port = free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(r, port, str(out), job, collective_timeout_s, device_type))
-        for r in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} still ran after {timeout_s} s: a deadlock"
-    return [p.exitcode for p in procs]
 
 
 def global_batches(steps: int = 3):
@@ -109,7 +57,7 @@ def weights(backbone, method) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in named.items()}
 
 
-def _three_data_parallel_steps(rank: int, out: Path) -> None:
+def _three_data_parallel_steps(rank: int, world: int, out: Path) -> None:
     for name, (method_name, k, overrides) in CASES.items():
         cfg, backbone, modules, method = build(method_name, "resnet20", k, overrides, input_size=SIZE, seed=rank)
         distributed.broadcast_from_rank0(backbone, method)  # rank 1 was built from another seed
@@ -147,7 +95,7 @@ def reference_weights(method_name: str, k: int, overrides: list[str]) -> dict[st
 
 
 def test_three_steps_equal_the_averaged_gradient_reference_for_every_method(tmp_path):
-    assert launch(_three_data_parallel_steps, tmp_path, timeout_s=240) == [0, 0]
+    assert launch(_three_data_parallel_steps, WORLD, tmp_path, timeout_s=240) == [0, 0]
     for name, (method_name, k, overrides) in CASES.items():
         rank0 = torch.load(tmp_path / f"{name}-rank0.pt", weights_only=True)
         rank1 = torch.load(tmp_path / f"{name}-rank1.pt", weights_only=True)
@@ -187,7 +135,7 @@ def tiny_trainer(rank: int, world: int, out: Path, epochs: int, parallel=None) -
     return Trainer(cfg, backbone, modules, method, tiny_data(rank, world), torch.device("cpu"), out, parallel)
 
 
-def _fit_and_resume(rank: int, out: Path) -> None:
+def _fit_and_resume(rank: int, world: int, out: Path) -> None:
     parallel = distributed.DataParallel(rank, WORLD, rank)
     # Rank 1 is given its own directory: it must not write there.
     whole = tiny_trainer(rank, WORLD, out / ("whole" if rank == 0 else "rank1"), 2, parallel)
@@ -228,7 +176,7 @@ def _fit_and_resume(rank: int, out: Path) -> None:
 
 
 def test_fit_writes_from_rank0_averages_running_stats_and_resumes_exactly(tmp_path):
-    assert launch(_fit_and_resume, tmp_path, timeout_s=180) == [0, 0]
+    assert launch(_fit_and_resume, WORLD, tmp_path, timeout_s=180) == [0, 0]
     assert not (tmp_path / "rank1").exists()
     for rank in range(WORLD):  # 4 of the 7 test images have label 0
         assert float((tmp_path / f"accuracy-rank{rank}.txt").read_text()) == pytest.approx(100 * 4 / 7)
@@ -251,14 +199,14 @@ def test_fit_writes_from_rank0_averages_running_stats_and_resumes_exactly(tmp_pa
     assert single.fit(log=lambda *a: None)["epochs"] == 3
 
 
-def _rank1_fails(rank: int, out: Path) -> None:
+def _rank1_fails(rank: int, world: int, out: Path) -> None:
     if rank == 1:
         raise ValueError("rank 1 fails on purpose")
     torch.distributed.all_reduce(torch.ones(3))  # rank 0 waits for a peer that is gone
 
 
 def test_a_failing_rank_ends_every_rank_with_an_error(tmp_path):
-    codes = launch(_rank1_fails, tmp_path, timeout_s=60, collective_timeout_s=20)
+    codes = launch(_rank1_fails, WORLD, tmp_path, timeout_s=60, collective_timeout_s=20)
     assert codes[0] != 0 and codes[1] != 0
 
 
@@ -358,7 +306,7 @@ def test_torchrun_cli_trains_data_parallel_writes_world_size_and_resumes(tmp_pat
     assert "resuming" in result.stdout and summary["epochs"] == 2
 
 
-def _sync_batch_norm_step(rank: int, out: Path) -> None:
+def _sync_batch_norm_step(rank: int, world: int, out: Path) -> None:
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.deterministic = True
     cfg, backbone, modules, method = build("dgl", "resnet20", 3, [], dtype=torch.float32, input_size=16)
@@ -383,7 +331,7 @@ def _sync_batch_norm_step(rank: int, out: Path) -> None:
 @pytest.mark.gpu(devices=2)  # SyncBatchNorm across ranks
 def test_sync_batch_norm_step_equals_one_process_on_the_global_batch(tmp_path, exact_cuda_math):
     """With synchronised statistics a data-parallel step is the one-process step on the global batch."""
-    assert launch(_sync_batch_norm_step, tmp_path, timeout_s=180, device_type="cuda") == [0, 0]
+    assert launch(_sync_batch_norm_step, WORLD, tmp_path, timeout_s=180, device_type="cuda") == [0, 0]
     cfg, backbone, modules, method = build("dgl", "resnet20", 3, [], dtype=torch.float32, input_size=16)
     device = torch.device("cuda", 0)
     backbone.to(device)

@@ -6,16 +6,12 @@ batches from the same initial weights, in float64: the pipeline's weights, EMA c
 and optimizer state, gathered into the single-device checkpoint, must equal it.
 """
 
-import multiprocessing
-import os
-import socket
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-from builders import build, run_cli, torchrun_tiny_run
+from builders import build, launch, run_cli, torchrun_tiny_run
 
 from fastlocal import distributed
 from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
@@ -45,51 +41,6 @@ CASES = {
         "mlaan-w3-literal": ("mlaan", 4, ["mlaan.window=3", "mlaan.lam_mode=literal"], [1, 1, 2]),
     },
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out: str, job, timeout_s: float) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
-    torch.set_num_threads(1)
-    distributed.init_data_parallel(torch.device("cpu"), timeout=timedelta(seconds=timeout_s))
-    try:
-        job(rank, world, Path(out))
-    finally:
-        distributed.close()
-
-
-def launch(job, world: int, out: Path, timeout_s: float = 120, collective_timeout_s: float = 60) -> list[int]:
-    """Run `job(rank, world, out)` on `world` spawned ranks; their exit codes. Kills them and fails after
-    `timeout_s`."""
-    ctx = multiprocessing.get_context("spawn")
-    port = free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(r, world, port, str(out), job, collective_timeout_s)) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} still ran after {timeout_s} s: a deadlock"
-    return [p.exitcode for p in procs]
 
 
 def batches(steps: int = STEPS, last: int = BATCH):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import run_cli, torchrun_tiny_run
-from test_pipeline import COMMON, SIZE, STEPS, assert_same_checkpoint, batches, launch, tiny_data
+from builders import launch, run_cli, torchrun_tiny_run
+from test_pipeline import COMMON, SIZE, STEPS, assert_same_checkpoint, batches, tiny_data
 
 from fastlocal import distributed
 from fastlocal.config import ConfigError, build_config
