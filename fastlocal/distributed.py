@@ -33,6 +33,7 @@ Rules that keep every rank's model identical:
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from dataclasses import dataclass
@@ -136,7 +137,13 @@ def init_data_parallel(
 
 
 def close() -> None:
+    """Leave the process group. Trainers sit in reference cycles (bound methods), so a pipeline's communication
+    handles can outlive the group until the interpreter exits, where freeing them can abort the process
+    ("terminate called without an active exception"): seen once in CI on a 3-stage gloo test, and in 3 of 35
+    runs of it when all ranks left at once after a barrier; with this collection first, in none of 60 such
+    runs (nor in 60 without the barrier)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

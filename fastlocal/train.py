@@ -183,9 +183,6 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
     if getattr(method, "leaps_source", None):
         log(describe_leaps(cfg, method.leaps_source))
     summary = trainer.fit(log=log)
-    # Under torchrun: no rank leaves (and tears down its gloo connections) while another still talks to it,
-    # which aborts that rank ("terminate called without an active exception") after a finished run.
-    distributed.barrier()
     log(
         f"final test accuracy {summary['final_test_acc']:.2f}% (best epoch, chosen on test: "
         f"{summary['best_test_acc']:.2f}%) in {summary['train_seconds']:.1f}s; run directory {out_dir}"

@@ -73,7 +73,6 @@ def _rank(rank: int, world: int, port: int, out: str, job, timeout_s: float, dev
     distributed.init_data_parallel(torch.device(device_type), timeout=timedelta(seconds=timeout_s))
     try:
         job(rank, world, Path(out))
-        distributed.barrier()  # as fastlocal.train: no rank tears down its connections while another talks to it
     finally:
         distributed.close()
 
