@@ -44,7 +44,8 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -856,6 +857,32 @@ class _Timer:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
+@contextmanager
+def _timing_run(method: LocalMethod, cfg: Config, info, device: torch.device) -> Iterator[Batch]:
+    """A batch of train.batch_size random images for timing `method`'s model; its weights and statistics are
+    put back as they were afterwards."""
+    backbone = method.backbone
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in (backbone, method)]
+    g = torch.Generator().manual_seed(0)
+    dtype = next(backbone.parameters()).dtype
+    x = torch.randn(cfg.train.batch_size, 3, info.image_size, info.image_size, generator=g).to(device, dtype)
+    y = torch.randint(0, info.num_classes, (cfg.train.batch_size,), generator=g).to(device)
+    try:
+        yield Batch(x, y, info.mean, info.std)
+    finally:
+        backbone.load_state_dict(saved[0])
+        method.load_state_dict(saved[1])
+
+
+def _timing_optimizer(params: list, cfg: Config, device: torch.device) -> torch.optim.SGD:
+    """The run's optimizer (fastlocal.engine.build_optimizer: fused on CUDA) with the LR at 0, so the timed
+    steps leave the weights where they are."""
+    optimizer = build_optimizer(params, cfg, device)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    return optimizer
+
+
 def measure_module_costs(
     modules: Sequence[LocalModule],
     method: LocalMethod,
@@ -872,74 +899,51 @@ def measure_module_costs(
     from contextlib import nullcontext
 
     forward_context = forward_context or nullcontext
-    backbone = method.backbone
-    saved = (
-        {k: v.clone() for k, v in backbone.state_dict().items()},
-        {k: v.clone() for k, v in method.state_dict().items()},
-    )
-    dtype = next(backbone.parameters()).dtype
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(cfg.train.batch_size, 3, info.image_size, info.image_size, generator=g).to(device, dtype)
-    y = torch.randint(0, info.num_classes, (cfg.train.batch_size,), generator=g).to(device)
-    batch = Batch(x, y, info.mean, info.std)
     window, num = method.window, len(modules)
-    groups = distributed.module_parameter_groups(list(modules), method, backbone)
-    optimizers = [
-        torch.optim.SGD(
-            group,
-            lr=0.0,
-            momentum=cfg.optim.momentum,
-            nesterov=cfg.optim.nesterov,
-            weight_decay=cfg.optim.weight_decay,
-            foreach=True,
-        )
-        if group
-        else None
-        for group in groups
-    ]
+    groups = distributed.module_parameter_groups(list(modules), method, method.backbone)
+    optimizers = [_timing_optimizer(group, cfg, device) if group else None for group in groups]
     samples = [[[] for _ in range(5)] for _ in range(num)]  # per module and part, one time per repeat
     out_bytes = [0] * num
-    for rep in range(repeats + 1):
-        a = batch.x
-        for i, module in enumerate(modules):
-            # As in the schedule: the input needs a gradient only where a cascade passes through the module.
-            inputs = a.detach().requires_grad_(i > 0 and window > 1)
-            timer = _Timer(device)
-            timer.mark()
-            with forward_context():
-                out = module(inputs)
-            timer.mark()
-            own, cascade = out.detach().requires_grad_(), out.detach().requires_grad_()
-            with forward_context():
-                loss = method.module_loss(i, own, cascade, batch)
-            if loss is not None:
-                loss.backward()
-            timer.mark()
-            grad = sum(g for g in (own.grad, cascade.grad) if g is not None) if loss is not None else out * 0
-            graph_input, graph_output = inputs, out
-            if i > 0 and window == 1:  # the input VJP (for pipelined BP's model) on a graph of its own, untimed
-                graph_input = a.detach().requires_grad_()
+    with _timing_run(method, cfg, info, device) as batch:
+        for rep in range(repeats + 1):
+            a = batch.x
+            for i, module in enumerate(modules):
+                # As in the schedule: the input needs a gradient only where a cascade passes through the module.
+                inputs = a.detach().requires_grad_(i > 0 and window > 1)
+                timer = _Timer(device)
+                timer.mark()
                 with forward_context():
-                    graph_output = module(graph_input)
-            timer.mark()
-            if i > 0:
-                torch.autograd.grad(graph_output, graph_input, grad, retain_graph=True)
-            timer.mark()
-            torch.autograd.backward(out, grad, inputs=module.trainable_parameters)
-            timer.mark()
-            if optimizers[i] is not None:
-                optimizers[i].step()
-            timer.mark()
-            for p in groups[i]:
-                p.grad = None
-            if rep:
-                intervals = timer.intervals()
-                for k, seconds in enumerate(intervals[:2] + intervals[3:]):  # [2] is the untimed forward
-                    samples[i][k].append(seconds)
-            out_bytes[i] = out.numel() * out.element_size()
-            a = out
-    backbone.load_state_dict(saved[0])
-    method.load_state_dict(saved[1])
+                    out = module(inputs)
+                timer.mark()
+                own, cascade = out.detach().requires_grad_(), out.detach().requires_grad_()
+                with forward_context():
+                    loss = method.module_loss(i, own, cascade, batch)
+                if loss is not None:
+                    loss.backward()
+                timer.mark()
+                grad = sum(g for g in (own.grad, cascade.grad) if g is not None) if loss is not None else out * 0
+                graph_input, graph_output = inputs, out
+                if i > 0 and window == 1:  # the input VJP (for pipelined BP's model) on a graph of its own, untimed
+                    graph_input = a.detach().requires_grad_()
+                    with forward_context():
+                        graph_output = module(graph_input)
+                timer.mark()
+                if i > 0:
+                    torch.autograd.grad(graph_output, graph_input, grad, retain_graph=True)
+                timer.mark()
+                torch.autograd.backward(out, grad, inputs=module.trainable_parameters)
+                timer.mark()
+                if optimizers[i] is not None:
+                    optimizers[i].step()
+                timer.mark()
+                for p in groups[i]:
+                    p.grad = None
+                if rep:
+                    intervals = timer.intervals()
+                    for k, seconds in enumerate(intervals[:2] + intervals[3:]):  # [2] is the untimed forward
+                        samples[i][k].append(seconds)
+                out_bytes[i] = out.numel() * out.element_size()
+                a = out
     costs = []
     for i in range(num):
         forward, loss, input_vjp, weight_vjp, step = (statistics.median(times) for times in samples[i])
@@ -1032,37 +1036,20 @@ def measure_single_device_step(
     at 0) on random images, the median of `repeats` after one warm-up; the model is left as it was."""
     from fastlocal.schedule import local_train_step
 
-    backbone = method.backbone
-    saved = (
-        {k: v.clone() for k, v in backbone.state_dict().items()},
-        {k: v.clone() for k, v in method.state_dict().items()},
-    )
-    params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params,
-        lr=0.0,
-        momentum=cfg.optim.momentum,
-        nesterov=cfg.optim.nesterov,
-        weight_decay=cfg.optim.weight_decay,
-        foreach=True,
-    )
-    g = torch.Generator().manual_seed(0)
-    dtype = next(backbone.parameters()).dtype
-    x = torch.randn(cfg.train.batch_size, 3, info.image_size, info.image_size, generator=g).to(device, dtype)
-    y = torch.randint(0, info.num_classes, (cfg.train.batch_size,), generator=g).to(device)
+    params = [p for p in (*method.backbone.parameters(), *method.parameters()) if p.requires_grad]
+    optimizer = _timing_optimizer(params, cfg, device)
     times = []
-    for rep in range(repeats + 1):
-        timer = _Timer(device)
-        timer.mark()
+    with _timing_run(method, cfg, info, device) as batch:
+        for rep in range(repeats + 1):
+            timer = _Timer(device)
+            timer.mark()
+            optimizer.zero_grad(set_to_none=True)
+            local_train_step(list(modules), method, batch, forward_context)
+            optimizer.step()
+            timer.mark()
+            if rep:
+                times.append(timer.intervals()[0])
         optimizer.zero_grad(set_to_none=True)
-        local_train_step(list(modules), method, Batch(x, y, info.mean, info.std), forward_context)
-        optimizer.step()
-        timer.mark()
-        if rep:
-            times.append(timer.intervals()[0])
-    optimizer.zero_grad(set_to_none=True)
-    backbone.load_state_dict(saved[0])
-    method.load_state_dict(saved[1])
     return statistics.median(times)
 
 

@@ -616,3 +616,20 @@ def test_torchrun_cli_trains_hybrid_and_resumes_as_a_pipeline(tmp_path):
     resume.append("--system.parallel=modules")
     summary = run_cli(resume, out)[1]
     assert summary["epochs"] == 2 and summary["parallel"] == "modules"
+
+
+def test_profiling_leaves_the_model_as_it_was():
+    """The profile's timings (fastlocal.plan --profile, the measured partition) run real steps on the run's own
+    model; its weights, EMA copies, batch-norm statistics and gradients must be as before afterwards."""
+    from contextlib import nullcontext
+
+    from fastlocal.pipeline import measure_module_costs, measure_single_device_step
+
+    cfg, backbone, modules, method = build("mlaan", "resnet20", 4, [*COMMON, "mlaan.window=2"], input_size=SIZE)
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (backbone, method)]
+    measure_module_costs(modules, method, cfg, tiny_data().info, torch.device("cpu"), repeats=1)
+    measure_single_device_step(modules, method, cfg, tiny_data().info, torch.device("cpu"), nullcontext, repeats=1)
+    for saved, module in zip(before, (backbone, method)):
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, saved[key]), key
+    assert all(p.grad is None for p in (*backbone.parameters(), *method.parameters()))
