@@ -155,55 +155,35 @@ def write_image_tar(path: Path, corrupt_one=False, layout=("train", "test")):
                     tar.addfile(info, io.BytesIO(data))
 
 
+def archive_run(archive, tmp_path) -> list:
+    """The CLI arguments of a run reading the image-folder archive `archive` (run and cache under tmp_path)."""
+    return [
+        "--data.source=imagefolder",
+        f"--data.root={archive}",
+        "--out",
+        tmp_path / "r",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+    ]
+
+
 def test_truncated_archive(capsys, tmp_path):
     archive = tmp_path / "data.tar.gz"
     write_image_tar(archive)
     raw = archive.read_bytes()
     archive.write_bytes(raw[: len(raw) // 2])
-    expect_user_error(
-        [
-            "--data.source=imagefolder",
-            f"--data.root={archive}",
-            "--out",
-            tmp_path / "r",
-            f"--data.cache_dir={tmp_path / 'cache'}",
-        ],
-        capsys,
-        "data.tar.gz",
-    )
+    expect_user_error(archive_run(archive, tmp_path), capsys, "data.tar.gz")
 
 
 def test_unreadable_image(capsys, tmp_path):
     archive = tmp_path / "data.tar.gz"
     write_image_tar(archive, corrupt_one=True)
-    expect_user_error(
-        [
-            "--data.source=imagefolder",
-            f"--data.root={archive}",
-            "--out",
-            tmp_path / "r",
-            f"--data.cache_dir={tmp_path / 'cache'}",
-        ],
-        capsys,
-        "1.png",
-        "data.on_bad_image=skip",
-    )
+    expect_user_error(archive_run(archive, tmp_path), capsys, "1.png", "data.on_bad_image=skip")
 
 
 def test_wrong_folder_layout(capsys, tmp_path):
     archive = tmp_path / "data.tar.gz"
     write_image_tar(archive, layout=("training",))
-    expect_user_error(
-        [
-            "--data.source=imagefolder",
-            f"--data.root={archive}",
-            "--out",
-            tmp_path / "r",
-            f"--data.cache_dir={tmp_path / 'cache'}",
-        ],
-        capsys,
-        "train",
-    )
+    expect_user_error(archive_run(archive, tmp_path), capsys, "train")
 
 
 def test_non_finite_loss_stops_within_the_check_interval_and_keeps_the_last_good_checkpoint(
