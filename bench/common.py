@@ -46,12 +46,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fastlocal.bench.report import ratio
+from fastlocal.bench.report import METHOD_ORDER, ratio
 from fastlocal.config import CIFAR_ARCHS, build_config
-from fastlocal.engine import build_optimizer
-from fastlocal.measure import SavedTensorAccountant, cuda_peak, parameter_storages, reset_peak
+from fastlocal.measure import SavedTensorAccountant, cuda_peak, device_name, parameter_storages, reset_peak
 from fastlocal.methods import METHODS, Batch, build_method
 from fastlocal.models import build_backbone
+from fastlocal.optim import build_optimizer
 from fastlocal.schedule import forward_context_for, local_train_step
 from fastlocal.split import split_backbone
 
@@ -172,7 +172,7 @@ def bench_device(mode: str) -> torch.device:
 # Cases
 # ------------------------------------------------------------------------------------------------
 
-METHOD_LABELS = ("bp", "bp-checkpoint", "bp-bf16", "dgl", "infopro", "mlaan", "dgl+mlaan")
+METHOD_LABELS = METHOD_ORDER  # the report orders its tables by them
 
 # (paper arch, [(label, K), ...]): the paper's K ("K=16" of ResNet-32 is DGL/InfoPro K=16 with the stem
 # separate and MLAAN K=15; "K=55" of ResNet-110 is K=54; ImageNet ResNet-34 "K=17" is K=16:
@@ -568,24 +568,6 @@ def _package_version(name: str) -> str | None:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    threads = torch.get_num_threads()
-    return f"{cpu_name()}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def environment(device: torch.device, mode: str | None = None) -> dict:

@@ -5,8 +5,8 @@
 Runs `torchrun --nproc_per_node=S -m fastlocal.train` twice with the same data, model, seed, batch size, K and
 stage partition (any `--section.key=value` after the options goes to both runs):
 
-- `dgl`:          method.name=dgl, system.parallel=modules (fastlocal.pipeline: no stage waits for a later one);
-- `pipelined_bp`: method.name=bp, system.parallel=modules (fastlocal.pipelined_bp: Schedule1F1B over
+- `dgl`: method.name=dgl, system.parallel=modules (fastlocal.parallel.pipeline: no stage waits for later ones);
+- `pipelined_bp`: method.name=bp, system.parallel=modules (fastlocal.parallel.pipelined_bp: Schedule1F1B over
                   pipeline.micro_batches micro-batches, the stages cut at the same local-module boundaries).
 
 and prints, from each run's summary.json, the measured training images per second (all epochs, evaluation

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from common import bench_device, bench_mode, build, case_info, check_budget, sizes, step_cases
 
-from fastlocal import distributed
+from fastlocal.parallel import data as data_parallel
+from fastlocal.parallel import group as parallel_group
 from fastlocal.schedule import local_train_step
 
 MODE = bench_mode()
@@ -47,8 +48,8 @@ def process_group():
     """torchrun's process group, or one of a single process."""
     global DEVICE
     created = not dist.is_initialized()
-    if created and distributed.launched_by_torchrun():
-        _, DEVICE = distributed.init_data_parallel(DEVICE)
+    if created and parallel_group.launched_by_torchrun():
+        _, DEVICE = parallel_group.init_data_parallel(DEVICE)
     elif created:
         store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
         dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
@@ -61,7 +62,7 @@ def process_group():
 def test_data_parallel_step(benchmark, case, process_group):
     check_budget()
     built = build(case, DEVICE)
-    averager = distributed.GradientAverager(built.modules, built.method, built.backbone)
+    averager = data_parallel.GradientAverager(built.modules, built.method, built.backbone)
     last = len(built.modules) - 1
     cuda = DEVICE.type == "cuda"
     exposed_ms: list[float] = []

@@ -36,10 +36,10 @@ from common import (
 
 from fastlocal.bench.report import ratio
 from fastlocal.config import build_config
-from fastlocal.engine import build_optimizer
 from fastlocal.graphs import GraphedStep
 from fastlocal.methods import METHODS, Batch
 from fastlocal.models.cifar_resnet import use_fused_batch_norm
+from fastlocal.optim import build_optimizer
 from fastlocal.schedule import forward_context_for, local_train_step
 
 # docs/method.md#the-authors-code-measured: the authors' code on one H100, fp32/TF32, batch 1024 (ms per step).

@@ -393,7 +393,7 @@ def analyze(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastlocal.train import resolve_device
+    from fastlocal.build import resolve_device
 
     argv = sys.argv[1:] if argv is None else argv
     try:

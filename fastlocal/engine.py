@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import pickle
 import re
@@ -21,11 +20,13 @@ from pathlib import Path
 
 import torch
 
-from fastlocal import distributed
 from fastlocal.config import Config, UserError, cuda_option_on, to_dict, to_toml
 from fastlocal.graphs import GraphedStep
-from fastlocal.measure import SavedTensorAccountant, cuda_peak, parameter_storages, reset_peak
+from fastlocal.measure import SavedTensorAccountant, cuda_peak, device_name, parameter_storages, reset_peak
 from fastlocal.methods import Batch, LocalMethod
+from fastlocal.optim import build_optimizer, learning_rate, set_learning_rate
+from fastlocal.parallel.data import GradientAverager, average_buffers
+from fastlocal.parallel.group import DataParallel, barrier, min_across_ranks, silent_log, sum_across_ranks
 from fastlocal.schedule import forward_context_for, local_train_step
 from fastlocal.split import LocalModule
 
@@ -49,53 +50,6 @@ class RunInterrupted(Exception):
         self.signum = signum
 
 
-def build_optimizer(
-    params: list[torch.nn.Parameter], cfg: Config, device: torch.device | None = None, lr_on_device: bool = False
-) -> torch.optim.SGD:
-    """SGD with Nesterov momentum and weight decay on all parameters. One fused kernel for the whole
-    update on CUDA, the multi-tensor (foreach) path elsewhere; `lr_on_device` keeps the LR in a device
-    tensor (a CUDA graph reads it; `set_learning_rate` fills it)."""
-    fused = device is not None and device.type == "cuda"
-    lr = torch.tensor(cfg.optim.lr, device=device) if lr_on_device else cfg.optim.lr
-    return torch.optim.SGD(
-        params,
-        lr=lr,
-        momentum=cfg.optim.momentum,
-        nesterov=cfg.optim.nesterov,
-        weight_decay=cfg.optim.weight_decay,
-        fused=fused or None,
-        foreach=None if fused else True,
-    )
-
-
-def learning_rate(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
-    """The LR for a step. `ref`: the reference's CIFAR per-epoch rule (docs/method.md#recipes, e = epoch + 1);
-    `cosine_epoch`: the ImageNet reference's per-epoch cosine (epoch from 0);
-    `cosine`: per-iteration linear warmup then cosine decay to 0."""
-    lr0, epochs = cfg.optim.lr, cfg.train.epochs
-    if cfg.optim.schedule == "cosine_epoch":
-        return 0.5 * lr0 * (1 + math.cos(math.pi * epoch / epochs))
-    if cfg.optim.schedule == "ref":
-        e = epoch + 1
-        cosine = 0.5 * lr0 * (1 + math.cos(math.pi * e / epochs))
-        return cosine * (e - 1) / 10 + 0.01 * (11 - e) / 10 if e <= 10 else cosine
-    step = epoch * steps_per_epoch + step_in_epoch
-    total = epochs * steps_per_epoch
-    warmup = min(round(cfg.optim.warmup_epochs * steps_per_epoch), total - 1)
-    if step < warmup:
-        return lr0 * (step + 1) / warmup
-    return 0.5 * lr0 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the LR of every group: in place when it is a device tensor (a captured graph reads it)."""
-    for group in optimizer.param_groups:
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
-
-
 @torch.no_grad()
 def evaluate(backbone: torch.nn.Module, loader, channels_last: bool = False) -> float:
     """Top-1 accuracy (%) of the backbone's final head on `loader` (data parallel: on every rank's shard,
@@ -109,7 +63,7 @@ def evaluate(backbone: torch.nn.Module, loader, channels_last: bool = False) -> 
         correct += (backbone(x).argmax(1) == y).sum()
     backbone.train(was_training)
     counts = torch.stack([correct, torch.tensor(loader.num_images, device=correct.device)])
-    correct, total = distributed.sum_across_ranks(counts)
+    correct, total = sum_across_ranks(counts)
     return 100.0 * correct.item() / total.item()
 
 
@@ -199,14 +153,14 @@ class Trainer:
         data,
         device: torch.device,
         out_dir: Path,
-        parallel: distributed.DataParallel | None = None,
+        parallel: DataParallel | None = None,
     ):
         self.cfg, self.backbone, self.modules, self.method = cfg, backbone, modules, method
         self.data, self.device, self.out_dir = data, device, Path(out_dir)
         self.params = [p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad]
-        # Data parallel (fastlocal.distributed): gradients averaged per module; rank 0 alone writes and logs.
+        # Data parallel (fastlocal.parallel.data): gradients averaged per module; rank 0 alone writes and logs.
         self.parallel = parallel
-        self.grad_averager = distributed.GradientAverager(modules, method, backbone) if parallel is not None else None
+        self.grad_averager = GradientAverager(modules, method, backbone) if parallel is not None else None
         self.is_main = parallel is None or parallel.is_main
         self.world_size = 1 if parallel is None else parallel.world_size
         use_graphs = parallel is None and cuda_option_on(
@@ -271,7 +225,7 @@ class Trainer:
             )
         if self.is_main:  # data parallel: every rank checks (the models are equal, so they agree); rank 0 writes
             save_atomic(ckpt, self.out_dir / CHECKPOINT_NAME)
-        distributed.barrier()
+        barrier()
 
     def diverged(self, what: str, completed_epochs: int) -> NonFiniteLossError:
         last_good = (
@@ -310,7 +264,7 @@ class Trainer:
         cfg, loader = self.cfg, self.data.train
         loader.set_epoch(epoch)
         # Data parallel: shards of equal length give equal steps; otherwise no rank waits for a step another never runs.
-        steps = distributed.min_across_ranks(len(loader), self.device)
+        steps = min_across_ranks(len(loader), self.device)
         self.backbone.train()
         self.method.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -345,9 +299,7 @@ class Trainer:
             every = self.nonfinite_check_steps
             if (every and step % every == 0) or step == steps - 1:
                 # One host sync; data parallel: summed over ranks, so every rank takes the same decision.
-                total, ranks_diverged = distributed.sum_across_ranks(
-                    torch.stack([loss_sum, (diverged_at >= 0).double()])
-                ).tolist()
+                total, ranks_diverged = sum_across_ranks(torch.stack([loss_sum, (diverged_at >= 0).double()])).tolist()
                 if ranks_diverged:
                     first_bad = int(diverged_at.item())
                     where = f"at step {first_bad + 1}/{steps}" if first_bad >= 0 else "on another rank"
@@ -366,7 +318,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         if progress is not None:
             progress.close()
-        train_loss = distributed.sum_across_ranks(loss_sum).item() / max(1, steps) / self.world_size
+        train_loss = sum_across_ranks(loss_sum).item() / max(1, steps) / self.world_size
         images = loader.num_images * self.world_size if not cfg.train.drop_last else steps * cfg.train.batch_size
         return {
             "epoch": epoch + 1,
@@ -403,7 +355,7 @@ class Trainer:
     def _fit(self, log) -> dict:
         cfg = self.cfg
         if not self.is_main:
-            log = distributed.silent_log
+            log = silent_log
         metrics_path = self.out_dir / "metrics.jsonl"
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -417,7 +369,7 @@ class Trainer:
                 raise RunInterrupted(self.stop_signal)
             row = self.train_epoch(epoch)
             if self.grad_averager is not None:  # data parallel, the stated rule: running statistics are the mean
-                distributed.average_buffers(self.backbone, self.method, group=self.grad_averager.group)
+                average_buffers(self.backbone, self.method, group=self.grad_averager.group)
             row["test_acc"] = self.test_accuracy()
             self.state.epoch = epoch + 1
             self.state.history.append(row)
@@ -445,7 +397,7 @@ class Trainer:
         return summary
 
     def test_accuracy(self) -> float:
-        """Top-1 accuracy (%) on the test set (fastlocal.pipeline evaluates through its stages instead)."""
+        """Top-1 accuracy (%) on the test set (fastlocal.parallel.pipeline evaluates through its stages instead)."""
         with self.forward_context():
             return evaluate(self.backbone, self.data.test, self.channels_last)
 
@@ -474,11 +426,3 @@ class Trainer:
             "torch_version": torch.__version__,
             **self.method.extra_state_summary(),  # MLAAN: "leaps": "preset" or "generated"
         }
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

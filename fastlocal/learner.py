@@ -114,7 +114,8 @@ class LocalLearner(nn.Module):
         self.cfg = cfg
         self.backbone = backbone
         # The modules share the backbone's parts: a plain list, so the state_dict holds each tensor once.
-        # bp trains one module end to end; its K > 1 only cuts pipelined backprop's stages (fastlocal.pipelined_bp).
+        # bp trains one module end to end; its K > 1 only cuts pipelined backprop's stages
+        # (fastlocal.parallel.pipelined_bp).
         num_modules = 1 if cfg.method.name == "bp" else resolve_num_modules(cfg.method)
         self.local_modules = split_backbone(
             backbone, num_modules, cfg.method.stem_separate, cfg.method.split, cfg.model.arch

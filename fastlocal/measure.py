@@ -126,3 +126,26 @@ def step_saved_bytes(learner, x: torch.Tensor, y: torch.Tensor) -> int:
     with SavedTensorAccountant(ignore=parameter_storages(learner)) as acct:
         learner.step(x, y)
     return acct.peak_bytes
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo), or what the platform module knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """What a reader needs to know which machine a number came from: the GPU's name, or the CPU's and the
+    number of threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    threads = torch.get_num_threads()
+    return f"{cpu_name()}, {threads} thread{'s' if threads > 1 else ''}"

@@ -200,7 +200,7 @@ def local_train_step(
     Modules and losses must not write their inputs in place (none do): with a side stream such a write
     would race with the loss still reading a_i.
 
-    `after_flush(j)` (data parallel, `fastlocal.distributed.GradientAverager`) is called right after module j
+    `after_flush(j)` (data parallel, `fastlocal.parallel.data.GradientAverager`) is called right after module j
     received its last cotangent and its weight VJP ran, on the main stream; module K-1 is flushed last."""
     fork = _fork_for(side_stream, batch)
     num_modules, window = len(modules), method.window

@@ -10,12 +10,9 @@ import os
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
 
 from fastlocal.config import Config, UserError, build_config, parse_overrides, resume_config, to_toml
 
@@ -56,155 +53,24 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, parse_overrides(rest)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("system.device = cuda, but no CUDA device is available; use system.device=auto or cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_kernels(name: str, device: torch.device) -> str:
-    from fastlocal.kernels import resolve_backend
-
-    try:
-        return resolve_backend(name, device)
-    except ValueError as err:
-        raise UserError(f"system.kernels = {name}: {err}") from None
-
-
 def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -> dict:
-    """Build everything from `cfg`, continue from `checkpoint` if given (see `fastlocal.engine.read_checkpoint`),
-    train, and write `out_dir`. Returns the summary."""
-    from fastlocal import distributed
-    from fastlocal.data import build_data
-    from fastlocal.engine import Trainer
-    from fastlocal.models.cifar_resnet import use_fused_batch_norm
-    from fastlocal.plan import build_model, describe_leaps
-    from fastlocal.split import describe_split
+    """Build the run (fastlocal.build.build_run), continue from `checkpoint` if given (see
+    `fastlocal.engine.read_checkpoint`), train, and write `out_dir`. Returns the summary."""
+    from fastlocal.build import build_run
 
-    device = resolve_device(cfg.system.device)
-    # Data parallel under torchrun (fastlocal.distributed): one process per device, train.batch_size is global.
-    parallel, mesh, rank, world_size, batch_size = None, None, 0, 1, cfg.train.batch_size
-    mode = distributed.resolve_parallel(cfg.system.parallel)
-    if mode in ("modules", "hybrid"):  # pipeline (fastlocal.pipeline): every stage reads the data, stage 0 uses it
-        from fastlocal.pipeline import check_pipeline, hybrid_mesh, hybrid_replicas
-
-        check_pipeline(cfg)
-        if mode == "hybrid":  # D = W/S replicas of the pipeline, each on its shard of every global batch
-            replicas = hybrid_replicas(int(os.environ["WORLD_SIZE"]), cfg.system.pipeline_stages)
-            batch_size = distributed.per_rank_batch(cfg.train.batch_size, replicas)
-        parallel, device = distributed.init_data_parallel(device)
-        if mode == "hybrid":
-            mesh = hybrid_mesh(cfg.system.pipeline_stages, device)
-            rank, world_size = mesh.replica, mesh.num_replicas
-        if not parallel.is_main:
-            log = distributed.silent_log
-    elif mode == "data":
-        batch_size = distributed.per_rank_batch(cfg.train.batch_size, int(os.environ["WORLD_SIZE"]))
-        distributed.check_options(cfg, device)
-        parallel, device = distributed.init_data_parallel(device)
-        rank, world_size = parallel.rank, parallel.world_size
-        if not parallel.is_main:
-            log = distributed.silent_log
-    elif cfg.system.sync_batch_norm:
-        warnings.warn(
-            "system.sync_batch_norm = true applies to data-parallel runs only; this run has one process", stacklevel=2
-        )
-    if cfg.system.num_threads:
-        torch.set_num_threads(cfg.system.num_threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    torch.manual_seed(cfg.system.seed)
-    data = build_data(
-        cfg.data,
-        batch_size=batch_size,
-        eval_batch_size=cfg.train.eval_batch_size,
-        device=device,
-        seed=cfg.system.seed,
-        drop_last=cfg.train.drop_last,
-        progress=cfg.log.progress and (parallel is None or parallel.is_main),
-        rank=rank,
-        world_size=world_size,
-    )
-    learner = build_model(cfg, data.info.num_classes, data.info.image_size, data.info.mean, data.info.std)
-    backbone, modules, method = learner.backbone, learner.local_modules, learner.method
-    method.kernels = resolve_kernels(cfg.system.kernels, device)
-    if cfg.system.fused_batch_norm == "true":
-        enable_on_blocks(
-            "system.fused_batch_norm",
-            use_fused_batch_norm,
-            backbone,
-            method,
-            method.kernels,
-            cfg.model.arch,
-            "the blocks run PyTorch's batch norm",
-        )
-    elif (
-        cfg.system.fused_batch_norm == "auto"
-        and device.type == "cuda"
-        and method.kernels == "triton"
-        and not (parallel is not None and cfg.system.sync_batch_norm)
-    ):
-        use_fused_batch_norm([backbone, method], "triton")  # nothing happens for backbones without CIFAR blocks
-    memory_format = torch.channels_last if cfg.system.channels_last else torch.preserve_format
-    backbone.to(device, memory_format=memory_format)
-    method.to(device, memory_format=memory_format)
-    if parallel is not None:
-        if cfg.system.sync_batch_norm:
-            distributed.use_sync_batch_norm(backbone, method)
-        distributed.broadcast_from_rank0(backbone, method)
-    if mode == "modules" and cfg.method.name == "bp":
-        from fastlocal.pipelined_bp import PipelinedBackpropTrainer
-
-        trainer = PipelinedBackpropTrainer(cfg, backbone, method, data, device, out_dir, parallel, log=log)
-    elif mode in ("modules", "hybrid"):
-        from fastlocal.pipeline import PipelineTrainer
-
-        trainer = PipelineTrainer(cfg, backbone, modules, method, data, device, out_dir, parallel, log=log, mesh=mesh)
-    else:
-        trainer = Trainer(cfg, backbone, modules, method, data, device, out_dir, parallel)
+    built = build_run(cfg, out_dir, log)
+    trainer, log = built.trainer, built.log
     if checkpoint is not None:
         trainer.restore(checkpoint)
         log(f"resuming {out_dir} after epoch {trainer.state.epoch}")
-    log(
-        f"{cfg.method.name} {cfg.model.arch} K={len(trainer.modules)} on {data.info.name} "
-        f"({data.train.num_images} train / {data.test.num_images} test images) on {device}"
-        + (f", rank 0 of {world_size} (data parallel; the image counts are per rank)" if mode == "data" else "")
-        + (f", {parallel.world_size} pipeline stages" if mode == "modules" else "")
-        + (
-            f", {world_size} data replicas x {cfg.system.pipeline_stages} pipeline stages (the image counts are "
-            "per replica)"
-            if mode == "hybrid"
-            else ""
-        )
-    )
-    log(f"modules: {describe_split(backbone, [m.part_ids for m in trainer.modules])}")
-    if getattr(method, "leaps_source", None):
-        log(describe_leaps(cfg, method.leaps_source))
+    for line in built.description:
+        log(line)
     summary = trainer.fit(log=log)
     log(
         f"final test accuracy {summary['final_test_acc']:.2f}% (best epoch, chosen on test: "
         f"{summary['best_test_acc']:.2f}%) in {summary['train_seconds']:.1f}s; run directory {out_dir}"
     )
     return summary
-
-
-def enable_on_blocks(option: str, use, backbone, method, backend: str, arch: str, otherwise: str) -> None:
-    """`option`=true, a Triton path of the CIFAR ResNet blocks (`use` sets it on them): set it, or say why
-    it cannot be."""
-    if backend != "triton":
-        warnings.warn(
-            f"{option}=true needs the Triton kernels (a CUDA device, or TRITON_INTERPRET=1 for the CPU "
-            f"interpreter), but system.kernels resolved to {backend!r}: {otherwise}",
-            stacklevel=2,
-        )
-    if use([backbone, method], backend) == 0:
-        warnings.warn(
-            f"{option}=true: model.arch={arch!r} has no CIFAR ResNet blocks; it applies to the CIFAR "
-            "ResNets only, so nothing changes",
-            stacklevel=2,
-        )
 
 
 @contextmanager
@@ -301,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         # contract), and schedulers read any non-zero code as 'not finished'.
         return 130
     finally:
-        from fastlocal.distributed import close
+        from fastlocal.parallel.group import close
 
         close()  # data parallel: leave the process group (after an error too; torchrun ends the other ranks)
     return 0

@@ -22,11 +22,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from fastlocal.config import build_config
-from fastlocal.engine import build_optimizer
 from fastlocal.graphs import GraphedStep
 from fastlocal.methods import METHODS, Batch, build_method
 from fastlocal.models import build_backbone
 from fastlocal.models.cifar_resnet import use_fused_batch_norm
+from fastlocal.optim import build_optimizer
 from fastlocal.schedule import forward_context_for, local_train_step
 from fastlocal.split import split_backbone
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from fastlocal import distributed
 from fastlocal.config import build_config
 from fastlocal.methods import METHODS, build_method
 from fastlocal.models import build_backbone
+from fastlocal.parallel import group as process_group
 from fastlocal.split import split_backbone
 
 # The CLI arguments of a run that trains in seconds on the bundled subset (the CLI tests' base).
@@ -70,11 +70,11 @@ def _rank(rank: int, world: int, port: int, out: str, job, timeout_s: float, dev
         OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
-    distributed.init_data_parallel(torch.device(device_type), timeout=timedelta(seconds=timeout_s))
+    process_group.init_data_parallel(torch.device(device_type), timeout=timedelta(seconds=timeout_s))
     try:
         job(rank, world, Path(out))
     finally:
-        distributed.close()
+        process_group.close()
 
 
 def launch(
@@ -131,8 +131,8 @@ class LossScaler:
 def short_mlaan_run(device, overrides=(), prepare=None, steps: int = 3):
     """Losses of `steps` SGD steps of MLAAN resnet20 K=3 (16x16 random batches of 6, fixed seeds) on
     `device`, and the method; `prepare(backbone, method)` runs after the move to the device."""
-    from fastlocal.engine import build_optimizer
     from fastlocal.methods import Batch
+    from fastlocal.optim import build_optimizer
     from fastlocal.schedule import local_train_step
 
     cfg, backbone, modules, method = build("mlaan", "resnet20", 3, overrides, dtype=torch.float32, input_size=16)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from fastlocal.build import data_shape, plan
 from fastlocal.config import build_config
 from fastlocal.methods import METHODS
-from fastlocal.plan import data_shape, plan
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
 

@@ -12,11 +12,13 @@ import pytest
 import torch
 from builders import build, launch, run_cli, torchrun_tiny_run
 
-from fastlocal import distributed
 from fastlocal.config import ConfigError, build_config
 from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
-from fastlocal.engine import CHECKPOINT_NAME, Trainer, build_optimizer, evaluate
+from fastlocal.engine import CHECKPOINT_NAME, Trainer, evaluate
 from fastlocal.methods import METHODS, Batch
+from fastlocal.optim import build_optimizer
+from fastlocal.parallel import data as data_parallel
+from fastlocal.parallel import group as process_group
 from fastlocal.schedule import local_train_step
 
 WORLD = 2
@@ -60,8 +62,8 @@ def weights(backbone, method) -> dict[str, torch.Tensor]:
 def _three_data_parallel_steps(rank: int, world: int, out: Path) -> None:
     for name, (method_name, k, overrides) in CASES.items():
         cfg, backbone, modules, method = build(method_name, "resnet20", k, overrides, input_size=SIZE, seed=rank)
-        distributed.broadcast_from_rank0(backbone, method)  # rank 1 was built from another seed
-        averager = distributed.GradientAverager(modules, method, backbone)
+        data_parallel.broadcast_from_rank0(backbone, method)  # rank 1 was built from another seed
+        averager = data_parallel.GradientAverager(modules, method, backbone)
         optimizer = build_optimizer([p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad], cfg)
         for x, y in global_batches():
             optimizer.zero_grad(set_to_none=True)
@@ -136,7 +138,7 @@ def tiny_trainer(rank: int, world: int, out: Path, epochs: int, parallel=None) -
 
 
 def _fit_and_resume(rank: int, world: int, out: Path) -> None:
-    parallel = distributed.DataParallel(rank, WORLD, rank)
+    parallel = process_group.DataParallel(rank, WORLD, rank)
     # Rank 1 is given its own directory: it must not write there.
     whole = tiny_trainer(rank, WORLD, out / ("whole" if rank == 0 else "rank1"), 2, parallel)
     whole.fit(log=lambda *a: None)
@@ -237,9 +239,9 @@ def test_sharded_device_loader_reads_each_training_position_once_per_rank():
 
 
 def test_global_batch_must_split_over_the_ranks():
-    assert distributed.per_rank_batch(128, 4) == 32
+    assert data_parallel.per_rank_batch(128, 4) == 32
     with pytest.raises(ConfigError, match="multiple of 3"):
-        distributed.per_rank_batch(128, 3)
+        data_parallel.per_rank_batch(128, 3)
 
 
 def test_cli_rejects_a_batch_that_does_not_split(monkeypatch, capsys):
@@ -255,22 +257,22 @@ def test_cli_rejects_a_batch_that_does_not_split(monkeypatch, capsys):
 
 
 def test_parallel_option(monkeypatch):
-    for name in distributed.TORCHRUN_VARIABLES:
+    for name in process_group.TORCHRUN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    assert distributed.resolve_parallel("auto") == "none"
+    assert process_group.resolve_parallel("auto") == "none"
     with pytest.raises(ConfigError, match="set system.pipeline_stages"):
         build_config(None, ["system.parallel=hybrid"], METHODS)
     with pytest.raises(Exception, match="torchrun"):
-        distributed.resolve_parallel("hybrid")
+        process_group.resolve_parallel("hybrid")
     with pytest.raises(Exception, match="torchrun"):
-        distributed.resolve_parallel("modules")
+        process_group.resolve_parallel("modules")
     with pytest.raises(Exception, match="torchrun"):
-        distributed.resolve_parallel("data")
+        process_group.resolve_parallel("data")
     for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="x", MASTER_PORT="1").items():
         monkeypatch.setenv(name, value)
-    assert distributed.resolve_parallel("auto") == "data"
+    assert process_group.resolve_parallel("auto") == "data"
     with pytest.raises(Exception, match="system.parallel=data"):
-        distributed.resolve_parallel("none")
+        process_group.resolve_parallel("none")
 
 
 def test_sync_batch_norm_wiring_on_cpu():
@@ -278,14 +280,14 @@ def test_sync_batch_norm_wiring_on_cpu():
     batch_norms = [m for m in (*backbone.modules(), *method.modules()) if isinstance(m, torch.nn.BatchNorm2d)]
     params_before = [list(m.trainable_parameters) for m in modules]
     ema_before = method.ema_tensors()
-    assert distributed.use_sync_batch_norm(backbone, method) == len(batch_norms) > 0
+    assert data_parallel.use_sync_batch_norm(backbone, method) == len(batch_norms) > 0
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in (*backbone.modules(), *method.modules()))
     # The module splits' parameters and the EMA lists still name the model's tensors.
     for module, before in zip(modules, params_before):
         assert {id(p) for p in module.parameters()} == {id(p) for p in before}
     assert {id(p) for p in method.parameters()} >= {id(p) for p in ema_before[0]}
     with pytest.raises(ConfigError, match="needs CUDA"):
-        distributed.check_options(cfg, torch.device("cpu"))
+        data_parallel.check_options(cfg, torch.device("cpu"))
 
 
 def test_torchrun_cli_trains_data_parallel_writes_world_size_and_resumes(tmp_path):
@@ -310,11 +312,11 @@ def _sync_batch_norm_step(rank: int, world: int, out: Path) -> None:
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.deterministic = True
     cfg, backbone, modules, method = build("dgl", "resnet20", 3, [], dtype=torch.float32, input_size=16)
-    assert distributed.use_sync_batch_norm(backbone, method) > 0
+    assert data_parallel.use_sync_batch_norm(backbone, method) > 0
     device = torch.device("cuda", rank)
     backbone.to(device)
     method.to(device)
-    averager = distributed.GradientAverager(modules, method, backbone)
+    averager = data_parallel.GradientAverager(modules, method, backbone)
     optimizer = build_optimizer([p for p in (*backbone.parameters(), *method.parameters()) if p.requires_grad], cfg)
     x, y = global_batches(1)[0]
     local_train_step(

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from builders import LossScaler, build
 
 from fastlocal.config import build_config
-from fastlocal.engine import build_optimizer, learning_rate
 from fastlocal.measure import SavedTensorAccountant, parameter_storages
 from fastlocal.methods import METHODS, Batch
+from fastlocal.optim import build_optimizer, learning_rate
 from fastlocal.schedule import local_train_step
 
 CIFAR_MEAN, CIFAR_STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)

@@ -6,10 +6,10 @@ import torch
 from builders import build
 
 from fastlocal.config import ConfigError, build_config
-from fastlocal.engine import build_optimizer
 from fastlocal.graphs import GraphedStep
 from fastlocal.methods import METHODS, Batch, build_method
 from fastlocal.models import build_backbone
+from fastlocal.optim import build_optimizer
 from fastlocal.schedule import LossFork, forward_context_for, local_train_step
 from fastlocal.split import split_backbone
 

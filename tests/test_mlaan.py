@@ -336,7 +336,7 @@ def test_infopro_objective_is_bce_with_logits_of_a_bilinear_decoder_written_here
 
 
 def test_ema_follows_the_pre_step_live_weight_across_an_optimizer_step():
-    from fastlocal.engine import build_optimizer
+    from fastlocal.optim import build_optimizer
 
     cfg, backbone, modules, method = make(k=8)
     perturb(backbone)  # the live blocks move away from the copies taken at build time

@@ -1,4 +1,4 @@
-"""Local modules on different processes (fastlocal.pipeline) on CPU: 2 and 3 gloo ranks spawned from pytest,
+"""Local modules on different processes (fastlocal.parallel.pipeline) on CPU: 2 and 3 gloo ranks spawned from pytest,
 each launch with a hard timeout (a deadlock fails the test instead of hanging it).
 
 The reference is the single-device step (fastlocal.schedule.local_train_step and one SGD step) on the same
@@ -13,11 +13,13 @@ import pytest
 import torch
 from builders import build, launch, run_cli, torchrun_tiny_run
 
-from fastlocal import distributed
 from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
 from fastlocal.engine import Trainer
 from fastlocal.methods import Batch
-from fastlocal.pipeline import PipelineTrainer, StageCotangents, partition, stage_ranges
+from fastlocal.parallel import data as data_parallel
+from fastlocal.parallel import group as process_group
+from fastlocal.parallel.mesh import partition, stage_ranges
+from fastlocal.parallel.pipeline import PipelineTrainer, StageCotangents
 from fastlocal.schedule import local_train_step
 
 SIZE = 8
@@ -85,7 +87,7 @@ def tiny_data(rank: int = 0, world: int = 1) -> DataBundle:
 
 def pipeline_trainer(rank: int, world: int, method: str, k: int, overrides, sizes, out: Path, seed: int = 0):
     cfg, backbone, modules, built = build(method, "resnet20", k, [*overrides, *COMMON], input_size=SIZE, seed=seed)
-    parallel = distributed.DataParallel(rank, world, rank)
+    parallel = process_group.DataParallel(rank, world, rank)
     return PipelineTrainer(
         cfg,
         backbone,
@@ -310,7 +312,7 @@ def _replay(rank: int, world: int, out: Path) -> None:
 def test_replayed_cost_profile_runs_at_the_predicted_steady_step(tmp_path):
     """The throughput model against the real engine: DGL K=8 on 4 gloo stages, each module's cost replayed by a
     sleep in its forward; the measured steady step is the model's max_k t_k within 10 %."""
-    from fastlocal.pipeline import measure_module_costs, predict_step
+    from fastlocal.parallel.cost import measure_module_costs, predict_step
 
     # The profile: each module's sleep plus its own compute (a few ms, measured here, on this busy machine).
     cfg, _, modules, method = build("dgl", "resnet20", len(SLEEPS), COMMON, input_size=SIZE)
@@ -472,8 +474,8 @@ def hybrid_trainer(rank: int, world: int, mesh, method: str, k: int, overrides, 
     # Every rank builds from its own seed: the broadcast from rank 0 (as fastlocal.train does) makes them equal.
     overrides = [*overrides, *COMMON, f"train.epochs={epochs}"]
     cfg, backbone, modules, built = build(method, "resnet20", k, overrides, input_size=SIZE, seed=rank)
-    distributed.broadcast_from_rank0(backbone, built)
-    parallel = distributed.DataParallel(rank, world, rank)
+    data_parallel.broadcast_from_rank0(backbone, built)
+    parallel = process_group.DataParallel(rank, world, rank)
     data = tiny_data(mesh.replica, REPLICAS)
     return PipelineTrainer(
         cfg, backbone, modules, built, data, torch.device("cpu"), out, parallel, sizes, lambda *a: None, mesh
@@ -481,7 +483,7 @@ def hybrid_trainer(rank: int, world: int, mesh, method: str, k: int, overrides, 
 
 
 def _hybrid_steps(rank: int, world: int, out: Path) -> None:
-    from fastlocal.pipeline import hybrid_mesh
+    from fastlocal.parallel.mesh import hybrid_mesh
 
     mesh = hybrid_mesh(2, torch.device("cpu"))
     assert (mesh.replica, mesh.pipe_ranks) == (rank // 2, (rank // 2 * 2, rank // 2 * 2 + 1))
@@ -494,7 +496,7 @@ def _hybrid_steps(rank: int, world: int, out: Path) -> None:
             else:
                 trainer.eager_step(None, None)
         trainer.drain()
-        distributed.average_buffers(trainer.backbone, trainer.method, group=mesh.data_group)  # as fit() does
+        data_parallel.average_buffers(trainer.backbone, trainer.method, group=mesh.data_group)  # as fit() does
         torch.save(trainer.owned_state(), out / f"{name}-rank{rank}.pt")
         ckpt = trainer.checkpoint()
         if rank == 0:
@@ -575,7 +577,7 @@ def test_hybrid_mesh_steps_equal_data_parallel_and_fit_gathers_and_evaluates(tmp
 def test_hybrid_options_fail_with_what_to_set():
     from fastlocal.config import ConfigError, build_config, resume_config, to_dict
     from fastlocal.methods import METHODS
-    from fastlocal.pipeline import hybrid_replicas
+    from fastlocal.parallel.mesh import hybrid_replicas
 
     assert hybrid_replicas(8, 4) == 2
     with pytest.raises(ConfigError, match="must divide the number of processes, 6"):
@@ -623,7 +625,7 @@ def test_profiling_leaves_the_model_as_it_was():
     model; its weights, EMA copies, batch-norm statistics and gradients must be as before afterwards."""
     from contextlib import nullcontext
 
-    from fastlocal.pipeline import measure_module_costs, measure_single_device_step
+    from fastlocal.parallel.cost import measure_module_costs, measure_single_device_step
 
     cfg, backbone, modules, method = build("mlaan", "resnet20", 4, [*COMMON, "mlaan.window=2"], input_size=SIZE)
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (backbone, method)]

@@ -1,4 +1,4 @@
-"""Pipelined backprop (fastlocal.pipelined_bp: `torch.distributed.pipelining`, Schedule1F1B) on gloo CPU ranks
+"""Pipelined backprop (fastlocal.parallel.pipelined_bp: `torch.distributed.pipelining`, Schedule1F1B) on gloo CPU ranks
 spawned from pytest, every launch with a hard timeout.
 
 The reference is written out here from the definition: one device, float64, each batch cut into M equal
@@ -15,12 +15,12 @@ import torch
 from builders import launch, run_cli, torchrun_tiny_run
 from test_pipeline import COMMON, SIZE, STEPS, assert_same_checkpoint, batches, tiny_data
 
-from fastlocal import distributed
+from fastlocal.build import build_learner as build_model
 from fastlocal.config import ConfigError, build_config
 from fastlocal.engine import Trainer
 from fastlocal.methods import METHODS
-from fastlocal.pipelined_bp import PipelinedBackpropTrainer
-from fastlocal.plan import build_model
+from fastlocal.parallel import group as process_group
+from fastlocal.parallel.pipelined_bp import PipelinedBackpropTrainer
 
 MICRO = 4  # batches of 8: micro-batches of 2 images, at least one per stage (1F1B)
 K = 4
@@ -58,7 +58,7 @@ def micro_batched_reference(overrides, out: Path) -> MicroBatchedBackprop:
 
 def pipelined_trainer(rank: int, world: int, overrides, sizes, out: Path) -> PipelinedBackpropTrainer:
     cfg, backbone, _, method = build_bp(overrides)
-    parallel = distributed.DataParallel(rank, world, rank)
+    parallel = process_group.DataParallel(rank, world, rank)
     return PipelinedBackpropTrainer(
         cfg, backbone, method, tiny_data(), torch.device("cpu"), out, parallel, stage_sizes=sizes, log=lambda *a: None
     )
@@ -168,7 +168,7 @@ def test_torchrun_cli_trains_pipelined_backprop_and_resumes_on_one_device(tmp_pa
 def test_the_throughput_model_of_pipelined_backprop():
     """docs/pipeline.md's formula, with costs typed here: w_k = the stage's forward + loss + VJPs + optimizer,
     plus twice its output's sending time but on the last stage; step = (M + S - 1) / M * max_k w_k."""
-    from fastlocal.pipelined_bp import predict_pipelined_bp
+    from fastlocal.parallel.cost import predict_pipelined_bp
 
     names = ("forward", "loss", "input_vjp", "weight_vjp", "optimizer", "output_bytes")
     costs = [

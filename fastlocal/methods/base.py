@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastlocal.config import Config
+from fastlocal.config import Config, ConfigError
 from fastlocal.models import Backbone
 from fastlocal.split import LocalModule
 
@@ -100,5 +100,9 @@ def register_method(name: str) -> Callable[[type[LocalMethod]], type[LocalMethod
 
 
 def build_method(cfg: Config, backbone: Backbone, modules: list[LocalModule]) -> LocalMethod:
-    """The method `cfg` names (validated against METHODS by fastlocal.config.validate), on the split `modules`."""
+    """The method `cfg` names, on the split `modules`."""
+    if cfg.method.name not in METHODS:
+        raise ConfigError(
+            f"method.name = {cfg.method.name!r} is not valid; choose one of: {', '.join(sorted(METHODS))}"
+        )
     return METHODS[cfg.method.name].from_config(cfg, backbone, modules)

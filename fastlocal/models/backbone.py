@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastlocal.config import CIFAR_ARCHS, IMAGENET_ARCHS, ConfigError
+from fastlocal.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -149,23 +149,4 @@ def part_info(name: str, stage: int, index: int, out: torch.Tensor) -> PartInfo:
         f"part {name} returns features of shape (batch, {', '.join(map(str, shape))}); local "
         "learning needs feature maps (batch, C, H, W) or token sequences (batch, N, D) between "
         "the parts"
-    )
-
-
-def build_backbone(arch: str, num_classes: int, input_size: int, zero_init_residual: bool = False) -> Backbone:
-    if arch in CIFAR_ARCHS:
-        from fastlocal.models.cifar_resnet import cifar_resnet
-
-        return cifar_resnet(arch, num_classes, input_size)
-    if arch in IMAGENET_ARCHS:
-        from fastlocal.models.imagenet_resnet import imagenet_resnet
-
-        return imagenet_resnet(arch, num_classes, input_size, zero_init_residual)
-    if ":" in arch:
-        from fastlocal.models.adapters import from_arch
-
-        return from_arch(arch, num_classes, input_size)
-    raise ConfigError(
-        f"model.arch = {arch!r} is not valid; choose one of: {', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}, "
-        "torchvision:<name> or package.module:factory"
     )

@@ -35,146 +35,31 @@ their kind), so the same code works with gloo and NCCL.
 
 `system.parallel = hybrid` runs D data replicas of an S-stage pipeline on a (data, pipe) device mesh
 (:class:`Mesh`): the messages above go between the stages of one replica; each stage's gradients are averaged
-over the D replicas holding that stage (fastlocal.distributed.GradientAverager on the stage's data group), so
+over the D replicas holding that stage (fastlocal.GradientAverager on the stage's data group), so
 the step is data parallelism's with each replica's shard through the pipeline.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastlocal import distributed
 from fastlocal.config import Config, ConfigError, to_dict
-from fastlocal.engine import Trainer, build_optimizer, non_finite_tensors
+from fastlocal.engine import Trainer, non_finite_tensors
 from fastlocal.methods import Batch, LocalMethod
+from fastlocal.optim import build_optimizer
+from fastlocal.parallel.cost import measure_module_costs
+from fastlocal.parallel.data import GradientAverager
+from fastlocal.parallel.group import DataParallel, barrier, sum_across_ranks
+from fastlocal.parallel.mesh import Mesh, Stage, module_of_tensors, partition, pipeline_mesh, stage_ranges
 from fastlocal.schedule import _accumulate
-from fastlocal.split import LocalModule, balanced_groups
+from fastlocal.split import LocalModule
 
 TAG_ACTIVATION, TAG_COTANGENT, TAG_WEIGHTS = 1, 2, 3
-
-
-# -- which stage holds what ---------------------------------------------------------------------------
-def stage_ranges(sizes: Sequence[int]) -> list[range]:
-    """Module indices of each stage from the stages' module counts."""
-    ranges, start = [], 0
-    for size in sizes:
-        ranges.append(range(start, start + size))
-        start += size
-    return ranges
-
-
-def partition(costs: Sequence[float], num_stages: int) -> list[int]:
-    """Module counts of contiguous stages that minimise the largest stage cost."""
-    if num_stages > len(costs):
-        raise ConfigError(
-            f"{num_stages} pipeline stages need at least as many local modules, but "
-            f"method.num_modules = {len(costs)}; raise method.num_modules or start fewer processes"
-        )
-    return [len(group) for group in balanced_groups(list(costs), num_stages)]
-
-
-def module_of_tensors(modules: Sequence[LocalModule], method: nn.Module) -> dict[int, int]:
-    """id(tensor) -> the module whose stage holds it, for every parameter and buffer of the modules and of the
-    method's per-module parts (`nn.ModuleDict` entries keyed by the module index); the rest (the backbone's
-    final head) belongs to the last module."""
-    owner: dict[int, int] = {}
-    last = len(modules) - 1
-    for j, module in enumerate(modules):
-        for tensor in module.state_dict(keep_vars=True).values():
-            owner[id(tensor)] = j
-    for child in method.children():
-        if isinstance(child, nn.ModuleDict):
-            for key, part in child.items():
-                if key.isdigit():
-                    for tensor in part.state_dict(keep_vars=True).values():
-                        owner.setdefault(id(tensor), min(int(key), last))
-    return owner
-
-
-# -- the (data, pipeline) device mesh ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Mesh:
-    """Where this process sits among D data replicas x S pipeline stages: stage k of its replica is global rank
-    `pipe_ranks[k]`. `data_group` holds the D ranks of this process's stage (None: one replica), `pipe_group`
-    its replica's S stages (None: every rank)."""
-
-    replica: int
-    num_replicas: int
-    pipe_ranks: tuple[int, ...]
-    data_group: dist.ProcessGroup | None = None
-    pipe_group: dist.ProcessGroup | None = None
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.pipe_ranks)
-
-
-def pipeline_mesh(world_size: int) -> Mesh:
-    """`system.parallel = modules`: one replica, stage k is rank k."""
-    return Mesh(0, 1, tuple(range(world_size)))
-
-
-def hybrid_replicas(world_size: int, num_stages: int) -> int:
-    """D = W / S data replicas, or a ConfigError naming W and S."""
-    if num_stages < 1 or world_size % num_stages:
-        raise ConfigError(
-            f"system.pipeline_stages = {num_stages} must divide the number of processes, {world_size} (torchrun's "
-            f"--nproc_per_node times its nodes): the mesh is (W / S data replicas) x (S stages); choose S from "
-            f"{[s for s in range(1, world_size + 1) if world_size % s == 0]} or start a multiple of {num_stages} "
-            "processes"
-        )
-    return world_size // num_stages
-
-
-def hybrid_mesh(num_stages: int, device: torch.device) -> Mesh:
-    """`system.parallel = hybrid`: the (data, pipe) mesh over every rank, pipe innermost (rank = replica * S +
-    stage), so the stages of a replica sit on neighbouring ranks (one node, the fast link) and the gradient
-    all-reduces cross replicas. torch.distributed.device_mesh.init_device_mesh builds the groups (gloo and NCCL
-    alike)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    replicas = hybrid_replicas(dist.get_world_size(), num_stages)
-    mesh = init_device_mesh(device.type, (replicas, num_stages), mesh_dim_names=("data", "pipe"))
-    pipe_group = mesh.get_group("pipe")
-    return Mesh(
-        replica=mesh.get_local_rank("data"),
-        num_replicas=replicas,
-        pipe_ranks=tuple(dist.get_process_group_ranks(pipe_group)),
-        data_group=mesh.get_group("data"),
-        pipe_group=pipe_group,
-    )
-
-
-@dataclass(frozen=True)
-class Stage:
-    rank: int
-    """The stage's index in its pipeline (0 first)."""
-    num_stages: int
-    modules: range
-    """The global indices of the local modules this stage holds."""
-    ranks: tuple[int, ...] = ()
-    """The global ranks of the pipeline's stages, first stage first (empty: stage k is rank k)."""
-
-    def peer(self, k: int) -> int:
-        """The global rank of stage k of this pipeline."""
-        return self.ranks[k] if self.ranks else k
-
-    @property
-    def is_first(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.rank == self.num_stages - 1
 
 
 # -- the cotangents of one stage ------------------------------------------------------------------------
@@ -214,6 +99,15 @@ class StageCotangents:
         total = self.sums.pop(j, None)
         if total is not None:
             torch.autograd.backward(output, total, inputs=self.modules[j].trainable_parameters)
+
+
+def check_pipeline(cfg: Config) -> None:
+    """Options the pipeline rules out."""
+    if cfg.system.sync_batch_norm:
+        raise ConfigError(
+            "system.sync_batch_norm = true is for data parallelism; a pipeline stage holds whole "
+            "batches. Set system.sync_batch_norm=false"
+        )
 
 
 # -- the pipeline trainer ----------------------------------------------------------------------------------
@@ -262,7 +156,7 @@ class PipelineTrainer(Trainer):
         data,
         device: torch.device,
         out_dir,
-        parallel: distributed.DataParallel,
+        parallel: DataParallel,
         stage_sizes: Sequence[int] | None = None,
         log=print,
         mesh: Mesh | None = None,
@@ -271,7 +165,7 @@ class PipelineTrainer(Trainer):
         self.nonfinite_check_steps = 0  # a check is a collective, which would drain the pipeline: once an epoch
         self.place_on_stages(parallel, mesh or pipeline_mesh(parallel.world_size), stage_sizes, log, "pipeline")
         if self.mesh.num_replicas > 1:  # hybrid: this stage's gradients, averaged over the replicas holding it
-            self.grad_averager = distributed.GradientAverager(modules, method, backbone, group=self.mesh.data_group)
+            self.grad_averager = GradientAverager(modules, method, backbone, group=self.mesh.data_group)
         # The stale cascade adds to the last modules' gradients after their flush: average them all at the end.
         self._average_after_step = cfg.pipeline.cascade == "stale"
         self.window = method.window
@@ -750,7 +644,7 @@ class PipelineTrainer(Trainer):
     def save_checkpoint(self) -> None:
         own = self.owned_state()
         bad = non_finite_tensors({"backbone": own["backbone"], "method": own["method"]})
-        if distributed.sum_across_ranks(torch.tensor(len(bad), device=self.device)).item():
+        if sum_across_ranks(torch.tensor(len(bad), device=self.device)).item():
             raise self.diverged(
                 f"after epoch {self.state.epoch}, tensors of the model hold inf or nan"
                 + (f" (first on this stage: {bad[0]})" if bad else ""),
@@ -761,7 +655,7 @@ class PipelineTrainer(Trainer):
             from fastlocal.engine import CHECKPOINT_NAME, save_atomic
 
             save_atomic(ckpt, self.out_dir / CHECKPOINT_NAME)
-        distributed.barrier()
+        barrier()
 
     def restore(self, ckpt: dict) -> None:
         """A single-device checkpoint (written by one device or gathered from a pipeline): every stage loads
@@ -830,291 +724,5 @@ def pipeline_evaluate(
             dist.send(y.contiguous(), following, tag=TAG_ACTIVATION)
     backbone.train(was_training)
     total = loader.num_images if stage.is_last else 0
-    correct, total = distributed.sum_across_ranks(torch.stack([correct, torch.tensor(total, device=device)]))
+    correct, total = sum_across_ranks(torch.stack([correct, torch.tensor(total, device=device)]))
     return 100.0 * correct.item() / total.item()
-
-
-# -- per-module cost --------------------------------------------------------------------------------------------
-class _Timer:
-    """Seconds between marks: CUDA events on a GPU (read after one synchronisation), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
-
-    def mark(self) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def intervals(self) -> list[float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
-
-
-@contextmanager
-def _timing_run(method: LocalMethod, cfg: Config, info, device: torch.device) -> Iterator[Batch]:
-    """A batch of train.batch_size random images for timing `method`'s model; its weights and statistics are
-    put back as they were afterwards."""
-    backbone = method.backbone
-    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in (backbone, method)]
-    g = torch.Generator().manual_seed(0)
-    dtype = next(backbone.parameters()).dtype
-    x = torch.randn(cfg.train.batch_size, 3, info.image_size, info.image_size, generator=g).to(device, dtype)
-    y = torch.randint(0, info.num_classes, (cfg.train.batch_size,), generator=g).to(device)
-    try:
-        yield Batch(x, y, info.mean, info.std)
-    finally:
-        backbone.load_state_dict(saved[0])
-        method.load_state_dict(saved[1])
-
-
-def _timing_optimizer(params: list, cfg: Config, device: torch.device) -> torch.optim.SGD:
-    """The run's optimizer (fastlocal.engine.build_optimizer: fused on CUDA) with the LR at 0, so the timed
-    steps leave the weights where they are."""
-    optimizer = build_optimizer(params, cfg, device)
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-    return optimizer
-
-
-def measure_module_costs(
-    modules: Sequence[LocalModule],
-    method: LocalMethod,
-    cfg: Config,
-    info,
-    device: torch.device,
-    forward_context: Callable = None,
-    repeats: int = 5,
-) -> list[dict]:
-    """Each module's cost on `device`, in seconds per step of train.batch_size random images (the median of
-    `repeats` after one warm-up): forward, its loss forward and backward, the input-only VJPs the cascade runs
-    through it, its weight VJP and its optimizer step; `total` sums them, `output_bytes` is the activation a
-    stage boundary after it carries. The model's weights, statistics and gradients are left as they were."""
-    from contextlib import nullcontext
-
-    forward_context = forward_context or nullcontext
-    window, num = method.window, len(modules)
-    groups = distributed.module_parameter_groups(list(modules), method, method.backbone)
-    optimizers = [_timing_optimizer(group, cfg, device) if group else None for group in groups]
-    samples = [[[] for _ in range(5)] for _ in range(num)]  # per module and part, one time per repeat
-    out_bytes = [0] * num
-    with _timing_run(method, cfg, info, device) as batch:
-        for rep in range(repeats + 1):
-            a = batch.x
-            for i, module in enumerate(modules):
-                # As in the schedule: the input needs a gradient only where a cascade passes through the module.
-                inputs = a.detach().requires_grad_(i > 0 and window > 1)
-                timer = _Timer(device)
-                timer.mark()
-                with forward_context():
-                    out = module(inputs)
-                timer.mark()
-                own, cascade = out.detach().requires_grad_(), out.detach().requires_grad_()
-                with forward_context():
-                    loss = method.module_loss(i, own, cascade, batch)
-                if loss is not None:
-                    loss.backward()
-                timer.mark()
-                grad = sum(g for g in (own.grad, cascade.grad) if g is not None) if loss is not None else out * 0
-                graph_input, graph_output = inputs, out
-                if i > 0 and window == 1:  # the input VJP (for pipelined BP's model) on a graph of its own, untimed
-                    graph_input = a.detach().requires_grad_()
-                    with forward_context():
-                        graph_output = module(graph_input)
-                timer.mark()
-                if i > 0:
-                    torch.autograd.grad(graph_output, graph_input, grad, retain_graph=True)
-                timer.mark()
-                torch.autograd.backward(out, grad, inputs=module.trainable_parameters)
-                timer.mark()
-                if optimizers[i] is not None:
-                    optimizers[i].step()
-                timer.mark()
-                for p in groups[i]:
-                    p.grad = None
-                if rep:
-                    intervals = timer.intervals()
-                    for k, seconds in enumerate(intervals[:2] + intervals[3:]):  # [2] is the untimed forward
-                        samples[i][k].append(seconds)
-                out_bytes[i] = out.numel() * out.element_size()
-                a = out
-    costs = []
-    for i in range(num):
-        forward, loss, input_vjp, weight_vjp, step = (statistics.median(times) for times in samples[i])
-        # The cascade runs an input-only VJP through module i for each loss i+1..i+W-1 that exists.
-        carries = sum(1 for j in range(i + 1, min(num, i + window)))
-        costs.append(
-            {
-                "forward": forward,
-                "loss": loss,
-                "input_vjp": input_vjp,
-                "weight_vjp": weight_vjp,
-                "optimizer": step,
-                "carries": carries,
-                "total": forward + loss + weight_vjp + step + carries * input_vjp,
-                "output_bytes": out_bytes[i],
-            }
-        )
-    return costs
-
-
-def check_pipeline(cfg: Config) -> None:
-    """Options the pipeline rules out."""
-    if cfg.system.sync_batch_norm:
-        raise ConfigError(
-            "system.sync_batch_norm = true is for data parallelism; a pipeline stage holds whole "
-            "batches. Set system.sync_batch_norm=false"
-        )
-
-
-# -- the throughput model --------------------------------------------------------------------------------------
-def predict_step(
-    costs: Sequence[dict],
-    sizes: Sequence[int],
-    window: int = 1,
-    cascade: str = "exact",
-    link_bytes_per_second: float = 0.0,
-) -> dict:
-    """The steady step time of a local-learning pipeline with stages of `sizes` modules (docs/pipeline.md).
-
-    Stage k costs t_k (the sum of its modules' `total`) and its output takes c_k to send (0 with no link
-    figure: the link is not modelled). Without a cascade crossing a boundary (window 1, or DGL) nothing waits
-    for a later stage: step = max_k max(t_k, c_k). MLAAN `exact`: stage k waits, after its own work up to its
-    last loss, for the cotangent of stage k+1, which needs c_k, then stage k+1's forwards, losses and cascade
-    VJPs of its first W-1 modules, then the cotangent's way back; its last module's loss overlaps that wait.
-    MLAAN `stale`: no wait, but stage k recomputes the forward, weight VJP and carried input VJPs of its last
-    W-1 modules on the kept input."""
-    ranges = stage_ranges(sizes)
-    last_stage = len(ranges) - 1
-
-    def send(k: int, copies: int = 1) -> float:
-        if k == last_stage or not link_bytes_per_second:
-            return 0.0
-        return copies * costs[ranges[k].stop - 1]["output_bytes"] / link_bytes_per_second
-
-    stage_costs, steps = [], []
-    for k, r in enumerate(ranges):
-        t = sum(costs[i]["total"] for i in r)
-        extra = 0.0
-        if window > 1 and k < last_stage:
-            tail = list(r)[-(window - 1) :]
-            if cascade == "exact":
-                head = list(ranges[k + 1])[: window - 1]
-                round_trip = (
-                    send(k)
-                    + send(k, window - 1)
-                    + sum(
-                        costs[i]["forward"] + costs[i]["loss"] + costs[i]["carries"] * costs[i]["input_vjp"]
-                        for i in head
-                    )
-                )
-                extra = max(0.0, round_trip - costs[r.stop - 1]["loss"])
-            else:
-                extra = sum(costs[i]["forward"] + costs[i]["weight_vjp"] + costs[i]["input_vjp"] for i in tail)
-        stage_costs.append(t)
-        steps.append(max(t + extra, send(k)))
-    single = sum(c["total"] for c in costs)
-    step = max(steps)
-    return {
-        "stage_seconds": stage_costs,
-        "step_seconds": step,
-        "single_device_seconds": single,
-        "speedup": single / step,
-    }
-
-
-def measure_single_device_step(
-    modules, method, cfg: Config, info, device: torch.device, forward_context, repeats: int = 5
-) -> float:
-    """Seconds of one real single-device step (fastlocal.schedule.local_train_step and an SGD step with the LR
-    at 0) on random images, the median of `repeats` after one warm-up; the model is left as it was."""
-    from fastlocal.schedule import local_train_step
-
-    params = [p for p in (*method.backbone.parameters(), *method.parameters()) if p.requires_grad]
-    optimizer = _timing_optimizer(params, cfg, device)
-    times = []
-    with _timing_run(method, cfg, info, device) as batch:
-        for rep in range(repeats + 1):
-            timer = _Timer(device)
-            timer.mark()
-            optimizer.zero_grad(set_to_none=True)
-            local_train_step(list(modules), method, batch, forward_context)
-            optimizer.step()
-            timer.mark()
-            if rep:
-                times.append(timer.intervals()[0])
-        optimizer.zero_grad(set_to_none=True)
-    return statistics.median(times)
-
-
-def profile(
-    cfg: Config, num_classes: int, image_size: int, num_stages: int, link_gbps: float = 0.0, micro_batches: int = 4
-) -> dict:
-    """`python -m fastlocal.plan --profile --stages S`: every module's measured cost on this run's device for
-    DGL and MLAAN (the config's K, split and options), the check of their sum against a measured single-device
-    step, and the predicted steady step and speed-up of DGL, MLAAN exact, MLAAN stale and pipelined BP on S
-    stages, each partitioned by its own costs. A model fed with measured costs: no pipeline runs here."""
-    from types import SimpleNamespace
-
-    from fastlocal.pipelined_bp import backprop_work, measure_backprop_costs, predict_pipelined_bp
-    from fastlocal.plan import build_model
-    from fastlocal.schedule import forward_context_for
-    from fastlocal.train import resolve_device
-
-    device = resolve_device(cfg.system.device)
-    forward_context = forward_context_for(device, cfg.system.precision)
-    info = SimpleNamespace(image_size=image_size, num_classes=num_classes, mean=(0.5,) * 3, std=(0.5,) * 3)
-    link = link_gbps * 1e9 / 8
-    result: dict = {
-        "device": str(device),
-        "stages": num_stages,
-        "batch_size": cfg.train.batch_size,
-        "link_gbps": link_gbps or None,
-        "methods": {},
-        "predicted": {},
-        "note": "modelled from measured per-module costs (docs/pipeline.md), not a measured pipeline; "
-        "the link is " + (f"{link_gbps} Gbit/s" if link_gbps else "not modelled (free)"),
-    }
-    all_costs, learners = {}, {}
-    for name in ("dgl", "mlaan"):
-        method_cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name=name))
-        torch.manual_seed(cfg.system.seed)
-        learner = build_model(method_cfg, num_classes, image_size)
-        learner.backbone.to(device)
-        learner.method.to(device)
-        modules, method = learner.local_modules, learner.method
-        costs = measure_module_costs(modules, method, method_cfg, info, device, forward_context)
-        step = measure_single_device_step(modules, method, method_cfg, info, device, forward_context)
-        total = sum(c["total"] for c in costs)
-        result["methods"][name] = {
-            "modules": costs,
-            "sum_seconds": total,
-            "measured_step_seconds": step,
-            "sum_within_10_percent": abs(total - step) <= 0.1 * step,
-        }
-        all_costs[name] = (costs, method.window)
-        learners[name] = learner
-    dgl, _ = all_costs["dgl"]
-    mlaan, window = all_costs["mlaan"]
-    for label, costs, w, cascade in (
-        ("dgl", dgl, 1, "exact"),
-        ("mlaan_exact", mlaan, window, "exact"),
-        ("mlaan_stale", mlaan, window, "stale"),
-    ):
-        sizes = partition([c["total"] for c in costs], num_stages)
-        result["predicted"][label] = {"stage_sizes": sizes, **predict_step(costs, sizes, w, cascade, link)}
-    # Pipelined BP: DGL's modules (the same split) timed as end-to-end backprop.
-    dgl_learner = learners["dgl"]
-    bp = measure_backprop_costs(dgl_learner.local_modules, dgl_learner.backbone, cfg, info, device, forward_context)
-    bp_sizes = partition([backprop_work(c) for c in bp], num_stages)
-    result["predicted"]["pipelined_bp"] = {
-        "stage_sizes": bp_sizes,
-        **predict_pipelined_bp(bp, bp_sizes, micro_batches, link),
-    }
-    return result

@@ -2,7 +2,7 @@
 
 docs/pipeline.md#the-pipelined-bp-baseline. The backbone is cut into the K local modules a local method with
 `method.num_modules = K` would train (the same split), the modules are grouped into S stages (one process and
-device each) as `fastlocal.pipeline` groups them (`pipeline.stage_sizes`, or by measured cost), and every
+device each) as `fastlocal.parallel.pipeline` groups them (`pipeline.stage_sizes`, or by measured cost), and every
 batch runs through `torch.distributed.pipelining` with `Schedule1F1B` in `pipeline.micro_batches` equal
 micro-batches. The gradient is the mean over micro-batches of the end-to-end cross-entropy's gradient; batch
 norm normalises each micro-batch (and updates its running statistics once per micro-batch), so the step
@@ -10,25 +10,25 @@ equals one device accumulating the micro-batches' gradients, not one device's fu
 
 Stage 0 reads the batch and sends the labels to the last stage, which computes the loss. The epochs, LR
 schedule, logging, evaluation through the stages and the checkpoints gathered into the single-device format
-are `fastlocal.pipeline.PipelineTrainer`'s.
+are `fastlocal.parallel.pipeline.PipelineTrainer`'s.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastlocal import distributed
 from fastlocal.config import Config, ConfigError, resolve_num_modules
 from fastlocal.engine import Trainer
 from fastlocal.methods import LocalMethod
-from fastlocal.pipeline import PipelineTrainer, Stage, measure_module_costs, pipeline_mesh, stage_ranges
+from fastlocal.parallel.cost import backprop_work, measure_backprop_costs
+from fastlocal.parallel.group import DataParallel
+from fastlocal.parallel.mesh import Stage, pipeline_mesh
+from fastlocal.parallel.pipeline import PipelineTrainer
 from fastlocal.split import LocalModule, split_backbone
 
-TAG_LABELS = 4  # fastlocal.pipeline's tags are 1-3; torch.distributed.pipelining sends with tag 0
+TAG_LABELS = 4  # fastlocal.parallel.pipeline's tags are 1-3; torch.distributed.pipelining sends with tag 0
 
 
 class PipelinedBackprop:
@@ -93,57 +93,9 @@ class _Forward(nn.Module):
             return self.layers(x)
 
 
-class _EndToEndLoss(nn.Module):
-    """What `measure_module_costs` needs of a method to time end-to-end backprop's modules: no local losses,
-    the final head's cross-entropy after the last module."""
-
-    window = 1
-
-    def __init__(self, backbone, num_modules: int):
-        super().__init__()
-        object.__setattr__(self, "backbone", backbone)  # not a submodule: its state is the backbone's
-        self.last = num_modules - 1
-
-    def module_loss(self, i, own, cascade, batch):
-        return nn.functional.cross_entropy(self.backbone.head(own), batch.y) if i == self.last else None
-
-
-def measure_backprop_costs(modules, backbone, cfg: Config, info, device, forward_context) -> list[dict]:
-    """`measure_module_costs` for end-to-end backprop over the same modules: no local heads, the final head's
-    loss on the last module only."""
-    return measure_module_costs(modules, _EndToEndLoss(backbone, len(modules)), cfg, info, device, forward_context)
-
-
-def backprop_work(cost: dict) -> float:
-    """A module's share of a backprop step (seconds per batch): forward, loss, input and weight VJPs, optimizer."""
-    return cost["forward"] + cost["loss"] + cost["input_vjp"] + cost["weight_vjp"] + cost["optimizer"]
-
-
-def predict_pipelined_bp(
-    costs: Sequence[dict], sizes: Sequence[int], micro_batches: int, link_bytes_per_second: float = 0.0
-) -> dict:
-    """Pipelined backprop (1F1B, M = `micro_batches`) on stages of `sizes` modules, from `costs` of
-    :func:`measure_backprop_costs`: stage k works w_k = the sum of its modules' :func:`backprop_work` plus,
-    but for the last stage, twice its output's sending time c_k (activation forward, gradient back);
-    step = (M + S - 1) / M * max_k w_k; one device: the sum of every module's work."""
-    work = []
-    for k, r in enumerate(stage_ranges(sizes)):
-        sent = costs[r.stop - 1]["output_bytes"] / link_bytes_per_second if link_bytes_per_second else 0.0
-        work.append(sum(backprop_work(costs[i]) for i in r) + (2 * sent if k < len(sizes) - 1 else 0.0))
-    single, m = sum(backprop_work(c) for c in costs), micro_batches
-    step = (m + len(sizes) - 1) / m * max(work)
-    return {
-        "stage_seconds": work,
-        "step_seconds": step,
-        "single_device_seconds": single,
-        "speedup": single / step,
-        "micro_batches": m,
-    }
-
-
 class PipelinedBackpropTrainer(PipelineTrainer):
     """`Trainer` for one stage of pipelined backprop. It shares `PipelineTrainer`'s placement on the stages
-    (:meth:`~fastlocal.pipeline.PipelineTrainer.place_on_stages`, balanced by this class's `module_costs`),
+    (:meth:`~fastlocal.parallel.pipeline.PipelineTrainer.place_on_stages`, balanced by this class's `module_costs`),
     evaluation through the stages, gathered checkpoints and summary; not its local step (its __init__ skips
     PipelineTrainer's, which sets up the local schedule's messages)."""
 
@@ -155,7 +107,7 @@ class PipelinedBackpropTrainer(PipelineTrainer):
         data,
         device: torch.device,
         out_dir,
-        parallel: distributed.DataParallel,
+        parallel: DataParallel,
         stage_sizes=None,
         log=print,
     ):
