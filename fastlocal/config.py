@@ -93,8 +93,10 @@ class ModelConfig:
     arch: str = "resnet20"
     """resnet20/32/44/56/110 (32x32 inputs), resnet18/34/50/101/152 (ImageNet-style), torchvision:<name> (a
     torchvision classification model cut into stem + blocks + head, randomly initialised: ResNet, Wide-ResNet,
-    ResNeXt, VGG-BN, ConvNeXt, MobileNetV3, EfficientNet, ViT; docs/any_model.md), or package.module:factory (a
-    function of num_classes and input_size returning a fastlocal.Backbone or such a model)."""
+    ResNeXt, VGG-BN, ConvNeXt, MobileNetV3, EfficientNet, ViT; docs/any_model.md), timm:<name> (a timm model,
+    pretrained=False: ResNet/ResNet-D, ConvNeXt, EfficientNet, RegNet, ViT/DeiT, Swin; pip install
+    'fastlocal[timm]'), or package.module:factory (a function of num_classes and input_size returning a
+    fastlocal.Backbone or such a model)."""
     zero_init_residual: bool = False
     """Zero-initialise the last BN of every residual branch (ImageNet ResNets)."""
 
@@ -480,7 +482,7 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
         raise ConfigError(
             f"model.arch = {cfg.model.arch!r} is not valid; choose one of: "
             f"{', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}, or torchvision:<name> (e.g. "
-            "torchvision:vgg11_bn), or package.module:factory"
+            "torchvision:vgg11_bn), timm:<name> (e.g. timm:convnext_atto), or package.module:factory"
         )
     _validate_data(cfg.data, cfg.system.device)
     num_modules = resolve_num_modules(cfg.method)

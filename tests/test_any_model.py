@@ -1,6 +1,7 @@
 """Any model: the LocalLearner API, the torchvision adapters, model.arch factories, token features."""
 
 import functools
+import importlib.util
 import itertools
 import subprocess
 import sys
@@ -52,7 +53,33 @@ def torchvision_model(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, num_classes=10)
 
 
-# Small members of each family the adapters know, at 32x32.
+def timm_model(name: str, **kwargs) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+
+
+def tiny_timm_vit() -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=SIZE, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+
+
+def tiny_timm_swin() -> nn.Module:
+    from timm.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(
+        img_size=SIZE,
+        patch_size=4,
+        window_size=2,
+        embed_dim=16,
+        depths=(1, 1, 2, 1),
+        num_heads=(1, 1, 2, 2),
+        num_classes=10,
+    )
+
+
+# Small members of each family the adapters know, at 32x32 (timm_*: timm's, skipped without timm).
 FAMILIES = {
     "resnet18": lambda: torchvision_model("resnet18"),
     "resnext": lambda: tiny_resnet(groups=4, width_per_group=4),
@@ -62,8 +89,37 @@ FAMILIES = {
     "mobilenet_v3_small": lambda: torchvision_model("mobilenet_v3_small"),
     "efficientnet_b0": lambda: torchvision_model("efficientnet_b0"),
     "vit": tiny_vit,
+    "timm_resnet_d": lambda: timm_model("test_resnet"),  # deep stem, average-pool shortcut (ResNet-D)
+    "timm_resnet18": lambda: timm_model("resnet18"),
+    "timm_convnext": lambda: timm_model("test_convnext"),
+    "timm_efficientnet": lambda: timm_model("test_efficientnet"),
+    "timm_regnet": lambda: timm_model("regnetx_002"),
+    "timm_vit": tiny_timm_vit,
+    "timm_deit": lambda: timm_model("deit_tiny_patch16_224", img_size=SIZE),
+    "timm_swin": tiny_timm_swin,
 }
-TRAINED = ["resnet18", "resnext", "vgg11_bn", "convnext", "mobilenet_v3_small", "vit"]
+TRAINED = [
+    "resnet18",
+    "resnext",
+    "vgg11_bn",
+    "convnext",
+    "mobilenet_v3_small",
+    "vit",
+    "timm_resnet_d",
+    "timm_convnext",
+    "timm_efficientnet",
+    "timm_regnet",
+    "timm_vit",
+    "timm_swin",
+]
+NEEDS_TIMM = pytest.mark.skipif(
+    importlib.util.find_spec("timm") is None, reason="needs timm: pip install 'fastlocal[timm]'"
+)
+
+
+def families(names) -> list:
+    """pytest parameters: the timm families skipped (with the reason) when timm is not installed."""
+    return [pytest.param(name, marks=NEEDS_TIMM) if name.startswith("timm_") else name for name in names]
 
 
 @functools.cache
@@ -86,7 +142,7 @@ def is_nonzero(module) -> bool:
     return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.trainable_parameters)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", families(FAMILIES))
 def test_family_adapts_into_parts_that_compose_to_the_model(family):
     torch.manual_seed(0)
     model = FAMILIES[family]().eval()
@@ -100,7 +156,7 @@ def test_family_adapts_into_parts_that_compose_to_the_model(family):
         assert len(groups) == k and [p for g in groups for p in g] == list(range(len(backbone.parts)))
 
 
-@pytest.mark.parametrize("family", TRAINED)
+@pytest.mark.parametrize("family", families(TRAINED))
 @pytest.mark.parametrize(
     "method,k,options",
     [("bp", 1, {}), ("dgl", 3, {}), ("infopro", 3, {}), ("mlaan", 3, {}), ("mlaan", 3, {"base": "infopro"})],
@@ -120,7 +176,7 @@ def test_one_training_step_trains_every_module(family, method, k, options):
     clear_grads(learner)
 
 
-@pytest.mark.parametrize("family", TRAINED)
+@pytest.mark.parametrize("family", families(TRAINED))
 @pytest.mark.parametrize("method,window", [("dgl", 1), ("infopro", 1), ("mlaan", 2)])
 def test_each_loss_reaches_exactly_the_modules_its_window_allows(family, method, window):
     k = 3
@@ -353,3 +409,75 @@ def test_cli_reports_a_bad_model_without_a_traceback(tmp_path, capsys):
     )
     _, err = capsys.readouterr()
     assert code == 2 and "SqueezeNet cannot be cut" in err and "Traceback" not in err
+
+
+# timm models at the sizes people train, built by name as model.arch builds them.
+TIMM_NAMES = [
+    "resnet10t",
+    "resnet18d",
+    "convnext_atto",
+    "efficientnet_b0",
+    "regnetx_002",
+    "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+]
+
+
+@NEEDS_TIMM
+def test_model_arch_builds_timm_models_without_the_network(monkeypatch):
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("this test allows no network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    for name in TIMM_NAMES:
+        torch.manual_seed(0)
+        backbone = fastlocal.build_backbone(f"timm:{name}", 10, SIZE)
+        assert backbone.num_classes == 10 and len(backbone.blocks) >= 4, name
+        assert not backbone.source_unused, name  # every tensor of the model is in a part
+    assert not attempts
+
+
+def test_timm_arch_without_timm_names_the_extra(monkeypatch, tmp_path, capsys):
+    from fastlocal.train import main
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # makes `import timm` fail
+    with pytest.raises(ConfigError, match=r"needs timm, which is not installed: pip install 'fastlocal\[timm\]'"):
+        fastlocal.build_backbone("timm:resnet18", 10, SIZE)
+    args = ["--data.source=bundled", "--data.max_train=20", "--data.max_test=20", "--model.arch=timm:resnet18"]
+    code = main([*args, "--log.progress=false", "--out", str(tmp_path / "run")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "pip install 'fastlocal[timm]'" in err and "Traceback" not in err
+
+
+@NEEDS_TIMM
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("no_such_net", "timm has no model 'no_such_net'"),
+        (
+            "mobilenetv3_small_050",
+            r"MobileNetV3 cannot be cut.*the closest, EfficientNet, needs the attribute\(s\) bn2",
+        ),
+        ("deit_tiny_distilled_patch16_224", "VisionTransformerDistilled cannot be cut.*another class"),
+    ],
+)
+def test_timm_models_fastlocal_cannot_cut_say_why(name, message):
+    with pytest.raises(ConfigError, match=message):
+        fastlocal.build_backbone(f"timm:{name}", 10, SIZE)
+
+
+def test_importing_fastlocal_imports_no_optional_package():
+    code = (
+        "import sys, fastlocal, fastlocal.engine, fastlocal.models.timm_models; "
+        "loaded = [m for m in ('timm', 'tensorboard', 'safetensors', 'triton', 'nvidia.dali') if m in sys.modules]; "
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True)

@@ -8,7 +8,7 @@ __all__ = ["Backbone", "PartInfo", "build_backbone"]
 
 def build_backbone(arch: str, num_classes: int, input_size: int, zero_init_residual: bool = False) -> Backbone:
     """The backbone `model.arch` names: a CIFAR or ImageNet ResNet of fastlocal's, or an adapted model
-    (torchvision:<name>, package.module:factory)."""
+    (torchvision:<name>, timm:<name>, package.module:factory)."""
     if arch in CIFAR_ARCHS:
         from fastlocal.models.cifar_resnet import cifar_resnet
 
@@ -23,5 +23,5 @@ def build_backbone(arch: str, num_classes: int, input_size: int, zero_init_resid
         return from_arch(arch, num_classes, input_size)
     raise ConfigError(
         f"model.arch = {arch!r} is not valid; choose one of: {', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}, "
-        "torchvision:<name> or package.module:factory"
+        "torchvision:<name>, timm:<name> or package.module:factory"
     )

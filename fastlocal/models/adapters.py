@@ -10,9 +10,11 @@
 - VisionTransformer: stem = patch projection + class token + position embedding, a block per encoder
   block (token features, (B, N, D)), head = the final LayerNorm, the class token, the classifier.
 
+timm models: `fastlocal.models.timm_models`.
+
 The parts share the model's parameters: nothing is copied or re-initialised. `from_arch` builds
-``torchvision:<name>`` (always ``weights=None``: fastlocal downloads nothing) or calls a user's
-``package.module:factory``.
+``torchvision:<name>`` (always ``weights=None``: fastlocal downloads nothing), ``timm:<name>``
+(``pretrained=False``) or calls a user's ``package.module:factory``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def adapt(model: nn.Module, input_size: int) -> Backbone:
     missing for any other model."""
     if isinstance(model, Backbone):
         return model
+    if type(model).__module__.startswith("timm."):
+        from fastlocal.models.timm_models import timm_parts
+
+        return with_source_keys(Backbone(*timm_parts(model), input_size), model)
     layout = next((name for name, attrs in LAYOUTS.items() if all(hasattr(model, a) for a in attrs)), None)
     if layout is None:
         closest, attrs = max(LAYOUTS.items(), key=lambda item: sum(hasattr(model, a) for a in item[1]))
@@ -69,7 +75,19 @@ def adapt(model: nn.Module, input_size: int) -> Backbone:
         stem, blocks, block_ids, head = _vit_parts(model, input_size)
     else:
         stem, blocks, block_ids, head = _features_parts(model)
-    return Backbone(stem, blocks, block_ids, head, input_size)
+    return with_source_keys(Backbone(stem, blocks, block_ids, head, input_size), model)
+
+
+def with_source_keys(backbone: Backbone, model: nn.Module) -> Backbone:
+    """Record, on the backbone, the model's own state_dict key of each of its entries (`source_keys`:
+    model key -> backbone key, matched by tensor identity; the parts share the model's tensors), and the
+    model's class, so that trained weights can be exported under the model's keys (`fastlocal.export`)."""
+    backbone_keys = {id(t): k for k, t in backbone.state_dict(keep_vars=True).items()}
+    model_state = model.state_dict(keep_vars=True)
+    backbone.source_keys = {k: backbone_keys[id(t)] for k, t in model_state.items() if id(t) in backbone_keys}
+    backbone.source_unused = [k for k, t in model_state.items() if id(t) not in backbone_keys]
+    backbone.source_class = f"{type(model).__module__}.{type(model).__qualname__}"
+    return backbone
 
 
 def _resnet_parts(net: nn.Module):
@@ -198,9 +216,15 @@ def from_arch(arch: str, num_classes: int, input_size: int) -> Backbone:
     """`torchvision:<name>` or `package.module:factory` (model.arch) as a Backbone."""
     prefix, _, name = arch.partition(":")
     if not prefix or not name:
-        raise ConfigError(f"model.arch = {arch!r} is not valid; write torchvision:<name> or package.module:factory")
+        raise ConfigError(
+            f"model.arch = {arch!r} is not valid; write torchvision:<name>, timm:<name> or package.module:factory"
+        )
     if prefix == "torchvision":
         return adapt(torchvision_model(name, num_classes, input_size), input_size)
+    if prefix == "timm":
+        from fastlocal.models.timm_models import timm_model
+
+        return adapt(timm_model(name, num_classes, input_size), input_size)
     try:
         module = importlib.import_module(prefix)
     except ImportError as err:
