@@ -139,6 +139,10 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     peak_memory: dict | None = None
+    num_classes: int = 0
+    input_size: int = 0
+    """The backbone's classes and input size (what `fastlocal.export` rebuilds it with; 0: unknown, an older
+    checkpoint)."""
 
 
 class Trainer:
@@ -175,7 +179,7 @@ class Trainer:
         self.forward_context = forward_context_for(device, cfg.system.precision, cache_casts=not use_graphs)
         self.channels_last = cfg.system.channels_last
         self.run_step = GraphedStep(self.step_without_zero_grad, self.zero_grad) if use_graphs else self.eager_step
-        self.state = RunState()
+        self.state = RunState(**self.model_shape())
         self.nonfinite_check_steps = NONFINITE_CHECK_STEPS  # 0: at the epoch's last step only
         self.measure_cpu_memory = cfg.log.measure_memory
         self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler that fit() installs
@@ -257,7 +261,13 @@ class Trainer:
                 group["lr"] = torch.tensor(group["lr"], device=self.device)
             elif not self.lr_on_device and isinstance(group["lr"], torch.Tensor):
                 group["lr"] = group["lr"].item()
-        self.state = RunState(**ckpt["state"])
+        self.state = RunState(**{**ckpt["state"], **self.model_shape()})
+
+    def model_shape(self) -> dict:
+        return {
+            "num_classes": getattr(self.backbone, "num_classes", 0),
+            "input_size": getattr(self.backbone, "input_size", 0),
+        }
 
     # -- training ----------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:

@@ -476,7 +476,7 @@ def test_timm_models_fastlocal_cannot_cut_say_why(name, message):
 
 def test_importing_fastlocal_imports_no_optional_package():
     code = (
-        "import sys, fastlocal, fastlocal.engine, fastlocal.models.timm_models; "
+        "import sys, fastlocal, fastlocal.engine, fastlocal.export, fastlocal.models.timm_models; "
         "loaded = [m for m in ('timm', 'tensorboard', 'safetensors', 'triton', 'nvidia.dali') if m in sys.modules]; "
         "assert not loaded, loaded"
     )

@@ -15,6 +15,7 @@ from builders import build, launch, run_cli, torchrun_tiny_run
 from fastlocal.config import ConfigError, build_config
 from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
 from fastlocal.engine import CHECKPOINT_NAME, Trainer, evaluate
+from fastlocal.export import export_run
 from fastlocal.methods import METHODS, Batch
 from fastlocal.optim import build_optimizer
 from fastlocal.parallel import data as data_parallel
@@ -196,6 +197,10 @@ def test_fit_writes_from_rank0_averages_running_stats_and_resumes_exactly(tmp_pa
     single = tiny_trainer(0, 1, tmp_path / "single", 3)
     single.backbone.load_state_dict(whole["backbone"])
     assert evaluate(single.backbone, single.data.test) == summary["final_test_acc"]
+    # fastlocal.export reads the data-parallel run as a one-device run: the backbone, under its class's keys.
+    exported, _ = export_run(tmp_path / "whole")
+    assert exported.keys() == whole["backbone"].keys()
+    assert all(torch.equal(exported[k], v) for k, v in whole["backbone"].items())
     # The data-parallel checkpoint resumes in one process.
     single.load_checkpoint(tmp_path / "whole" / CHECKPOINT_NAME)
     assert single.fit(log=lambda *a: None)["epochs"] == 3

@@ -15,6 +15,7 @@ from builders import build, launch, run_cli, torchrun_tiny_run
 
 from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
 from fastlocal.engine import Trainer
+from fastlocal.export import export_run
 from fastlocal.methods import Batch
 from fastlocal.parallel import data as data_parallel
 from fastlocal.parallel import group as process_group
@@ -225,6 +226,10 @@ def test_fit_through_the_pipeline_equals_one_device_and_resumes_both_ways(tmp_pa
     assert not (tmp_path / "rank1").exists()
     got = torch.load(tmp_path / "pipe" / "checkpoint.pt", weights_only=True)
     assert_same_checkpoint(got, single.checkpoint(), "fit")
+    # fastlocal.export reads the pipeline's run as the one-device run's.
+    exported, _ = export_run(tmp_path / "pipe")
+    assert exported.keys() == got["backbone"].keys()
+    assert all(torch.equal(exported[k], v) for k, v in got["backbone"].items())
     pipe_summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
     assert pipe_summary["parallel"] == "modules" and pipe_summary["pipeline_stages"] == [[0, 1], [2, 3]]
     single_rows = pipe_summary_history(tmp_path / "single")[:2]
