@@ -275,6 +275,9 @@ class LogConfig:
     """Show progress bars."""
     measure_memory: bool = True
     """Record the peak memory of a training step (CPU: saved-tensor accounting of the first step)."""
+    tensorboard: bool = False
+    """Write TensorBoard event files to DIR/tensorboard: each module's loss, the total loss, test accuracy, LR,
+    images/s and peak memory (fastlocal/tensorboard.py; pip install 'fastlocal[tensorboard]')."""
 
 
 @dataclass

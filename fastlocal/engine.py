@@ -29,6 +29,7 @@ from fastlocal.parallel.data import GradientAverager, average_buffers
 from fastlocal.parallel.group import DataParallel, barrier, min_across_ranks, silent_log, sum_across_ranks
 from fastlocal.schedule import forward_context_for, local_train_step
 from fastlocal.split import LocalModule
+from fastlocal.tensorboard import ModuleLosses, TensorBoardLog
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_KEYS = ("config", "backbone", "method", "optimizer", "state")
@@ -183,6 +184,9 @@ class Trainer:
         self.nonfinite_check_steps = NONFINITE_CHECK_STEPS  # 0: at the epoch's last step only
         self.measure_cpu_memory = cfg.log.measure_memory
         self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler that fit() installs
+        # log.tensorboard: the step sums each module's loss on the device; rank 0 writes the events (in fit()).
+        self.module_losses = ModuleLosses(method, device) if cfg.log.tensorboard else None
+        self.tensorboard: TensorBoardLog | None = None
 
     # -- one step ---------------------------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -193,7 +197,7 @@ class Trainer:
         averager = self.grad_averager
         loss = local_train_step(
             self.modules,
-            self.method,
+            self.method if self.module_losses is None else self.module_losses,
             Batch(x, y, self.data.info.mean, self.data.info.std),
             self.forward_context,
             side_stream=self.side_stream,
@@ -292,6 +296,8 @@ class Trainer:
                 break
             lr = learning_rate(cfg, epoch, step, steps)
             set_learning_rate(self.optimizer, lr)
+            if self.tensorboard is not None:
+                self.tensorboard.step(epoch * steps + step, lr)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if self.state.peak_memory is None and self.measure_cpu_memory and self.device.type == "cpu":
@@ -330,6 +336,7 @@ class Trainer:
             progress.close()
         train_loss = sum_across_ranks(loss_sum).item() / max(1, steps) / self.world_size
         images = loader.num_images * self.world_size if not cfg.train.drop_last else steps * cfg.train.batch_size
+        self.steps_per_epoch = steps
         return {
             "epoch": epoch + 1,
             "lr": lr,
@@ -359,8 +366,15 @@ class Trainer:
                 signal.signal(signum, handler)
 
     def fit(self, log=print) -> dict:
-        with self.stop_on_signals():
-            return self._fit(log)
+        if self.cfg.log.tensorboard and self.is_main:
+            resumed_at = self.state.epoch * len(self.data.train)  # drop what an interrupted run wrote after it
+            self.tensorboard = TensorBoardLog(self.out_dir, purge_step=resumed_at or None)
+        try:
+            with self.stop_on_signals():
+                return self._fit(log)
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
     def _fit(self, log) -> dict:
         cfg = self.cfg
@@ -397,6 +411,11 @@ class Trainer:
                         f"{epoch + 1} is saved; free space or make the directory writable, then continue "
                         f"with --resume {self.out_dir}"
                     ) from None
+            if self.module_losses is not None:  # every rank: the sums are reduced across ranks
+                module_losses = self.module_losses.take()
+                if self.tensorboard is not None:
+                    global_step = (epoch + 1) * self.steps_per_epoch - 1
+                    self.tensorboard.epoch(global_step, row, module_losses, self.state.peak_memory)
             log(
                 f"epoch {row['epoch']}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  "
                 f"test acc {row['test_acc']:.2f}%  {row['images_per_second']:.0f} img/s  lr {row['lr']:.4g}"
