@@ -37,7 +37,7 @@ if mode == "gpu" and not torch.cuda.is_available():
     sys.exit("gpu_bench.sh: no CUDA device visible; on a CPU machine run BENCH_MODE=smoke or cpu")
 missing = [m for m in ("pytest", "pytest_benchmark") if importlib.util.find_spec(m) is None]
 if missing:
-    sys.exit(f"gpu_bench.sh: missing {', '.join(missing)}; pip install -e '.[dev]'")
+    sys.exit(f"gpu_bench.sh: missing {', '.join(missing)}; pip install -e '.[dev,analysis]'")
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 print(f"gpu_bench.sh: mode {mode}, device {device}, torch {torch.__version__}", flush=True)
 EOF

@@ -2,7 +2,8 @@
 
 The Python API (docs/any_model.md): `Backbone(stem, blocks, None, head, input_size)` describes a network
 as a stem and an ordered list of blocks; `adapt(model, input_size)` cuts a supported torchvision model
-(ResNet, Wide-ResNet, ResNeXt, VGG-BN, ConvNeXt, MobileNetV3, EfficientNet, ViT) into one;
+(ResNet, Wide-ResNet, ResNeXt, VGG-BN, ConvNeXt, MobileNetV3, EfficientNet, ViT) or timm model (ResNet,
+ConvNeXt, EfficientNet, RegNet, ViT/DeiT, Swin) into one;
 `LocalLearner(backbone, method, num_modules, **options)` trains it with local learning in your own loop
 (`learner.step(x, y)` then your optimizer's step; `learner(x)` to evaluate).
 """

@@ -440,7 +440,7 @@ def write_figures(result: dict, out: Path) -> list[str]:
     except ImportError:
         print(
             "fastlocal.analyze: matplotlib is not installed, so no figures were drawn (analysis.json has "
-            "every number); pip install matplotlib, or fastlocal[dev]",
+            "every number); pip install 'fastlocal[analysis]'",
             file=sys.stderr,
         )
         return []

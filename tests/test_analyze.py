@@ -292,7 +292,7 @@ def test_without_matplotlib_the_json_is_still_written(tiny_runs, tmp_path, capsy
     out = tmp_path / "nofig"
     assert analyze_main([str(tiny_runs / "dgl"), "--out", str(out), *ANALYSIS]) == 0
     _, err = capsys.readouterr()
-    assert "matplotlib is not installed" in err
+    assert "matplotlib is not installed" in err and "pip install 'fastlocal[analysis]'" in err
     document = json.loads((out / "analysis.json").read_text())
     assert document["figures"] == [] and not list(out.glob("*.png"))
     assert "cka_with_reference" not in document["runs"][0]  # no --reference, no CKA

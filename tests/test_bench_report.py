@@ -170,7 +170,7 @@ def test_report_bad_files_fail_clearly(tmp_path, capsys, content, message):
     assert not (tmp_path / "out" / "bench.md").exists()
 
 
-def test_report_names_the_dev_extra_without_matplotlib(tmp_path, monkeypatch, capsys):
+def test_report_names_the_analysis_extra_without_matplotlib(tmp_path, monkeypatch, capsys):
     import builtins
 
     real_import = builtins.__import__
@@ -183,7 +183,7 @@ def test_report_names_the_dev_extra_without_matplotlib(tmp_path, monkeypatch, ca
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     results = write_json(tmp_path / "r.json", [bench_entry("bp", 1, 0.2, 64.0)])
     assert report.main([str(results), "--out", str(tmp_path)]) == 2
-    assert "`dev` extra" in capsys.readouterr().err
+    assert "pip install 'fastlocal[analysis]'" in capsys.readouterr().err
 
 
 def test_report_without_plots_writes_only_the_table(tmp_path):

@@ -114,7 +114,7 @@ assert kernels.resolve_backend("auto", "cuda") == "reference"
 try:
     kernels.resolve_backend("triton", "cuda")
 except ValueError as error:
-    assert "pip install triton" in str(error), error
+    assert "pip install 'fastlocal[triton]'" in str(error), error
 else:
     raise AssertionError("no ValueError")
 print("ok")

@@ -7,7 +7,7 @@ from pathlib import Path
 import fastlocal
 
 PACKAGE = Path(fastlocal.__file__).parent
-FRONT_ENDS = {"fastlocal.train", "fastlocal.plan", "fastlocal.analyze"}
+FRONT_ENDS = {"fastlocal.train", "fastlocal.plan", "fastlocal.analyze", "fastlocal.export"}
 
 
 def module_files(root: Path) -> dict[str, Path]:

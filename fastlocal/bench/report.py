@@ -516,9 +516,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ReportError(
-            "the plots need matplotlib: pip install 'fastlocal[dev]' (the `dev` extra) or pip install matplotlib"
-        ) from None
+        raise ReportError("the plots need matplotlib: pip install 'fastlocal[analysis]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -58,7 +58,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     error = _triton_import_error()
     if error is not None:
         raise ValueError(
-            f"kernel backend 'triton' needs the `triton` package ({error}): pip install triton, "
+            f"kernel backend 'triton' needs the `triton` package ({error}): pip install 'fastlocal[triton]', "
             "or use system.kernels=reference"
         )
     if device.type != "cuda" and not _interpreting():

@@ -661,6 +661,6 @@ def gap_linear_cross_entropy(
     ``max_block`` and ``fuse_pool`` are tuning/testing knobs (see ``_forward_impl``).
     """
     if triton is None:
-        raise ValueError("the triton kernel backend needs the `triton` package: pip install triton")
+        raise ValueError("the triton kernel backend needs the `triton` package: pip install 'fastlocal[triton]'")
     _check_inputs(x, weight, bias, target)
     return _GapLinearCrossEntropy.apply(x, weight, bias, target, max_block, fuse_pool)

@@ -295,7 +295,7 @@ def ema_update_triton_(
 ) -> None:
     """Launcher: one Triton launch per (ema dtype, live dtype, alignment) group of the list."""
     if triton is None:
-        raise ValueError("the triton kernel backend needs the `triton` package: pip install triton")
+        raise ValueError("the triton kernel backend needs the `triton` package: pip install 'fastlocal[triton]'")
     if len(ema_tensors) == 0 and len(live_tensors) == 0:
         return
     if ema_tensors and ema_tensors[0].device.type != "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
