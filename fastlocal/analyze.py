@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fastlocal.config import Config, UserError, build_config, resolve_num_modules, to_dict
+from fastlocal.config import Config, UserError, resolve_num_modules, to_dict
 
 USAGE_EXAMPLES = """examples:
   python -m fastlocal.analyze runs/dgl runs/mlaan --reference runs/bp --out analysis/
@@ -124,23 +124,11 @@ def prepare_out_dir(out: str) -> Path:
 def load_run(run_dir: str | Path, device: torch.device, data_cache: dict) -> LoadedRun:
     """Config, model and data of a run directory. Runs with the same data config share one data bundle."""
     from fastlocal.data import build_data
-    from fastlocal.engine import CHECKPOINT_NAME, read_checkpoint
-    from fastlocal.methods import METHODS
-    from fastlocal.models import build_backbone
+    from fastlocal.runs import load_backbone, trained_run
     from fastlocal.split import split_parts
 
     path = Path(run_dir)
-    if not path.is_dir():
-        raise UserError(f"run directory {path} does not exist; pass the --out directory of a fastlocal.train run")
-    if not (path / "config.toml").is_file():
-        raise UserError(f"{path} has no config.toml; it is not a fastlocal.train run directory")
-    checkpoint = path / CHECKPOINT_NAME
-    if not checkpoint.is_file():
-        raise UserError(
-            f"{path} has no {CHECKPOINT_NAME}; the run has not finished an epoch yet (train it, or "
-            "pass another run directory)"
-        )
-    cfg = build_config(path / "config.toml", [], METHODS)
+    cfg = trained_run(path)
     key = json.dumps(to_dict(cfg.data), sort_keys=True)
     if key not in data_cache:
         data_cache[key] = build_data(
@@ -157,18 +145,10 @@ def load_run(run_dir: str | Path, device: torch.device, data_cache: dict) -> Loa
             f"{path}: data.loader = {cfg.data.loader} streams its images; the analysis needs the "
             "dataset in memory (data.loader=device, the default for small images)"
         )
-    backbone = build_backbone(cfg.model.arch, data.info.num_classes, data.info.image_size, cfg.model.zero_init_residual)
+    _, backbone = load_backbone(path, data.info.num_classes, data.info.image_size, device)
     modules = split_parts(
         backbone, resolve_num_modules(cfg.method), cfg.method.stem_separate, cfg.method.split, cfg.model.arch
     )
-    state = read_checkpoint(checkpoint)  # weights_only: a checkpoint never runs code
-    try:
-        backbone.load_state_dict(state["backbone"])
-    except (RuntimeError, KeyError) as err:  # a foreign or edited file: say so, do not crash
-        raise UserError(
-            f"cannot read the model in {checkpoint}: {str(err)[:300]}; it was not written for the config beside it"
-        ) from None
-    backbone.to(device).eval()
     return LoadedRun(path, path.name, cfg, backbone, modules, data)
 
 
