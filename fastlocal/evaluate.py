@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             draw_confusion(result, out / "confusion.png")
             result["figure"] = "confusion.png"
         except ImportError:
-            print("fastlocal.evaluate: matplotlib is not installed, so no confusion.png (pip install matplotlib)")
+            missing = "matplotlib is not installed, so no confusion.png; pip install 'fastlocal[analysis]'"
+            print(f"fastlocal.evaluate: {missing}")
         (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out / 'evaluation.json'}" + (f", {out / 'confusion.png'}" if "figure" in result else ""))
     except UserError as err:

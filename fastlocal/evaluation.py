@@ -34,8 +34,6 @@ SOURCE_CLASSES: dict[str, tuple[str, ...]] = {
     "stl10": ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"),
     "svhn": tuple(str(digit) for digit in range(10)),
 }
-# The image size of the sources whose size is fixed.
-SOURCE_SIZES: dict[str, int] = {"cifar10": 32, "bundled": 32, "svhn": 32, "stl10": 96}
 RESIZE = "bilinear, antialiased (torch.nn.functional.interpolate), the whole image, rounded to uint8"
 
 
@@ -64,10 +62,11 @@ class RunInput:
     std: tuple[float, float, float]
 
 
-def run_input(data: DataConfig) -> RunInput:
-    """The classes, input size and normalisation of a run trained on `data`, from the config where it says them
-    (fixed sources, data.image_size, fixed normalisations); an image folder's class names from its folders;
-    only data.normalize = dataset (and an image folder's own image size) reads images."""
+def run_input(data: DataConfig, arch: str, recorded_size: int = 0) -> RunInput:
+    """The classes, input size and normalisation of a run of `arch` trained on `data`: the size its checkpoint
+    records (`recorded_size`), else the config's (fastlocal.build.data_shape); an image folder's class names
+    from its folders; only data.normalize = dataset (and an image folder kept at its own size) reads images."""
+    from fastlocal.build import data_shape
     from fastlocal.data import NORMALIZATIONS, RECIPES, read_splits, resolve_info, root_folder, sources
 
     folder = None
@@ -76,15 +75,13 @@ def run_input(data: DataConfig) -> RunInput:
     else:
         folder = sources.list_imagefolder(root_folder(data), cache=sources.cache_dir(data.cache_dir), progress=False)
         class_names = list(folder.class_names)
-    if data.source in SOURCE_SIZES:
-        image_size = SOURCE_SIZES[data.source]
-    elif data.loader in ("torch", "dali"):
-        image_size = data.crop_size
-    elif data.image_size:
-        image_size = data.image_size
-    else:  # an image folder kept at its own size: its images' size
-        first = next(names[0] for names in folder.files["train"] if names)
-        image_size = sources.shorter_side(folder.base / first)
+    image_size = recorded_size
+    if not image_size:
+        try:
+            image_size = data_shape(data, arch, len(class_names))[1]
+        except UserError:  # an image folder kept at its own size: its images' size
+            first = next(names[0] for names in folder.files["train"] if names)
+            image_size = sources.shorter_side(folder.base / first)
     normalize = RECIPES[data.source][3] if data.normalize == "auto" else data.normalize
     if normalize == "dataset":  # the training images' statistics: the run's training set is needed
         info = resolve_info(data, read_splits(data, progress=False))
@@ -132,10 +129,12 @@ def evaluate_run(
     """Accuracy, per-class accuracy and confusion matrix of the run in `run_dir` on its own test set (`data`
     None) or on the test split of `data`. The result is JSON-ready (see docs/reproduce.md#table-6)."""
     from fastlocal.data import DeviceLoader, build_data, read_splits
-    from fastlocal.runs import load_backbone, read_summary, trained_run
+    from fastlocal.engine import read_checkpoint
+    from fastlocal.runs import CHECKPOINT_NAME, load_backbone, read_summary, trained_run
 
     cfg = trained_run(run_dir)
-    expected = run_input(cfg.data)
+    recorded = read_checkpoint(Path(run_dir) / CHECKPOINT_NAME)["state"].get("input_size", 0)
+    expected = run_input(cfg.data, cfg.model.arch, recorded)
     if data is None:  # the run's own test set, through the loader training evaluated with
         bundle = build_data(
             cfg.data,

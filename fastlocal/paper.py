@@ -248,9 +248,10 @@ def differences(cfg: Config, summary: dict, row: PaperRow, dataset: str) -> list
         found.append("model.zero_init_residual true (paper false)")
     if summary.get("leaps") == "generated":
         found.append("generated leap lists (paper: the authors' tables)")
+    # summary.json names the GPU, or the CPU with its thread count (older runs: "cpu (...)").
     device = str(summary.get("device") or "")
-    if device.startswith("cpu"):
-        found.append("device CPU (paper GPUs)")
+    if cfg.system.device == "cpu" or device.startswith("cpu") or device.endswith(("thread", "threads")):
+        found.append(f"device CPU{f' ({device})' if device else ''} (paper GPUs)")
     if (summary.get("world_size") or 1) > 1:
         found.append(f"data parallel over {summary['world_size']} processes (batch norm per process)")
     return found

@@ -7,7 +7,15 @@ from pathlib import Path
 import fastlocal
 
 PACKAGE = Path(fastlocal.__file__).parent
-FRONT_ENDS = {"fastlocal.train", "fastlocal.plan", "fastlocal.analyze", "fastlocal.export"}
+FRONT_ENDS = {
+    "fastlocal.train",
+    "fastlocal.plan",
+    "fastlocal.analyze",
+    "fastlocal.export",
+    "fastlocal.evaluate",
+    "fastlocal.sweep",
+    "fastlocal.report",
+}
 
 
 def module_files(root: Path) -> dict[str, Path]:
