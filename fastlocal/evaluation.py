@@ -127,7 +127,7 @@ def evaluate_run(
     run_dir: str | Path, data: DataConfig | None, device: torch.device, *, batch_size: int = 500, progress=False
 ) -> dict:
     """Accuracy, per-class accuracy and confusion matrix of the run in `run_dir` on its own test set (`data`
-    None) or on the test split of `data`. The result is JSON-ready (see docs/reproduce.md#table-6)."""
+    None) or on the test split of `data`. The result is JSON-ready (docs/reproduce.md, Table 6)."""
     from fastlocal.data import DeviceLoader, build_data, read_splits
     from fastlocal.engine import read_checkpoint
     from fastlocal.runs import CHECKPOINT_NAME, load_backbone, read_summary, trained_run
@@ -245,7 +245,8 @@ def draw_confusion(result: dict, path: Path) -> None:
     for i in range(len(rows)):
         for j in range(len(columns)):
             if counts[i, j]:
-                axes.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7)
+                colour = "white" if shares[i, j] > 0.5 else "black"
+                axes.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7, color=colour)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
     source = result["dataset"]["source"]
