@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of issue #7 (DALI data path), for one H100 machine (see ../shared/DEVICE.md):
+# GPU check of issue #7 (DALI data path), for one H100 machine (docs/gpu-evidence.md):
 #   1. installs DALI from wheels carried in .whl/ (no internet there) into .site/;
 #   2. runs tests/test_streaming.py (the `mixed` decoder test runs only with CUDA and DALI);
 #   3. measures images/s of the torch loader, DALI `cpu` and DALI `mixed` on the JPEG CIFAR-10 archive
