@@ -106,6 +106,7 @@ class LocalLearner(nn.Module):
 
     def _build(self, cfg: Config, backbone: Backbone, mean, std, kernels: str) -> None:
         from fastlocal.methods import build_method
+        from fastlocal.recompute import set_recompute
         from fastlocal.split import split_backbone
 
         super().__init__()
@@ -121,6 +122,7 @@ class LocalLearner(nn.Module):
             backbone, num_modules, cfg.method.stem_separate, cfg.method.split, cfg.model.arch
         )
         self.method = build_method(cfg, backbone, self.local_modules)
+        set_recompute(self.local_modules, self.method, cfg.system.recompute)
         self.mean, self.std = tuple(mean), tuple(std)
         self.kernels = kernels
 
