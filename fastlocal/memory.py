@@ -106,14 +106,15 @@ class StepMemory:
             self.optimizer.step()
 
     def measure(self, batch_size: int) -> dict:
-        """One step at `batch_size` (after an unmeasured one that creates the optimizer state), by component."""
+        """One step at `batch_size`, by component (on CUDA after an unmeasured one, which creates the
+        optimizer state and tunes the kernels, so the allocator's baseline holds the state)."""
         batch = self.batch(batch_size)
         state = {k: v.clone() for k, v in self.learner.state_dict().items()}
         optimizer_state = self.optimizer.state_dict()
-        self._step(batch)
         meter = _GradientMeter(self.params)
         try:
             if self.device.type == "cuda":
+                self._step(batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 torch.cuda.synchronize(self.device)
                 before = torch.cuda.memory_allocated(self.device)
