@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json (after every case) and OUT.md")
     parser.add_argument("--archs", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
-    parser.add_argument("--tiny", action="store_true", help="ResNet-20 at 16 px / ResNet-18 at 32 px (a check)")
+    parser.add_argument("--tiny", action="store_true", help="ResNet-20 at 16 px / ResNet-18 at 64 px (a check)")
+    parser.add_argument("--skip", nargs="*", default=[], help="leave out the rows whose label starts with these")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     command = "python bench/memory_totals.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         entry = {"batch": batch, "image_size": size, "paper_table3_gb": paper, "small_batches": small, "rows": {}}
         result["backbones"][arch] = entry
         for label, items in rows_for(arch):
+            if any(label.startswith(prefix) for prefix in args.skip):
+                continue
             if args.tiny and items[0] != "method.name=bp":
                 items = [i for i in items if not i.startswith("method.num_modules")] + ["method.num_modules=4"]
             cfg = build_config(None, [f"model.arch={run_arch}", "system.device=cpu", *items], METHODS)
