@@ -14,7 +14,7 @@ from fastlocal.measure import SavedTensorAccountant, parameter_storages
 from fastlocal.methods import METHODS, Batch
 from fastlocal.methods import mlaan as mlaan_module
 from fastlocal.optim import build_optimizer, step_parameters
-from fastlocal.schedule import local_train_step
+from fastlocal.schedule import forward_context_for, local_train_step
 
 STEPS = 3
 IMAGE = 16
@@ -149,3 +149,19 @@ def test_recompute_lowers_the_accounted_activations_and_all_is_lowest():
 def test_fused_step_is_refused_where_it_cannot_run():
     with pytest.raises(ConfigError, match="fused_optimizer_step"):
         build_config(None, ["system.fused_optimizer_step=true", "system.cuda_graphs=true"], METHODS)
+
+
+def test_recompute_replays_the_forward_autocast_state():
+    """bf16 autocast: the recomputed blocks run under the autocast of the first forward, so the gradients are
+    bitwise those of the kept graphs."""
+
+    def gradients(level):
+        learner, _ = build(CASES["mlaan-w2"], f"system.recompute={level}")
+        learner.float()
+        batch = next(batches())
+        batch = Batch(batch.x.float(), batch.y, batch.mean, batch.std)
+        local_train_step(learner.local_modules, learner.method, batch, forward_context_for(batch.x.device, "bf16"))
+        return [p.grad for p in learner.parameters() if p.requires_grad]
+
+    for plain_grad, recomputed in zip(gradients("none"), gradients("all"), strict=True):
+        assert torch.equal(plain_grad, recomputed)
