@@ -1,7 +1,7 @@
 """A training step's whole memory at the paper's batch sizes, by component, beside the paper's Table 3.
 
     python bench/memory_totals.py --out docs/bench/memory_totals       # writes .json (after every case) and .md
-    python bench/memory_totals.py --out /tmp/t --archs resnet32 --tiny  # a quick check of the script
+    python bench/memory_totals.py --out OUT/check --archs resnet32 --tiny  # a quick check of the script
 
 For each backbone (ResNet-32 and ResNet-110 on CIFAR at batch 1024, ImageNet ResNet-34/101/152 at batch 128,
 224x224, fp32 unless the row says bf16) and each method row (BP, per-block checkpointed BP, the same in bf16,
