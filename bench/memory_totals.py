@@ -68,10 +68,12 @@ def markdown(result: dict) -> str:
         "",
         f"Made by `{result['command']}` on {result['device']} (torch {result['torch']}), {result['date']}.",
         "",
-        "GiB per component. Measured on CPU at two small batches (CIFAR 2 and 4, ImageNet 1 and 2) and "
-        "extrapolated linearly to the batch shown (`fastlocal.memory`): activations are the bytes saved for "
-        "backward at the step's peak (the inputs recomputation keeps included), not an allocator reading, "
-        "so workspaces, the cotangents in flight and the allocator's rounding are not in them; parameters, "
+        "GiB per component. Measured at two small batches (CIFAR 2 and 4, ImageNet 1 and 2) and "
+        "extrapolated linearly to the batch shown (`fastlocal.memory`). On CPU the activations are the bytes "
+        "saved for backward at the step's peak (the inputs recomputation keeps included), not an allocator "
+        "reading, so workspaces, the cotangents in flight and the allocator's rounding are not in them (with "
+        "--device cuda they are the allocator's peak during the step less the memory before it and the "
+        "gradients); parameters, "
         "gradients (the most alive at once), optimizer state (SGD momentum) and frozen EMA copies are the "
         "tensors' bytes. total = their sum. `lowest` = system.recompute=all + "
         "system.fused_optimizer_step=true; `checkpointed` = system.recompute=modules (per-block "
@@ -113,12 +115,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     parser.add_argument("--tiny", action="store_true", help="ResNet-20 at 16 px / ResNet-18 at 64 px (a check)")
     parser.add_argument("--skip", nargs="*", default=[], help="leave out the rows whose label starts with these")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where to measure (cuda: the caching allocator's peak of each step, fastlocal.memory)",
+    )
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     command = "python bench/memory_totals.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {
         "command": command,
-        "device": "cpu",
+        "device": args.device,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "backbones": {},
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if args.tiny and items[0] != "method.name=bp":
                 items = [i for i in items if not i.startswith("method.num_modules")] + ["method.num_modules=4"]
-            cfg = build_config(None, [f"model.arch={run_arch}", "system.device=cpu", *items], METHODS)
+            cfg = build_config(None, [f"model.arch={run_arch}", f"system.device={args.device}", *items], METHODS)
             start = time.perf_counter()
             try:
                 plan = step_memory_plan(cfg, classes, size, batch, small_batches=small)
