@@ -20,7 +20,9 @@ Memory, per device convention:
   from NVML (the convention of the paper's Table 3), for one step after the cache was emptied.
 - CPU: the bytes of tensors saved for backward alive at the peak of one step
   (``fastlocal.measure.SavedTensorAccountant``; parameters and buffers are not counted). This is the
-  activation memory local learning saves.
+  activation memory local learning saves. The inputs that ``system.recompute`` keeps are saved through
+  autograd too, so they are counted (``python -m fastlocal.plan --memory`` adds parameters, gradients,
+  optimizer state and EMA copies).
 
 Ratios to BP come from one session: the BP case of the same backbone, batch and input size records its
 figures in a module-level cache as it runs; a case whose BP was deselected measures it lazily, once.
@@ -31,7 +33,7 @@ The other options (``--bench-rounds``, ``--bench-threads``, ``--bench-kernels``,
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import gc
 import importlib.metadata
 import os
@@ -44,14 +46,14 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from fastlocal.bench.report import METHOD_ORDER, ratio
 from fastlocal.config import CIFAR_ARCHS, build_config
 from fastlocal.measure import SavedTensorAccountant, cuda_peak, device_name, parameter_storages, reset_peak
 from fastlocal.methods import METHODS, Batch, build_method
 from fastlocal.models import build_backbone
-from fastlocal.optim import build_optimizer
+from fastlocal.optim import build_optimizer, step_parameters
+from fastlocal.recompute import set_recompute
 from fastlocal.schedule import forward_context_for, local_train_step
 from fastlocal.split import split_backbone
 
@@ -174,6 +176,22 @@ def bench_device(mode: str) -> torch.device:
 
 METHOD_LABELS = METHOD_ORDER  # the report orders its tables by them
 
+# The exact memory options of a method, by label (docs/usage.md#memory-options): `-heads`, `-modules`, `-all`
+# are system.recompute; `-lowest` adds system.fused_optimizer_step to recompute=all. bp-checkpoint is BP with
+# system.recompute=modules (per-block checkpointing).
+OPTION_ITEMS = {
+    "checkpoint": ["system.recompute=modules"],
+    "heads": ["system.recompute=heads"],
+    "modules": ["system.recompute=modules"],
+    "all": ["system.recompute=all"],
+    "lowest": ["system.recompute=all", "system.fused_optimizer_step=true"],
+}
+
+
+def MLAAN_OPTIONS(num_modules: int) -> list[tuple[str, int]]:  # noqa: N802 (reads as a constant in the grid)
+    return [(f"mlaan-{option}", num_modules) for option in ("heads", "modules", "all", "lowest")]
+
+
 # (paper arch, [(label, K), ...]): the paper's K ("K=16" of ResNet-32 is DGL/InfoPro K=16 with the stem
 # separate and MLAAN K=15; "K=55" of ResNet-110 is K=54; ImageNet ResNet-34 "K=17" is K=16:
 # docs/method.md#splits-and-leap-tables)
@@ -196,6 +214,7 @@ STEP_GRID = (
             ("mlaan", 15),
             ("dgl+mlaan", 8),
             ("dgl+mlaan", 15),
+            *MLAAN_OPTIONS(15),
         ],
     ),
     (
@@ -215,11 +234,21 @@ STEP_GRID = (
             ("mlaan", 54),
             ("dgl+mlaan", 32),
             ("dgl+mlaan", 54),
+            *MLAAN_OPTIONS(54),
         ],
     ),
     (
         "resnet34",
-        [("bp", 1), ("bp-checkpoint", 1), ("bp-bf16", 1), ("dgl", 4), ("dgl", 16), ("mlaan", 4), ("mlaan", 16)],
+        [
+            ("bp", 1),
+            ("bp-checkpoint", 1),
+            ("bp-bf16", 1),
+            ("dgl", 4),
+            ("dgl", 16),
+            ("mlaan", 4),
+            ("mlaan", 16),
+            *MLAAN_OPTIONS(16),
+        ],
     ),
 )
 
@@ -242,7 +271,16 @@ class Case:
 
     @property
     def variant(self) -> str:
-        return {"bp-checkpoint": "checkpoint", "bp-bf16": "bf16"}.get(self.label, "")
+        """bf16, or a memory option of OPTION_ITEMS (checkpoint, heads, modules, all, lowest), or ""."""
+        if self.label == "bp-bf16":
+            return "bf16"
+        base, _, option = self.label.rpartition("-")
+        return option if base and option in OPTION_ITEMS else ""
+
+    @property
+    def base_label(self) -> str:
+        """The method's label without its memory option (mlaan-all -> mlaan)."""
+        return self.label[: -len(self.variant) - 1] if self.variant else self.label
 
     @property
     def is_bp(self) -> bool:
@@ -265,7 +303,8 @@ class Case:
         return "bfloat16 autocast" if self.variant == "bf16" else "float32"
 
     def config_items(self) -> list[str]:
-        name = {"bp-checkpoint": "bp", "bp-bf16": "bp", "dgl+mlaan": "mlaan"}.get(self.label, self.label)
+        base = "bp" if self.label == "bp-bf16" else self.base_label
+        name = {"dgl+mlaan": "mlaan"}.get(base, base)
         items = [
             f"model.arch={self.arch}",
             f"method.name={name}",
@@ -274,7 +313,8 @@ class Case:
         ]
         if self.stem_separate:
             items.append("method.stem_separate=true")
-        if self.label == "dgl+mlaan":
+        items += OPTION_ITEMS.get(self.variant, [])
+        if base == "dgl+mlaan":
             items.append("method.head=1c2f")
         if name == "mlaan" and self.imagenet:
             # The ImageNet reference: window 3, final loss weights (wx + wy, wy) (docs/method.md#recipes).
@@ -317,55 +357,6 @@ def step_cases(mode: str) -> list[Case]:
 # Building and running a case
 # ------------------------------------------------------------------------------------------------
 
-_ACTIVE_ACCOUNTANT: list[SavedTensorAccountant] = []
-
-
-class CheckpointedBlock(nn.Module):
-    """A backbone block run under ``torch.utils.checkpoint`` (non-reentrant: the engine's weight VJPs
-    pass ``inputs=``, which the reentrant variant refuses). The block keeps only its input for backward
-    and recomputes its activations then.
-
-    CPU accounting: checkpoint stores recomputed tensors through its own saved-tensor hooks, so the
-    outer ``SavedTensorAccountant`` never sees them. The wrapper measures the block's own saved bytes
-    once (a probe forward of the block alone) and, when its recomputation starts, raises the
-    accountant's peak by that amount over what is alive at that moment.
-    """
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-        self.recompute_bytes: int | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _ACTIVE_ACCOUNTANT and self.recompute_bytes is None and torch.is_grad_enabled():
-            self.recompute_bytes = self._probe(x)
-        return checkpoint(self.block, x, use_reentrant=False, context_fn=self._contexts)
-
-    def _probe(self, x: torch.Tensor) -> int:
-        state = {k: v.clone() for k, v in self.block.state_dict().items()}  # BN statistics stay as they were
-        leaf = x.detach().requires_grad_()
-        with SavedTensorAccountant(ignore=[*parameter_storages(self.block), leaf]) as probe:
-            self.block(leaf)
-        self.block.load_state_dict(state)
-        return probe.peak_bytes
-
-    def _contexts(self):
-        return contextlib.nullcontext(), _CountRecomputation(self)
-
-
-class _CountRecomputation:
-    def __init__(self, block: CheckpointedBlock):
-        self.block = block
-
-    def __enter__(self):
-        if _ACTIVE_ACCOUNTANT and self.block.recompute_bytes:
-            acct = _ACTIVE_ACCOUNTANT[-1]
-            acct.peak_bytes = max(acct.peak_bytes, acct.current_bytes + self.block.recompute_bytes)
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
 
 @dataclass
 class Built:
@@ -378,6 +369,7 @@ class Built:
     batch: Batch
     kernels: str
     num_parameters: int
+    fused_step: bool = False
 
 
 def kernel_backend(device: torch.device, variant: str) -> str:
@@ -402,10 +394,9 @@ def build(case: Case, device: torch.device, seed: int = 0, extra_items: tuple[st
     cfg = build_config(None, [*case.config_items(), *extra_items], METHODS)
     torch.manual_seed(seed)
     backbone = build_backbone(case.arch, case.num_classes, case.input_size)
-    if case.variant == "checkpoint":
-        backbone.blocks = nn.ModuleList(CheckpointedBlock(block) for block in backbone.blocks)
     modules = split_backbone(backbone, case.num_modules, cfg.method.stem_separate, cfg.method.split, case.arch)
     method = build_method(cfg, backbone, modules)
+    set_recompute(modules, method, cfg.system.recompute)
     kernels = kernel_backend(device, case.variant)
     method.kernels = kernels
     backbone.to(device)
@@ -426,6 +417,7 @@ def build(case: Case, device: torch.device, seed: int = 0, extra_items: tuple[st
         Batch(x, y, mean, std),
         kernels,
         sum(p.numel() for p in params),
+        cfg.system.fused_optimizer_step,
     )
 
 
@@ -435,10 +427,13 @@ def make_step(built: Built) -> Callable[[], None]:
     # Autocast wraps the forwards and loss computations only, as the engine does for system.precision=bf16.
     forward_context = forward_context_for(device, "bf16" if built.case.variant == "bf16" else "fp32")
 
+    fused = functools.partial(step_parameters, optimizer) if built.fused_step else None
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        local_train_step(modules, method, batch, forward_context)
-        optimizer.step()
+        local_train_step(modules, method, batch, forward_context, step_parameters=fused)
+        if fused is None:
+            optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -470,11 +465,7 @@ def measure_memory(built: Built, step: Callable[[], None]) -> dict:
         peak["convention"] = "CUDA max_memory_allocated"
         return peak
     with SavedTensorAccountant(ignore=parameter_storages(built.backbone, built.method)) as acct:
-        _ACTIVE_ACCOUNTANT.append(acct)
-        try:
-            step()
-        finally:
-            _ACTIVE_ACCOUNTANT.pop()
+        step()
     return {
         "kind": "cpu_saved_tensors",
         "peak_saved_bytes": acct.peak_bytes,

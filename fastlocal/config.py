@@ -241,6 +241,18 @@ class SystemConfig:
     """Data parallel, CUDA only: batch norm computes its batch statistics over the global batch
     (torch.nn.SyncBatchNorm) instead of per rank. Either way the running statistics are averaged across
     ranks before every evaluation and checkpoint."""
+    recompute: Literal["none", "heads", "modules", "all"] = "none"
+    """Trade time for activation memory, exactly (docs/usage.md#memory-options): none (keep every graph until
+    its VJP), heads (the auxiliary heads, decoders and LAM copies keep only each block's input and recompute
+    their forward, block by block, for their backward), modules (the backbone's local modules do so: a module
+    keeps its blocks' inputs and recomputes each block for MLAAN's cascade and its weight VJP; for bp this is
+    per-block gradient checkpointing), all (both: the lowest-memory exact setting). Batch-norm running
+    statistics move once per step however often a block is recomputed."""
+    fused_optimizer_step: bool = False
+    """Step the optimizer inside the backward schedule: a local module's parameters as soon as its weight VJP
+    ran, a loss's heads as soon as its backward ran, and free their gradients at once, so gradients of the
+    whole model never coexist (the same update: docs/usage.md#memory-options). MLAAN's EMA reads each live
+    weight before its update. One device, one process, no CUDA graphs (a ValueError says so otherwise)."""
     pipeline_stages: Annotated[int, Min(0)] = 0
     """system.parallel = hybrid: the pipeline stages S of the (data, pipeline) device mesh; it must divide the
     number of processes W, which gives W/S data replicas. The other modes ignore it (so a hybrid run resumes
@@ -534,6 +546,14 @@ def validate(cfg: Config, method_names: typing.Iterable[str] | None = None) -> C
         raise ConfigError(
             "system.parallel = hybrid needs the pipeline's stage count: set system.pipeline_stages=S, a divisor "
             "of the number of processes W (W/S data replicas of an S-stage pipeline)"
+        )
+    if cfg.system.fused_optimizer_step and (
+        cfg.system.parallel in ("data", "modules", "hybrid") or cfg.system.cuda_graphs == "true"
+    ):
+        raise ConfigError(
+            "system.fused_optimizer_step = true runs on one device in one process, eagerly (not with "
+            f"system.parallel = {cfg.system.parallel}, system.cuda_graphs = {cfg.system.cuda_graphs}); set "
+            "system.fused_optimizer_step=false, or system.parallel=none and system.cuda_graphs=auto or false"
         )
     if cfg.pipeline.stage_sizes and (
         min(cfg.pipeline.stage_sizes) < 1 or sum(cfg.pipeline.stage_sizes) != resolve_num_modules(cfg.method)

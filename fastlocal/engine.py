@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from fastlocal.config import Config, UserError, cuda_option_on, to_dict, to_toml
 from fastlocal.graphs import GraphedStep
 from fastlocal.measure import SavedTensorAccountant, cuda_peak, device_name, parameter_storages, reset_peak
 from fastlocal.methods import Batch, LocalMethod
-from fastlocal.optim import build_optimizer, learning_rate, set_learning_rate
+from fastlocal.optim import build_optimizer, learning_rate, set_learning_rate, step_parameters
 from fastlocal.parallel.data import GradientAverager, average_buffers
 from fastlocal.parallel.group import DataParallel, barrier, min_across_ranks, silent_log, sum_across_ranks
 from fastlocal.schedule import forward_context_for, local_train_step
@@ -168,14 +169,20 @@ class Trainer:
         self.grad_averager = GradientAverager(modules, method, backbone) if parallel is not None else None
         self.is_main = parallel is None or parallel.is_main
         self.world_size = 1 if parallel is None else parallel.world_size
-        use_graphs = parallel is None and cuda_option_on(
-            "system.cuda_graphs", cfg.system.cuda_graphs, device, "training eagerly"
+        use_graphs = (
+            parallel is None
+            and not cfg.system.fused_optimizer_step
+            and cuda_option_on("system.cuda_graphs", cfg.system.cuda_graphs, device, "training eagerly")
         )
         # Module i's loss runs on this stream while module i+1 runs forward (local_train_step).
         use_streams = cuda_option_on("system.cuda_streams", cfg.system.cuda_streams, device, "training on one stream")
         self.side_stream = torch.cuda.Stream(device) if use_streams else None
         self.lr_on_device = use_graphs
         self.optimizer = build_optimizer(self.params, cfg, device, lr_on_device=use_graphs)
+        if cfg.system.fused_optimizer_step and parallel is not None:
+            raise UserError("system.fused_optimizer_step = true runs in one process; set it false under torchrun")
+        # The schedule steps each module's parameters as soon as their gradients are final (local_train_step).
+        self.fused_step = partial(step_parameters, self.optimizer) if cfg.system.fused_optimizer_step else None
         # Autocast's weight-cast cache must be off inside a CUDA graph (the casts are part of the replay).
         self.forward_context = forward_context_for(device, cfg.system.precision, cache_casts=not use_graphs)
         self.channels_last = cfg.system.channels_last
@@ -202,10 +209,12 @@ class Trainer:
             self.forward_context,
             side_stream=self.side_stream,
             after_flush=None if averager is None else averager.after_flush,
+            step_parameters=self.fused_step,
         )
         if averager is not None:
             averager.finish()
-        self.optimizer.step()
+        if self.fused_step is None:
+            self.optimizer.step()
         return loss
 
     def eager_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,9 @@ class LocalLearner(nn.Module):
 
     Parameters: `learner.parameters()` are the backbone's and the method's (auxiliary heads, LAM copies;
     the frozen EMA copies never get a gradient, so an optimizer leaves them alone).
+
+    `recompute`: none, heads, modules or all (system.recompute, docs/usage.md#memory-options): less activation
+    memory for more compute, the same math.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class LocalLearner(nn.Module):
         std: Sequence[float] = (1.0, 1.0, 1.0),
         kernels: str = "reference",
         arch: str | None = None,
+        recompute: str = "none",
         **options,
     ):
         if not isinstance(backbone, Backbone):
@@ -93,6 +97,8 @@ class LocalLearner(nn.Module):
                 "fastlocal.adapt(model, input_size)"
             )
         cfg = method_config(method, num_modules, options, arch or f"custom:{type(backbone).__name__}")
+        set_value(cfg, "system.recompute", recompute)
+        validate(cfg)
         self._build(cfg, backbone, mean, std, kernels)
 
     @classmethod
@@ -106,6 +112,7 @@ class LocalLearner(nn.Module):
 
     def _build(self, cfg: Config, backbone: Backbone, mean, std, kernels: str) -> None:
         from fastlocal.methods import build_method
+        from fastlocal.recompute import set_recompute
         from fastlocal.split import split_backbone
 
         super().__init__()
@@ -121,6 +128,7 @@ class LocalLearner(nn.Module):
             backbone, num_modules, cfg.method.stem_separate, cfg.method.split, cfg.model.arch
         )
         self.method = build_method(cfg, backbone, self.local_modules)
+        set_recompute(self.local_modules, self.method, cfg.system.recompute)
         self.mean, self.std = tuple(mean), tuple(std)
         self.kernels = kernels
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -54,3 +55,24 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"].fill_(lr)
         else:
             group["lr"] = lr
+
+
+_GROUP_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def step_parameters(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    """`optimizer.step()` for `params` only (system.fused_optimizer_step): each parameter gets the update a
+    whole step would give it (SGD's update is per parameter), from its group's settings and its own state."""
+    groups = optimizer.param_groups
+    group_of = _GROUP_OF.get(optimizer)
+    if group_of is None or len(group_of) != sum(len(g["params"]) for g in groups):
+        group_of = {id(p): index for index, g in enumerate(groups) for p in g["params"]}
+        _GROUP_OF[optimizer] = group_of
+    chosen: dict[int, list[torch.Tensor]] = {}
+    for p in params:
+        chosen.setdefault(group_of[id(p)], []).append(p)
+    optimizer.param_groups = [{**groups[index], "params": ps} for index, ps in sorted(chosen.items())]
+    try:
+        optimizer.step()
+    finally:
+        optimizer.param_groups = groups

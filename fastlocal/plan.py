@@ -5,7 +5,8 @@ Check a config before a long run with it:
 
     python -m fastlocal.plan --config configs/mlaan_resnet110_k32_cifar10.toml
 
-With `--profile --stages S` it measures every module's cost on this device instead and prints the predicted
+With `--memory [--batch N]` it adds a training step's memory by component (`fastlocal.memory`). With
+`--profile --stages S` it measures every module's cost on this device instead and prints the predicted
 pipeline step for S stages (docs/pipeline.md).
 
 What it prints is built by `fastlocal.build` (`plan`, `profile_pipeline`), the same path a run takes.
@@ -54,6 +55,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="the link between stages in Gbit/s for --profile (default: not modelled)",
     )
     parser.add_argument("--micro-batches", type=int, default=4, help="pipelined BP's micro-batches for --profile")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure a training step's memory by component (activations, parameters, gradients, "
+        "optimizer, frozen, total; bytes) on this device at two small batches and extrapolate it to --batch",
+    )
+    parser.add_argument("--batch", type=int, default=0, help="batch size for --memory (default: train.batch_size)")
     args, rest = parser.parse_known_args(argv)
     return args, parse_overrides(rest)
 
@@ -72,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
             result = profile_pipeline(cfg, num_classes, image_size, args.stages, args.link_gbps, args.micro_batches)
         else:
             result = plan(cfg, num_classes, image_size)  # warnings go to stderr: stdout holds only the JSON
+            if args.memory:
+                from fastlocal.memory import step_memory_plan
+
+                if args.batch < 0:
+                    raise UserError(f"--batch {args.batch}: give a positive batch size (0: train.batch_size)")
+                result.update(step_memory_plan(cfg, num_classes, image_size, args.batch or cfg.train.batch_size))
     except UserError as err:
         print(f"fastlocal: error: {err}", file=sys.stderr)
         return 2

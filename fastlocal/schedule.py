@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from fastlocal.methods import Batch, LocalMethod
+from fastlocal.recompute import vjp_of
 from fastlocal.split import LocalModule
 
 
@@ -72,18 +73,76 @@ class _Cotangents:
             if carried is None or j == 0:
                 break
             module_input, module_output = self.graphs[j]
-            (carried,) = torch.autograd.grad(module_output, module_input, carried, retain_graph=True)
+            with vjp_of("inputs"):
+                (carried,) = torch.autograd.grad(module_output, module_input, carried, retain_graph=True)
             _accumulate(self.sums, j - 1, carried)
 
     def flush(self, j: int) -> None:
         """Module j has received all its cotangents: one VJP w.r.t. its parameters only, then free it."""
         _, output = self.graphs[j]
         if self.sums[j] is not None:  # None only for a module whose loss weights are all 0 (warned at build)
-            torch.autograd.backward(output, self.sums[j], inputs=self.modules[j].trainable_parameters)
+            with vjp_of("parameters"):
+                torch.autograd.backward(output, self.sums[j], inputs=self.modules[j].trainable_parameters)
         self.graphs[j] = None
         self.sums[j] = None
         if self.after_flush is not None:  # data parallel: module j's gradients are final, average them
             self.after_flush(j)
+
+
+class FusedOptimizerStep:
+    """The optimizer step inside the schedule (system.fused_optimizer_step): parameters are stepped, and their
+    gradients freed, as soon as the gradients are final: a loss's own parameters (`method.loss_parameters`)
+    after its backward, a module's after its weight VJP; anything else at the end.
+
+    MLAAN's EMA copies move toward the live blocks' weights of before this step's update, as in the plain
+    step: the EMA pairs of loss i move right after loss i (the last use of its EMA copies in the step); a live
+    weight updated before that is read from a copy taken just before its update. Each EMA tensor moves once
+    per step, before any update of its own (the literal LAM's copies are also trained), so the arithmetic per
+    tensor is that of the plain step."""
+
+    def __init__(self, modules: list[LocalModule], method: LocalMethod, step: Callable[[list[torch.Tensor]], None]):
+        self.modules, self.method, self.step = modules, method, step
+        self.stepped: set[int] = set()
+        self.losses_done: set[int] = set()
+        self.stash: dict[int, torch.Tensor] = {}  # id(live tensor) -> its value before this step's update
+        # id(live tensor) -> the losses whose EMA pairs read it
+        self.readers: dict[int, list[int]] = {}
+        for i in range(len(modules)):
+            for tensor in method.ema_pairs_of_loss(i)[1]:
+                self.readers.setdefault(id(tensor), []).append(i)
+
+    def after_loss(self, i: int) -> None:
+        targets, live = self.method.ema_pairs_of_loss(i)
+        if targets:
+            if any(id(t) in self.stash for t in live):
+                live = [self.stash.get(id(t), t) for t in live]
+            self.method.update_ema(targets, live)
+        self.losses_done.add(i)
+        self._step(self.method.loss_parameters(i))
+
+    def after_flush(self, j: int) -> None:
+        self._step(self.modules[j].trainable_parameters)
+
+    def finish(self) -> None:
+        for i in range(len(self.modules)):  # EMA pairs of a module without a loss this step (none today)
+            if i not in self.losses_done and self.method.ema_pairs_of_loss(i)[0]:
+                self.after_loss(i)
+        rest = [p for p in (*self.method.backbone.parameters(), *self.method.parameters()) if p.grad is not None]
+        self._step(rest)
+        self.stash.clear()
+
+    @torch.no_grad()
+    def _step(self, params: list[torch.Tensor]) -> None:
+        params = [p for p in params if p.grad is not None and id(p) not in self.stepped]
+        if not params:
+            return
+        for p in params:  # an EMA that has yet to read this weight reads it from a copy of before the update
+            if any(i not in self.losses_done for i in self.readers.get(id(p), ())):
+                self.stash[id(p)] = p.detach().clone()
+        self.step(params)
+        for p in params:
+            p.grad = None
+            self.stepped.add(id(p))
 
 
 class LossFork:
@@ -164,9 +223,15 @@ def local_train_step(
     *,
     side_stream: torch.cuda.Stream | LossFork | None = None,
     after_flush: Callable[[int], None] | None = None,
+    step_parameters: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> torch.Tensor:
     """Forward and backward of one batch through the local schedule; fills `.grad` of the backbone
     and method parameters (no optimizer step). Returns the last module's loss, detached.
+
+    `step_parameters(params)` (system.fused_optimizer_step; e.g. `functools.partial(fastlocal.optim.
+    step_parameters, optimizer)`): the optimizer step runs inside the schedule instead, on each group of
+    parameters once its gradients are final, and the gradients are freed (`FusedOptimizerStep`); nothing is
+    left in `.grad` and the caller does not call `optimizer.step()`.
 
     `forward_context` wraps every forward and loss computation, never a backward (autocast for bf16).
 
@@ -204,6 +269,11 @@ def local_train_step(
     received its last cotangent and its weight VJP ran, on the main stream; module K-1 is flushed last."""
     fork = _fork_for(side_stream, batch)
     num_modules, window = len(modules), method.window
+    fused = None if step_parameters is None else FusedOptimizerStep(modules, method, step_parameters)
+    if fused is not None:
+        if after_flush is not None:
+            raise ValueError("step_parameters (the fused optimizer step) does not combine with after_flush")
+        after_flush = fused.after_flush
     cotangents = _Cotangents(modules, window, after_flush)
     last_loss = None
 
@@ -229,6 +299,8 @@ def local_train_step(
             cotangents.add_loss_gradients(i, pending.own.grad, pending.cascade.grad)
             if i == num_modules - 1:
                 last_loss = pending.loss.detach()
+            if fused is not None:
+                fused.after_loss(i)
         done = i - window + 1
         if done >= 0:
             cotangents.flush(done)
@@ -251,5 +323,8 @@ def local_train_step(
             cotangents.flush(j)
     finally:
         fork.join()  # also on an error, so a capture never ends with the side stream unjoined
-    method.before_optimizer_step()
+    if fused is not None:
+        fused.finish()  # the EMA moved loss by loss
+    else:
+        method.before_optimizer_step()
     return last_loss

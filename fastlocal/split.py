@@ -149,6 +149,15 @@ class LocalModule(nn.Sequential):
         self.part_ids = list(part_ids)
         # The weight VJP's `inputs`, built once instead of on every step (.to() keeps parameter identities).
         self.trainable_parameters = [p for p in self.parameters() if p.requires_grad]
+        self.recompute = False
+        """Keep only each part's input and recompute the part for a VJP (fastlocal.recompute, system.recompute)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute:
+            from fastlocal.recompute import run_chain
+
+            return run_chain([(part, [part]) for part in self], x)
+        return super().forward(x)
 
 
 def split_backbone(

@@ -106,7 +106,7 @@ def test_report_table_ratios_and_plots(tmp_path):
     assert "Test CPU, 2 threads" in text and "torch 2.x" in text
     assert "| test_ema[triton] | ema | 20 us | 1 us | 10 |" in text
     assert "| test_loader[torch] | - | 12.3 ms | 1 ms | 5 |" in text
-    for name in ("memory_vs_k.png", "step_time.png", "memory_vs_batch.png"):
+    for name in ("memory_vs_k.png", "step_time.png", "memory_vs_batch.png", "time_vs_memory.png"):
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 1000, name
 
@@ -241,3 +241,8 @@ def test_ratio():
     assert report.ratio(3.0, 2.0) == 1.5
     assert report.ratio(1.0, 3.0) == 0.3333
     assert report.ratio(None, 2.0) is None and report.ratio(1.0, 0) is None and report.ratio(1.0, None) is None
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_in_both():
+    points = [(1.0, 1.0), (1.7, 0.36), (4.6, 0.5), (7.0, 0.25), (2.0, 0.4), (7.5, 0.30)]
+    assert report.pareto_front(points) == [(1.0, 1.0), (1.7, 0.36), (7.0, 0.25)]

@@ -55,7 +55,9 @@ PAPER_BATCH = 1024
 # extra_info["suite"] of the rows bench/test_bench_steps.py and bench/test_bench_memory.py write; other
 # benchmarks in the file (kernels, loaders) are listed apart.
 STEP_SUITE, SWEEP_SUITE, FAST_PATH_SUITE = "fastlocal-steps", "fastlocal-memory-sweep", "fastlocal-fast-path"
-METHOD_ORDER = ("bp", "bp-checkpoint", "bp-bf16", "dgl", "infopro", "mlaan", "dgl+mlaan")
+# The memory options (system.recompute, system.fused_optimizer_step) are labels of their own: mlaan-all etc.
+MLAAN_OPTIONS = ("mlaan-heads", "mlaan-modules", "mlaan-all", "mlaan-lowest")
+METHOD_ORDER = ("bp", "bp-checkpoint", "bp-bf16", "dgl", "infopro", "mlaan", *MLAAN_OPTIONS, "dgl+mlaan")
 LOCAL_METHODS = ("dgl", "infopro", "mlaan", "dgl+mlaan")
 METHOD_COLORS = {
     "bp": "C7",
@@ -64,6 +66,10 @@ METHOD_COLORS = {
     "dgl": "C0",
     "infopro": "C1",
     "mlaan": "C2",
+    "mlaan-heads": "C4",
+    "mlaan-modules": "C5",
+    "mlaan-all": "C6",
+    "mlaan-lowest": "C8",
     "dgl+mlaan": "C3",
 }
 # Backbones in the order a reader expects (small CIFAR nets first, then ImageNet ones).
@@ -620,6 +626,42 @@ def plot_step_time(rows: list[Row], path: Path) -> None:
     _save(plt, fig, path, "Training-step time relative to BP (median)")
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (time, memory) points no other point beats in both, by increasing time."""
+    front: list[tuple[float, float]] = []
+    for time_ratio, memory_ratio in sorted(points):
+        if not front or memory_ratio < front[-1][1]:
+            front.append((time_ratio, memory_ratio))
+    return front
+
+
+def plot_time_vs_memory(rows: list[Row], path: Path) -> None:
+    """Per backbone: one point per method, K and memory option (step time and peak memory, both / BP), and the
+    Pareto front through them."""
+    plt = _pyplot()
+    panels = _panels([row for row in rows if not row.sweep])
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.6 * max(1, len(panels)), 4.6), squeeze=False)
+    for ax, (key, panel) in zip(axes[0], panels.items()):
+        panel = [row for row in panel if row.time_ratio is not None and row.memory_ratio is not None]
+        for row in panel:
+            ax.scatter(row.time_ratio, row.memory_ratio, color=METHOD_COLORS.get(row.method, "C9"), s=18, zorder=3)
+            label = row.method if row.method.startswith("bp") else f"{row.method} K={row.num_modules}"
+            ax.annotate(
+                label, (row.time_ratio, row.memory_ratio), fontsize=6, xytext=(3, 2), textcoords="offset points"
+            )
+        front = pareto_front([(row.time_ratio, row.memory_ratio) for row in panel])
+        if front:
+            ax.step(*zip(*front), where="post", color="black", linewidth=1, label="Pareto front")
+            ax.legend(fontsize=7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("step time / BP")
+        ax.set_ylabel("peak memory / BP")
+        ax.set_title(_title(key), fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    _save(plt, fig, path, "Time against memory of a training step, relative to BP")
+
+
 def plot_memory_vs_batch(rows: list[Row], path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
@@ -669,7 +711,8 @@ def write_report(json_paths: Path | list[Path], out_dir: Path, plots: bool = Tru
     if plots:
         plot_memory_vs_k(rows, out_dir / "memory_vs_k.png")
         plot_step_time(rows, out_dir / "step_time.png")
-        written += [out_dir / "memory_vs_k.png", out_dir / "step_time.png"]
+        plot_time_vs_memory(rows, out_dir / "time_vs_memory.png")
+        written += [out_dir / "memory_vs_k.png", out_dir / "step_time.png", out_dir / "time_vs_memory.png"]
         sweep = [row for row in rows if row.sweep]
         if sweep:
             plot_memory_vs_batch(sweep, out_dir / "memory_vs_batch.png")

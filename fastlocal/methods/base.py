@@ -77,6 +77,34 @@ class LocalMethod(nn.Module):
     def module_loss(self, i: int, own: torch.Tensor, cascade: torch.Tensor, batch: Batch) -> torch.Tensor | None:
         raise NotImplementedError
 
+    recompute_heads: bool = False
+    """Run the local objectives (and LAM copies) keeping only each block's input (system.recompute)."""
+
+    def run_objective(self, objective: nn.Module, features: torch.Tensor, batch: Batch, lam=None) -> torch.Tensor:
+        """objective(lam(features)) (lam: a chain with `segments()`, or None), a scalar loss; with
+        `recompute_heads` each block of the LAM and the objective keep only their input and are recomputed
+        for the backward (fastlocal.recompute)."""
+        if not self.recompute_heads:
+            return objective(features if lam is None else lam(features), batch, self.kernels)
+        from fastlocal.recompute import run_chain
+
+        segments = [] if lam is None else lam.segments()
+        segments.append((lambda z: objective(z, batch, self.kernels), [objective]))
+        return run_chain(segments, features)
+
+    def loss_parameters(self, i: int) -> list[torch.Tensor]:
+        """The method's trainable parameters that only module i's loss trains: their gradients are final
+        once that loss's backward ran (system.fused_optimizer_step steps them then). Parameters no loss
+        claims are stepped at the end of the step."""
+        return []
+
+    def update_ema(self, targets: list[torch.Tensor], live: list[torch.Tensor]) -> None:
+        """Move these EMA tensors toward these live ones (methods with EMA copies override it)."""
+
+    def ema_pairs_of_loss(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(EMA tensors, the live tensors they follow) of the copies only module i's loss reads."""
+        return [], []
+
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
         """Called once per step after all gradients are in, before optimizer.step() (EMA goes here)."""

@@ -14,3 +14,6 @@ class BP(LocalMethod):
 
     def module_loss(self, i, own, cascade, batch):
         return classification_loss(self.backbone.head, own, batch.y, self.kernels)
+
+    def loss_parameters(self, i):
+        return [p for p in self.backbone.head.parameters() if p.requires_grad]

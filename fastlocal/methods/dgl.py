@@ -44,7 +44,13 @@ class GreedyLocal(LocalMethod):
         if i == self.num_modules - 1:
             return classification_loss(self.backbone.head, own, batch.y, self.kernels)
         key = str(i)
-        return self.objectives[key](own, batch, self.kernels) if key in self.objectives else None
+        return self.run_objective(self.objectives[key], own, batch) if key in self.objectives else None
+
+    def loss_parameters(self, i):
+        if i == self.num_modules - 1:
+            return [p for p in self.backbone.head.parameters() if p.requires_grad]
+        key = str(i)
+        return [p for p in self.objectives[key].parameters() if p.requires_grad] if key in self.objectives else []
 
 
 @register_method("dgl")

@@ -47,13 +47,19 @@ class LeapAugmentedModule(nn.Module):
         object.__setattr__(self, "live_blocks", live_blocks)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if self.ema_first is None:
-            z = self.aug[0](z)
-        else:
-            z = self.aug[0](z) + self.ema_first(z)
+        z = self._first(z)
         for block in self.aug[1:]:
             z = block(z)
         return z
+
+    def _first(self, z: torch.Tensor) -> torch.Tensor:
+        return self.aug[0](z) if self.ema_first is None else self.aug[0](z) + self.ema_first(z)
+
+    def segments(self) -> list:
+        """The forward as a chain of (callable, modules) for fastlocal.recompute: the summed first block,
+        then each further copy."""
+        first = [self.aug[0]] if self.ema_first is None else [self.aug[0], self.ema_first]
+        return [(self._first, first)] + [(block, [block]) for block in self.aug[1:]]
 
     def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(EMA tensors, the live tensors they follow): parameters only."""
@@ -153,8 +159,10 @@ class MLAAN(LocalMethod):
         if scope == "last":  # the CIFAR reference moves only the last LAM's EMA copy
             keys = keys[-1:]
         targets, live = [], []
+        self._ema_by_loss = {}
         for key in keys:
             t, lv = self.lams[key].ema_pairs()
+            self._ema_by_loss[int(key)] = (t, lv)
             targets += t
             live += lv
         return targets, live
@@ -173,14 +181,29 @@ class MLAAN(LocalMethod):
         key = str(i)
         if key not in self.own_objectives:
             return None  # modules 0..W-2 learn only through later windows
-        z = self.lams[key](cascade) if key in self.lams else cascade
-        return self.wx * self.own_objectives[key](own, batch, self.kernels) + self.wy * self.cascaded_objectives[key](
-            z, batch, self.kernels
+        lam = self.lams[key] if key in self.lams else None
+        return self.wx * self.run_objective(self.own_objectives[key], own, batch) + self.wy * self.run_objective(
+            self.cascaded_objectives[key], cascade, batch, lam
         )
+
+    def loss_parameters(self, i):
+        if i == self.num_modules - 1:
+            return [p for p in self.backbone.head.parameters() if p.requires_grad]
+        key = str(i)
+        parts = [d[key] for d in (self.own_objectives, self.cascaded_objectives, self.lams) if key in d]
+        return [p for part in parts for p in part.parameters() if p.requires_grad]
+
+    def ema_pairs_of_loss(self, i):
+        return self._ema_by_loss.get(i, ([], []))
 
     @torch.no_grad()
     def before_optimizer_step(self):
-        if self._ema_targets:
+        self.update_ema(self._ema_targets, self._ema_live)
+
+    @torch.no_grad()
+    def update_ema(self, targets: list[torch.Tensor], live: list[torch.Tensor]) -> None:
+        """ema <- m * ema + (1 - m) * live for these pairs (a subset of `ema_tensors()`)."""
+        if targets:
             from fastlocal.kernels import ema_update_
 
-            ema_update_(self._ema_targets, self._ema_live, self.ema_momentum, backend=self.kernels)
+            ema_update_(targets, live, self.ema_momentum, backend=self.kernels)
