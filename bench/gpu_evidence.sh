@@ -10,7 +10,11 @@
 #                                                schedule ref) for LONG_EPOCHS (100) epochs, MLAAN K=15 and BP
 #                                                with the fast path; point 5: paper Table 3's ImageNet rows on
 #                                                shapes (bench/imagenet_memory.py, batch 128, 224x224)
-#   TINY=1 bash bench/gpu_evidence.sh short|long /tmp/ev   the same steps on the CPU at tiny sizes (256
+#   bash bench/gpu_evidence.sh memory [OUT_DIR]  issue 28 point 4: every component of a step's memory on CUDA
+#                                                (bench/memory_totals.py --device cuda: BP, checkpointed BP fp32
+#                                                and bf16, DGL, InfoPro, MLAAN default and lowest-memory, CIFAR
+#                                                ResNet-32/110 at batch 1024, ImageNet ResNet-34/101/152 at 128)
+#   TINY=1 bash bench/gpu_evidence.sh short|long|memory /tmp/ev   the same steps on the CPU at tiny sizes (256
 #                                                training and 128 test images, 1 epoch; 2 for `long`)
 #
 # OUT_DIR (default $OUT, else .data/evidence-out) receives at most 5 files, as the device tool brings back at
@@ -54,8 +58,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PART="${1:-}"
 case "$PART" in
-  short|long) ;;
-  *) echo "usage: bash bench/gpu_evidence.sh short|long [OUT_DIR]   (TINY=1 for the CPU check)" >&2; exit 2 ;;
+  short|long|memory) ;;
+  *) echo "usage: bash bench/gpu_evidence.sh short|long|memory [OUT_DIR]   (TINY=1 for the CPU check)" >&2; exit 2 ;;
 esac
 OUT_DIR="${2:-${OUT:-.data/evidence-out}}"
 mkdir -p "$OUT_DIR"
@@ -75,7 +79,7 @@ exec > >(tee "$LOG") 2>&1
 
 ARCHIVE=.data/cifar10-jpeg.tar.gz
 [ -f "$ARCHIVE" ] || ARCHIVE=../shared/data/cifar10-jpeg.tar.gz
-if [ ! -f "$ARCHIVE" ]; then
+if [ ! -f "$ARCHIVE" ] && [ "$PART" != memory ]; then
   echo "gpu_evidence.sh: no .data/cifar10-jpeg.tar.gz; copy ../shared/data/cifar10-jpeg.tar.gz there and carry .data" >&2
   exit 2
 fi
@@ -139,7 +143,9 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', 'CPUs', __
 if command -v nvidia-smi > /dev/null 2>&1; then nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1 || true; fi
 
 # Decode the archive once (every run then loads the uint8 cache): timed, so the note can say what it cost.
+# The memory part reads no images (random batches of the paper's shapes).
 SHORT_CONFIG=configs/short_bp_resnet32_cifar10jpeg.toml
+if [ "$PART" != memory ]; then
 mkdir -p "$RUNS/data"
 printf '%q ' "$PYTHON" scripts/collect_gpu_evidence.py decode --config "$SHORT_CONFIG" "${DATA[@]}" "${SIZE[@]}" \
   > "$RUNS/data/command.txt"
@@ -147,6 +153,7 @@ lim=$(limit "${DATA_S:-60}")
 (( lim > 0 )) && timeout --signal=INT --kill-after=5 "$lim" "$PYTHON" scripts/collect_gpu_evidence.py decode --config "$SHORT_CONFIG" \
   "${DATA[@]}" "${SIZE[@]}" --json "$RUNS/data/decode.json"
 echo "decode: exit $?"
+fi
 
 if [ "$PART" = short ]; then
   for path in fast plain; do
@@ -174,6 +181,20 @@ if [ "$PART" = short ]; then
     "$PYTHON" -c "import json, sys; d = json.load(open(sys.argv[1])); print(json.dumps(d['predicted'], indent=1))" \
       "$RUNS/pipeline-profile/pipeline_profile.json" || true
   fi
+elif [ "$PART" = memory ]; then
+  # Two small batches per case on the GPU, extrapolated to the paper's batch (fastlocal.memory); the JSON is
+  # written after every case, so a hard stop keeps what was measured.
+  mkdir -p "$RUNS/memory-totals"
+  TOTALS=(--device cuda)
+  [ "$TINY" = 1 ] && TOTALS=(--device cpu --tiny --archs resnet32)
+  printf '%q ' "$PYTHON" bench/memory_totals.py "${TOTALS[@]}" --out "$RUNS/memory-totals/memory_totals" \
+    > "$RUNS/memory-totals/command.txt"
+  lim=$(limit 480)
+  echo "== memory-totals (hard stop $lim s): $(cat "$RUNS/memory-totals/command.txt")"
+  (( lim > 0 )) && timeout --signal=INT --kill-after=5 "$lim" "$PYTHON" bench/memory_totals.py "${TOTALS[@]}" \
+    --out "$RUNS/memory-totals/memory_totals"
+  echo "== memory-totals: exit $?"
+  cat "$RUNS/memory-totals/memory_totals.md" || true
 else
   EPOCHS=(--train.epochs="$LONG_EPOCHS")
   run_train "table1-mlaan-k15-resnet32-fast-${LONG_EPOCHS}ep" $(( 30 + LONG_EPOCHS * 26 / 10 )) \
