@@ -196,6 +196,12 @@ class TrainConfig:
     """Evaluation batch size (no effect on the results)."""
     drop_last: bool = False
     """Drop the last partial training batch of each epoch."""
+    checkpoint_every: Annotated[int, Min(0)] = 0
+    """Also write the checkpoint every this many steps inside an epoch, with the position in the epoch's data
+    order (0 = only at the end of every epoch). --resume, or a group torchrun restarts, then continues from
+    that step and ends with the same weights as an uninterrupted run. A step checkpoint costs what an epoch's
+    costs (a pipeline gathers its stages' weights on rank 0); not with system.parallel = hybrid, nor with
+    pipeline.cascade = stale or pipeline.ema_every > 1 (they carry messages from one step into the next)."""
 
 
 @dataclass

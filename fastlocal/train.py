@@ -62,7 +62,13 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
     trainer, log = built.trainer, built.log
     if checkpoint is not None:
         trainer.restore(checkpoint)
-        log(f"resuming {out_dir} after epoch {trainer.state.epoch}")
+        mid_epoch = trainer.state.mid_epoch
+        at = (
+            f"step {mid_epoch['step']} of epoch {trainer.state.epoch + 1}"
+            if mid_epoch
+            else f"epoch {trainer.state.epoch}"
+        )
+        log(f"resuming {out_dir} after {at}")
     for line in built.description:
         log(line)
     summary = trainer.fit(log=log)
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"python -m fastlocal.train --resume {out_dir}" if out_dir is not None else "--resume <run directory>"
         print(
             f"fastlocal: stopped by {signal.Signals(signum).name}; the last checkpoint holds the last finished "
-            f"epoch (nothing partial was saved); continue with: {hint}",
+            f"epoch (or step, with train.checkpoint_every); continue with: {hint}",
             file=sys.stderr,
         )
         # 130 for both: a stop by the user or the scheduler is the same resumable interruption (the issue's

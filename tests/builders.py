@@ -101,6 +101,25 @@ def launch(
     return [p.exitcode for p in procs]
 
 
+def keep_step_checkpoint(trainer, epoch: int, step: int, copy_to: Path) -> None:
+    """After `trainer`'s step checkpoint at `step` of epoch index `epoch` (train.checkpoint_every), rank 0 copies
+    the checkpoint to `copy_to`: what a run killed right after it leaves. Every rank waits for the copy."""
+    import shutil
+
+    from fastlocal.engine import CHECKPOINT_NAME
+
+    save = trainer.save_step_checkpoint
+
+    def save_and_keep(steps_done: int, loss_sum, seconds: float) -> None:
+        save(steps_done, loss_sum, seconds)
+        if (trainer.state.epoch, steps_done) == (epoch, step):
+            if trainer.is_main:
+                shutil.copy(trainer.out_dir / CHECKPOINT_NAME, copy_to)
+            process_group.barrier()
+
+    trainer.save_step_checkpoint = save_and_keep
+
+
 def build(method: str, arch: str, k: int, overrides=(), dtype=torch.float64, seed: int = 0, input_size: int = 32):
     """(cfg, backbone, modules, method) with `overrides` as 'section.key=value' strings."""
     items = [f"method.name={method}", f"method.num_modules={k}", f"model.arch={arch}", *overrides]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import build, launch, run_cli, torchrun_tiny_run
+from builders import build, keep_step_checkpoint, launch, run_cli, torchrun_tiny_run
 
 from fastlocal.config import ConfigError, build_config
 from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
@@ -125,8 +125,9 @@ def tiny_data(rank: int, world: int) -> DataBundle:
     )
 
 
-def tiny_trainer(rank: int, world: int, out: Path, epochs: int, parallel=None) -> Trainer:
+def tiny_trainer(rank: int, world: int, out: Path, epochs: int, parallel=None, extra=()) -> Trainer:
     overrides = [
+        *extra,
         f"train.epochs={epochs}",
         f"train.batch_size={GLOBAL_BATCH}",
         "log.progress=false",
@@ -199,6 +200,39 @@ def test_fit_writes_from_rank0_averages_running_stats_and_resumes_exactly(tmp_pa
     # The data-parallel checkpoint resumes in one process.
     single.load_checkpoint(tmp_path / "whole" / CHECKPOINT_NAME)
     assert single.fit(log=lambda *a: None)["epochs"] == 3
+
+
+def _step_checkpoint_and_resume(rank: int, world: int, out: Path) -> None:
+    parallel = process_group.DataParallel(rank, WORLD, rank)
+    every_step = ["train.checkpoint_every=1"]  # 2 steps an epoch: a step checkpoint in the middle of each
+    whole = tiny_trainer(rank, WORLD, out / ("whole" if rank == 0 else "rank1"), 2, parallel, every_step)
+    keep_step_checkpoint(whole, epoch=1, step=1, copy_to=out / "mid.pt")
+    whole.fit(log=lambda *a: None)
+    resumed = tiny_trainer(rank, WORLD, out / ("resumed" if rank == 0 else "rank1"), 2, parallel, every_step)
+    resumed.load_checkpoint(out / "mid.pt")
+    resumed.fit(log=lambda *a: None)
+
+
+def test_a_step_checkpoint_resumes_mid_epoch_to_the_same_weights(tmp_path):
+    """Resumed from the checkpoint written after step 1 of epoch 2, the run ends as the uninterrupted one: the
+    weights, the batch-norm statistics (each rank's own until the epoch's end averages them), the momentum and
+    the EMA copies, and the epoch's loss."""
+    assert launch(_step_checkpoint_and_resume, WORLD, tmp_path, timeout_s=180) == [0, 0]
+    mid = torch.load(tmp_path / "mid.pt", weights_only=True)
+    assert mid["state"]["epoch"] == 1 and mid["state"]["mid_epoch"]["step"] == 1
+    whole = torch.load(tmp_path / "whole" / CHECKPOINT_NAME, weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / CHECKPOINT_NAME, weights_only=True)
+    assert resumed["state"]["mid_epoch"] is None and resumed["state"]["epoch"] == 2
+    for part in ("backbone", "method"):
+        for key, value in whole[part].items():
+            assert torch.equal(value, resumed[part][key]), (part, key)
+    for index, state in whole["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], resumed["optimizer"]["state"][index]["momentum_buffer"])
+    rows = [
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("whole", "resumed")
+    ]
+    assert [r["train_loss"] for r in rows[0]] == pytest.approx([r["train_loss"] for r in rows[1]], rel=1e-12)
 
 
 def _rank1_fails(rank: int, world: int, out: Path) -> None:

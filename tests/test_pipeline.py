@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import build, launch, run_cli, torchrun_tiny_run
+from builders import build, keep_step_checkpoint, launch, run_cli, torchrun_tiny_run
 
 from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
 from fastlocal.engine import Trainer
@@ -59,10 +59,10 @@ class Float64:
     """A loader whose images come as float64 (the models of these tests are float64)."""
 
     def __init__(self, loader):
-        self.loader, self.num_images = loader, loader.num_images
+        self.loader, self.num_images, self.world_size = loader, loader.num_images, loader.world_size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.loader.set_epoch(epoch, start_step)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -240,6 +240,43 @@ def test_fit_through_the_pipeline_equals_one_device_and_resumes_both_ways(tmp_pa
     in_pipeline = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)
     assert in_pipeline["state"]["epoch"] == 3
     assert_same_checkpoint(in_pipeline, resumed.checkpoint(), "resumed in the pipeline")
+
+
+def _step_checkpoint_and_resume(rank: int, world: int, out: Path) -> None:
+    # MLAAN's cascade and EMA cross the cut; 2 steps an epoch, a step checkpoint in the middle of each.
+    overrides = ["mlaan.window=2", "train.epochs=2", "train.checkpoint_every=1"]
+    whole = pipeline_trainer(rank, world, "mlaan", 4, overrides, [2, 2], out / ("whole" if rank == 0 else "rank1"))
+    keep_step_checkpoint(whole, epoch=1, step=1, copy_to=out / "mid.pt")
+    whole.fit(log=lambda *a: None)
+    resumed = pipeline_trainer(rank, world, "mlaan", 4, overrides, [2, 2], out / ("resumed" if rank == 0 else "rank1"))
+    resumed.load_checkpoint(out / "mid.pt")
+    resumed.fit(log=lambda *a: None)
+
+
+def assert_resumed_mid_epoch_as_whole(out: Path) -> None:
+    """out/mid.pt is a step checkpoint of epoch 2; out/resumed, resumed from it, ended as out/whole."""
+    mid = torch.load(out / "mid.pt", weights_only=True)
+    assert mid["state"]["epoch"] == 1 and mid["state"]["mid_epoch"]["step"] == 1
+    whole = torch.load(out / "whole" / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(out / "resumed" / "checkpoint.pt", weights_only=True)
+    assert_same_checkpoint(resumed, whole, "resumed mid-epoch", exact=True)
+    rows = [pipe_summary_history(out / run) for run in ("whole", "resumed")]
+    assert [r["train_loss"] for r in rows[0]] == pytest.approx([r["train_loss"] for r in rows[1]], rel=1e-12)
+
+
+def test_a_step_checkpoint_resumes_the_pipeline_mid_epoch_to_the_same_weights(tmp_path):
+    assert launch(_step_checkpoint_and_resume, 2, tmp_path, timeout_s=150) == [0, 0]
+    assert_resumed_mid_epoch_as_whole(tmp_path)
+
+
+@pytest.mark.parametrize("option", ["pipeline.cascade=stale", "pipeline.ema_every=2"])
+def test_step_checkpoints_refuse_what_carries_state_between_steps(tmp_path, option):
+    """The stale cascade and a sparse EMA carry messages from one step into the next (hybrid is refused by the
+    same condition)."""
+    from fastlocal.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.checkpoint_every"):
+        pipeline_trainer(0, 2, "mlaan", 4, ["mlaan.window=2", "train.checkpoint_every=1", option], [2, 2], tmp_path)
 
 
 def pipe_summary_history(run: Path) -> list[dict]:

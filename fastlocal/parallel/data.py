@@ -114,6 +114,25 @@ def average_buffers(*roots: nn.Module, group: dist.ProcessGroup | None = None) -
             b.copy_(chunk.view_as(b))
 
 
+def gather_buffers(*roots: nn.Module) -> list[list[torch.Tensor]] | None:
+    """Every rank's floating-point buffers of `roots` (batch-norm running statistics, which differ between ranks
+    until :func:`average_buffers`), as CPU tensors in `roots`' buffer order, on rank 0 (None on the others)."""
+    mine = [b.detach().cpu() for root in roots for b in root.buffers() if b.is_floating_point()]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    return gathered
+
+
+@torch.no_grad()
+def load_buffers(values: list[torch.Tensor], *roots: nn.Module) -> None:
+    """The inverse of one rank's part of :func:`gather_buffers`."""
+    buffers = [b for root in roots for b in root.buffers() if b.is_floating_point()]
+    if len(buffers) != len(values):
+        raise ValueError(f"{len(values)} saved buffers for the {len(buffers)} of this model")
+    for buffer, value in zip(buffers, values):
+        buffer.copy_(value)
+
+
 def module_parameter_groups(
     modules: list[LocalModule], method: nn.Module, backbone: nn.Module
 ) -> list[list[nn.Parameter]]:

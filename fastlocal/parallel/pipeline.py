@@ -122,16 +122,16 @@ class _StepsOnly:
 
     def __init__(self, loader):
         self.loader = loader
-        self.num_images = loader.num_images
+        self.num_images, self.world_size, self.start_step = loader.num_images, loader.world_size, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        pass
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.start_step = start_step
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        return iter([(None, None)] * len(self.loader))
+        return iter([(None, None)] * (len(self.loader) - self.start_step))
 
 
 class _DataView:
@@ -177,6 +177,15 @@ class PipelineTrainer(Trainer):
         self._step = 0
         self._steps = 0
         self._stale = self._kept_input = None
+        if cfg.train.checkpoint_every and (
+            self.mesh.num_replicas > 1 or cfg.pipeline.cascade == "stale" or cfg.pipeline.ema_every > 1
+        ):
+            raise ConfigError(
+                "train.checkpoint_every (step checkpoints) needs every step of a pipeline to be complete when it "
+                "ends; system.parallel = hybrid, pipeline.cascade = stale and pipeline.ema_every > 1 carry state "
+                "from one step into the next. Set train.checkpoint_every=0 (a checkpoint per epoch) or use "
+                "system.parallel=modules, pipeline.cascade=exact and pipeline.ema_every=1"
+            )
         if cfg.pipeline.cascade == "stale" and min(len(r) for r in self.ranges[:-1]) < method.window - 1:
             raise ConfigError(
                 f"pipeline.cascade = stale needs every stage but the last to hold at least "
@@ -563,14 +572,15 @@ class PipelineTrainer(Trainer):
         self._wait_sends(older_than=self._step + 1)
 
     # -- epochs, evaluation, checkpoints -----------------------------------------------------------------
-    def begin(self, steps: int) -> None:
-        """Before the first of `steps` steps (an epoch): post the receive of the first batch."""
-        self._step, self._steps = 0, steps
+    def begin(self, steps: int, first_step: int = 0) -> None:
+        """Before step `first_step` of `steps` (an epoch; a step checkpoint's position when resumed): post the
+        receive of its batch."""
+        self._step, self._steps = first_step, steps
         self._receive_works = [None, None]
-        self._post_receive_input(0)
+        self._post_receive_input(first_step)
 
     def train_epoch(self, epoch: int) -> dict:
-        self.begin(len(self.data.train))
+        self.begin(len(self.data.train), self.state.mid_epoch["step"] if self.state.mid_epoch else 0)
         try:
             row = super().train_epoch(epoch)
         finally:
