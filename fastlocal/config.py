@@ -245,6 +245,10 @@ class SystemConfig:
     """Data parallel, CUDA only: batch norm computes its batch statistics over the global batch
     (torch.nn.SyncBatchNorm) instead of per rank. Either way the running statistics are averaged across
     ranks before every evaluation and checkpoint."""
+    dist_timeout: Annotated[float, Min(1)] = 600.0
+    """Multi-process runs: the seconds a rank waits for another (a collective, a pipeline message) before it
+    ends the job with an error naming the rank that stopped answering and what it waited for; never a silent
+    hang. Raise it above the longest pause of any one rank (rank 0 writing a large checkpoint)."""
     pipeline_stages: Annotated[int, Min(0)] = 0
     """system.parallel = hybrid: the pipeline stages S of the (data, pipeline) device mesh; it must divide the
     number of processes W, which gives W/S data replicas. The other modes ignore it (so a hybrid run resumes

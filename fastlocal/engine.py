@@ -26,7 +26,7 @@ from fastlocal.measure import SavedTensorAccountant, cuda_peak, device_name, par
 from fastlocal.methods import Batch, LocalMethod
 from fastlocal.optim import build_optimizer, learning_rate, set_learning_rate
 from fastlocal.parallel.data import GradientAverager, average_buffers, gather_buffers, load_buffers
-from fastlocal.parallel.group import DataParallel, barrier, min_across_ranks, silent_log, sum_across_ranks
+from fastlocal.parallel.group import DataParallel, barrier, min_across_ranks, set_progress, silent_log, sum_across_ranks
 from fastlocal.schedule import forward_context_for, local_train_step
 from fastlocal.split import LocalModule
 
@@ -325,6 +325,7 @@ class Trainer:
         for step, (x, y) in enumerate(loader, first_step):
             if step == steps:
                 break
+            set_progress(f"step {step + 1}/{steps} of epoch {epoch + 1}")
             lr = learning_rate(cfg, epoch, step, steps)
             set_learning_rate(self.optimizer, lr)
             if self.channels_last:
@@ -417,6 +418,7 @@ class Trainer:
             row = self.train_epoch(epoch)
             if self.grad_averager is not None:  # data parallel, the stated rule: running statistics are the mean
                 average_buffers(self.backbone, self.method, group=self.grad_averager.group)
+            set_progress(f"the evaluation after epoch {epoch + 1}")
             row["test_acc"] = self.test_accuracy()
             self.state.epoch = epoch + 1
             self.state.history.append(row)

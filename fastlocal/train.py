@@ -118,6 +118,7 @@ def locked_run_directory(out_dir: Path) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     from fastlocal.engine import CHECKPOINT_NAME, RunInterrupted, read_checkpoint
     from fastlocal.methods import METHODS
+    from fastlocal.parallel.group import PeerTimeout
 
     argv = sys.argv[1:] if argv is None else argv
     out_dir = None
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"fastlocal: error: {err}", file=sys.stderr)
         return 2
+    except PeerTimeout as err:  # not the user's input: a rank stopped answering
+        print(f"fastlocal: error: {err}", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, RunInterrupted) as err:
         signum = err.signum if isinstance(err, RunInterrupted) else signal.SIGINT
         hint = f"python -m fastlocal.train --resume {out_dir}" if out_dir is not None else "--resume <run directory>"

@@ -120,6 +120,32 @@ def keep_step_checkpoint(trainer, epoch: int, step: int, copy_to: Path) -> None:
     trainer.save_step_checkpoint = save_and_keep
 
 
+def fit_with_rank1_stopped(trainer, rank: int, out: Path, stop_before_step: int = 2) -> None:
+    """Rank 1 stops itself (SIGSTOP, as a frozen process) before its step `stop_before_step`; the other ranks'
+    fit() must end with a PeerTimeout. Rank 0 writes its message and the seconds from rank 1's stop to
+    out/timeout.txt, then kills rank 1 (a stopped process ignores everything else), and re-raises."""
+    import signal
+
+    step, calls = trainer.run_step, []
+
+    def stop_at(x, y):
+        calls.append(1)
+        if rank == 1 and len(calls) == stop_before_step:
+            (out / "rank1.pid").write_text(f"{os.getpid()} {time.time()}")
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return step(x, y)
+
+    trainer.run_step = stop_at
+    try:
+        trainer.fit(log=lambda *a: None)
+    except process_group.PeerTimeout as err:
+        if rank == 0:
+            pid, stopped_at = (out / "rank1.pid").read_text().split()
+            (out / "timeout.txt").write_text(f"{time.time() - float(stopped_at):.1f}\n{err}")
+            os.kill(int(pid), signal.SIGKILL)
+        raise
+
+
 def build(method: str, arch: str, k: int, overrides=(), dtype=torch.float64, seed: int = 0, input_size: int = 32):
     """(cfg, backbone, modules, method) with `overrides` as 'section.key=value' strings."""
     items = [f"method.name={method}", f"method.num_modules={k}", f"model.arch={arch}", *overrides]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import build, keep_step_checkpoint, launch, run_cli, torchrun_tiny_run
+from builders import build, fit_with_rank1_stopped, keep_step_checkpoint, launch, run_cli, torchrun_tiny_run
 
 from fastlocal.config import ConfigError, build_config
 from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
@@ -233,6 +233,24 @@ def test_a_step_checkpoint_resumes_mid_epoch_to_the_same_weights(tmp_path):
         for run in ("whole", "resumed")
     ]
     assert [r["train_loss"] for r in rows[0]] == pytest.approx([r["train_loss"] for r in rows[1]], rel=1e-12)
+
+
+def _rank1_stops(rank: int, world: int, out: Path) -> None:
+    trainer = tiny_trainer(
+        rank, WORLD, out / ("run" if rank == 0 else "rank1"), 1, process_group.DataParallel(rank, WORLD, rank)
+    )
+    fit_with_rank1_stopped(trainer, rank, out)
+
+
+def test_a_rank_that_stops_answering_ends_the_job_naming_it(tmp_path):
+    """Rank 1 frozen (SIGSTOP) before its second step: rank 0 waits system.dist_timeout (3 s here) in the
+    gradient all-reduce, then ends with a message naming rank 1 and what it waited for; never a hang."""
+    codes = launch(_rank1_stops, WORLD, tmp_path, timeout_s=90, collective_timeout_s=3)
+    assert codes[0] == 1 and codes[1] == -9, codes  # rank 0: the error; rank 1: killed by rank 0, never resumed
+    seconds, message = (tmp_path / "timeout.txt").read_text().split("\n", 1)
+    assert 3 <= float(seconds) < 30, seconds
+    assert message.startswith("rank 0 waited 3 s (system.dist_timeout) for every rank's gradients"), message
+    assert "at step 2/2 of epoch 1" in message and "rank 1 stopped answering" in message, message
 
 
 def _rank1_fails(rank: int, world: int, out: Path) -> None:

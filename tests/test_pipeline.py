@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import build, keep_step_checkpoint, launch, run_cli, torchrun_tiny_run
+from builders import build, fit_with_rank1_stopped, keep_step_checkpoint, launch, run_cli, torchrun_tiny_run
 
 from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
 from fastlocal.engine import Trainer
@@ -299,6 +299,23 @@ def _stage1_fails(rank: int, world: int, out: Path) -> None:
 def test_a_failing_stage_ends_every_stage_with_an_error(tmp_path):
     codes = launch(_stage1_fails, 2, tmp_path, timeout_s=90, collective_timeout_s=15)
     assert codes[0] != 0 and codes[1] != 0
+
+
+def _stage1_stops(rank: int, world: int, out: Path) -> None:
+    overrides = ["mlaan.window=2"]  # stage 0 waits for stage 1's cotangent of every step
+    trainer = pipeline_trainer(rank, world, "mlaan", 4, overrides, [2, 2], out / ("run" if rank == 0 else "rank1"))
+    fit_with_rank1_stopped(trainer, rank, out)
+
+
+def test_a_stage_that_stops_answering_ends_the_job_naming_it(tmp_path):
+    codes = launch(_stage1_stops, 2, tmp_path, timeout_s=90, collective_timeout_s=3)
+    assert codes[0] == 1 and codes[1] == -9, codes
+    seconds, message = (tmp_path / "timeout.txt").read_text().split("\n", 1)
+    assert 3 <= float(seconds) < 30, seconds
+    assert message.startswith(
+        "rank 0 waited 3 s (system.dist_timeout) for the cotangent of step 2 from stage 1 (rank 1)"
+    )
+    assert "rank 1 stopped answering" in message, message
 
 
 def test_single_device_names_for_the_options():
