@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import build, fit_with_rank1_stopped, keep_step_checkpoint, launch, run_cli, torchrun_tiny_run
+from builders import (
+    build,
+    fit_with_rank1_stopped,
+    keep_step_checkpoint,
+    launch,
+    restart_after_a_kill,
+    run_cli,
+    torchrun_tiny_run,
+)
 
 from fastlocal.config import ConfigError, build_config
 from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
@@ -251,6 +259,18 @@ def test_a_rank_that_stops_answering_ends_the_job_naming_it(tmp_path):
     assert 3 <= float(seconds) < 30, seconds
     assert message.startswith("rank 0 waited 3 s (system.dist_timeout) for every rank's gradients"), message
     assert "at step 2/2 of epoch 1" in message and "rank 1 stopped answering" in message, message
+
+
+RESTART_RUN = ("--data.max_train=80", "--train.epochs=2", "--train.checkpoint_every=3", "--system.dist_timeout=30")
+"""4 steps an epoch (80 images, global batch 20), a step checkpoint after step 3 of each."""
+
+
+def test_torchrun_restarts_a_killed_rank_and_the_run_continues_from_its_step_checkpoint(tmp_path):
+    """torchrun --max-restarts=1, data parallel: rank 1 killed (SIGKILL) before step 4 of epoch 2; torchrun restarts
+    the group, the same command continues from the step checkpoint by itself (no --resume) and ends as the
+    uninterrupted run."""
+    result = restart_after_a_kill(tmp_path / "killed", tmp_path / "whole", *RESTART_RUN, kill_rank=1, kill_step=8)
+    assert f"resuming {tmp_path / 'killed'} after step 3 of epoch 2" in result.stdout
 
 
 def _rank1_fails(rank: int, world: int, out: Path) -> None:

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import build, fit_with_rank1_stopped, keep_step_checkpoint, launch, run_cli, torchrun_tiny_run
+from builders import (
+    build,
+    fit_with_rank1_stopped,
+    keep_step_checkpoint,
+    launch,
+    restart_after_a_kill,
+    run_cli,
+    torchrun_tiny_run,
+)
 
 from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
 from fastlocal.engine import Trainer
@@ -339,6 +347,16 @@ def test_torchrun_cli_trains_a_pipeline_and_resumes_on_one_device(tmp_path):
     resume = [sys.executable, "-m", "fastlocal.train", "--resume", str(out), "--train.epochs=2"]
     resume.append("--system.parallel=none")  # the saved config says modules
     assert run_cli(resume, out)[1]["epochs"] == 2
+
+
+def test_torchrun_restarts_a_killed_stage_and_the_pipeline_continues_from_its_step_checkpoint(tmp_path):
+    """torchrun --max-restarts=1, a 2-stage MLAAN pipeline (its cascade and EMA cross the cut), 4 steps an epoch, a
+    step checkpoint after step 3: stage 1 killed (SIGKILL) before step 4 of epoch 2; the restarted group
+    continues from the step checkpoint by itself and ends as the uninterrupted run."""
+    run = ("--data.max_train=80", "--train.epochs=2", "--train.checkpoint_every=3", "--system.dist_timeout=30")
+    pipeline = ("--system.parallel=modules", "--pipeline.stage_sizes=1,2")  # one cut, the same in every attempt
+    result = restart_after_a_kill(tmp_path / "killed", tmp_path / "whole", *run, *pipeline, kill_rank=1, kill_step=8)
+    assert f"resuming {tmp_path / 'killed'} after step 3 of epoch 2" in result.stdout
 
 
 SLEEPS = [0.24, 0.16, 0.40, 0.32, 0.48, 0.20, 0.28, 0.36]

@@ -207,6 +207,16 @@ def test_a_second_writer_is_refused_naming_the_holder(run_copy, capsys):
 
 
 # 5. Bad paths and a full disk -------------------------------------------------------------------------------------
+def test_a_torchrun_restart_continues_its_run_but_a_fresh_command_or_another_config_is_refused(
+    run_copy, capsys, monkeypatch
+):
+    expect_user_error([*TINY, "--train.epochs=1", "--out", run_copy], capsys, "already holds a run")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # what torchrun --max-restarts sets in a restarted group
+    code, out, err = run_cli([*TINY, "--train.epochs=1", "--out", run_copy], capsys)
+    assert code == 0 and "torchrun restart 1: the run continues from its last checkpoint" in out, err
+    expect_user_error([*TINY, "--train.epochs=2", "--out", run_copy], capsys, "another config", "--resume")
+
+
 def test_out_that_is_a_file_or_below_one(capsys, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")

@@ -45,6 +45,11 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
 
 
+def restart_count() -> int:
+    """How many times torchrun (--max-restarts) has restarted this group of processes; 0 outside torchrun."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def resolve_parallel(parallel: str) -> str:
     """system.parallel -> "data", "modules", "hybrid" or "none": auto is data parallel under torchrun."""
     torchrun = launched_by_torchrun()
@@ -199,7 +204,20 @@ def init_data_parallel(
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         # NCCL for CUDA tensors where there are GPUs; gloo for CPU tensors (and a CPU-only torch build).
-        dist.init_process_group(BACKEND if torch.cuda.is_available() else "gloo", timeout=timeout)
+        backend = BACKEND if torch.cuda.is_available() else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps one key-value store (its agent's) across restarts, and the process group's keys in it
+            # are not per attempt: a restarted group could read the addresses of the killed attempt's ranks (seen:
+            # gloo's connectFullMesh refused, then the restart failed). The keys of each attempt under a prefix.
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+            )
+            attempt = dist.PrefixStore(f"fastlocal/attempt_{restart_count()}/", store)
+            dist.init_process_group(
+                backend, store=attempt, rank=parallel.rank, world_size=parallel.world_size, timeout=timeout
+            )
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     _Waits.timeout_s = timeout.total_seconds()
     if _Waits.heartbeat is None and parallel.world_size > 1:
         _Waits.heartbeat = _Heartbeat(parallel.rank, parallel.world_size, min(1.0, max(0.05, _Waits.timeout_s / 20)))
