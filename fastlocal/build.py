@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -192,7 +193,7 @@ def build_parallel(cfg: Config, device: torch.device) -> ParallelContext:
         if mode == "hybrid":  # D = W/S replicas of the pipeline, each on its shard of every global batch
             replicas = hybrid_replicas(world_size, cfg.system.pipeline_stages)
             context.batch_size = data_parallel.per_rank_batch(cfg.train.batch_size, replicas)
-    context.group, context.device = init_data_parallel(device)
+    context.group, context.device = init_data_parallel(device, timedelta(seconds=cfg.system.dist_timeout))
     if mode == "data":
         context.shard, context.num_shards = context.group.rank, context.group.world_size
     if mode == "hybrid":

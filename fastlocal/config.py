@@ -198,6 +198,12 @@ class TrainConfig:
     """Evaluation batch size (no effect on the results)."""
     drop_last: bool = False
     """Drop the last partial training batch of each epoch."""
+    checkpoint_every: Annotated[int, Min(0)] = 0
+    """Also write the checkpoint every this many steps inside an epoch, with the position in the epoch's data
+    order (0 = only at the end of every epoch). --resume, or a group torchrun restarts, then continues from
+    that step and ends with the same weights as an uninterrupted run. A step checkpoint costs what an epoch's
+    costs (a pipeline gathers its stages' weights on rank 0); not with system.parallel = hybrid, nor with
+    pipeline.cascade = stale or pipeline.ema_every > 1 (they carry messages from one step into the next)."""
 
 
 @dataclass
@@ -253,6 +259,10 @@ class SystemConfig:
     ran, a loss's heads as soon as its backward ran, and free their gradients at once, so gradients of the
     whole model never coexist (the same update: docs/usage.md#memory-options). MLAAN's EMA reads each live
     weight before its update. One device, one process, no CUDA graphs (a ValueError says so otherwise)."""
+    dist_timeout: Annotated[float, Min(1)] = 600.0
+    """Multi-process runs: the seconds a rank waits for another (a collective, a pipeline message) before it
+    ends the job with an error naming the rank that stopped answering and what it waited for; never a silent
+    hang. Raise it above the longest pause of any one rank (rank 0 writing a large checkpoint)."""
     pipeline_stages: Annotated[int, Min(0)] = 0
     """system.parallel = hybrid: the pipeline stages S of the (data, pipeline) device mesh; it must divide the
     number of processes W, which gives W/S data replicas. The other modes ignore it (so a hybrid run resumes

@@ -26,8 +26,8 @@ from fastlocal.graphs import GraphedStep
 from fastlocal.measure import SavedTensorAccountant, cuda_peak, device_name, parameter_storages, reset_peak
 from fastlocal.methods import Batch, LocalMethod
 from fastlocal.optim import build_optimizer, learning_rate, set_learning_rate, step_parameters
-from fastlocal.parallel.data import GradientAverager, average_buffers
-from fastlocal.parallel.group import DataParallel, barrier, min_across_ranks, silent_log, sum_across_ranks
+from fastlocal.parallel.data import GradientAverager, average_buffers, gather_buffers, load_buffers
+from fastlocal.parallel.group import DataParallel, barrier, min_across_ranks, set_progress, silent_log, sum_across_ranks
 from fastlocal.schedule import forward_context_for, local_train_step
 from fastlocal.split import LocalModule
 from fastlocal.tensorboard import ModuleLosses, TensorBoardLog
@@ -45,7 +45,7 @@ class NonFiniteLossError(UserError):
 
 
 class RunInterrupted(Exception):
-    """SIGINT or SIGTERM arrived: the run stopped between steps and saved nothing partial."""
+    """SIGINT or SIGTERM arrived: the run stopped between steps; the steps since the last checkpoint are lost."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -145,6 +145,11 @@ class RunState:
     input_size: int = 0
     """The backbone's classes and input size (what `fastlocal.export` rebuilds it with; 0: unknown, an older
     checkpoint)."""
+    mid_epoch: dict | None = None
+    """A step checkpoint's position in epoch `epoch` (train.checkpoint_every): {"step": steps taken,
+    "loss_sum": their losses summed over ranks, "seconds": their time, "data_shards": the processes the data
+    order was sharded over}; data parallel adds "rank_buffers", every rank's floating-point buffers (batch-norm
+    running statistics differ between ranks until the epoch's end averages them). None at an epoch's end."""
 
 
 class Trainer:
@@ -194,6 +199,7 @@ class Trainer:
         # log.tensorboard: the step sums each module's loss on the device; rank 0 writes the events (in fit()).
         self.module_losses = ModuleLosses(method, device) if cfg.log.tensorboard else None
         self.tensorboard: TensorBoardLog | None = None
+        self.data_shards = data.train.world_size  # the data order's shards (a mid-epoch resume needs as many)
 
     # -- one step ---------------------------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -223,12 +229,16 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def checkpoint(self) -> dict:
+        state = self.state.__dict__
+        if self.state.mid_epoch is not None and self.parallel is not None:  # data parallel, mid-epoch
+            rank_buffers = gather_buffers(self.backbone, self.method)  # a collective: every rank takes part
+            state = {**state, "mid_epoch": {**self.state.mid_epoch, "rank_buffers": rank_buffers}}
         return {
             "config": to_dict(self.cfg),
             "backbone": self.backbone.state_dict(),
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "state": self.state.__dict__,
+            "state": state,
         }
 
     def save_checkpoint(self) -> None:
@@ -275,6 +285,31 @@ class Trainer:
             elif not self.lr_on_device and isinstance(group["lr"], torch.Tensor):
                 group["lr"] = group["lr"].item()
         self.state = RunState(**{**ckpt["state"], **self.model_shape()})
+        mid_epoch = self.state.mid_epoch
+        if mid_epoch is not None:
+            if mid_epoch["data_shards"] != self.data_shards:
+                raise UserError(
+                    f"the checkpoint was written at step {mid_epoch['step']} of epoch {self.state.epoch + 1}, with "
+                    f"the data order sharded over {mid_epoch['data_shards']} processes; this run shards it over "
+                    f"{self.data_shards}: resume with {mid_epoch['data_shards']} (torchrun --nproc_per_node) "
+                    "data-parallel processes"
+                )
+            self.state.mid_epoch = {k: v for k, v in mid_epoch.items() if k != "rank_buffers"}
+            if mid_epoch.get("rank_buffers") is not None and self.parallel is not None:
+                load_buffers(mid_epoch["rank_buffers"][self.parallel.rank], self.backbone, self.method)
+
+    def save_step_checkpoint(self, steps_done: int, loss_sum: torch.Tensor, seconds: float) -> None:
+        """The checkpoint after `steps_done` steps of epoch state.epoch + 1 (train.checkpoint_every)."""
+        self.state.mid_epoch = {
+            "step": steps_done,
+            "loss_sum": sum_across_ranks(loss_sum).item(),
+            "seconds": seconds,
+            "data_shards": self.data_shards,
+        }
+        try:
+            self.save_checkpoint()
+        finally:
+            self.state.mid_epoch = None
 
     def model_shape(self) -> dict:
         return {
@@ -285,24 +320,35 @@ class Trainer:
     # -- training ----------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
         cfg, loader = self.cfg, self.data.train
-        loader.set_epoch(epoch)
+        # A step checkpoint's position (train.checkpoint_every): the epoch goes on from there, as it would have.
+        resumed, self.state.mid_epoch = self.state.mid_epoch, None
+        first_step = resumed["step"] if resumed else 0
+        loader.set_epoch(epoch, start_step=first_step)
         # Data parallel: shards of equal length give equal steps; otherwise no rank waits for a step another never runs.
         steps = min_across_ranks(len(loader), self.device)
         self.backbone.train()
         self.method.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        earlier_seconds = 0.0
+        if resumed:  # the loss sum over ranks of the steps before: counted once, on rank 0
+            loss_sum += resumed["loss_sum"] if self.is_main else 0.0
+            earlier_seconds = resumed["seconds"]
         progress = None
         if cfg.log.progress and self.is_main:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, unit="batch")
+            progress = tqdm(
+                total=steps, initial=first_step, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, unit="batch"
+            )
         # The first step whose loss is inf or nan, tracked on the device (no host sync); -1 while none is.
         diverged_at = torch.full((), -1, dtype=torch.int64, device=self.device)
         start = time.perf_counter()
         lr = cfg.optim.lr
-        for step, (x, y) in enumerate(loader):
+        checkpoint_every = cfg.train.checkpoint_every
+        for step, (x, y) in enumerate(loader, first_step):
             if step == steps:
                 break
+            set_progress(f"step {step + 1}/{steps} of epoch {epoch + 1}")
             lr = learning_rate(cfg, epoch, step, steps)
             set_learning_rate(self.optimizer, lr)
             if self.tensorboard is not None:
@@ -336,11 +382,13 @@ class Trainer:
                     progress.set_postfix(loss=f"{total / (step + 1) / self.world_size:.3f}", lr=f"{lr:.3g}")
             if progress is not None:
                 progress.update(1)
-            if self.stop_signal is not None:  # the step is finished; the partial epoch is discarded
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                self.save_step_checkpoint(step + 1, loss_sum, earlier_seconds + time.perf_counter() - start)
+            if self.stop_signal is not None:  # the step is finished; the steps since the last checkpoint are lost
                 raise RunInterrupted(self.stop_signal)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
+        seconds = earlier_seconds + time.perf_counter() - start
         if progress is not None:
             progress.close()
         train_loss = sum_across_ranks(loss_sum).item() / max(1, steps) / self.world_size
@@ -403,6 +451,7 @@ class Trainer:
             row = self.train_epoch(epoch)
             if self.grad_averager is not None:  # data parallel, the stated rule: running statistics are the mean
                 average_buffers(self.backbone, self.method, group=self.grad_averager.group)
+            set_progress(f"the evaluation after epoch {epoch + 1}")
             row["test_acc"] = self.test_accuracy()
             self.state.epoch = epoch + 1
             self.state.history.append(row)

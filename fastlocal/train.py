@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fastlocal.config import Config, UserError, build_config, parse_overrides, resume_config, to_toml
+from fastlocal.config import Config, UserError, build_config, parse_overrides, resume_config, to_dict, to_toml
 
 LOCK_NAME = "run.lock"
 
@@ -57,12 +57,21 @@ def run(cfg: Config, out_dir: Path, checkpoint: dict | None = None, log=print) -
     """Build the run (fastlocal.build.build_run), continue from `checkpoint` if given (see
     `fastlocal.engine.read_checkpoint`), train, and write `out_dir`. Returns the summary."""
     from fastlocal.build import build_run
+    from fastlocal.parallel.group import restart_count
 
     built = build_run(cfg, out_dir, log)
     trainer, log = built.trainer, built.log
     if checkpoint is not None:
         trainer.restore(checkpoint)
-        log(f"resuming {out_dir} after epoch {trainer.state.epoch}")
+        if restart_count():
+            log(f"torchrun restart {restart_count()}: the run continues from its last checkpoint")
+        mid_epoch = trainer.state.mid_epoch
+        at = (
+            f"step {mid_epoch['step']} of epoch {trainer.state.epoch + 1}"
+            if mid_epoch
+            else f"epoch {trainer.state.epoch}"
+        )
+        log(f"resuming {out_dir} after {at}")
     for line in built.description:
         log(line)
     summary = trainer.fit(log=log)
@@ -112,6 +121,7 @@ def locked_run_directory(out_dir: Path) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     from fastlocal.engine import CHECKPOINT_NAME, RunInterrupted, read_checkpoint
     from fastlocal.methods import METHODS
+    from fastlocal.parallel.group import PeerTimeout, restart_count
 
     argv = sys.argv[1:] if argv is None else argv
     out_dir = None
@@ -147,20 +157,31 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = resume_config(checkpoint["config"], overrides, METHODS)
                 check_resumed_epochs(checkpoint, cfg)
             elif (out_dir / CHECKPOINT_NAME).exists():
-                raise UserError(
-                    f"--out {out_dir} already holds a run; use --resume {out_dir} to continue it, "
-                    "or choose another --out"
-                )
+                if not restart_count():
+                    raise UserError(
+                        f"--out {out_dir} already holds a run; use --resume {out_dir} to continue it, "
+                        "or choose another --out"
+                    )
+                # torchrun restarted the group after a process failed: this command wrote the checkpoint.
+                checkpoint = read_checkpoint(out_dir / CHECKPOINT_NAME)
+                if checkpoint["config"] != to_dict(cfg):
+                    raise UserError(
+                        f"torchrun restarted this command, but the checkpoint in --out {out_dir} was written with "
+                        f"another config; continue that run with --resume {out_dir}, or choose another --out"
+                    )
             run(cfg, out_dir, checkpoint)
     except UserError as err:
         print(f"fastlocal: error: {err}", file=sys.stderr)
         return 2
+    except PeerTimeout as err:  # not the user's input: a rank stopped answering
+        print(f"fastlocal: error: {err}", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, RunInterrupted) as err:
         signum = err.signum if isinstance(err, RunInterrupted) else signal.SIGINT
         hint = f"python -m fastlocal.train --resume {out_dir}" if out_dir is not None else "--resume <run directory>"
         print(
             f"fastlocal: stopped by {signal.Signals(signum).name}; the last checkpoint holds the last finished "
-            f"epoch (nothing partial was saved); continue with: {hint}",
+            f"epoch (or step, with train.checkpoint_every); continue with: {hint}",
             file=sys.stderr,
         )
         # 130 for both: a stop by the user or the scheduler is the same resumable interruption (the issue's

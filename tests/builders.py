@@ -45,6 +45,34 @@ def torchrun_tiny_run(out, *extra: str, processes: int = 2) -> list[str]:
     ]
 
 
+def restart_after_a_kill(out, whole, *extra: str, kill_rank: int, kill_step: int) -> subprocess.CompletedProcess:
+    """Train the tiny torchrun run (`torchrun_tiny_run` with `extra`) twice, 2 ranks, under torchrun
+    --max-restarts=1: into `whole` uninterrupted, and into `out` with rank `kill_rank` killed (SIGKILL) before its
+    step `kill_step` (tests/kill_once.py) so that torchrun restarts the group. Checks that both end with the same
+    weights, batch-norm statistics, momentum and EMA copies, and that the second run restarted; returns it."""
+    command = torchrun_tiny_run(whole, *extra)
+    restart = ["--max-restarts=1", "--monitor-interval=0.5"]
+    script = str(Path(__file__).with_name("kill_once.py"))
+    at = command.index("-m", 3)  # torchrun's own options end where the trainer's module begins
+    killed = [*command[:at], *restart, script, *command[at + 2 :]]
+    killed[-1] = str(out)
+    run_cli([*command[:at], *restart, *command[at:]], whole)
+    repo = str(Path(__file__).resolve().parents[1])  # the script's folder comes first on its path: name the package's
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_RANK": str(kill_rank), "KILL_STEP": str(kill_step)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(killed, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torchrun restart 1: the run continues from its last checkpoint" in result.stdout, result.stdout[-2000:]
+    got, expected = (torch.load(Path(run) / "checkpoint.pt", weights_only=True) for run in (out, whole))
+    for part in ("backbone", "method"):
+        for key, value in expected[part].items():
+            assert torch.equal(value, got[part][key]), (part, key)
+    for index, state in expected["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], got["optimizer"]["state"][index]["momentum_buffer"]), index
+    assert got["state"]["epoch"] == expected["state"]["epoch"] and got["state"]["mid_epoch"] is None
+    return result
+
+
 def run_cli(command: list[str], out, expect: int = 0) -> tuple[subprocess.CompletedProcess, dict | None]:
     """Run a CLI command (one thread per process, a 240 s hard stop); check its exit status; the process and,
     after a successful run, the run directory `out`'s summary.json."""
@@ -99,6 +127,51 @@ def launch(
             p.join()
     assert not hung, f"ranks {hung} still ran after {timeout_s} s: a deadlock"
     return [p.exitcode for p in procs]
+
+
+def keep_step_checkpoint(trainer, epoch: int, step: int, copy_to: Path) -> None:
+    """After `trainer`'s step checkpoint at `step` of epoch index `epoch` (train.checkpoint_every), rank 0 copies
+    the checkpoint to `copy_to`: what a run killed right after it leaves. Every rank waits for the copy."""
+    import shutil
+
+    from fastlocal.engine import CHECKPOINT_NAME
+
+    save = trainer.save_step_checkpoint
+
+    def save_and_keep(steps_done: int, loss_sum, seconds: float) -> None:
+        save(steps_done, loss_sum, seconds)
+        if (trainer.state.epoch, steps_done) == (epoch, step):
+            if trainer.is_main:
+                shutil.copy(trainer.out_dir / CHECKPOINT_NAME, copy_to)
+            process_group.barrier()
+
+    trainer.save_step_checkpoint = save_and_keep
+
+
+def fit_with_rank1_stopped(trainer, rank: int, out: Path, stop_before_step: int = 2) -> None:
+    """Rank 1 stops itself (SIGSTOP, as a frozen process) before its step `stop_before_step`; the other ranks'
+    fit() must end with a PeerTimeout. Rank 0 writes its message and the seconds from rank 1's stop to
+    out/timeout.txt, then kills rank 1 (a stopped process ignores everything else), and re-raises."""
+    import signal
+
+    step, calls = trainer.run_step, []
+
+    def stop_at(x, y):
+        calls.append(1)
+        if rank == 1 and len(calls) == stop_before_step:
+            (out / "rank1.pid").write_text(f"{os.getpid()} {time.time()}")
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return step(x, y)
+
+    trainer.run_step = stop_at
+    try:
+        trainer.fit(log=lambda *a: None)
+    except process_group.PeerTimeout as err:
+        if rank == 0:
+            pid, stopped_at = (out / "rank1.pid").read_text().split()
+            (out / "timeout.txt").write_text(f"{time.time() - float(stopped_at):.1f}\n{err}")
+            os.kill(int(pid), signal.SIGKILL)
+        raise
 
 
 def build(method: str, arch: str, k: int, overrides=(), dtype=torch.float64, seed: int = 0, input_size: int = 32):

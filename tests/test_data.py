@@ -762,3 +762,18 @@ def test_loader_on_cuda_matches_cpu_semantics():
         loader.pad_mode = cuda.pad_mode = mode
         expected = loader.augment(loader.images[:2], offsets, flips)
         assert torch.equal(cuda.augment(cuda.images[:2], offsets.cuda(), flips.cuda()).cpu(), expected)
+
+
+def test_a_device_loader_started_mid_epoch_yields_the_rest_of_the_epoch():
+    """set_epoch(e, start_step=s), as a run resumed from a step checkpoint calls it: the batches s, s+1, ... of
+    the whole epoch, pixels (crops and flips) and labels alike, and len() still the whole epoch's."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (10, 3, 8, 8), generator=g, dtype=torch.uint8)
+    loader = DeviceLoader(images, torch.arange(10), 3, train=True, mean=(0.5,) * 3, std=(0.5,) * 3, pad=2, flip=True)
+    loader.set_epoch(2)
+    whole = list(loader)
+    loader.set_epoch(2, start_step=2)
+    rest = list(loader)
+    assert len(loader) == 4 and len(rest) == 2
+    for (x, y), (x_whole, y_whole) in zip(rest, whole[2:], strict=True):
+        assert torch.equal(x, x_whole) and torch.equal(y, y_whole)

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import build, launch, run_cli, torchrun_tiny_run
+from builders import (
+    build,
+    fit_with_rank1_stopped,
+    keep_step_checkpoint,
+    launch,
+    restart_after_a_kill,
+    run_cli,
+    torchrun_tiny_run,
+)
 
 from fastlocal.config import ConfigError, build_config
 from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
@@ -126,8 +134,9 @@ def tiny_data(rank: int, world: int) -> DataBundle:
     )
 
 
-def tiny_trainer(rank: int, world: int, out: Path, epochs: int, parallel=None) -> Trainer:
+def tiny_trainer(rank: int, world: int, out: Path, epochs: int, parallel=None, extra=()) -> Trainer:
     overrides = [
+        *extra,
         f"train.epochs={epochs}",
         f"train.batch_size={GLOBAL_BATCH}",
         "log.progress=false",
@@ -204,6 +213,69 @@ def test_fit_writes_from_rank0_averages_running_stats_and_resumes_exactly(tmp_pa
     # The data-parallel checkpoint resumes in one process.
     single.load_checkpoint(tmp_path / "whole" / CHECKPOINT_NAME)
     assert single.fit(log=lambda *a: None)["epochs"] == 3
+
+
+def _step_checkpoint_and_resume(rank: int, world: int, out: Path) -> None:
+    parallel = process_group.DataParallel(rank, WORLD, rank)
+    every_step = ["train.checkpoint_every=1"]  # 2 steps an epoch: a step checkpoint in the middle of each
+    whole = tiny_trainer(rank, WORLD, out / ("whole" if rank == 0 else "rank1"), 2, parallel, every_step)
+    keep_step_checkpoint(whole, epoch=1, step=1, copy_to=out / "mid.pt")
+    whole.fit(log=lambda *a: None)
+    resumed = tiny_trainer(rank, WORLD, out / ("resumed" if rank == 0 else "rank1"), 2, parallel, every_step)
+    resumed.load_checkpoint(out / "mid.pt")
+    resumed.fit(log=lambda *a: None)
+
+
+def test_a_step_checkpoint_resumes_mid_epoch_to_the_same_weights(tmp_path):
+    """Resumed from the checkpoint written after step 1 of epoch 2, the run ends as the uninterrupted one: the
+    weights, the batch-norm statistics (each rank's own until the epoch's end averages them), the momentum and
+    the EMA copies, and the epoch's loss."""
+    assert launch(_step_checkpoint_and_resume, WORLD, tmp_path, timeout_s=180) == [0, 0]
+    mid = torch.load(tmp_path / "mid.pt", weights_only=True)
+    assert mid["state"]["epoch"] == 1 and mid["state"]["mid_epoch"]["step"] == 1
+    whole = torch.load(tmp_path / "whole" / CHECKPOINT_NAME, weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / CHECKPOINT_NAME, weights_only=True)
+    assert resumed["state"]["mid_epoch"] is None and resumed["state"]["epoch"] == 2
+    for part in ("backbone", "method"):
+        for key, value in whole[part].items():
+            assert torch.equal(value, resumed[part][key]), (part, key)
+    for index, state in whole["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], resumed["optimizer"]["state"][index]["momentum_buffer"])
+    rows = [
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("whole", "resumed")
+    ]
+    assert [r["train_loss"] for r in rows[0]] == pytest.approx([r["train_loss"] for r in rows[1]], rel=1e-12)
+
+
+def _rank1_stops(rank: int, world: int, out: Path) -> None:
+    trainer = tiny_trainer(
+        rank, WORLD, out / ("run" if rank == 0 else "rank1"), 1, process_group.DataParallel(rank, WORLD, rank)
+    )
+    fit_with_rank1_stopped(trainer, rank, out)
+
+
+def test_a_rank_that_stops_answering_ends_the_job_naming_it(tmp_path):
+    """Rank 1 frozen (SIGSTOP) before its second step: rank 0 waits system.dist_timeout (3 s here) in the
+    gradient all-reduce, then ends with a message naming rank 1 and what it waited for; never a hang."""
+    codes = launch(_rank1_stops, WORLD, tmp_path, timeout_s=90, collective_timeout_s=3)
+    assert codes[0] == 1 and codes[1] == -9, codes  # rank 0: the error; rank 1: killed by rank 0, never resumed
+    seconds, message = (tmp_path / "timeout.txt").read_text().split("\n", 1)
+    assert 3 <= float(seconds) < 30, seconds
+    assert message.startswith("rank 0 waited 3 s (system.dist_timeout) for every rank's gradients"), message
+    assert "at step 2/2 of epoch 1" in message and "rank 1 stopped answering" in message, message
+
+
+RESTART_RUN = ("--data.max_train=80", "--train.epochs=2", "--train.checkpoint_every=3", "--system.dist_timeout=30")
+"""4 steps an epoch (80 images, global batch 20), a step checkpoint after step 3 of each."""
+
+
+def test_torchrun_restarts_a_killed_rank_and_the_run_continues_from_its_step_checkpoint(tmp_path):
+    """torchrun --max-restarts=1, data parallel: rank 1 killed (SIGKILL) before step 4 of epoch 2; torchrun restarts
+    the group, the same command continues from the step checkpoint by itself (no --resume) and ends as the
+    uninterrupted run."""
+    result = restart_after_a_kill(tmp_path / "killed", tmp_path / "whole", *RESTART_RUN, kill_rank=1, kill_step=8)
+    assert f"resuming {tmp_path / 'killed'} after step 3 of epoch 2" in result.stdout
 
 
 def _rank1_fails(rank: int, world: int, out: Path) -> None:

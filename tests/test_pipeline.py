@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import build, launch, run_cli, torchrun_tiny_run
+from builders import (
+    build,
+    fit_with_rank1_stopped,
+    keep_step_checkpoint,
+    launch,
+    restart_after_a_kill,
+    run_cli,
+    torchrun_tiny_run,
+)
 
 from fastlocal.data import DataBundle, DatasetInfo, DeviceLoader
 from fastlocal.engine import Trainer
@@ -60,10 +68,10 @@ class Float64:
     """A loader whose images come as float64 (the models of these tests are float64)."""
 
     def __init__(self, loader):
-        self.loader, self.num_images = loader, loader.num_images
+        self.loader, self.num_images, self.world_size = loader, loader.num_images, loader.world_size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.loader.set_epoch(epoch, start_step)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -247,6 +255,43 @@ def test_fit_through_the_pipeline_equals_one_device_and_resumes_both_ways(tmp_pa
     assert_same_checkpoint(in_pipeline, resumed.checkpoint(), "resumed in the pipeline")
 
 
+def _step_checkpoint_and_resume(rank: int, world: int, out: Path) -> None:
+    # MLAAN's cascade and EMA cross the cut; 2 steps an epoch, a step checkpoint in the middle of each.
+    overrides = ["mlaan.window=2", "train.epochs=2", "train.checkpoint_every=1"]
+    whole = pipeline_trainer(rank, world, "mlaan", 4, overrides, [2, 2], out / ("whole" if rank == 0 else "rank1"))
+    keep_step_checkpoint(whole, epoch=1, step=1, copy_to=out / "mid.pt")
+    whole.fit(log=lambda *a: None)
+    resumed = pipeline_trainer(rank, world, "mlaan", 4, overrides, [2, 2], out / ("resumed" if rank == 0 else "rank1"))
+    resumed.load_checkpoint(out / "mid.pt")
+    resumed.fit(log=lambda *a: None)
+
+
+def assert_resumed_mid_epoch_as_whole(out: Path) -> None:
+    """out/mid.pt is a step checkpoint of epoch 2; out/resumed, resumed from it, ended as out/whole."""
+    mid = torch.load(out / "mid.pt", weights_only=True)
+    assert mid["state"]["epoch"] == 1 and mid["state"]["mid_epoch"]["step"] == 1
+    whole = torch.load(out / "whole" / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(out / "resumed" / "checkpoint.pt", weights_only=True)
+    assert_same_checkpoint(resumed, whole, "resumed mid-epoch", exact=True)
+    rows = [pipe_summary_history(out / run) for run in ("whole", "resumed")]
+    assert [r["train_loss"] for r in rows[0]] == pytest.approx([r["train_loss"] for r in rows[1]], rel=1e-12)
+
+
+def test_a_step_checkpoint_resumes_the_pipeline_mid_epoch_to_the_same_weights(tmp_path):
+    assert launch(_step_checkpoint_and_resume, 2, tmp_path, timeout_s=150) == [0, 0]
+    assert_resumed_mid_epoch_as_whole(tmp_path)
+
+
+@pytest.mark.parametrize("option", ["pipeline.cascade=stale", "pipeline.ema_every=2"])
+def test_step_checkpoints_refuse_what_carries_state_between_steps(tmp_path, option):
+    """The stale cascade and a sparse EMA carry messages from one step into the next (hybrid is refused by the
+    same condition)."""
+    from fastlocal.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.checkpoint_every"):
+        pipeline_trainer(0, 2, "mlaan", 4, ["mlaan.window=2", "train.checkpoint_every=1", option], [2, 2], tmp_path)
+
+
 def pipe_summary_history(run: Path) -> list[dict]:
     import json
 
@@ -267,6 +312,23 @@ def _stage1_fails(rank: int, world: int, out: Path) -> None:
 def test_a_failing_stage_ends_every_stage_with_an_error(tmp_path):
     codes = launch(_stage1_fails, 2, tmp_path, timeout_s=90, collective_timeout_s=15)
     assert codes[0] != 0 and codes[1] != 0
+
+
+def _stage1_stops(rank: int, world: int, out: Path) -> None:
+    overrides = ["mlaan.window=2"]  # stage 0 waits for stage 1's cotangent of every step
+    trainer = pipeline_trainer(rank, world, "mlaan", 4, overrides, [2, 2], out / ("run" if rank == 0 else "rank1"))
+    fit_with_rank1_stopped(trainer, rank, out)
+
+
+def test_a_stage_that_stops_answering_ends_the_job_naming_it(tmp_path):
+    codes = launch(_stage1_stops, 2, tmp_path, timeout_s=90, collective_timeout_s=3)
+    assert codes[0] == 1 and codes[1] == -9, codes
+    seconds, message = (tmp_path / "timeout.txt").read_text().split("\n", 1)
+    assert 3 <= float(seconds) < 30, seconds
+    assert message.startswith(
+        "rank 0 waited 3 s (system.dist_timeout) for the cotangent of step 2 from stage 1 (rank 1)"
+    )
+    assert "rank 1 stopped answering" in message, message
 
 
 def test_single_device_names_for_the_options():
@@ -290,6 +352,16 @@ def test_torchrun_cli_trains_a_pipeline_and_resumes_on_one_device(tmp_path):
     resume = [sys.executable, "-m", "fastlocal.train", "--resume", str(out), "--train.epochs=2"]
     resume.append("--system.parallel=none")  # the saved config says modules
     assert run_cli(resume, out)[1]["epochs"] == 2
+
+
+def test_torchrun_restarts_a_killed_stage_and_the_pipeline_continues_from_its_step_checkpoint(tmp_path):
+    """torchrun --max-restarts=1, a 2-stage MLAAN pipeline (its cascade and EMA cross the cut), 4 steps an epoch, a
+    step checkpoint after step 3: stage 1 killed (SIGKILL) before step 4 of epoch 2; the restarted group
+    continues from the step checkpoint by itself and ends as the uninterrupted run."""
+    run = ("--data.max_train=80", "--train.epochs=2", "--train.checkpoint_every=3", "--system.dist_timeout=30")
+    pipeline = ("--system.parallel=modules", "--pipeline.stage_sizes=1,2")  # one cut, the same in every attempt
+    result = restart_after_a_kill(tmp_path / "killed", tmp_path / "whole", *run, *pipeline, kill_rank=1, kill_step=8)
+    assert f"resuming {tmp_path / 'killed'} after step 3 of epoch 2" in result.stdout
 
 
 SLEEPS = [0.24, 0.16, 0.40, 0.32, 0.48, 0.20, 0.28, 0.36]

@@ -12,8 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import launch, run_cli, torchrun_tiny_run
-from test_pipeline import COMMON, SIZE, STEPS, assert_same_checkpoint, batches, tiny_data
+from builders import keep_step_checkpoint, launch, run_cli, torchrun_tiny_run
+from test_pipeline import (
+    COMMON,
+    SIZE,
+    STEPS,
+    assert_resumed_mid_epoch_as_whole,
+    assert_same_checkpoint,
+    batches,
+    tiny_data,
+)
 
 from fastlocal.build import build_learner as build_model
 from fastlocal.config import ConfigError, build_config
@@ -91,6 +99,21 @@ def _fit(rank: int, world: int, out: Path) -> None:
     resumed = pipelined_trainer(rank, world, ["train.epochs=3"], [2, 2], out3)
     resumed.load_checkpoint(out / "single" / "checkpoint.pt")
     resumed.fit(log=lambda *a: None)
+
+
+def _step_checkpoint_and_resume(rank: int, world: int, out: Path) -> None:
+    overrides = ["train.epochs=2", "train.checkpoint_every=1"]  # 2 steps an epoch
+    whole = pipelined_trainer(rank, world, overrides, [2, 2], out / ("whole" if rank == 0 else "rank1"))
+    keep_step_checkpoint(whole, epoch=1, step=1, copy_to=out / "mid.pt")
+    whole.fit(log=lambda *a: None)
+    resumed = pipelined_trainer(rank, world, overrides, [2, 2], out / ("resumed" if rank == 0 else "rank1"))
+    resumed.load_checkpoint(out / "mid.pt")
+    resumed.fit(log=lambda *a: None)
+
+
+def test_a_step_checkpoint_resumes_pipelined_backprop_mid_epoch_to_the_same_weights(tmp_path):
+    assert launch(_step_checkpoint_and_resume, 2, tmp_path, timeout_s=150) == [0, 0]
+    assert_resumed_mid_epoch_as_whole(tmp_path)
 
 
 def test_fit_equals_micro_batched_backprop_and_resumes_on_one_device(tmp_path):

@@ -347,10 +347,15 @@ def test_epochs_are_a_function_of_seed_and_epoch(large_jpegs, loader):
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     assert torch.equal(labels_again, labels)
     train.set_epoch(1)
-    other, _ = collect(train)
+    other, other_labels = collect(train)
     assert not torch.equal(other, first)
     train.set_epoch(0)
     torch.testing.assert_close(collect(train)[0], first, rtol=0, atol=0)
+    train.set_epoch(1, start_step=1)  # resumed mid-epoch: the batches after the first, as the whole epoch read them
+    rest, rest_labels = collect(train)
+    assert rest_labels.tolist() == other_labels[3:].tolist()
+    if loader == "torch":  # DALI draws its augmentation per pipeline: the same images, other crops
+        torch.testing.assert_close(rest, other[3:], rtol=0, atol=0)
 
 
 def test_torch_loader_does_not_depend_on_the_worker_count(large_jpegs):

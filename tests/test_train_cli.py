@@ -92,6 +92,46 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, capsys,
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
+def test_resume_from_a_step_checkpoint_continues_mid_epoch(tmp_path, capsys, monkeypatch):
+    """4 steps an epoch, a step checkpoint every 3: stopped before step 4 of epoch 2, the run resumes at step 4
+    (not at the epoch's start) and ends with the uninterrupted run's weights, statistics, momentum and loss."""
+    args = [*TINY, "--method.name=mlaan", "--method.num_modules=3", "--train.epochs=2", "--train.checkpoint_every=3"]
+    assert run_cli([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
+    original, calls = engine.Trainer.eager_step, []
+
+    def stop_at_the_eighth_step(self, x, y):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return original(self, x, y)
+
+    monkeypatch.setattr(engine.Trainer, "eager_step", stop_at_the_eighth_step)
+    assert run_cli([*args, "--out", tmp_path / "cut"], capsys)[0] == 130
+    monkeypatch.setattr(engine.Trainer, "eager_step", original)
+    mid = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert mid["state"]["mid_epoch"]["step"] == 3
+    # The data order's position holds for as many shards as wrote it: another count is refused.
+    (tmp_path / "sharded").mkdir()
+    mid["state"]["mid_epoch"]["data_shards"] = 2
+    torch.save(mid, tmp_path / "sharded" / "checkpoint.pt")
+    code, _, err = run_cli(["--resume", tmp_path / "sharded"], capsys)
+    assert code == 2 and "sharded over 2 processes" in err and "Traceback" not in err, err
+    code, stdout, err = run_cli(["--resume", tmp_path / "cut"], capsys)
+    assert code == 0, err
+    assert "resuming" in stdout and "after step 3 of epoch 2" in stdout
+    whole, cut = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("whole", "cut"))
+    for part in ("backbone", "method"):
+        for name, value in whole[part].items():
+            assert torch.equal(value, cut[part][name]), (part, name)
+    for index, state in whole["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], cut["optimizer"]["state"][index]["momentum_buffer"]), index
+    losses = [
+        [json.loads(line)["train_loss"] for line in (tmp_path / run / "metrics.jsonl").open()]
+        for run in ("whole", "cut")
+    ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-12)
+
+
 def expect_user_error(args, capsys, *fragments):
     code, _, err = run_cli(args, capsys)
     assert code == 2, err

@@ -207,6 +207,16 @@ def test_a_second_writer_is_refused_naming_the_holder(run_copy, capsys):
 
 
 # 5. Bad paths and a full disk -------------------------------------------------------------------------------------
+def test_a_torchrun_restart_continues_its_run_but_a_fresh_command_or_another_config_is_refused(
+    run_copy, capsys, monkeypatch
+):
+    expect_user_error([*TINY, "--train.epochs=1", "--out", run_copy], capsys, "already holds a run")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # what torchrun --max-restarts sets in a restarted group
+    code, out, err = run_cli([*TINY, "--train.epochs=1", "--out", run_copy], capsys)
+    assert code == 0 and "torchrun restart 1: the run continues from its last checkpoint" in out, err
+    expect_user_error([*TINY, "--train.epochs=2", "--out", run_copy], capsys, "another config", "--resume")
+
+
 def test_out_that_is_a_file_or_below_one(capsys, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -242,13 +252,21 @@ def test_a_signal_during_the_first_step_stops_the_run(capsys, tmp_path, monkeypa
         os.kill(os.getpid(), signum)
         return original(self, x, y)
 
+    def before_the_run(signum, frame):  # not Python's default: the test holds however pytest was started
+        raise AssertionError("the run's own handler should have caught the signal")
+
     monkeypatch.setattr(engine.Trainer, "eager_step", signalled)
     out = tmp_path / "run"
-    code, _, err = run_cli([*TINY, "--train.epochs=2", "--out", out], capsys)
+    started_with = signal.signal(signum, before_the_run)  # e.g. SIG_IGN for SIGINT under nohup or `&`
+    try:
+        code, _, err = run_cli([*TINY, "--train.epochs=2", "--out", out], capsys)
+        after = signal.getsignal(signum)
+    finally:
+        signal.signal(signum, started_with)
     assert code == 130, err
     assert f"--resume {out}" in err and signal.Signals(signum).name in err and "Traceback" not in err
     assert not (out / "checkpoint.pt").exists() and not list(out.glob("*.tmp"))
-    assert signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL)  # handlers restored
+    assert after is before_the_run  # the handler that was there before the run is back
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

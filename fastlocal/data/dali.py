@@ -96,7 +96,9 @@ class DaliLoader(Loader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        order = self.order().tolist()
+        # A resumed epoch skips its first batches; DALI draws the augmentation per pipeline, so the crops and
+        # flips of the rest differ from an uninterrupted epoch's (the images and their order do not).
+        order = self.order().tolist()[self.start_step * self.batch_size :]
         try:
             pipe = image_pipeline()(
                 files=[self.images.paths[i] for i in order],

@@ -58,14 +58,17 @@ class Loader:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.num_items, self.batch_size, self.train, self.seed = num_items, int(batch_size), train, seed
         self.drop_last, self.rank, self.world_size, self.epoch = train and drop_last, rank, world_size, 0
+        self.start_step = 0
 
     @property
     def num_images(self) -> int:  # training pads every share to ceil(N / W) by wrapping; evaluation does not
         return -(-(self.num_items - (0 if self.train else self.rank)) // self.world_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentation the next iteration gives."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch whose order and augmentation the next iteration gives. With `start_step` (a run
+        resumed mid-epoch) the iteration skips that many batches, without reading them, and yields the rest
+        of the epoch as an uninterrupted one would (len() stays the whole epoch's)."""
+        self.epoch, self.start_step = int(epoch), int(start_step)
 
     def normalize_with(self, mean, std) -> None:
         """Per-channel mean and std (in [0, 1] units) for :meth:`normalize`, kept on self.device."""
@@ -165,7 +168,7 @@ class DeviceLoader(Loader):
                 offsets = torch.randint(0, 2 * self.pad + 1, (2, len(order)), generator=generator, device=self.device)
             if self.flip:
                 flips = torch.randint(0, 2, (len(order),), generator=generator, device=self.device).bool()
-        for step in range(len(self)):
+        for step in range(self.start_step, len(self)):
             window = slice(step * self.batch_size, (step + 1) * self.batch_size)
             index = order[window]
             images = self.images.index_select(0, index)

@@ -134,7 +134,7 @@ class TorchImageLoader(Loader):
         return list(zip(order.tolist(), seeds[order].tolist(), strict=True))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self._keys[:] = self.keys()
+        self._keys[:] = self.keys()[self.start_step * self.batch_size :]
         for images, labels in self._loader:
             yield self.normalize(images.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)
 

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastlocal.config import Config, ConfigError
+from fastlocal.parallel.group import waiting_for
 from fastlocal.split import LocalModule
 
 
@@ -108,10 +109,31 @@ def average_buffers(*roots: nn.Module, group: dist.ProcessGroup | None = None) -
     for dtype in sorted({b.dtype for b in buffers}, key=str):
         same = [b for b in buffers if b.dtype == dtype]
         flat = torch.cat([b.reshape(-1) for b in same])
-        dist.all_reduce(flat, group=group)
+        with waiting_for("every rank's batch-norm running statistics (their mean, at an epoch's end)"):
+            dist.all_reduce(flat, group=group)
         flat.div_(world)
         for b, chunk in zip(same, flat.split([b.numel() for b in same])):
             b.copy_(chunk.view_as(b))
+
+
+def gather_buffers(*roots: nn.Module) -> list[list[torch.Tensor]] | None:
+    """Every rank's floating-point buffers of `roots` (batch-norm running statistics, which differ between ranks
+    until :func:`average_buffers`), as CPU tensors in `roots`' buffer order, on rank 0 (None on the others)."""
+    mine = [b.detach().cpu() for root in roots for b in root.buffers() if b.is_floating_point()]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    with waiting_for("every rank's batch-norm running statistics (a step checkpoint)"):
+        dist.gather_object(mine, gathered, dst=0)
+    return gathered
+
+
+@torch.no_grad()
+def load_buffers(values: list[torch.Tensor], *roots: nn.Module) -> None:
+    """The inverse of one rank's part of :func:`gather_buffers`."""
+    buffers = [b for root in roots for b in root.buffers() if b.is_floating_point()]
+    if len(buffers) != len(values):
+        raise ValueError(f"{len(values)} saved buffers for the {len(buffers)} of this model")
+    for buffer, value in zip(buffers, values):
+        buffer.copy_(value)
 
 
 def module_parameter_groups(
@@ -182,7 +204,8 @@ class GradientAverager:
                         "all-reduce started; its owner module is wrong for data parallelism "
                         "(see module_parameter_groups)"
                     )
-            work.wait()
+            with waiting_for("every rank's gradients (the all-reduce before the optimizer step)"):
+                work.wait()
             flat.div_(self.world_size)
             for p, chunk in zip(params, flat.split([p.numel() for p in params])):
                 if p.grad is not None:

@@ -54,7 +54,7 @@ from fastlocal.methods import Batch, LocalMethod
 from fastlocal.optim import build_optimizer
 from fastlocal.parallel.cost import measure_module_costs
 from fastlocal.parallel.data import GradientAverager
-from fastlocal.parallel.group import DataParallel, barrier, sum_across_ranks
+from fastlocal.parallel.group import DataParallel, barrier, sum_across_ranks, waiting_for
 from fastlocal.parallel.mesh import Mesh, Stage, module_of_tensors, partition, pipeline_mesh, stage_ranges
 from fastlocal.schedule import _accumulate
 from fastlocal.split import LocalModule
@@ -122,16 +122,16 @@ class _StepsOnly:
 
     def __init__(self, loader):
         self.loader = loader
-        self.num_images = loader.num_images
+        self.num_images, self.world_size, self.start_step = loader.num_images, loader.world_size, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        pass
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.start_step = start_step
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        return iter([(None, None)] * len(self.loader))
+        return iter([(None, None)] * (len(self.loader) - self.start_step))
 
 
 class _DataView:
@@ -177,6 +177,15 @@ class PipelineTrainer(Trainer):
         self._step = 0
         self._steps = 0
         self._stale = self._kept_input = None
+        if cfg.train.checkpoint_every and (
+            self.mesh.num_replicas > 1 or cfg.pipeline.cascade == "stale" or cfg.pipeline.ema_every > 1
+        ):
+            raise ConfigError(
+                "train.checkpoint_every (step checkpoints) needs every step of a pipeline to be complete when it "
+                "ends; system.parallel = hybrid, pipeline.cascade = stale and pipeline.ema_every > 1 carry state "
+                "from one step into the next. Set train.checkpoint_every=0 (a checkpoint per epoch) or use "
+                "system.parallel=modules, pipeline.cascade=exact and pipeline.ema_every=1"
+            )
         if cfg.pipeline.cascade == "stale" and min(len(r) for r in self.ranges[:-1]) < method.window - 1:
             raise ConfigError(
                 f"pipeline.cascade = stale needs every stage but the last to hold at least "
@@ -333,8 +342,9 @@ class PipelineTrainer(Trainer):
         keep = []
         for step, works, tensors in self._pending:
             if step < older_than:
-                for work in works:
-                    work.wait()
+                with waiting_for(f"a neighbouring stage to take this stage's messages of step {step + 1}"):
+                    for work in works:
+                        work.wait()
             else:
                 keep.append((step, works, tensors))
         self._pending = keep
@@ -389,8 +399,10 @@ class PipelineTrainer(Trainer):
             batch = Batch(x, y, self.data.info.mean, self.data.info.std)
             inputs = x
         else:
-            for work in self._receive_works[step % 2]:
-                work.wait()
+            peer = stage.peer(stage.rank - 1)
+            with waiting_for(f"the activation of step {step + 1} from stage {stage.rank - 1} (rank {peer})", [peer]):
+                for work in self._receive_works[step % 2]:
+                    work.wait()
             buffers = self._buffers_in[step % 2]
             n = int(buffers[0].item())
             images = buffers[3][:n] if self.send_images else buffers[1][:0]
@@ -455,8 +467,9 @@ class PipelineTrainer(Trainer):
 
     def _apply_weights(self, received) -> None:
         for works, flat, tensors in received:
-            for work in works:
-                work.wait()
+            with waiting_for("the live weights of a LAM's EMA copy from the stage that owns them"):
+                for work in works:
+                    work.wait()
             with torch.no_grad():  # this stage's copy of the owner's live tensors, as the owner sent them
                 for tensor, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
                     tensor.copy_(chunk.view_as(tensor))
@@ -485,8 +498,10 @@ class PipelineTrainer(Trainer):
         step's gradients."""
         (present, stacked), works, kept = self._stale
         self._stale = None
-        for work in works:
-            work.wait()
+        peer = self.stage.peer(self.stage.rank + 1)
+        with waiting_for(f"the stale cotangent from stage {self.stage.rank + 1} (rank {peer})", [peer]):
+            for work in works:
+                work.wait()
         hi, window = self.stage.modules.stop, self.window
         tail = range(hi - window + 1, hi)
         saved = [(b, b.clone()) for j in tail for b in self.modules[j].buffers()]
@@ -540,8 +555,10 @@ class PipelineTrainer(Trainer):
                 self._flush(cotangents, i - window + 1)
             previous = output
         if incoming_works is not None and wait_incoming:  # exact cascade: the next stage's cotangents of this step
-            for work in incoming_works:
-                work.wait()
+            peer = stage.peer(stage.rank + 1)
+            with waiting_for(f"the cotangent of step {step + 1} from stage {stage.rank + 1} (rank {peer})", [peer]):
+                for work in incoming_works:
+                    work.wait()
             present, stacked = incoming
             for depth in range(1, window):
                 if present[depth - 1]:
@@ -563,14 +580,15 @@ class PipelineTrainer(Trainer):
         self._wait_sends(older_than=self._step + 1)
 
     # -- epochs, evaluation, checkpoints -----------------------------------------------------------------
-    def begin(self, steps: int) -> None:
-        """Before the first of `steps` steps (an epoch): post the receive of the first batch."""
-        self._step, self._steps = 0, steps
+    def begin(self, steps: int, first_step: int = 0) -> None:
+        """Before step `first_step` of `steps` (an epoch; a step checkpoint's position when resumed): post the
+        receive of its batch."""
+        self._step, self._steps = first_step, steps
         self._receive_works = [None, None]
-        self._post_receive_input(0)
+        self._post_receive_input(first_step)
 
     def train_epoch(self, epoch: int) -> dict:
-        self.begin(len(self.data.train))
+        self.begin(len(self.data.train), self.state.mid_epoch["step"] if self.state.mid_epoch else 0)
         try:
             row = super().train_epoch(epoch)
         finally:
@@ -622,7 +640,8 @@ class PipelineTrainer(Trainer):
         if self.mesh.replica != 0:
             return None
         parts = [None] * self.stage.num_stages if self.is_main else None
-        dist.gather_object(self.owned_state(), parts, dst=0, group=self.mesh.pipe_group)
+        with waiting_for("the stages' weights, gathered on rank 0 for the checkpoint"):
+            dist.gather_object(self.owned_state(), parts, dst=0, group=self.mesh.pipe_group)
         if not self.is_main:
             return None
         backbone, method, state = {}, {}, {}
@@ -707,12 +726,13 @@ def pipeline_evaluate(
         else:
             n = torch.zeros(1, dtype=torch.int64, device=device)
             previous = stage.peer(stage.rank - 1)
-            dist.recv(n, previous, tag=TAG_ACTIVATION)
-            shape, dtype = out_shapes[lo - 1]
-            x = torch.empty(int(n.item()), *shape, dtype=dtype, device=device)
-            y = torch.empty(int(n.item()), dtype=torch.int64, device=device)
-            dist.recv(x, previous, tag=TAG_ACTIVATION)
-            dist.recv(y, previous, tag=TAG_ACTIVATION)
+            with waiting_for(f"an evaluation batch from stage {stage.rank - 1} (rank {previous})", [previous]):
+                dist.recv(n, previous, tag=TAG_ACTIVATION)
+                shape, dtype = out_shapes[lo - 1]
+                x = torch.empty(int(n.item()), *shape, dtype=dtype, device=device)
+                y = torch.empty(int(n.item()), dtype=torch.int64, device=device)
+                dist.recv(x, previous, tag=TAG_ACTIVATION)
+                dist.recv(y, previous, tag=TAG_ACTIVATION)
         for i in range(lo, hi):
             x = modules[i](x)
         if stage.is_last:

@@ -23,7 +23,7 @@ from fastlocal.config import Config, ConfigError, resolve_num_modules
 from fastlocal.engine import Trainer
 from fastlocal.methods import LocalMethod
 from fastlocal.parallel.cost import backprop_work, measure_backprop_costs
-from fastlocal.parallel.group import DataParallel
+from fastlocal.parallel.group import DataParallel, waiting_for
 from fastlocal.parallel.mesh import Stage, pipeline_mesh
 from fastlocal.parallel.pipeline import PipelineTrainer
 from fastlocal.split import LocalModule, split_backbone
@@ -162,11 +162,13 @@ class PipelinedBackpropTrainer(PipelineTrainer):
             if not stage.is_last:
                 label_send = dist.isend(y.contiguous(), stage.num_stages - 1, tag=TAG_LABELS)
         elif stage.is_last:
-            dist.recv(self._labels, 0, tag=TAG_LABELS)
+            with waiting_for("the labels of the batch from stage 0 (rank 0)", [0]):
+                dist.recv(self._labels, 0, tag=TAG_LABELS)
             y = self._labels
-        loss = self.pipeline.forward_backward(x, y)
-        if label_send is not None:
-            label_send.wait()
+        with waiting_for("activations or gradients from a neighbouring stage (the 1F1B schedule)"):
+            loss = self.pipeline.forward_backward(x, y)
+            if label_send is not None:
+                label_send.wait()
         self.optimizer.step()
         return self._no_loss if loss is None else loss
 
