@@ -124,9 +124,9 @@ class LocalLearner(nn.Module):
         # bp trains one module end to end; its K > 1 only cuts pipelined backprop's stages
         # (fastlocal.parallel.pipelined_bp).
         num_modules = 1 if cfg.method.name == "bp" else resolve_num_modules(cfg.method)
-        self.local_modules = split_backbone(
-            backbone, num_modules, cfg.method.stem_separate, cfg.method.split, cfg.model.arch
-        )
+        # One module holds the stem too: a stem_separate meant for the pipeline's cut does not apply to it.
+        stem_separate = cfg.method.stem_separate and num_modules > 1
+        self.local_modules = split_backbone(backbone, num_modules, stem_separate, cfg.method.split, cfg.model.arch)
         self.method = build_method(cfg, backbone, self.local_modules)
         set_recompute(self.local_modules, self.method, cfg.system.recompute)
         self.mean, self.std = tuple(mean), tuple(std)

@@ -29,6 +29,7 @@ from fastlocal.parallel import data as data_parallel
 from fastlocal.parallel import group as process_group
 from fastlocal.parallel.mesh import partition, stage_ranges
 from fastlocal.parallel.pipeline import PipelineTrainer, StageCotangents
+from fastlocal.parallel.timeline import KINDS
 from fastlocal.schedule import local_train_step
 
 SIZE = 8
@@ -240,6 +241,7 @@ def test_fit_through_the_pipeline_equals_one_device_and_resumes_both_ways(tmp_pa
     assert all(torch.equal(exported[k], v) for k, v in got["backbone"].items())
     pipe_summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
     assert pipe_summary["parallel"] == "modules" and pipe_summary["pipeline_stages"] == [[0, 1], [2, 3]]
+    assert_stage_timelines(pipe_summary, steps=2 * len(tiny_data().train), kinds=KINDS)
     single_rows = pipe_summary_history(tmp_path / "single")[:2]
     for a, b in zip(pipe_summary_history(tmp_path / "pipe"), single_rows, strict=True):
         assert a["test_acc"] == b["test_acc"]
@@ -290,6 +292,17 @@ def test_step_checkpoints_refuse_what_carries_state_between_steps(tmp_path, opti
 
     with pytest.raises(ConfigError, match="train.checkpoint_every"):
         pipeline_trainer(0, 2, "mlaan", 4, ["mlaan.window=2", "train.checkpoint_every=1", option], [2, 2], tmp_path)
+
+
+def assert_stage_timelines(summary: dict, steps: int, kinds) -> None:
+    """summary.json's stage_timeline: every stage, every step it trained, its time split into the kinds."""
+    timeline = summary["stage_timeline"]
+    assert [r["stage"] for r in timeline] == list(range(len(summary["pipeline_stages"])))
+    for record in timeline:
+        assert record["steps"] == steps and list(record["seconds"]) == list(kinds)
+        assert record["seconds"][kinds[0]] > 0 and sum(record["fractions"].values()) == pytest.approx(1, abs=1e-3)
+        assert record["spans"] and {kind for kind, _, _ in record["spans"]} <= {"step", *kinds}
+        assert all(a <= b for _, a, b in record["spans"])
 
 
 def pipe_summary_history(run: Path) -> list[dict]:

@@ -19,6 +19,7 @@ from test_pipeline import (
     STEPS,
     assert_resumed_mid_epoch_as_whole,
     assert_same_checkpoint,
+    assert_stage_timelines,
     batches,
     tiny_data,
 )
@@ -29,6 +30,7 @@ from fastlocal.engine import Trainer
 from fastlocal.methods import METHODS
 from fastlocal.parallel import group as process_group
 from fastlocal.parallel.pipelined_bp import PipelinedBackpropTrainer
+from fastlocal.parallel.timeline import BACKPROP_KINDS
 
 MICRO = 4  # batches of 8: micro-batches of 2 images, at least one per stage (1F1B)
 K = 4
@@ -139,6 +141,8 @@ def test_fit_equals_micro_batched_backprop_and_resumes_on_one_device(tmp_path):
     summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
     assert summary["parallel"] == "modules" and summary["pipeline_stages"] == [[0, 1], [2, 3]]
     assert summary["schedule"] == "1F1B" and summary["micro_batches"] == MICRO
+    assert_stage_timelines(summary, steps=2 * len(tiny_data().train), kinds=BACKPROP_KINDS)
+    assert all(r["seconds"]["forward"] > 0 for r in summary["stage_timeline"])
     assert summary["num_parameters"] == sum(p.numel() for p in reference.params)  # every stage's
     # A third epoch on one device, plain BP, from either checkpoint: the same weights.
     third = {}
@@ -189,18 +193,40 @@ def test_torchrun_cli_trains_pipelined_backprop_and_resumes_on_one_device(tmp_pa
 
 
 def test_the_throughput_model_of_pipelined_backprop():
-    """docs/pipeline.md's formula, with costs typed here: w_k = the stage's forward + loss + VJPs + optimizer,
-    plus twice its output's sending time but on the last stage; step = (M + S - 1) / M * max_k w_k."""
+    """docs/pipeline.md's formula, with costs typed here. Per micro-batch, stage k works w_k = its forward +
+    loss + VJPs, plus twice its output's sending time but on the last stage; its optimizer step o_k runs once a
+    batch; step = (M + S - 1) * max_k w_k + max_k o_k; one device: every module's work at the batch."""
     from fastlocal.parallel.cost import predict_pipelined_bp
 
     names = ("forward", "loss", "input_vjp", "weight_vjp", "optimizer", "output_bytes")
-    costs = [
-        dict(zip(names, (1.0, 0.0, 0.5, 1.0, 0.1, 50))),  # 2.6 s of work; 50 bytes = 0.5 s at 100 bytes/s
+    costs = [  # at the batch
+        dict(zip(names, (1.0, 0.0, 0.5, 1.0, 0.1, 50))),  # 2.6 s of work
         dict(zip(names, (2.0, 0.0, 1.0, 2.0, 0.2, 80))),  # 5.2 s
         dict(zip(names, (1.0, 0.5, 0.5, 1.0, 0.1, 40))),  # 3.1 s, the final loss included; the last stage sends none
     ]
-    got = predict_pipelined_bp(costs, [1, 2], micro_batches=4, link_bytes_per_second=100.0)
-    assert got["stage_seconds"] == pytest.approx([2.6 + 2 * 0.5, 5.2 + 3.1])
-    assert got["step_seconds"] == pytest.approx((4 + 2 - 1) / 4 * 8.3)
+    micro = [  # at the micro-batch: more than a quarter of the batch's
+        dict(zip(names, (0.4, 0.0, 0.2, 0.4, 0.1, 20))),  # 1.0 s; 20 bytes = 0.2 s at 100 bytes/s
+        dict(zip(names, (0.6, 0.0, 0.3, 0.6, 0.2, 20))),  # 1.5 s
+        dict(zip(names, (0.3, 0.2, 0.1, 0.3, 0.1, 10))),  # 0.9 s
+    ]
+    got = predict_pipelined_bp(costs, [1, 2], micro_batches=4, link_bytes_per_second=100.0, micro_costs=micro)
+    assert got["stage_seconds"] == pytest.approx([1.0 + 2 * 0.2, 1.5 + 0.9])
+    assert got["step_seconds"] == pytest.approx((4 + 2 - 1) * 2.4 + 0.3)  # stage 1's optimizer: 0.2 + 0.1
     assert got["single_device_seconds"] == pytest.approx(10.9)
-    assert got["speedup"] == pytest.approx(10.9 / ((4 + 2 - 1) / 4 * 8.3))
+    assert got["speedup"] == pytest.approx(10.9 / (5 * 2.4 + 0.3))
+    # No micro-batch costs: a quarter of the batch's (sent bytes included).
+    even = predict_pipelined_bp(costs, [1, 2], micro_batches=4, link_bytes_per_second=100.0)
+    assert even["stage_seconds"] == pytest.approx([2.5 / 4 + 2 * 0.5 / 4, (5.0 + 3.0) / 4])
+    assert even["step_seconds"] == pytest.approx(5 * 2.0 + 0.3)
+
+
+def test_bp_on_one_device_ignores_a_stem_separate_meant_for_the_stage_cut():
+    """`--method.stem_separate=true --method.num_modules=16` names where pipelined BP may cut ResNet-32; on one
+    device (and in the Trainer's learner) BP is still one module, the stem with the blocks."""
+    overrides = ["method.name=bp", "method.num_modules=16", "method.stem_separate=true", "model.arch=resnet32"]
+    overrides.append("system.parallel=modules")  # where bp's K > 1 is valid: the cut of pipelined backprop
+    learner = build_model(build_config(None, overrides, METHODS), 10, 32, (0.5,) * 3, (0.5,) * 3)
+    assert learner.num_modules == 1
+    assert sum(p.numel() for p in learner.local_modules[0].parameters()) == sum(
+        p.numel() for name, p in learner.backbone.named_parameters() if not name.startswith("head")
+    )

@@ -80,11 +80,16 @@ def measure_module_costs(
     device: torch.device,
     forward_context: Callable = None,
     repeats: int = 5,
+    end_to_end: bool = False,
 ) -> list[dict]:
     """Each module's cost on `device`, in seconds per step of train.batch_size random images (the median of
     `repeats` after one warm-up): forward, its loss forward and backward, the input-only VJPs the cascade runs
     through it, its weight VJP and its optimizer step; `total` sums them, `output_bytes` is the activation a
-    stage boundary after it carries. The model's weights, statistics and gradients are left as they were."""
+    stage boundary after it carries. The model's weights, statistics and gradients are left as they were.
+
+    `end_to_end` (backprop's modules): one backward call gives the input's and the weights' gradients together,
+    as end-to-end backprop runs it, timed as `weight_vjp` (`input_vjp` is then 0). Timed apart, the two VJPs
+    cost more than together (on one CPU core, ResNet-32 at batch 64: their sum was 19 % above a BP step)."""
     from contextlib import nullcontext
 
     forward_context = forward_context or nullcontext
@@ -97,8 +102,9 @@ def measure_module_costs(
         for rep in range(repeats + 1):
             a = batch.x
             for i, module in enumerate(modules):
-                # As in the schedule: the input needs a gradient only where a cascade passes through the module.
-                inputs = a.detach().requires_grad_(i > 0 and window > 1)
+                # As in the schedule: the input needs a gradient only where a cascade passes through the module
+                # (end to end: wherever a module comes before it).
+                inputs = a.detach().requires_grad_(i > 0 and (window > 1 or end_to_end))
                 timer = _Timer(device)
                 timer.mark()
                 with forward_context():
@@ -112,15 +118,16 @@ def measure_module_costs(
                 timer.mark()
                 grad = sum(g for g in (own.grad, cascade.grad) if g is not None) if loss is not None else out * 0
                 graph_input, graph_output = inputs, out
-                if i > 0 and window == 1:  # the input VJP (for pipelined BP's model) on a graph of its own, untimed
+                if i > 0 and window == 1 and not end_to_end:  # an input VJP on a graph of its own, untimed
                     graph_input = a.detach().requires_grad_()
                     with forward_context():
                         graph_output = module(graph_input)
                 timer.mark()
-                if i > 0:
+                if i > 0 and not end_to_end:
                     torch.autograd.grad(graph_output, graph_input, grad, retain_graph=True)
                 timer.mark()
-                torch.autograd.backward(out, grad, inputs=module.trainable_parameters)
+                both = [inputs] if i > 0 and end_to_end else []
+                torch.autograd.backward(out, grad, inputs=[*both, *module.trainable_parameters])
                 timer.mark()
                 if optimizers[i] is not None:
                     optimizers[i].step()
@@ -252,27 +259,40 @@ class _EndToEndLoss(nn.Module):
 def measure_backprop_costs(modules, backbone, cfg: Config, info, device, forward_context) -> list[dict]:
     """`measure_module_costs` for end-to-end backprop over the same modules: no local heads, the final head's
     loss on the last module only."""
-    return measure_module_costs(modules, _EndToEndLoss(backbone, len(modules)), cfg, info, device, forward_context)
+    method = _EndToEndLoss(backbone, len(modules))
+    return measure_module_costs(modules, method, cfg, info, device, forward_context, end_to_end=True)
 
 
 def backprop_work(cost: dict) -> float:
-    """A module's share of a backprop step (seconds per batch): forward, loss, input and weight VJPs, optimizer."""
+    """A module's share of a backprop step (seconds per batch): forward, loss, backward (input and weight VJPs;
+    from :func:`measure_backprop_costs`, one call), optimizer."""
     return cost["forward"] + cost["loss"] + cost["input_vjp"] + cost["weight_vjp"] + cost["optimizer"]
 
 
 def predict_pipelined_bp(
-    costs: Sequence[dict], sizes: Sequence[int], micro_batches: int, link_bytes_per_second: float = 0.0
+    costs: Sequence[dict],
+    sizes: Sequence[int],
+    micro_batches: int,
+    link_bytes_per_second: float = 0.0,
+    micro_costs: Sequence[dict] | None = None,
 ) -> dict:
     """Pipelined backprop (1F1B, M = `micro_batches`) on stages of `sizes` modules, from `costs` of
-    :func:`measure_backprop_costs`: stage k works w_k = the sum of its modules' :func:`backprop_work` plus,
-    but for the last stage, twice its output's sending time c_k (activation forward, gradient back);
-    step = (M + S - 1) / M * max_k w_k; one device: the sum of every module's work."""
-    work = []
+    :func:`measure_backprop_costs` at the batch and `micro_costs` at the micro-batch (batch / M). Stage k works
+    w_k per micro-batch: its modules' forward, loss and backward plus, but for the last stage, twice its
+    output's sending time c_k (activation forward, gradient back); o_k is its optimizer step, once a batch.
+    step = (M + S - 1) * max_k w_k + max_k o_k; one device: the sum of every module's :func:`backprop_work` at
+    the batch. Without `micro_costs` a micro-batch is taken to cost 1/M of the batch (on a CPU core a
+    micro-batch of 16 images costs more than that per image: measure it)."""
+    m = micro_batches
+    micro = micro_costs or [{**c, **{k: v / m for k, v in c.items() if k != "carries"}} for c in costs]
+    work, optimizer = [], []
     for k, r in enumerate(stage_ranges(sizes)):
-        sent = costs[r.stop - 1]["output_bytes"] / link_bytes_per_second if link_bytes_per_second else 0.0
-        work.append(sum(backprop_work(costs[i]) for i in r) + (2 * sent if k < len(sizes) - 1 else 0.0))
-    single, m = sum(backprop_work(c) for c in costs), micro_batches
-    step = (m + len(sizes) - 1) / m * max(work)
+        sent = micro[r.stop - 1]["output_bytes"] / link_bytes_per_second if link_bytes_per_second else 0.0
+        compute = sum(backprop_work(micro[i]) - micro[i]["optimizer"] for i in r)
+        work.append(compute + (2 * sent if k < len(sizes) - 1 else 0.0))
+        optimizer.append(sum(costs[i]["optimizer"] for i in r))
+    single = sum(backprop_work(c) for c in costs)
+    step = (m + len(sizes) - 1) * max(work) + max(optimizer)
     return {
         "stage_seconds": work,
         "step_seconds": step,
@@ -338,12 +358,18 @@ def profile(
     ):
         sizes = partition([c["total"] for c in costs], num_stages)
         result["predicted"][label] = {"stage_sizes": sizes, **predict_step(costs, sizes, w, cascade, link)}
-    # Pipelined BP: DGL's modules (the same split) timed as end-to-end backprop.
+    # Pipelined BP: DGL's modules (the same split) timed as end-to-end backprop, at the batch (one device, and
+    # the partition, as the trainer's) and at the micro-batch each 1F1B slot runs.
     dgl_learner = learners["dgl"]
-    bp = measure_backprop_costs(dgl_learner.local_modules, dgl_learner.backbone, cfg, info, device, forward_context)
+    modules, backbone = dgl_learner.local_modules, dgl_learner.backbone
+    bp = measure_backprop_costs(modules, backbone, cfg, info, device, forward_context)
+    micro_cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, batch_size=max(1, cfg.train.batch_size // micro_batches))
+    )
+    bp_micro = measure_backprop_costs(modules, backbone, micro_cfg, info, device, forward_context)
     bp_sizes = partition([backprop_work(c) for c in bp], num_stages)
     result["predicted"]["pipelined_bp"] = {
         "stage_sizes": bp_sizes,
-        **predict_pipelined_bp(bp, bp_sizes, micro_batches, link),
+        **predict_pipelined_bp(bp, bp_sizes, micro_batches, link, micro_costs=bp_micro),
     }
     return result

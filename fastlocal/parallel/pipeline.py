@@ -56,6 +56,7 @@ from fastlocal.parallel.cost import measure_module_costs
 from fastlocal.parallel.data import GradientAverager
 from fastlocal.parallel.group import DataParallel, barrier, sum_across_ranks, waiting_for
 from fastlocal.parallel.mesh import Mesh, Stage, module_of_tensors, partition, pipeline_mesh, stage_ranges
+from fastlocal.parallel.timeline import StageTimeline
 from fastlocal.schedule import _accumulate
 from fastlocal.split import LocalModule
 
@@ -227,6 +228,8 @@ class PipelineTrainer(Trainer):
         self.params = [p for p in self.all_params if self.tensor_stage.get(id(p), last) == self.stage.rank]
         self.lr_on_device = False
         self.optimizer = build_optimizer(self.params, self.cfg, self.device)
+        self.timeline = StageTimeline()  # where this stage's time goes (summary.json: stage_timeline)
+        self.stage_timelines: list[list[dict]] = []  # rank 0: every stage's record, per epoch
         self.run_step = self.eager_step  # no CUDA graph: a step's messages are not capturable
         self.channels_last_input = self.channels_last
         self.channels_last = False  # stage 0 converts the batch itself (other stages get no loader batch)
@@ -324,6 +327,10 @@ class PipelineTrainer(Trainer):
         )
 
     def _send_output(self, step: int, output: torch.Tensor, batch: Batch) -> None:
+        with self.timeline.span("send"):
+            self._post_output(step, output, batch)
+
+    def _post_output(self, step: int, output: torch.Tensor, batch: Batch) -> None:
         if self._buffers_out is None:
             shape, dtype = self.out_shapes[self.stage.modules.stop - 1]
             self._buffers_out = [self._message_buffers(shape, dtype) for _ in range(2)]
@@ -342,7 +349,10 @@ class PipelineTrainer(Trainer):
         keep = []
         for step, works, tensors in self._pending:
             if step < older_than:
-                with waiting_for(f"a neighbouring stage to take this stage's messages of step {step + 1}"):
+                with (
+                    self.timeline.span("send"),
+                    waiting_for(f"a neighbouring stage to take this stage's messages of step {step + 1}"),
+                ):
                     for work in works:
                         work.wait()
             else:
@@ -351,6 +361,10 @@ class PipelineTrainer(Trainer):
 
     def _send_weights(self, step: int) -> None:
         """Owner: the live tensors other stages' EMA copies follow, as they are before this step's update."""
+        with self.timeline.span("send"):
+            self._post_weights(step)
+
+    def _post_weights(self, step: int) -> None:
         for receiver, tensors in sorted(self.weights_to.items()):
             flat = torch.cat([t.detach().reshape(-1) for t in tensors])
             works = self._post([dist.P2POp(dist.isend, flat, self.stage.peer(receiver), tag=TAG_WEIGHTS)])
@@ -378,6 +392,10 @@ class PipelineTrainer(Trainer):
         ]
 
     def _send_cotangent(self, step: int, outgoing: list[torch.Tensor | None], like: torch.Tensor) -> None:
+        with self.timeline.span("send"):
+            self._post_cotangent(step, outgoing, like)
+
+    def _post_cotangent(self, step: int, outgoing: list[torch.Tensor | None], like: torch.Tensor) -> None:
         present = torch.tensor([g is not None for g in outgoing], dtype=torch.int64, device=self.device)
         stacked = torch.stack([like.new_zeros(like.shape) if g is None else g for g in outgoing])
         works = self._post(
@@ -390,6 +408,10 @@ class PipelineTrainer(Trainer):
 
     # -- one step ------------------------------------------------------------------------------------
     def step_without_zero_grad(self, x, y) -> torch.Tensor:
+        with self.timeline.step():
+            return self._stage_step(x, y)
+
+    def _stage_step(self, x, y) -> torch.Tensor:
         step, stage = self._step, self.stage
         self._step += 1
         self._wait_sends(older_than=step - 1)  # frees the send buffers of step-2
@@ -400,7 +422,10 @@ class PipelineTrainer(Trainer):
             inputs = x
         else:
             peer = stage.peer(stage.rank - 1)
-            with waiting_for(f"the activation of step {step + 1} from stage {stage.rank - 1} (rank {peer})", [peer]):
+            with (
+                self.timeline.span("wait_input"),
+                waiting_for(f"the activation of step {step + 1} from stage {stage.rank - 1} (rank {peer})", [peer]),
+            ):
                 for work in self._receive_works[step % 2]:
                     work.wait()
             buffers = self._buffers_in[step % 2]
@@ -467,7 +492,10 @@ class PipelineTrainer(Trainer):
 
     def _apply_weights(self, received) -> None:
         for works, flat, tensors in received:
-            with waiting_for("the live weights of a LAM's EMA copy from the stage that owns them"):
+            with (
+                self.timeline.span("wait_weights"),
+                waiting_for("the live weights of a LAM's EMA copy from the stage that owns them"),
+            ):
                 for work in works:
                     work.wait()
             with torch.no_grad():  # this stage's copy of the owner's live tensors, as the owner sent them
@@ -499,7 +527,10 @@ class PipelineTrainer(Trainer):
         (present, stacked), works, kept = self._stale
         self._stale = None
         peer = self.stage.peer(self.stage.rank + 1)
-        with waiting_for(f"the stale cotangent from stage {self.stage.rank + 1} (rank {peer})", [peer]):
+        with (
+            self.timeline.span("wait_cotangent"),
+            waiting_for(f"the stale cotangent from stage {self.stage.rank + 1} (rank {peer})", [peer]),
+        ):
             for work in works:
                 work.wait()
         hi, window = self.stage.modules.stop, self.window
@@ -556,7 +587,10 @@ class PipelineTrainer(Trainer):
             previous = output
         if incoming_works is not None and wait_incoming:  # exact cascade: the next stage's cotangents of this step
             peer = stage.peer(stage.rank + 1)
-            with waiting_for(f"the cotangent of step {step + 1} from stage {stage.rank + 1} (rank {peer})", [peer]):
+            with (
+                self.timeline.span("wait_cotangent"),
+                waiting_for(f"the cotangent of step {step + 1} from stage {stage.rank + 1} (rank {peer})", [peer]),
+            ):
                 for work in incoming_works:
                     work.wait()
             present, stacked = incoming
@@ -588,13 +622,23 @@ class PipelineTrainer(Trainer):
         self._post_receive_input(first_step)
 
     def train_epoch(self, epoch: int) -> dict:
+        self.timeline.begin_epoch(len(self.data.train))
         self.begin(len(self.data.train), self.state.mid_epoch["step"] if self.state.mid_epoch else 0)
         try:
             row = super().train_epoch(epoch)
         finally:
             self._steps = 0
         self.drain()
+        self.gather_timelines()
         return row
+
+    def gather_timelines(self) -> None:
+        """Every stage's timeline of this epoch, kept on rank 0 for summary.json."""
+        records = [None] * dist.get_world_size()
+        with waiting_for("the stages' timelines of the epoch, gathered at its end"):
+            dist.all_gather_object(records, self.timeline.record(self.stage.rank, self.mesh.replica))
+        if self.is_main:
+            self.stage_timelines.append(records)
 
     def test_accuracy(self) -> float:
         with self.forward_context():
@@ -695,8 +739,29 @@ class PipelineTrainer(Trainer):
             parallel="hybrid" if self.mesh.num_replicas > 1 else "modules",
             data_replicas=self.mesh.num_replicas,
             pipeline_stages=[[r.start, r.stop - 1] for r in self.ranges],
+            stage_timeline=self.timeline_summary(),
         )
         return summary
+
+    def timeline_summary(self) -> list[dict]:
+        """Per stage (and replica): seconds per kind summed over the epochs trained in this process, and the
+        spans of the last epoch's kept steps."""
+        if not self.stage_timelines:
+            return []
+        summed = []
+        for records in zip(*self.stage_timelines):
+            last = records[-1]
+            seconds = {k: round(sum(r["seconds"][k] for r in records), 6) for k in last["seconds"]}
+            total = sum(seconds.values())
+            summed.append(
+                {
+                    **last,
+                    "steps": sum(r["steps"] for r in records),
+                    "seconds": seconds,
+                    "fractions": {k: round(v / total, 4) if total else 0.0 for k, v in seconds.items()},
+                }
+            )
+        return summed
 
 
 # -- evaluation through the pipeline --------------------------------------------------------------------------

@@ -15,6 +15,8 @@ are `fastlocal.parallel.pipeline.PipelineTrainer`'s.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -26,6 +28,7 @@ from fastlocal.parallel.cost import backprop_work, measure_backprop_costs
 from fastlocal.parallel.group import DataParallel, waiting_for
 from fastlocal.parallel.mesh import Stage, pipeline_mesh
 from fastlocal.parallel.pipeline import PipelineTrainer
+from fastlocal.parallel.timeline import BACKPROP_KINDS, StageTimeline
 from fastlocal.split import LocalModule, split_backbone
 
 TAG_LABELS = 4  # fastlocal.parallel.pipeline's tags are 1-3; torch.distributed.pipelining sends with tag 0
@@ -45,6 +48,7 @@ class PipelinedBackprop:
         batch_size: int,
         micro_batches: int,
         forward_context=None,
+        timeline: StageTimeline | None = None,
     ):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
@@ -54,7 +58,7 @@ class PipelinedBackprop:
                 "equal micro-batches; choose a batch size divisible by the micro-batch count"
             )
         layers = [modules[i] for i in stage.modules] + ([backbone.head] if stage.is_last else [])
-        self.submodule = _Forward(nn.Sequential(*layers), forward_context)
+        self.submodule = _Forward(nn.Sequential(*layers), forward_context, timeline)
         self.stage, self.micro_batches = stage, micro_batches
         dtype = next(backbone.parameters()).dtype
         with torch.no_grad():  # the micro-batch this stage receives, from an eval-mode forward (statistics untouched)
@@ -80,16 +84,19 @@ class PipelinedBackprop:
 
 
 class _Forward(nn.Module):
-    """A stage's layers with every forward in the run's forward context (bf16 autocast or nothing)."""
+    """A stage's layers with every forward in the run's forward context (bf16 autocast or nothing), timed as
+    the timeline's `forward` when one is given."""
 
-    def __init__(self, layers: nn.Module, forward_context=None):
+    def __init__(self, layers: nn.Module, forward_context=None, timeline: StageTimeline | None = None):
         super().__init__()
         self.layers, self.forward_context = layers, forward_context
+        self.timeline = timeline
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.forward_context is None:
-            return self.layers(x)
-        with self.forward_context():
+        with (
+            self.timeline.span("forward") if self.timeline is not None else nullcontext(),
+            self.forward_context() if self.forward_context is not None else nullcontext(),
+        ):
             return self.layers(x)
 
 
@@ -132,6 +139,7 @@ class PipelinedBackpropTrainer(PipelineTrainer):
             )
         name = f"pipelined backprop (1F1B, {cfg.pipeline.micro_batches} micro-batches)"
         self.place_on_stages(parallel, pipeline_mesh(num_stages), stage_sizes, log, name)
+        self.timeline = StageTimeline(BACKPROP_KINDS)
         self.pipeline = PipelinedBackprop(
             backbone,
             modules,
@@ -140,6 +148,7 @@ class PipelinedBackpropTrainer(PipelineTrainer):
             cfg.train.batch_size,
             cfg.pipeline.micro_batches,
             self.forward_context,
+            self.timeline,
         )
         self._probe_shapes()  # for the evaluation through the stages
         self._labels = torch.zeros(cfg.train.batch_size, dtype=torch.int64, device=device)
@@ -155,6 +164,10 @@ class PipelinedBackpropTrainer(PipelineTrainer):
     def step_without_zero_grad(self, x, y) -> torch.Tensor:
         """One batch through the pipeline, then this stage's optimizer step. Returns the batch's loss on the last
         stage (the mean over its micro-batches), 0 elsewhere: summed over stages, it is the loss."""
+        with self.timeline.step():
+            return self._stage_step(x, y)
+
+    def _stage_step(self, x, y) -> torch.Tensor:
         stage, label_send = self.stage, None
         if stage.is_first:
             if self.channels_last_input:
@@ -173,7 +186,10 @@ class PipelinedBackpropTrainer(PipelineTrainer):
         return self._no_loss if loss is None else loss
 
     def train_epoch(self, epoch: int) -> dict:
-        return Trainer.train_epoch(self, epoch)  # every step is complete when it returns: nothing to drain
+        self.timeline.begin_epoch(len(self.data.train))
+        row = Trainer.train_epoch(self, epoch)  # every step is complete when it returns: nothing to drain
+        self.gather_timelines()
+        return row
 
     def summary(self) -> dict:
         summary = super().summary()
