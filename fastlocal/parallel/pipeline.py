@@ -56,7 +56,7 @@ from fastlocal.parallel.cost import measure_module_costs
 from fastlocal.parallel.data import GradientAverager
 from fastlocal.parallel.group import DataParallel, barrier, sum_across_ranks, waiting_for
 from fastlocal.parallel.mesh import Mesh, Stage, module_of_tensors, partition, pipeline_mesh, stage_ranges
-from fastlocal.parallel.timeline import StageTimeline
+from fastlocal.parallel.timeline import StageTimeline, summed
 from fastlocal.schedule import _accumulate
 from fastlocal.split import LocalModule
 
@@ -327,23 +327,20 @@ class PipelineTrainer(Trainer):
         )
 
     def _send_output(self, step: int, output: torch.Tensor, batch: Batch) -> None:
-        with self.timeline.span("send"):
-            self._post_output(step, output, batch)
-
-    def _post_output(self, step: int, output: torch.Tensor, batch: Batch) -> None:
-        if self._buffers_out is None:
-            shape, dtype = self.out_shapes[self.stage.modules.stop - 1]
-            self._buffers_out = [self._message_buffers(shape, dtype) for _ in range(2)]
-        buffers = self._buffers_out[step % 2]  # its send of step-2 was waited for at the start of this step
-        n = output.shape[0]
-        buffers[0].fill_(n)
-        buffers[1][:n].copy_(output.detach())
-        buffers[2][:n].copy_(batch.y)
-        if self.send_images:
-            buffers[3][:n].copy_(batch.x)
-        next_rank = self.stage.peer(self.stage.rank + 1)
-        works = self._post([dist.P2POp(dist.isend, b, next_rank, tag=TAG_ACTIVATION) for b in buffers])
-        self._pending.append((step, works, []))
+        with self.timeline.span("send"):  # the copies into send buffers and the posting
+            if self._buffers_out is None:
+                shape, dtype = self.out_shapes[self.stage.modules.stop - 1]
+                self._buffers_out = [self._message_buffers(shape, dtype) for _ in range(2)]
+            buffers = self._buffers_out[step % 2]  # its send of step-2 was waited for at the start of this step
+            n = output.shape[0]
+            buffers[0].fill_(n)
+            buffers[1][:n].copy_(output.detach())
+            buffers[2][:n].copy_(batch.y)
+            if self.send_images:
+                buffers[3][:n].copy_(batch.x)
+            next_rank = self.stage.peer(self.stage.rank + 1)
+            works = self._post([dist.P2POp(dist.isend, b, next_rank, tag=TAG_ACTIVATION) for b in buffers])
+            self._pending.append((step, works, []))
 
     def _wait_sends(self, older_than: int) -> None:
         keep = []
@@ -361,14 +358,11 @@ class PipelineTrainer(Trainer):
 
     def _send_weights(self, step: int) -> None:
         """Owner: the live tensors other stages' EMA copies follow, as they are before this step's update."""
-        with self.timeline.span("send"):
-            self._post_weights(step)
-
-    def _post_weights(self, step: int) -> None:
-        for receiver, tensors in sorted(self.weights_to.items()):
-            flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-            works = self._post([dist.P2POp(dist.isend, flat, self.stage.peer(receiver), tag=TAG_WEIGHTS)])
-            self._pending.append((step, works, [flat]))
+        with self.timeline.span("send"):  # the copies into send buffers and the posting
+            for receiver, tensors in sorted(self.weights_to.items()):
+                flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+                works = self._post([dist.P2POp(dist.isend, flat, self.stage.peer(receiver), tag=TAG_WEIGHTS)])
+                self._pending.append((step, works, [flat]))
 
     def _post_receive_weights(self) -> list[tuple[list, torch.Tensor, list[torch.Tensor]]]:
         received = []
@@ -392,19 +386,16 @@ class PipelineTrainer(Trainer):
         ]
 
     def _send_cotangent(self, step: int, outgoing: list[torch.Tensor | None], like: torch.Tensor) -> None:
-        with self.timeline.span("send"):
-            self._post_cotangent(step, outgoing, like)
-
-    def _post_cotangent(self, step: int, outgoing: list[torch.Tensor | None], like: torch.Tensor) -> None:
-        present = torch.tensor([g is not None for g in outgoing], dtype=torch.int64, device=self.device)
-        stacked = torch.stack([like.new_zeros(like.shape) if g is None else g for g in outgoing])
-        works = self._post(
-            [
-                dist.P2POp(dist.isend, t, self.stage.peer(self.stage.rank - 1), tag=TAG_COTANGENT)
-                for t in (present, stacked)
-            ]
-        )
-        self._pending.append((step, works, [present, stacked]))
+        with self.timeline.span("send"):  # the copies into send buffers and the posting
+            present = torch.tensor([g is not None for g in outgoing], dtype=torch.int64, device=self.device)
+            stacked = torch.stack([like.new_zeros(like.shape) if g is None else g for g in outgoing])
+            works = self._post(
+                [
+                    dist.P2POp(dist.isend, t, self.stage.peer(self.stage.rank - 1), tag=TAG_COTANGENT)
+                    for t in (present, stacked)
+                ]
+            )
+            self._pending.append((step, works, [present, stacked]))
 
     # -- one step ------------------------------------------------------------------------------------
     def step_without_zero_grad(self, x, y) -> torch.Tensor:
@@ -746,22 +737,7 @@ class PipelineTrainer(Trainer):
     def timeline_summary(self) -> list[dict]:
         """Per stage (and replica): seconds per kind summed over the epochs trained in this process, and the
         spans of the last epoch's kept steps."""
-        if not self.stage_timelines:
-            return []
-        summed = []
-        for records in zip(*self.stage_timelines):
-            last = records[-1]
-            seconds = {k: round(sum(r["seconds"][k] for r in records), 6) for k in last["seconds"]}
-            total = sum(seconds.values())
-            summed.append(
-                {
-                    **last,
-                    "steps": sum(r["steps"] for r in records),
-                    "seconds": seconds,
-                    "fractions": {k: round(v / total, 4) if total else 0.0 for k, v in seconds.items()},
-                }
-            )
-        return summed
+        return [summed(records) for records in zip(*self.stage_timelines)]
 
 
 # -- evaluation through the pipeline --------------------------------------------------------------------------

@@ -74,15 +74,26 @@ class StageTimeline:
 
     def record(self, stage: int, replica: int = 0) -> dict:
         """This epoch's timeline as plain data (what summary.json holds per stage)."""
-        total = sum(self.seconds.values())
         return {
             "stage": stage,
             "replica": replica,
             "steps": self.steps,
             "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
-            "fractions": {k: round(v / total, 4) if total else 0.0 for k, v in self.seconds.items()},
+            "fractions": fractions(self.seconds),
             "spans": [(kind, round(a, 6), round(b, 6)) for kind, a, b in self.spans],
         }
+
+
+def fractions(seconds: dict[str, float]) -> dict[str, float]:
+    """Each kind's share of the total."""
+    total = sum(seconds.values())
+    return {k: round(v / total, 4) if total else 0.0 for k, v in seconds.items()}
+
+
+def summed(epochs: list[dict]) -> dict:
+    """One stage's records of several epochs as one: seconds and steps summed, the last epoch's spans."""
+    seconds = {k: round(sum(r["seconds"][k] for r in epochs), 6) for k in epochs[-1]["seconds"]}
+    return {**epochs[-1], "steps": sum(r["steps"] for r in epochs), "seconds": seconds, "fractions": fractions(seconds)}
 
 
 def describe(records: list[dict]) -> str:
