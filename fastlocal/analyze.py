@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fastlocal.config import Config, UserError, resolve_num_modules, to_dict
+from fastlocal.config import Config, UserError, exits_2_on_user_error, resolve_num_modules, to_dict
 
 USAGE_EXAMPLES = """examples:
   python -m fastlocal.analyze runs/dgl runs/mlaan --reference runs/bp --out analysis/
@@ -372,44 +372,41 @@ def analyze(
     }
 
 
+@exits_2_on_user_error
 def main(argv: list[str] | None = None) -> int:
     from fastlocal.build import resolve_device
 
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = parse_args(argv)
-        out = prepare_out_dir(args.out)
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda, but no CUDA device is available; use --device auto or cpu")
-        device = resolve_device(args.device)
-        start = time.perf_counter()
-        data_cache: dict = {}
-        runs = [load_run(path, device, data_cache) for path in dict.fromkeys(args.runs)]
-        reference = None
-        if args.reference:
-            same = [run for run in runs if run.path.resolve() == Path(args.reference).resolve()]
-            reference = same[0] if same else load_run(args.reference, device, data_cache)
-        models = runs + ([reference] if reference is not None and reference not in runs else [])
-        check_same_backbone(models)
-        disambiguate_labels(models)
-        result = analyze(
-            runs,
-            reference,
-            test_images=args.test_images,
-            train_images=args.train_images,
-            batch_size=args.batch_size,
-            cka_features=args.cka_features,
-            map_images=args.map_images,
-            device=device,
-            progress=not args.no_progress,
-        )
-        figures = write_figures(result, out)
-        result["settings"]["seconds"] = time.perf_counter() - start
-        write_json(result, figures, out / "analysis.json")
-        print(f"wrote {out / 'analysis.json'}" + "".join(f", {out / name}" for name in figures))
-    except UserError as err:
-        print(f"fastlocal: error: {err}", file=sys.stderr)
-        return 2
+    args = parse_args(argv)
+    out = prepare_out_dir(args.out)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA device is available; use --device auto or cpu")
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    data_cache: dict = {}
+    runs = [load_run(path, device, data_cache) for path in dict.fromkeys(args.runs)]
+    reference = None
+    if args.reference:
+        same = [run for run in runs if run.path.resolve() == Path(args.reference).resolve()]
+        reference = same[0] if same else load_run(args.reference, device, data_cache)
+    models = runs + ([reference] if reference is not None and reference not in runs else [])
+    check_same_backbone(models)
+    disambiguate_labels(models)
+    result = analyze(
+        runs,
+        reference,
+        test_images=args.test_images,
+        train_images=args.train_images,
+        batch_size=args.batch_size,
+        cka_features=args.cka_features,
+        map_images=args.map_images,
+        device=device,
+        progress=not args.no_progress,
+    )
+    figures = write_figures(result, out)
+    result["settings"]["seconds"] = time.perf_counter() - start
+    write_json(result, figures, out / "analysis.json")
+    print(f"wrote {out / 'analysis.json'}" + "".join(f", {out / name}" for name in figures))
     return 0
 
 

@@ -10,8 +10,10 @@ they are used (:func:`resolve_num_modules`, the methods' heads).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+import sys
 import tomllib
 import typing
 import warnings
@@ -25,6 +27,21 @@ if typing.TYPE_CHECKING:
 
 class UserError(Exception):
     """A problem with the user's input (config, data, paths): reported without a traceback."""
+
+
+def exits_2_on_user_error(main: typing.Callable[..., int]) -> typing.Callable[..., int]:
+    """A front end's `main(argv) -> exit code`, with a `UserError` printed as one line on stderr (what is wrong
+    and how to fix it) and exit code 2, argparse's code for bad input, instead of a traceback."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            print(f"fastlocal: error: {err}", file=sys.stderr)
+            return 2
+
+    return wrapped
 
 
 class ConfigError(UserError, ValueError):

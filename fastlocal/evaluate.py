@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fastlocal.config import UserError, build_config, parse_overrides
+from fastlocal.config import UserError, build_config, exits_2_on_user_error, parse_overrides
 
 USAGE_EXAMPLES = """examples:
   python -m fastlocal.evaluate runs/bp                      # its own test set (the accuracy of summary.json)
@@ -53,36 +53,33 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
+@exits_2_on_user_error
 def main(argv: list[str] | None = None) -> int:
     from fastlocal.evaluation import describe, draw_confusion, evaluate_run
     from fastlocal.methods import METHODS
 
     argv = sys.argv[1:] if argv is None else argv
+    args, overrides = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA device is available; use --device auto or cpu")
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    # Another dataset: the default data config with the given data.* options (none of the run's own).
+    data = build_config(None, overrides, METHODS).data if overrides else None
+    result = evaluate_run(args.run, data, device, batch_size=args.batch_size, progress=not args.no_progress)
+    source = result["dataset"]["source"]
+    out = Path(args.out or Path(args.run) / f"evaluation-{source}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory (it is created if missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    print(describe(result))
     try:
-        args, overrides = parse_args(argv)
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda, but no CUDA device is available; use --device auto or cpu")
-        device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-        # Another dataset: the default data config with the given data.* options (none of the run's own).
-        data = build_config(None, overrides, METHODS).data if overrides else None
-        result = evaluate_run(args.run, data, device, batch_size=args.batch_size, progress=not args.no_progress)
-        source = result["dataset"]["source"]
-        out = Path(args.out or Path(args.run) / f"evaluation-{source}")
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} is a file; give a directory (it is created if missing)")
-        out.mkdir(parents=True, exist_ok=True)
-        print(describe(result))
-        try:
-            draw_confusion(result, out / "confusion.png")
-            result["figure"] = "confusion.png"
-        except ImportError:
-            missing = "matplotlib is not installed, so no confusion.png; pip install 'fastlocal[analysis]'"
-            print(f"fastlocal.evaluate: {missing}")
-        (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out / 'evaluation.json'}" + (f", {out / 'confusion.png'}" if "figure" in result else ""))
-    except UserError as err:
-        print(f"fastlocal: error: {err}", file=sys.stderr)
-        return 2
+        draw_confusion(result, out / "confusion.png")
+        result["figure"] = "confusion.png"
+    except ImportError:
+        missing = "matplotlib is not installed, so no confusion.png; pip install 'fastlocal[analysis]'"
+        print(f"fastlocal.evaluate: {missing}")
+    (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out / 'evaluation.json'}" + (f", {out / 'confusion.png'}" if "figure" in result else ""))
     return 0
 
 

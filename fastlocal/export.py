@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fastlocal.config import UserError
+from fastlocal.config import UserError, exits_2_on_user_error
 
 FORMATS = ("safetensors", "state_dict")
 
@@ -60,6 +60,7 @@ def write_weights(state: dict, out: Path, fmt: str) -> None:
     _write_atomic(out, lambda tmp: save_file(state, str(tmp)))
 
 
+@exits_2_on_user_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fastlocal.export",
@@ -78,12 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=0, help="only for checkpoints that do not record it")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     fmt = args.format or ("safetensors" if args.out.suffix == ".safetensors" else "state_dict")
-    try:
-        state, arch = export_run(args.run, args.num_classes, args.image_size)
-        write_weights(state, args.out, fmt)
-    except UserError as err:
-        print(f"fastlocal: error: {err}", file=sys.stderr)
-        return 2
+    state, arch = export_run(args.run, args.num_classes, args.image_size)
+    write_weights(state, args.out, fmt)
     print(f"{args.out}: {len(state)} tensors of {arch} ({fmt})")
     return 0
 

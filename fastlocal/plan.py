@@ -19,7 +19,7 @@ import json
 import sys
 
 from fastlocal.build import data_shape, plan, profile_pipeline
-from fastlocal.config import UserError, build_config, parse_overrides
+from fastlocal.config import UserError, build_config, exits_2_on_user_error, parse_overrides
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -66,29 +66,26 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, parse_overrides(rest)
 
 
+@exits_2_on_user_error
 def main(argv: list[str] | None = None) -> int:
     from fastlocal.methods import METHODS
 
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        args, overrides = parse_args(argv)
-        cfg = build_config(args.config, overrides, METHODS)
-        num_classes, image_size = data_shape(cfg.data, cfg.model.arch, args.num_classes, args.image_size)
-        if args.profile:
-            if args.stages < 2 or args.micro_batches < 1 or args.link_gbps < 0:
-                raise UserError("--profile needs --stages S with S >= 2 (and --micro-batches >= 1, --link-gbps >= 0)")
-            result = profile_pipeline(cfg, num_classes, image_size, args.stages, args.link_gbps, args.micro_batches)
-        else:
-            result = plan(cfg, num_classes, image_size)  # warnings go to stderr: stdout holds only the JSON
-            if args.memory:
-                from fastlocal.memory import step_memory_plan
+    args, overrides = parse_args(argv)
+    cfg = build_config(args.config, overrides, METHODS)
+    num_classes, image_size = data_shape(cfg.data, cfg.model.arch, args.num_classes, args.image_size)
+    if args.profile:
+        if args.stages < 2 or args.micro_batches < 1 or args.link_gbps < 0:
+            raise UserError("--profile needs --stages S with S >= 2 (and --micro-batches >= 1, --link-gbps >= 0)")
+        result = profile_pipeline(cfg, num_classes, image_size, args.stages, args.link_gbps, args.micro_batches)
+    else:
+        result = plan(cfg, num_classes, image_size)  # warnings go to stderr: stdout holds only the JSON
+        if args.memory:
+            from fastlocal.memory import step_memory_plan
 
-                if args.batch < 0:
-                    raise UserError(f"--batch {args.batch}: give a positive batch size (0: train.batch_size)")
-                result.update(step_memory_plan(cfg, num_classes, image_size, args.batch or cfg.train.batch_size))
-    except UserError as err:
-        print(f"fastlocal: error: {err}", file=sys.stderr)
-        return 2
+            if args.batch < 0:
+                raise UserError(f"--batch {args.batch}: give a positive batch size (0: train.batch_size)")
+            result.update(step_memory_plan(cfg, num_classes, image_size, args.batch or cfg.train.batch_size))
     print(json.dumps(result, indent=1))
     return 0
 

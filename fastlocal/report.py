@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fastlocal.config import UserError
+from fastlocal.config import UserError, exits_2_on_user_error
 
 USAGE_EXAMPLES = """examples:
   python -m fastlocal.report runs/table4
@@ -43,25 +43,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+@exits_2_on_user_error
 def main(argv: list[str] | None = None) -> int:
     from fastlocal.paper import build_report, to_csv, to_markdown
 
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = parse_args(argv)
-        report = build_report(args.dirs, args.tables)
-        text = to_csv(report) if args.format == "csv" else to_markdown(report)
-        if args.out:
-            try:
-                Path(args.out).write_text(text)
-            except OSError as err:
-                raise UserError(f"--out {args.out}: cannot write it ({err.strerror}); choose another file") from None
-            print(f"wrote {args.out}: {len(report['rows'])} paper rows, {len(report['other_runs'])} other runs")
-        else:
-            sys.stdout.write(text)
-    except UserError as err:
-        print(f"fastlocal: error: {err}", file=sys.stderr)
-        return 2
+    args = parse_args(argv)
+    report = build_report(args.dirs, args.tables)
+    text = to_csv(report) if args.format == "csv" else to_markdown(report)
+    if args.out:
+        try:
+            Path(args.out).write_text(text)
+        except OSError as err:
+            raise UserError(f"--out {args.out}: cannot write it ({err.strerror}); choose another file") from None
+        print(f"wrote {args.out}: {len(report['rows'])} paper rows, {len(report['other_runs'])} other runs")
+    else:
+        sys.stdout.write(text)
     return 0
 
 

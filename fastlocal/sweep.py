@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastlocal.config import UserError, parse_overrides
+from fastlocal.config import UserError, exits_2_on_user_error, parse_overrides
 
 USAGE_EXAMPLES = """examples:
   python -m fastlocal.sweep configs/ablation_*.toml --seeds 0,1,2 --out runs/table4
@@ -47,6 +47,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, parse_overrides(rest)
 
 
+@exits_2_on_user_error
 def main(argv: list[str] | None = None) -> int:
     from fastlocal.sweeps import describe_runs, local_gpus, parse_seeds, plan_sweep, run_sweep
 
@@ -71,9 +72,6 @@ def main(argv: list[str] | None = None) -> int:
             + (f"one per GPU at a time on GPUs {', '.join(gpus)}" if gpus else "one at a time")
         )
         outcomes = run_sweep(runs, gpus)
-    except UserError as err:
-        print(f"fastlocal: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(
             "fastlocal: sweep stopped; every run keeps its last checkpoint. Run the same command again to "

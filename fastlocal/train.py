@@ -14,7 +14,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fastlocal.config import Config, UserError, build_config, parse_overrides, resume_config, to_dict, to_toml
+from fastlocal.config import (
+    Config,
+    UserError,
+    build_config,
+    exits_2_on_user_error,
+    parse_overrides,
+    resume_config,
+    to_dict,
+    to_toml,
+)
 
 LOCK_NAME = "run.lock"
 
@@ -118,6 +127,7 @@ def locked_run_directory(out_dir: Path) -> Iterator[None]:
         yield
 
 
+@exits_2_on_user_error
 def main(argv: list[str] | None = None) -> int:
     from fastlocal.engine import CHECKPOINT_NAME, RunInterrupted, read_checkpoint
     from fastlocal.methods import METHODS
@@ -170,9 +180,6 @@ def main(argv: list[str] | None = None) -> int:
                         f"another config; continue that run with --resume {out_dir}, or choose another --out"
                     )
             run(cfg, out_dir, checkpoint)
-    except UserError as err:
-        print(f"fastlocal: error: {err}", file=sys.stderr)
-        return 2
     except PeerTimeout as err:  # not the user's input: a rank stopped answering
         print(f"fastlocal: error: {err}", file=sys.stderr)
         return 1
