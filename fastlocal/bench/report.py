@@ -497,8 +497,9 @@ def markdown(data: dict, rows: list[Row], others: list[dict], json_name: str) ->
                 else ""
             )
             + "on CUDA, `max_memory_allocated` of one step (reserved and the NVML process total beside it). "
-            "Ratios are to BP at the same backbone, input size and batch, in the same run. `bp-checkpoint` wraps "
-            "every residual block in `torch.utils.checkpoint`; `bp-bf16` runs BP under bf16 autocast.",
+            "Ratios are to BP at the same backbone, input size and batch, in the same run. `bp-checkpoint` is BP "
+            "with `system.recompute=modules` (per-block checkpointing: each block keeps its input and "
+            "recomputes its forward in the backward); `bp-bf16` runs BP under bf16 autocast.",
             "",
         ]
     )
