@@ -639,16 +639,30 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 def plot_time_vs_memory(rows: list[Row], path: Path) -> None:
     """Per backbone: one point per method, K and memory option (step time and peak memory, both / BP), and the
     Pareto front through them."""
+    from matplotlib.ticker import FuncFormatter
+
     plt = _pyplot()
     panels = _panels([row for row in rows if not row.sweep])
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.6 * max(1, len(panels)), 4.6), squeeze=False)
     for ax, (key, panel) in zip(axes[0], panels.items()):
         panel = [row for row in panel if row.time_ratio is not None and row.memory_ratio is not None]
-        for row in panel:
+        placed: list[tuple[float, float]] = []
+        for row in sorted(panel, key=lambda r: (r.time_ratio, r.memory_ratio)):
             ax.scatter(row.time_ratio, row.memory_ratio, color=METHOD_COLORS.get(row.method, "C9"), s=18, zorder=3)
             label = row.method if row.method.startswith("bp") else f"{row.method} K={row.num_modules}"
+            # Options with the same memory and nearly the same time (recompute=all and lowest) would print
+            # their labels on top of each other: each such label goes one line lower.
+            near = sum(
+                abs(math.log(t / row.time_ratio)) < 0.4 and abs(math.log(m / row.memory_ratio)) < 0.05
+                for t, m in placed
+            )
+            placed.append((row.time_ratio, row.memory_ratio))
             ax.annotate(
-                label, (row.time_ratio, row.memory_ratio), fontsize=6, xytext=(3, 2), textcoords="offset points"
+                label,
+                (row.time_ratio, row.memory_ratio),
+                fontsize=6,
+                xytext=(3, 2 - 8 * near),
+                textcoords="offset points",
             )
         front = pareto_front([(row.time_ratio, row.memory_ratio) for row in panel])
         if front:
@@ -656,6 +670,9 @@ def plot_time_vs_memory(rows: list[Row], path: Path) -> None:
             ax.legend(fontsize=7)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers (2, 0.3), not 2x10^0 printed over each other
+            axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            axis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "235" else ""))
         ax.set_xlabel("step time / BP")
         ax.set_ylabel("peak memory / BP")
         ax.set_title(_title(key), fontsize=9)
