@@ -79,6 +79,7 @@ class StepMemory:
         self.optimizer = build_optimizer(self.params, cfg, self.device)
         self.forward_context = forward_context_for(self.device, cfg.system.precision)
         self.fused = cfg.system.fused_optimizer_step
+        self.reads_allocator = self.device.type == "cuda"  # else: the saved-tensor accounting
         self.learner.train()
 
     def batch(self, batch_size: int) -> Batch:
@@ -113,7 +114,7 @@ class StepMemory:
         optimizer_state = self.optimizer.state_dict()
         meter = _GradientMeter(self.params)
         try:
-            if self.device.type == "cuda":
+            if self.reads_allocator:
                 self._step(batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 torch.cuda.synchronize(self.device)

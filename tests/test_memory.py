@@ -82,3 +82,25 @@ def test_plan_memory_prints_the_six_components(capsys):
     assert result["memory"]["activations"] > 0
     assert result["memory_measurement"]["batch_size"] == 64
     assert result["memory_measurement"]["small_batches"][0]["batch_size"] == 2
+
+
+def test_on_cuda_activations_are_the_allocator_peak_less_the_baseline_and_the_gradients(monkeypatch):
+    """The CUDA branch's bookkeeping, with a fake allocator (this machine has no GPU; the real reading is the GPU
+    script's): one unmeasured step first (it creates the optimizer state), then the baseline, then the measured
+    step; activations = its peak - the baseline - the gradients alive at its end."""
+    baseline, peak = 10_000_000, 25_000_000
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: events.append("baseline") or baseline)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: events.append("peak") or peak)
+    meter = StepMemory(config("method.name=mlaan", "method.num_modules=3"), 10, 16)
+    meter.reads_allocator = True
+    step_of = meter._step
+    monkeypatch.setattr(meter, "_step", lambda *args: events.append("step") or step_of(*args))
+    step = meter.measure(2)
+    assert events == ["step", "baseline", "step", "peak"]
+    trainable = sum(p.numel() * 4 for p in meter.learner.parameters() if p.requires_grad)
+    assert step["gradients"] == trainable
+    assert step["activations"] == peak - baseline - trainable
+    assert step["measured_on"].startswith("cuda allocator")
+    assert not meter.optimizer.state  # the unmeasured step trained nothing either
