@@ -69,7 +69,7 @@ def evaluate(backbone: torch.nn.Module, loader, channels_last: bool = False) -> 
     return 100.0 * correct.item() / total.item()
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """`write` to path.tmp, then rename it over `path`, so a crash mid-write never corrupts the previous file.
     A failed write (a full disk, a read-only directory) removes the .tmp and becomes a UserError."""
     tmp = path.with_name(path.name + ".tmp")
@@ -88,11 +88,11 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def save_atomic(obj, path: Path) -> None:
-    _write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_text_atomic(text: str, path: Path) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(text))
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json_atomic(obj, path: Path) -> None:

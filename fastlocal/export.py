@@ -55,9 +55,9 @@ def write_weights(state: dict, out: Path, fmt: str) -> None:
             "--format safetensors needs safetensors, which is not installed: pip install 'fastlocal[safetensors]' "
             "(or write a torch state dict: --format state_dict)"
         ) from None
-    from fastlocal.engine import _write_atomic
+    from fastlocal.engine import write_atomic
 
-    _write_atomic(out, lambda tmp: save_file(state, str(tmp)))
+    write_atomic(out, lambda tmp: save_file(state, str(tmp)))
 
 
 @exits_2_on_user_error
