@@ -3,6 +3,7 @@
 import functools
 import importlib.util
 import itertools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -358,7 +359,9 @@ def test_local_methods_save_activation_memory_at_native_input_sizes():
 @pytest.mark.slow
 def test_own_model_example_trains(tmp_path):
     example = Path(__file__).resolve().parents[1] / "examples" / "own_model.py"
-    result = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=600)
+    # One thread: on shared CI cores two OpenMP threads waiting for each other made it 2-3x slower.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("epoch")]
     assert len(lines) == 3
